@@ -65,8 +65,12 @@ def remove(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open ``path`` for writing; the file appears at ``path`` only if the block completes."""
+def atomic_open(path: str, mode: str = "wb", fsync: bool = True) -> Iterator[IO[Any]]:
+    """Open ``path`` for writing; the file appears at ``path`` only if the block completes.
+
+    ``fsync=False`` skips flushing to disk before the rename: still safe against a killed process, not against
+    a power cut. Use it for many small files that can be regenerated.
+    """
     if "w" not in mode:
         raise ValueError("atomic_open is for writing")
     fs, p = get_fs(path)
@@ -77,7 +81,8 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
             with open(tmp, mode) as f:
                 yield f
                 f.flush()
-                os.fsync(f.fileno())
+                if fsync:
+                    os.fsync(f.fileno())
             os.replace(tmp, p)
         finally:
             if os.path.exists(tmp):
@@ -98,8 +103,8 @@ def atomic_move(src_local: str, dst: str) -> None:
         os.remove(src_local)
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    with atomic_open(path, "wb") as f:
+def write_bytes(path: str, data: bytes, fsync: bool = True) -> None:
+    with atomic_open(path, "wb", fsync=fsync) as f:
         f.write(data)
 
 

@@ -37,6 +37,7 @@ import pyarrow.feather as feather
 from . import fsio, manifest, shards
 from .errors import UserError
 from .ledger import OK, STATES, classify
+from .pool import ledger
 from .uid import derive_uid, normalize_uid
 
 INPUTS = "_inputs"
@@ -392,22 +393,12 @@ def ingest(urls: str, pool: str, cfg: IngestConfig, runner, overwrite: bool = Fa
     log(f"ingest: {split['rows']:,} input rows in {split['shards']} shards of {cfg.shard_size:,} -> {pool}")
     tasks = [ShardTask(pool, i, asdict(cfg)) for i in todo]
     runner.map(ingest_shard, tasks, label="ingest")
-    counts = pool_counts(pool)
-    if counts["rows"] != split["rows"]:
-        raise RuntimeError(f"ledger invariant broken: {split['rows']} input rows but {counts['rows']} recorded")
+    states, _ = ledger(pool)
+    if sum(states.values()) != split["rows"]:
+        raise RuntimeError(f"ledger invariant broken: {split['rows']} input rows, {sum(states.values())} recorded")
     fsio.remove(fsio.join(pool, INPUTS))
     fsio.remove(fsio.join(pool, TMP))
-    return run.finish(rows={"input": split["rows"], "ok": counts["states"].get(OK, 0),
-                            "failed": split["rows"] - counts["states"].get(OK, 0), **counts["states"]},
+    ok = states.get(OK, 0)
+    return run.finish(rows={"input": split["rows"], "ok": ok, "failed": split["rows"] - ok, **states},
                       shards=split["shards"], source=str(urls))
 
-
-def pool_counts(pool: str) -> dict:
-    """Sum the per-shard stats of a pool: rows, ok samples, and rows per ledger state."""
-    total, states = 0, {}
-    for i in shards.list_shards(pool):
-        st = shards.read_stats(pool, i)
-        total += st["count"]
-        for k, v in st.get("states", {}).items():
-            states[k] = states.get(k, 0) + v
-    return {"rows": total, "states": states}

@@ -1,0 +1,134 @@
+"""Reading a pool as a whole: validating an existing pool (``register``) and counting its ledger.
+
+``register`` accepts img2dataset / DataComp output as it is: shards ``{id}.tar`` + ``{id}.parquet`` +
+``{id}_stats.json`` numbered from 0 without gaps, a parquet with ``uid``, ``key`` and ``status`` columns, and
+tars that hold exactly the ``success`` rows. Each shard is checked by a task on the cluster; problems are
+reported per shard, all at once, and registration writes ``_manifest.json`` only when the pool is valid.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+
+import pandas as pd
+
+from . import fsio, manifest, shards
+from .errors import UserError
+from .ledger import OK, states_of
+from .uid import normalize_uid
+
+REQUIRED_COLUMNS = ("uid", "key", "status")
+
+
+@dataclass(frozen=True)
+class CheckTask:
+    pool: str
+    shard_id: int
+
+
+def check_shard(task: CheckTask) -> dict:
+    """Validate one shard; return its counts and a list of problems (empty when valid)."""
+    p = shards.paths(task.pool, task.shard_id)
+    name = shards.shard_name(task.shard_id)
+    problems: list[str] = []
+    missing = [k for k in ("parquet", "stats") if not fsio.exists(p[k])]
+    if missing:
+        return {"shard": name, "rows": 0, "states": {}, "problems": [f"{name}: no {' or '.join(missing)} file"]}
+    try:
+        table = shards.read_table(task.pool, task.shard_id)
+    except Exception as exc:  # noqa: BLE001 - any unreadable parquet is a layout problem to report
+        return {"shard": name, "rows": 0, "states": {}, "problems": [f"{name}.parquet unreadable: {exc}"]}
+    absent = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if absent:
+        problems.append(f"{name}.parquet lacks column(s) {', '.join(absent)} (img2dataset: pass "
+                        f"save_additional_columns=['uid'])")
+        return {"shard": name, "rows": len(table), "states": {}, "problems": problems}
+    bad = [u for u in table["uid"] if normalize_uid(u) is None]
+    if bad:
+        problems.append(f"{name}.parquet: {len(bad)} uid(s) are not 32-hex, e.g. {bad[0]!r}")
+    stats = fsio.read_json(p["stats"])
+    if stats.get("count", len(table)) != len(table):
+        problems.append(f"{name}: _stats.json count {stats.get('count')} != {len(table)} parquet rows")
+    states = states_of(table)
+    ok_keys = set(table.loc[states == OK, "key"].astype(str))
+    try:
+        tar_keys = _tar_keys(p["tar"])
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        problems.append(f"{name}.tar unreadable ({exc}): truncated or not a tar")
+        tar_keys = set()
+    else:
+        if tar_keys != ok_keys:
+            problems.append(f"{name}.tar holds {len(tar_keys)} samples but the parquet has {len(ok_keys)} ok rows "
+                            f"({len(tar_keys ^ ok_keys)} keys differ)")
+    return {"shard": name, "rows": len(table), "states": dict(Counter(states)), "problems": problems}
+
+
+def _tar_keys(tar_path: str) -> set[str]:
+    """Keys of the samples that have an image member, reading tar headers only."""
+    fs, path = fsio.get_fs(tar_path)
+    keys = set()
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            key, _, ext = member.name.rpartition("/")[2].partition(".")
+            if ext in shards.IMAGE_EXTS:
+                keys.add(key)
+    return keys
+
+
+def register(pool: str, runner, log=print) -> dict:
+    """Validate an existing pool and write its manifest (no download)."""
+    if not fsio.exists(pool):
+        raise UserError(f"pool folder not found: {pool}")
+    ids = shards.list_shards(pool)
+    if not ids:
+        raise UserError(f"{pool} holds no shards ({{id}}.tar + .parquet + _stats.json); is this the right folder?")
+    gaps = sorted(set(range(ids[-1] + 1)) - set(ids))
+    if gaps:
+        raise UserError(f"{pool}: shard numbering must start at 0 without gaps (DataComp's tools assume it); "
+                        f"missing {', '.join(shards.shard_name(g) for g in gaps[:5])}{' ...' if len(gaps) > 5 else ''}")
+    results = runner.map(check_shard, [CheckTask(pool, i) for i in ids], label="register")
+    problems = [p for r in results for p in r["problems"]]
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise UserError(f"{pool} is not a valid pool: {problems[0]}{more}")
+    states = Counter()
+    for r in results:
+        states.update(r["states"])
+    rows = sum(r["rows"] for r in results)
+    run = manifest.StageRun("register", pool, params={"shards": len(ids)})
+    return run.finish(rows={"input": rows, "ok": states.get(OK, 0), "failed": rows - states.get(OK, 0),
+                            **dict(states)}, shards=len(ids))
+
+
+def ledger(pool: str) -> tuple[dict[str, int], int | None]:
+    """Counts per state over every shard's parquet, and the input row count from the manifest (if any)."""
+    ids = shards.list_shards(pool)
+    if not ids:
+        raise UserError(f"{pool} holds no shards; pass a pool folder (the output of `winnow ingest`)")
+    counts: Counter = Counter()
+    for i in ids:
+        cols = ["state"] if _has_state(pool, i) else ["status", "error_message"]
+        counts.update(states_of(shards.read_table(pool, i, columns=cols)))
+    doc = manifest.read_manifest(pool)
+    total = doc.get("rows", {}).get("input") if doc else None
+    return dict(counts), total
+
+
+def _has_state(pool: str, shard_id: int) -> bool:
+    import pyarrow.parquet as pq
+
+    fs, p = fsio.get_fs(shards.paths(pool, shard_id)["parquet"])
+    with fs.open(p, "rb") as f:
+        return "state" in pq.read_schema(f).names
+
+
+def read_states(pool: str) -> pd.DataFrame:
+    """uid, key and state of every row of a pool."""
+    frames = []
+    for i in shards.list_shards(pool):
+        cols = ["uid", "key", "state"] if _has_state(pool, i) else ["uid", "key", "status", "error_message"]
+        df = shards.read_table(pool, i, columns=cols)
+        frames.append(df.assign(state=states_of(df))[["uid", "key", "state"]])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["uid", "key", "state"])

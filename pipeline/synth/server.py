@@ -1,0 +1,103 @@
+"""The loopback web server for a synthetic world: serves ``site/`` on 127.0.0.1 with planted misbehaviour.
+
+``site/routes.json`` maps a path to a behaviour: ``{"status": 500}``, ``{"delay": s}`` (answer after s
+seconds), ``{"trickle": s}`` (send one byte every 0.5 s for up to s seconds: a download that never times out),
+``{"content_type": "text/html"}``. Any other path is served from ``site/`` if the file exists, else 404.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse
+
+from ..errors import UserError
+
+_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: WebPoolServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # quiet: the ledger is the log
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        path = urlparse(self.path).path
+        route = self.server.routes.get(path, {})
+        try:
+            if "status" in route:
+                self.send_error(route["status"])
+                return
+            file = os.path.normpath(os.path.join(self.server.site, path.lstrip("/")))
+            if not file.startswith(self.server.site + os.sep) or not os.path.isfile(file):
+                self.send_error(404)
+                return
+            with open(file, "rb") as f:
+                data = f.read()
+            if "delay" in route:
+                time.sleep(route["delay"])
+            ctype = route.get("content_type") or _TYPES.get(os.path.splitext(file)[1], "application/octet-stream")
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if "trickle" in route:
+                deadline = time.monotonic() + route["trickle"]
+                for i in range(len(data)):
+                    if time.monotonic() > deadline or self.server.closing.is_set():
+                        break
+                    self.wfile.write(data[i: i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.5)
+                self.close_connection = True
+                return
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+
+class WebPoolServer(ThreadingHTTPServer):
+    """Serve a world's ``site/`` folder; use as a context manager (starts a background thread)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, world: str, host: str = "127.0.0.1", port: int = 8741):
+        self.site = os.path.realpath(os.path.join(world, "site"))
+        routes_path = os.path.join(self.site, "routes.json")
+        if not os.path.isfile(routes_path):
+            raise UserError(f"{world} is not a synthetic world (no site/routes.json); run `winnow synth` first")
+        with open(routes_path) as f:
+            self.routes = json.load(f)
+        self.closing = threading.Event()
+        try:
+            super().__init__((host, port), _Handler)
+        except OSError as exc:
+            raise UserError(f"cannot serve on {host}:{port} ({exc.strerror}); stop what uses the port or pick "
+                            f"another with --set synth.base_url=http://127.0.0.1:PORT") from None
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def for_url(cls, world: str, base_url: str) -> WebPoolServer:
+        parsed = urlparse(base_url)
+        return cls(world, parsed.hostname or "127.0.0.1", parsed.port or 80)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> WebPoolServer:
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.closing.set()
+        self.shutdown()
+        self.server_close()

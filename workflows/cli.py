@@ -1,0 +1,199 @@
+"""The ``winnow`` command.
+
+User errors (bad config, bad path, bad layout) print one line, ``winnow: error: ...``, and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipeline.errors import UserError
+
+DESCRIPTION = """\
+Winnow curates vision-language training data: web image-text pools in, DataComp-style subsets out.
+
+Typical session:
+  winnow demo                               # everything below on a synthetic pool served on 127.0.0.1
+  winnow synth runs/w                       # write a synthetic web world (URL list, images, truth)
+  winnow serve runs/w                       # serve it on 127.0.0.1 (foreground)
+  winnow ingest runs/w/urls.parquet runs/p  # download a URL list into a pool of WebDataset shards
+  winnow ledger runs/p                      # how every input row ended: ok, or why it failed
+  winnow register /data/datacomp/shards     # adopt an existing img2dataset/DataComp pool
+
+Stages run on an embedded Dask LocalCluster; --scheduler tcp://HOST:8786 uses an existing cluster.
+"""
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", help="address of a running Dask scheduler (default: start a local cluster)")
+    p.add_argument("--workers", type=int, help="worker processes of the local cluster (default: CPU cores)")
+
+
+def _config_args(p: argparse.ArgumentParser, default_note: str = "built-in defaults") -> None:
+    p.add_argument("--config", help=f"YAML run config with sections synth/ingest/cluster (default: {default_note})")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", default=[],
+                   help="override one config value, e.g. --set ingest.timeout=5 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an output folder that holds a different run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="winnow", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the main job end to end on the embedded synthetic pool")
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    _config_args(p, "manifests/demo.yaml")
+    _cluster_args(p)
+
+    p = sub.add_parser("synth", help="write a synthetic web world with known ground truth")
+    p.add_argument("world", help="output folder")
+    _config_args(p)
+    _cluster_args(p)
+
+    p = sub.add_parser("serve", help="serve a synthetic world's images on 127.0.0.1 until Ctrl-C")
+    p.add_argument("world", help="a folder written by `winnow synth`")
+    p.add_argument("--port", type=int, help="port (default: the one in the world's base_url)")
+
+    p = sub.add_parser("ingest", help="download a URL list (parquet/csv/tsv/jsonl) into a pool")
+    p.add_argument("urls", help="URL list file or folder; columns url, text and (optionally) uid")
+    p.add_argument("pool", help="output pool folder (local path or fsspec URL)")
+    _config_args(p)
+    _cluster_args(p)
+
+    p = sub.add_parser("register", help="validate an existing img2dataset/DataComp pool and record its manifest")
+    p.add_argument("pool", help="pool folder")
+    _cluster_args(p)
+
+    p = sub.add_parser("ledger", help="print how every input row of a pool ended (counts per state)")
+    p.add_argument("pool", help="pool folder")
+    p.add_argument("--truth", help="a synthetic world folder: also compare states with its planted defects")
+    return parser
+
+
+def _load(args):
+    from .settings import demo_config_path, load
+
+    path = args.config
+    if path is None and args.command == "demo":
+        path = str(demo_config_path())
+    return load(path, args.overrides, getattr(args, "scheduler", None), getattr(args, "workers", None))
+
+
+def _runner(cfg):
+    from pipeline.runner import Runner
+
+    return Runner(cfg.cluster)
+
+
+def cmd_demo(args) -> None:
+    from . import demo
+
+    demo.run(args.out, _load(args), overwrite=args.overwrite)
+
+
+def cmd_synth(args) -> None:
+    from pipeline.synth.world import build_world
+
+    cfg = _load(args)
+    with _runner(cfg) as runner:
+        doc = build_world(cfg.synth, args.world, runner, overwrite=args.overwrite)
+    print(f"synth: wrote {args.world}: {doc['rows']} (urls.parquet is the pool's input; "
+          f"serve it with `winnow serve {args.world}`)")
+
+
+def cmd_serve(args) -> None:
+    import json
+    import time
+    from urllib.parse import urlparse
+
+    from pipeline.synth.server import WebPoolServer
+
+    manifest_path = os.path.join(args.world, "_manifest.json")
+    if not os.path.isfile(manifest_path):
+        raise UserError(f"{args.world} is not a synthetic world (no _manifest.json); run `winnow synth` first")
+    with open(manifest_path) as f:
+        base = urlparse(json.load(f)["params"]["base_url"])
+    with WebPoolServer(args.world, base.hostname or "127.0.0.1", args.port or base.port or 80) as server:
+        print(f"serving {args.world}/site at {server.url} (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+def cmd_ingest(args) -> None:
+    from pipeline.ingest import ingest
+    from pipeline.ledger import format_counts
+    from pipeline.pool import ledger
+
+    cfg = _load(args)
+    with _runner(cfg) as runner:
+        ingest(args.urls, args.pool, cfg.ingest, runner, overwrite=args.overwrite)
+    counts, total = ledger(args.pool)
+    print(format_counts(counts, total))
+
+
+def cmd_register(args) -> None:
+    from pipeline.pool import register
+    from pipeline.runner import ClusterConfig, Runner
+
+    cluster = ClusterConfig(scheduler=args.scheduler or "", n_workers=args.workers or 0)
+    with Runner(cluster) as runner:
+        doc = register(args.pool, runner)
+    print(f"register: {args.pool} is a valid pool: {doc['shards']} shards, {doc['rows']['input']:,} rows, "
+          f"{doc['rows']['ok']:,} ok; manifest written")
+
+
+def cmd_ledger(args) -> None:
+    from pipeline.ledger import format_counts
+    from pipeline.pool import ledger
+
+    counts, total = ledger(args.pool)
+    print(format_counts(counts, total))
+    if args.truth:
+        from .demo import truth_check
+
+        print()
+        print(truth_check(args.pool, args.truth, min_image_size=_min_image_size(args.pool)).to_string(index=False))
+
+
+def _min_image_size(pool: str) -> int:
+    from pipeline.manifest import read_manifest
+
+    doc = read_manifest(pool) or {}
+    return int(doc.get("params", {}).get("min_image_size", 0))
+
+
+COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "serve": cmd_serve, "ingest": cmd_ingest,
+            "register": cmd_register, "ledger": cmd_ledger}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from pipeline import __version__
+
+        print(f"winnow {__version__}")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"winnow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("winnow: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
