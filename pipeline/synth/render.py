@@ -13,7 +13,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-CLASSES = ["circle", "square", "triangle", "star", "cross", "ring", "heart", "crescent", "arrow", "hexagon",
+CLASSES = ["circle", "square", "triangle", "star", "cross", "ring", "heart", "crescent", "arrow", "hourglass",
            "house", "bolt"]
 
 COLORS = {
@@ -47,8 +47,8 @@ def _polygon(cls: str) -> list[tuple[float, float]] | None:
         return pts
     if cls == "arrow":
         return [(-0.95, -0.25), (0.2, -0.25), (0.2, -0.65), (0.95, 0), (0.2, 0.65), (0.2, 0.25), (-0.95, 0.25)]
-    if cls == "hexagon":
-        return [(math.cos(k * math.pi / 3), math.sin(k * math.pi / 3)) for k in range(6)]
+    if cls == "hourglass":
+        return [(-0.8, -0.95), (0.8, -0.95), (0.12, 0), (0.8, 0.95), (-0.8, 0.95), (-0.12, 0)]
     if cls == "house":
         return [(-0.75, 0.85), (-0.75, -0.1), (0, -0.9), (0.75, -0.1), (0.75, 0.85)]
     if cls == "bolt":

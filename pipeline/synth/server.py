@@ -66,6 +66,7 @@ class WebPoolServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 256  # the default backlog of 5 drops connections when many threads fetch at once
 
     def __init__(self, world: str, host: str = "127.0.0.1", port: int = 8741):
         self.site = os.path.realpath(os.path.join(world, "site"))

@@ -1,0 +1,48 @@
+import pytest
+
+from pipeline.config import from_dict, load, parse_overrides
+from pipeline.errors import UserError
+from pipeline.ingest import IngestConfig
+from workflows.settings import RunConfig, demo_config_path
+
+
+def test_demo_config_loads_strictly():
+    cfg = load(RunConfig, demo_config_path())
+    assert cfg.ingest.shard_size == 500 and cfg.synth.n_pool == 3000 and cfg.cluster.n_workers == 2
+
+
+def test_unknown_key_names_the_allowed_keys():
+    with pytest.raises(UserError, match=r"unknown key 'timeot'.*allowed keys: .*timeout"):
+        from_dict(RunConfig, {"ingest": {"timeot": 3}})
+
+
+def test_wrong_type_is_a_user_error():
+    with pytest.raises(UserError, match=r"ingest.timeout: expected float"):
+        from_dict(RunConfig, {"ingest": {"timeout": "fast"}})
+
+
+def test_int_widens_to_float_and_literals_are_checked():
+    assert from_dict(IngestConfig, {"timeout": 3}).timeout == 3.0
+    with pytest.raises(UserError, match="resize_mode"):
+        from_dict(IngestConfig, {"resize_mode": "stretch"})
+
+
+def test_cross_field_rule_stall_must_exceed_retry_budget():
+    with pytest.raises(UserError, match="stall_seconds"):
+        IngestConfig(timeout=10, retries=2, stall_seconds=20)
+
+
+def test_overrides_parse_yaml_scalars_and_nest():
+    assert parse_overrides(["ingest.timeout=2.5", "synth.seed=3", "cluster.scheduler=tcp://h:8786"]) == {
+        "ingest": {"timeout": 2.5}, "synth": {"seed": 3}, "cluster": {"scheduler": "tcp://h:8786"}}
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        parse_overrides(["ingest.timeout"])
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load(RunConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ingest: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load(RunConfig, bad)

@@ -1,0 +1,108 @@
+"""End to end: the tiny world served on 127.0.0.1, downloaded by img2dataset on a real Dask LocalCluster."""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+import webdataset as wds
+
+from pipeline import shards
+from pipeline.ingest import ingest
+from pipeline.ledger import STATES
+from pipeline.manifest import read_manifest
+from pipeline.pool import ledger, read_states
+from pipeline.synth.server import WebPoolServer
+from pipeline.synth.world import expected_state, read_truth
+
+from helpers import tiny_ingest_config
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def ingested(tiny_world, local_cluster, tmp_path_factory):
+    pool = str(tmp_path_factory.mktemp("pool"))
+    cfg = tiny_ingest_config()
+    with WebPoolServer(tiny_world["path"], port=tiny_world["port"]):
+        doc = ingest(os.path.join(tiny_world["path"], "urls.parquet"), pool, cfg, local_cluster, log=lambda m: None)
+    return {"pool": pool, "manifest": doc, "config": cfg, "world": tiny_world["path"]}
+
+
+def test_every_input_row_has_exactly_one_state(ingested):
+    counts, total = ledger(ingested["pool"])
+    assert total == 240 and sum(counts.values()) == 240
+    assert set(counts) <= set(STATES)
+    states = read_states(ingested["pool"])
+    assert states["uid"].is_unique and len(states) == 240
+
+
+def test_every_planted_defect_ends_in_its_expected_state(ingested):
+    truth = read_truth(ingested["world"]).merge(read_states(ingested["pool"]), on="uid", how="left")
+    truth["expected"] = [expected_state(d, ingested["config"].min_image_size) for d in truth["defect"]]
+    wrong = truth[truth["state"] != truth["expected"]]
+    assert wrong.empty, wrong[["defect", "expected", "state"]].to_string()
+    for defect in ("http_404", "http_500", "slow", "hang", "corrupt", "truncated", "not_image", "bomb",
+                   "pixel_image"):
+        assert (truth["defect"] == defect).any(), f"{defect} not planted in the tiny world"
+
+
+def test_shards_follow_the_datacomp_contract(ingested):
+    pool = ingested["pool"]
+    ids = shards.list_shards(pool)
+    assert ids == list(range(4))  # 240 rows / 60 per shard, numbered from 0
+    urls = pd.read_parquet(os.path.join(ingested["world"], "urls.parquet"))
+    for i in ids:
+        table = shards.read_table(pool, i)
+        stats = shards.read_stats(pool, i)
+        assert {"uid", "key", "url", "caption", "status", "error_message", "width", "height", "original_width",
+                "original_height", "sha256", "state"} <= set(table.columns)
+        assert stats["count"] == len(table) == 60
+        assert list(table["key"]) == [f"{i:08d}{r:02d}" for r in range(60)]  # img2dataset keys, input order
+        # uids are carried from the input, row for row
+        assert list(table["uid"]) == list(urls["uid"].iloc[i * 60:(i + 1) * 60])
+        ok = table[table["state"] == "ok"].set_index("key")
+        samples = list(wds.WebDataset(shards.paths(pool, i)["tar"], shardshuffle=False).decode("pil"))
+        assert stats["successes"] == len(samples) == len(ok)
+        for s in samples:
+            row = ok.loc[s["__key__"]]
+            assert s["json"]["uid"] == row["uid"] and s["txt"] == row["caption"]
+            w, h = s["jpg"].size
+            assert (w, h) == (row["width"], row["height"]) and max(w, h) <= 512
+            if max(row["original_width"], row["original_height"]) <= 512:  # never upscaled
+                assert (w, h) == (row["original_width"], row["original_height"])
+    resized = pd.concat(shards.read_table(pool, i) for i in ids).query("state == 'ok' and original_width > 512")
+    assert len(resized) > 0  # the world has images above 512 px, so resizing was exercised
+
+
+def test_manifest_records_provenance_and_a_rerun_is_skipped(ingested, local_cluster, tiny_world):
+    doc = read_manifest(ingested["pool"])
+    assert doc["stage"] == "ingest" and doc["rows"]["input"] == 240
+    assert doc["rows"]["ok"] + doc["rows"]["failed"] == 240
+    assert doc["inputs"][0]["fingerprint"].startswith("sha256:") and doc["params"]["shard_size"] == 60
+    assert {o["path"] for o in doc["outputs"]} >= {"00000000.tar", "00000000.parquet", "00000000_stats.json"}
+    assert all(o["size"] > 0 for o in doc["outputs"])
+    assert not os.path.exists(os.path.join(ingested["pool"], "_inputs"))
+    messages = []
+    again = ingest(os.path.join(tiny_world["path"], "urls.parquet"), ingested["pool"], ingested["config"],
+                   local_cluster, log=messages.append)
+    assert any("up to date" in m for m in messages) and json.dumps(again) == json.dumps(doc)
+
+
+def test_uids_are_derived_when_the_input_has_none(tmp_path, tiny_world, local_cluster):
+    from pipeline.uid import derive_uid
+
+    urls = pd.read_parquet(os.path.join(tiny_world["path"], "urls.parquet")).iloc[:20]
+    truth = read_truth(tiny_world["path"]).set_index("uid")
+    keep = [u for u in urls["uid"] if truth.loc[u, "defect"] not in ("hang", "slow")]
+    urls = urls[urls["uid"].isin(keep)]
+    rows = urls.drop(columns=["uid"])
+    rows.loc[rows.index[0], "url"] = None  # a row with no url at all
+    src = tmp_path / "urls.jsonl"
+    rows.to_json(src, orient="records", lines=True)
+    pool = str(tmp_path / "pool")
+    with WebPoolServer(tiny_world["path"], port=tiny_world["port"]):
+        ingest(str(src), pool, tiny_ingest_config(), local_cluster, log=lambda m: None)
+    table = shards.read_table(pool, 0)
+    assert list(table["uid"]) == [derive_uid(u or "", t) for u, t in zip(rows["url"], rows["text"])]
+    assert table["state"].iloc[0] == "bad_url"
