@@ -103,6 +103,18 @@ class IngestConfig:
 
 
 # --------------------------------------------------------------------------------------------- input splitting
+def check_input(path: str, cfg: IngestConfig) -> list[str]:
+    """The files of a URL list, after checking that they exist and have the configured columns (schema only)."""
+    files = input_files(path)
+    names = _dataset(files).schema.names
+    needed = [cfg.url_col, *cfg.extra_columns, *([cfg.blur_bbox_col] if cfg.blur_bbox_col else [])]
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise UserError(f"input has no column {missing[0]!r} (columns: {', '.join(names)}); "
+                        f"set ingest.url_col / ingest.extra_columns to the right names")
+    return files
+
+
 def input_files(path: str) -> list[str]:
     """The files of a URL list: the file itself, or the supported files of a folder (sorted)."""
     if not fsio.exists(path):
@@ -172,11 +184,6 @@ def split_input(files: list[str], pool: str, cfg: IngestConfig) -> dict:
         return fsio.read_json(summary_path)
     dataset = _dataset(files)
     names = dataset.schema.names
-    missing = [c for c in [cfg.url_col, *cfg.extra_columns, *([cfg.blur_bbox_col] if cfg.blur_bbox_col else [])]
-               if c not in names]
-    if missing:
-        raise UserError(f"input has no column {missing[0]!r} (columns: {', '.join(names)}); "
-                        f"set ingest.url_col / ingest.extra_columns to the right names")
     wanted = [c for c in dict.fromkeys([cfg.url_col, cfg.caption_col, cfg.uid_col, *cfg.extra_columns,
                                         *([cfg.blur_bbox_col] if cfg.blur_bbox_col else [])]) if c in names]
     shard_id, rows, buffered = 0, 0, []
@@ -378,7 +385,7 @@ def _commit(task: ShardTask, cfg: IngestConfig, rows: pd.DataFrame, blocked: dic
 # ---------------------------------------------------------------------------------------------------- driver
 def ingest(urls: str, pool: str, cfg: IngestConfig, runner, overwrite: bool = False, log=print) -> dict:
     """Turn the URL list ``urls`` into the pool folder ``pool``; return its manifest."""
-    files = input_files(urls)
+    files = check_input(urls, cfg)
     run = manifest.StageRun("ingest", pool, params=asdict(cfg), inputs=manifest.describe_inputs(files))
     mode = run.open(overwrite=overwrite)
     if mode == "skip":

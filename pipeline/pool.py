@@ -26,18 +26,19 @@ REQUIRED_COLUMNS = ("uid", "key", "status")
 class CheckTask:
     pool: str
     shard_id: int
+    digits: int = 8
 
 
 def check_shard(task: CheckTask) -> dict:
     """Validate one shard; return its counts and a list of problems (empty when valid)."""
-    p = shards.paths(task.pool, task.shard_id)
-    name = shards.shard_name(task.shard_id)
+    p = shards.paths(task.pool, task.shard_id, task.digits)
+    name = shards.shard_name(task.shard_id, task.digits)
     problems: list[str] = []
     missing = [k for k in ("parquet", "stats") if not fsio.exists(p[k])]
     if missing:
         return {"shard": name, "rows": 0, "states": {}, "problems": [f"{name}: no {' or '.join(missing)} file"]}
     try:
-        table = shards.read_table(task.pool, task.shard_id)
+        table = shards.read_table(task.pool, task.shard_id, digits=task.digits)
     except Exception as exc:  # noqa: BLE001 - any unreadable parquet is a layout problem to report
         return {"shard": name, "rows": 0, "states": {}, "problems": [f"{name}.parquet unreadable: {exc}"]}
     absent = [c for c in REQUIRED_COLUMNS if c not in table.columns]
@@ -84,11 +85,13 @@ def register(pool: str, runner, log=print) -> dict:
     ids = shards.list_shards(pool)
     if not ids:
         raise UserError(f"{pool} holds no shards ({{id}}.tar + .parquet + _stats.json); is this the right folder?")
+    digits = shards.name_digits(pool)
     gaps = sorted(set(range(ids[-1] + 1)) - set(ids))
     if gaps:
+        missing = ", ".join(shards.shard_name(g, digits) + ".tar" for g in gaps[:5])
         raise UserError(f"{pool}: shard numbering must start at 0 without gaps (DataComp's tools assume it); "
-                        f"missing {', '.join(shards.shard_name(g) for g in gaps[:5])}{' ...' if len(gaps) > 5 else ''}")
-    results = runner.map(check_shard, [CheckTask(pool, i) for i in ids], label="register")
+                        f"missing {missing}{' ...' if len(gaps) > 5 else ''}")
+    results = runner.map(check_shard, [CheckTask(pool, i, digits) for i in ids], label="register")
     problems = [p for r in results for p in r["problems"]]
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
@@ -97,7 +100,7 @@ def register(pool: str, runner, log=print) -> dict:
     for r in results:
         states.update(r["states"])
     rows = sum(r["rows"] for r in results)
-    run = manifest.StageRun("register", pool, params={"shards": len(ids)})
+    run = manifest.StageRun("register", pool, params={"shards": len(ids), "name_digits": digits})
     return run.finish(rows={"input": rows, "ok": states.get(OK, 0), "failed": rows - states.get(OK, 0),
                             **dict(states)}, shards=len(ids))
 
@@ -108,27 +111,28 @@ def ledger(pool: str) -> tuple[dict[str, int], int | None]:
     if not ids:
         raise UserError(f"{pool} holds no shards; pass a pool folder (the output of `winnow ingest`)")
     counts: Counter = Counter()
-    for i in ids:
-        cols = ["state"] if _has_state(pool, i) else ["status", "error_message"]
-        counts.update(states_of(shards.read_table(pool, i, columns=cols)))
+    for df in _state_tables(pool, ["key"]):
+        counts.update(df["state"])
     doc = manifest.read_manifest(pool)
     total = doc.get("rows", {}).get("input") if doc else None
     return dict(counts), total
 
 
-def _has_state(pool: str, shard_id: int) -> bool:
+def _state_tables(pool: str, columns: list[str]):
+    """Per shard: ``columns`` plus ``state`` (read, or derived from status/error_message for img2dataset pools)."""
     import pyarrow.parquet as pq
 
-    fs, p = fsio.get_fs(shards.paths(pool, shard_id)["parquet"])
-    with fs.open(p, "rb") as f:
-        return "state" in pq.read_schema(f).names
+    digits = shards.name_digits(pool)
+    for i in shards.list_shards(pool):
+        fs, p = fsio.get_fs(shards.paths(pool, i, digits)["parquet"])
+        with fs.open(p, "rb") as f:
+            has_state = "state" in pq.read_schema(f).names
+        extra = ["state"] if has_state else ["status", "error_message"]
+        df = shards.read_table(pool, i, columns=[*columns, *extra], digits=digits)
+        yield df.assign(state=states_of(df))[[*columns, "state"]]
 
 
 def read_states(pool: str) -> pd.DataFrame:
     """uid, key and state of every row of a pool."""
-    frames = []
-    for i in shards.list_shards(pool):
-        cols = ["uid", "key", "state"] if _has_state(pool, i) else ["uid", "key", "status", "error_message"]
-        df = shards.read_table(pool, i, columns=cols)
-        frames.append(df.assign(state=states_of(df))[["uid", "key", "state"]])
+    frames = list(_state_tables(pool, ["uid", "key"]))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["uid", "key", "state"])

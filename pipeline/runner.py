@@ -62,6 +62,7 @@ class Runner:
         self.log = log
         self.client = None
         self._cluster = None
+        self._started = False
 
     @property
     def n_workers(self) -> int:
@@ -70,10 +71,18 @@ class Runner:
         return max(1, len(self.client.scheduler_info().get("workers", {})))
 
     def __enter__(self) -> Runner:
+        return self
+
+    def start(self) -> None:
+        """Connect to / start the cluster. Done lazily by the first :meth:`map`, so that input and config checks
+        that fail before any work is submitted do not pay for (or print) a cluster start."""
+        if self._started:
+            return
+        self._started = True
         cfg = self.config
         if cfg.scheduler == "sync":
             self.log("runner: in-process (no Dask cluster)")
-            return self
+            return
         from dask.distributed import Client, LocalCluster
 
         if cfg.scheduler:
@@ -100,7 +109,6 @@ class Runner:
             self.client = Client(self._cluster)
             self.log(f"runner: local Dask cluster, {n} worker processes x {cfg.threads_per_worker} thread(s)")
         self.log(f"runner: Dask dashboard at {self.client.dashboard_link}")
-        return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.client is not None:
@@ -108,6 +116,7 @@ class Runner:
         if self._cluster is not None:
             self._cluster.close()
         self.client = self._cluster = None
+        self._started = False
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], label: str,
             on_result: Callable[[Any, Any], None] | None = None) -> list[Any]:
@@ -118,6 +127,7 @@ class Runner:
         outputs are committed) and :class:`TaskFailed` names the failed items.
         """
         items = list(items)
+        self.start()
         results: list[Any] = [None] * len(items)
         failures: list[tuple[Any, BaseException]] = []
         progress = _Progress(label, len(items), self.log)

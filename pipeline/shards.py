@@ -56,8 +56,14 @@ def list_shards(pool: str) -> list[int]:
     return sorted(int(m.group(1)) for n in fsio.listdir(pool) if (m := SHARD_RE.match(n)))
 
 
-def read_table(pool: str, shard_id: int, columns: list[str] | None = None) -> pd.DataFrame:
-    fs, p = fsio.get_fs(paths(pool, shard_id)["parquet"])
+def name_digits(pool: str) -> int:
+    """Zero padding of the pool's shard names: 8 for DataComp and Winnow, 5 for img2dataset's default."""
+    names = [m.group(1) for n in fsio.listdir(pool) if (m := SHARD_RE.match(n))]
+    return min((len(n) for n in names), default=8)
+
+
+def read_table(pool: str, shard_id: int, columns: list[str] | None = None, digits: int = 8) -> pd.DataFrame:
+    fs, p = fsio.get_fs(paths(pool, shard_id, digits)["parquet"])
     with fs.open(p, "rb") as f:
         return pq.read_table(f, columns=columns).to_pandas()
 

@@ -1,0 +1,87 @@
+"""User errors end with one clear line and exit code 2, never a traceback."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+
+def winnow(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("winnow: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_help_lists_the_commands():
+    result = winnow("--help")
+    assert result.returncode == 0
+    for command in ("demo", "synth", "serve", "ingest", "register", "ledger"):
+        assert command in result.stdout
+    assert winnow("ingest", "--help").returncode == 0
+
+
+def test_missing_input(tmp_path):
+    assert_user_error(winnow("ingest", str(tmp_path / "nope.parquet"), str(tmp_path / "pool")), "input not found")
+
+
+def test_unsupported_input_format(tmp_path):
+    (tmp_path / "urls.txt").write_text("http://x/1.jpg\n")
+    assert_user_error(winnow("ingest", str(tmp_path / "urls.txt"), str(tmp_path / "pool")), ".parquet")
+
+
+def test_input_without_url_column(tmp_path):
+    pd.DataFrame({"link": ["http://127.0.0.1:9/a.jpg"], "text": ["a"]}).to_csv(tmp_path / "u.csv", index=False)
+    assert_user_error(winnow("ingest", str(tmp_path / "u.csv"), str(tmp_path / "pool"), "--workers", "1",
+                             "--set", "ingest.timeout=1", "--set", "ingest.stall_seconds=5"),
+                      "no column 'url'", "url_col")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--set", "ingest.timeout=fast"], "ingest.timeout: expected float"),
+    (["--set", "ingest.bogus=1"], "unknown key 'bogus'"),
+    (["--set", "cluster.n_workers=-1"], "n_workers"),
+    (["--set", "ingest.stall_seconds=1"], "stall_seconds"),
+])
+def test_bad_config_values(tmp_path, args, fragment):
+    pd.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"]}).to_parquet(tmp_path / "u.parquet")
+    assert_user_error(winnow("ingest", str(tmp_path / "u.parquet"), str(tmp_path / "pool"), *args), fragment)
+
+
+def test_bad_config_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("ingest:\n  timeout: [\n")
+    assert_user_error(winnow("demo", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path)), "not valid YAML")
+    assert_user_error(winnow("demo", "--config", str(tmp_path / "missing.yaml")), "config file not found")
+
+
+def test_ledger_and_register_on_wrong_folders(tmp_path):
+    assert_user_error(winnow("ledger", str(tmp_path)), "holds no shards")
+    assert_user_error(winnow("register", str(tmp_path / "nope")), "not found")
+    assert_user_error(winnow("serve", str(tmp_path)), "not a synthetic world")
+
+
+def test_busy_port_is_reported(tiny_world):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert_user_error(winnow("serve", tiny_world["path"], "--port", str(port)), f"127.0.0.1:{port}", "--set")
+
+
+def test_output_folder_with_other_files_is_not_clobbered(tmp_path):
+    pd.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"]}).to_parquet(tmp_path / "u.parquet")
+    out = tmp_path / "pool"
+    out.mkdir()
+    (out / "thesis.pdf").write_bytes(b"%PDF")
+    assert_user_error(winnow("ingest", str(tmp_path / "u.parquet"), str(out), "--workers", "1"), "--overwrite")
+    assert os.listdir(out) == ["thesis.pdf"]
