@@ -106,3 +106,41 @@ def test_uids_are_derived_when_the_input_has_none(tmp_path, tiny_world, local_cl
     table = shards.read_table(pool, 0)
     assert list(table["uid"]) == [derive_uid(u or "", t) for u, t in zip(rows["url"], rows["text"])]
     assert table["state"].iloc[0] == "bad_url"
+
+
+def test_invalid_input_uids_are_recorded_not_downloaded(tmp_path, tiny_world, local_cluster):
+    truth = read_truth(tiny_world["path"])
+    urls = pd.read_parquet(os.path.join(tiny_world["path"], "urls.parquet"))
+    good = urls[(truth["defect"] == "none").to_numpy()].iloc[:6].copy()
+    good.loc[good.index[:2], "uid"] = ["not-a-uid", "1" * 40]
+    good.to_csv(tmp_path / "urls.csv", index=False)
+    pool = str(tmp_path / "pool")
+    with WebPoolServer(tiny_world["path"], port=tiny_world["port"]):
+        ingest(str(tmp_path / "urls.csv"), pool, tiny_ingest_config(), local_cluster, log=lambda m: None)
+    table = shards.read_table(pool, 0)
+    assert list(table["state"]) == ["bad_uid", "bad_uid", "ok", "ok", "ok", "ok"]
+    assert "not-a-uid" in table["error_message"].iloc[0]
+    assert table["uid"].str.fullmatch("[0-9a-f]{32}").all()
+    assert shards.read_stats(pool, 0)["successes"] == 4
+
+
+def test_same_command_runs_on_an_existing_scheduler(tmp_path, tiny_world):
+    """`--scheduler ADDRESS` submits the same stages to a cluster the command did not start."""
+    import subprocess
+    import sys
+
+    from dask.distributed import LocalCluster
+
+    urls = pd.read_parquet(os.path.join(tiny_world["path"], "urls.parquet"))
+    truth = read_truth(tiny_world["path"])
+    urls[(truth["defect"] == "none").to_numpy()].iloc[:10].to_parquet(tmp_path / "urls.parquet")
+    pool = tmp_path / "pool"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            WebPoolServer(tiny_world["path"], port=tiny_world["port"]):
+        result = subprocess.run([sys.executable, "-m", "workflows.cli", "ingest", str(tmp_path / "urls.parquet"),
+                                 str(pool), "--scheduler", cluster.scheduler_address, "--set", "ingest.timeout=2",
+                                 "--set", "ingest.stall_seconds=10"], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert f"connected to Dask scheduler {cluster.scheduler_address}" in result.stderr
+    assert "Dask dashboard at http" in result.stderr
+    assert "ok + failed" in result.stdout and shards.read_stats(str(pool), 0)["successes"] == 10
