@@ -2,11 +2,49 @@
 
 A filter reads columns of a shard's table (metadata, or stored embeddings) and returns one score column; it never
 drops rows. Selection (thresholds, top fractions, intersections) is a separate declarative step over the scores.
-Registry key == file stem == column prefix: ``filters/<key>.py`` defines the class, its column is ``<key>_score``.
+Registry key == file stem; the column is ``<key>_score`` (``<key>_<tag>_score`` for embedding filters).
 """
 
+from __future__ import annotations
+
+from pipeline.config import from_dict
+from pipeline.errors import UserError
+
+from .aspect_ratio import AspectRatioFilter
 from .base import Filter
+from .caption_chars import CaptionCharsFilter
+from .caption_words import CaptionWordsFilter
+from .clip import ClipFilter
+from .dfn import DfnFilter
+from .english import EnglishFilter
+from .image_cluster import ImageClusterFilter
+from .min_side import MinSideFilter
+from .text_match import TextMatchFilter
 
-REGISTRY: dict[str, type[Filter]] = {}
+REGISTRY: dict[str, type[Filter]] = {
+    "english": EnglishFilter,
+    "caption_words": CaptionWordsFilter,
+    "caption_chars": CaptionCharsFilter,
+    "min_side": MinSideFilter,
+    "aspect_ratio": AspectRatioFilter,
+    "clip": ClipFilter,
+    "dfn": DfnFilter,
+    "text_match": TextMatchFilter,
+    "image_cluster": ImageClusterFilter,
+}
 
-__all__ = ["Filter", "REGISTRY"]
+
+def build(spec: dict) -> Filter:
+    """A filter from ``{key: ..., params: {...}}`` (params checked strictly against the filter's fields)."""
+    if not isinstance(spec, dict) or "key" not in spec:
+        raise UserError(f"filter spec {spec!r}: expected a mapping with 'key' (and optional 'params')")
+    unknown = set(spec) - {"key", "params"}
+    if unknown:
+        raise UserError(f"filter {spec['key']!r}: unknown field {sorted(unknown)[0]!r}; use key and params")
+    cls = REGISTRY.get(spec["key"])
+    if cls is None:
+        raise UserError(f"unknown filter {spec['key']!r}; available: {', '.join(REGISTRY)}")
+    return from_dict(cls, spec.get("params") or {}, f"filter {spec['key']}")
+
+
+__all__ = ["Filter", "REGISTRY", "build"]

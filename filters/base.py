@@ -1,36 +1,69 @@
-"""The filter contract."""
+"""The filter contract: score, never drop.
+
+A filter reads columns of one shard's table (and, for embedding filters, the shard's stored embeddings) and
+returns one float score per row. ``__call__`` returns a copy of the table with exactly one added column,
+``filter.column``, the same index, and the input untouched. Selection is a separate step over the scores.
+
+Filters that need the whole pool first (k-means centroids for ``image_cluster``) implement ``prepare``; the
+score stage calls it once on the driver and ships only small state (or a path) to the shard tasks.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
+import numpy as np
 import pandas as pd
 
+#: embeddings of one shard: tag -> {"img": (n, d) float32, "txt": (n, d) float32}, row-aligned with the table
+Embeddings = Mapping[str, Mapping[str, np.ndarray]]
 
+
+@dataclass
 class Filter:
-    """Scores the rows of one shard table.
-
-    Subclasses set ``key`` and ``requires`` (the columns they read) and implement :meth:`score`, vectorised over
-    the table. ``__call__`` returns a copy of the table with exactly one added column, ``<key>_score``, the same
-    index, and the input left untouched.
-    """
+    """Base class. Subclasses are dataclasses whose fields are the filter's parameters (from YAML ``params``)."""
 
     key: ClassVar[str]
-    requires: ClassVar[tuple[str, ...]] = ()
-
-    def score(self, part: pd.DataFrame) -> pd.Series:
-        raise NotImplementedError
+    requires: ClassVar[tuple[str, ...]] = ()  # table columns read
+    embedding_tags: ClassVar[tuple[str, ...]] = ()  # filled per instance by embedding filters
 
     @property
     def column(self) -> str:
         return f"{self.key}_score"
 
-    def __call__(self, part: pd.DataFrame) -> pd.DataFrame:
+    def tags(self) -> tuple[str, ...]:
+        """Embedding tags this instance reads."""
+        return ()
+
+    def prepare(self, context: Any) -> None:
+        """Whole-pool step, run once before scoring (default: nothing)."""
+
+    def params(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def score(self, part: pd.DataFrame, embeddings: Embeddings) -> pd.Series:
+        raise NotImplementedError
+
+    def __call__(self, part: pd.DataFrame, embeddings: Embeddings | None = None) -> pd.DataFrame:
         missing = [c for c in self.requires if c not in part.columns]
         if missing:
-            raise ValueError(f"filter {self.key!r} needs column(s) {', '.join(missing)}; present: "
-                             f"{', '.join(part.columns)}")
-        scores = self.score(part)
+            raise ValueError(f"filter {self.key!r} needs column(s) {', '.join(missing)}; the table has "
+                             f"{', '.join(map(str, part.columns))}")
+        scores = self.score(part, embeddings or {})
         if not scores.index.equals(part.index):
             raise ValueError(f"filter {self.key!r} returned scores with a different index")
-        return part.assign(**{self.column: scores})
+        return part.assign(**{self.column: scores.astype(np.float64)})
+
+
+def embedding(embeddings: Embeddings, tag: str, kind: str, n: int) -> np.ndarray:
+    """The ``kind`` ("img"/"txt") array for ``tag``, checked against the table length."""
+    try:
+        arr = embeddings[tag][kind]
+    except KeyError:
+        raise ValueError(f"no '{tag}_{kind}' embeddings for this shard; run `winnow embed` with tag {tag!r} "
+                         "or point the recipe at the folder that holds them") from None
+    if len(arr) != n:
+        raise ValueError(f"'{tag}_{kind}' has {len(arr)} rows but the shard table has {n}")
+    return arr

@@ -1,0 +1,267 @@
+"""Embeddings: pixels are read once; every later stage uses the stored vectors.
+
+``embed`` runs ``embed_shard`` once per pool shard. For shard ``{id}`` it writes, in the output folder
+(default ``<pool>/embeddings/<tag>/``):
+
+- ``{id}.npz``: ``<tag>_img`` and ``<tag>_txt``, float16, L2-normalised, **row-aligned with the shard's parquet**
+  (DataComp's layout: row i belongs to parquet row i). Rows without an image (failed downloads, undecodable
+  files) have NaN image vectors; rows without a caption have NaN text vectors.
+- ``{id}.parquet``: the stage's ledger: uid, key, ``state`` (``ok``, ``not_downloaded``, ``decode_error``)
+  and ``error_message``.
+- ``{id}_stats.json`` last, as the commit marker.
+
+The model is built once per worker process and kept; images are decoded and preprocessed by a thread pool while
+the model runs on the previous batch.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from . import fsio, manifest, shards
+from .errors import UserError
+from .ledger import OK
+
+MAX_DECODE_PIXELS = 89_478_485
+
+
+@dataclass
+class EmbedConfig:
+    """Which model embeds the pool, and how.
+
+    Args:
+        model: open_clip architecture (``ViT-B-32``, ``ViT-L-14``, ``ViTamin-S``, ``winnow-tiny-clip``...).
+        pretrained: open_clip tag (``openai``, ``datacomp1b``, ``dfn2b``), a checkpoint path, or empty for a
+            seeded random init (tests only).
+        tag: short name; arrays are stored as ``<tag>_img`` / ``<tag>_txt`` (DataComp uses b32 and l14).
+        batch_size: images per forward pass.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        precision: ``fp32``, or ``fp16``/``bf16`` autocast on CUDA.
+        decode_threads: threads decoding and preprocessing images ahead of the model.
+    """
+
+    model: str = "ViT-B-32"
+    pretrained: str = "openai"
+    tag: str = "b32"
+    batch_size: int = 256
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    decode_threads: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.tag.replace("_", "").isalnum():
+            raise UserError(f"embed.tag {self.tag!r}: use letters, digits and _ only (it prefixes npz keys)")
+        if self.batch_size < 1 or self.decode_threads < 1:
+            raise UserError("embed: batch_size and decode_threads must be >= 1")
+
+
+@dataclass(frozen=True)
+class EmbedTask:
+    pool: str
+    out: str
+    shard_id: int
+    config: dict
+
+
+_MODELS: dict[tuple, tuple] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def _device(cfg: EmbedConfig) -> str:
+    from .models import default_device
+
+    return default_device() if cfg.device == "auto" else cfg.device
+
+
+def cached_model(cfg: EmbedConfig):
+    """The model for ``cfg``, built once per process (each Dask worker keeps its own)."""
+    from .models import load
+
+    key = (cfg.model, cfg.pretrained, _device(cfg), cfg.seed)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = load(cfg.model, cfg.pretrained, device=key[2], seed=cfg.seed)
+        return _MODELS[key]
+
+
+def _decode(data: bytes, preprocess):
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        if im.width * im.height > MAX_DECODE_PIXELS:
+            raise ValueError(f"{im.width}x{im.height} exceeds the pixel cap")
+        return preprocess(im.convert("RGB"))
+
+
+def _batches(samples: Iterator[tuple[int, bytes]], preprocess, cfg: EmbedConfig, failures: dict[int, str]):
+    """Yield ``(row_indices, tensor)`` batches; decoding runs in threads, one batch ahead of the consumer."""
+    import torch
+
+    def decode_batch(chunk):
+        rows, tensors = [], []
+        for row, data in chunk:
+            try:
+                tensors.append(_decode(data, preprocess))
+                rows.append(row)
+            except Exception as exc:  # noqa: BLE001 - any undecodable image becomes a ledger entry
+                failures[row] = f"decode_error: {type(exc).__name__}: {exc}"
+        return rows, (torch.stack(tensors) if tensors else None)
+
+    def chunks():
+        chunk = []
+        for item in samples:
+            chunk.append(item)
+            if len(chunk) == cfg.batch_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    with ThreadPoolExecutor(cfg.decode_threads) as pool:
+        pending = []
+        for chunk in chunks():
+            # split each batch across the threads, keep at most two batches in flight
+            parts = [chunk[i::cfg.decode_threads] for i in range(cfg.decode_threads)]
+            pending.append([pool.submit(decode_batch, p) for p in parts if p])
+            if len(pending) > 1:
+                yield _join(pending.pop(0))
+        for futures in pending:
+            yield _join(futures)
+
+
+def _join(futures):
+    import torch
+
+    rows, tensors = [], []
+    for f in futures:
+        r, t = f.result()
+        if t is not None:
+            rows.extend(r)
+            tensors.append(t)
+    return rows, (torch.cat(tensors) if tensors else None)
+
+
+def _autocast(cfg: EmbedConfig, device: str):
+    import contextlib
+
+    import torch
+
+    if device.startswith("cuda") and cfg.precision != "fp32":
+        return torch.autocast("cuda", dtype=torch.float16 if cfg.precision == "fp16" else torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def encode_images(model, batches, device: str, cfg: EmbedConfig, out: np.ndarray) -> None:
+    import torch
+
+    with torch.inference_mode(), _autocast(cfg, device):
+        for rows, x in batches:
+            if x is None:
+                continue
+            feats = model.encode_image(x.to(device, non_blocking=True), normalize=True)
+            out[rows] = feats.float().cpu().numpy()
+
+
+def encode_texts(model, tokenizer, texts: list[str | None], device: str, cfg: EmbedConfig, out: np.ndarray) -> None:
+    import torch
+
+    rows = [i for i, t in enumerate(texts) if isinstance(t, str)]
+    with torch.inference_mode(), _autocast(cfg, device):
+        for start in range(0, len(rows), cfg.batch_size):
+            chunk = rows[start: start + cfg.batch_size]
+            tokens = tokenizer([texts[i] for i in chunk]).to(device)
+            out[chunk] = model.encode_text(tokens, normalize=True).float().cpu().numpy()
+
+
+def embed_shard(task: EmbedTask) -> dict:
+    cfg = EmbedConfig(**task.config)
+    name = shards.shard_name(task.shard_id)
+    stats_path = fsio.join(task.out, f"{name}_stats.json")
+    if fsio.exists(stats_path):
+        return fsio.read_json(stats_path)
+    start = time.time()
+    model, preprocess, tokenizer = cached_model(cfg)
+    device = _device(cfg)
+    table = shards.read_table(task.pool, task.shard_id, columns=["uid", "key", "caption", "state"])
+    row_of = {k: i for i, k in enumerate(table["key"].astype(str))}
+    import torch
+
+    with torch.inference_mode():
+        dim = int(model.encode_text(tokenizer(["x"]).to(device)).shape[1])
+    img = np.full((len(table), dim), np.nan, np.float32)
+    txt = np.full((len(table), dim), np.nan, np.float32)
+    failures: dict[int, str] = {}
+    samples = ((row_of[s["__key__"]], s.get("jpg") or s.get("png") or s.get("webp") or s.get("jpeg") or b"")
+               for s in shards.iter_tar(shards.paths(task.pool, task.shard_id)["tar"]) if s["__key__"] in row_of)
+    encode_images(model, _batches(samples, preprocess, cfg, failures), device, cfg, img)
+    encode_texts(model, tokenizer, list(table["caption"]), device, cfg, txt)
+
+    ok_rows = (table["state"] == OK).to_numpy()
+    state = np.where(ok_rows, OK, "not_downloaded").astype(object)
+    errors = np.full(len(table), None, dtype=object)
+    missing = ok_rows & ~np.isfinite(img[:, 0])
+    for row in np.flatnonzero(missing):
+        failures.setdefault(int(row), "decode_error: sample missing from the tar")
+    for row, message in failures.items():
+        state[row], errors[row] = "decode_error", message
+    ledger = pd.DataFrame({"uid": table["uid"], "key": table["key"], "state": state, "error_message": errors})
+    with fsio.atomic_open(fsio.join(task.out, f"{name}.npz"), "wb") as f:
+        np.savez(f, **{f"{cfg.tag}_img": img.astype(np.float16), f"{cfg.tag}_txt": txt.astype(np.float16)})
+    shards.write_table(fsio.join(task.out, f"{name}.parquet"), ledger)
+    stats = {"count": len(table), "embedded_images": int((state == OK).sum()), "decode_errors": len(failures),
+             "texts": int(np.isfinite(txt[:, 0]).sum()), "duration": time.time() - start, "dim": int(dim)}
+    fsio.write_json(stats_path, stats)
+    return stats
+
+
+def default_out(pool: str, tag: str) -> str:
+    return fsio.join(pool, "embeddings", tag)
+
+
+def embed(pool: str, cfg: EmbedConfig, runner, out: str | None = None, overwrite: bool = False, log=print) -> dict:
+    """Embed every ok sample of ``pool`` with ``cfg.model``; return the stage manifest."""
+    ids = shards.list_shards(pool)
+    if not ids:
+        raise UserError(f"{pool} holds no shards; pass a pool folder (the output of `winnow ingest`)")
+    if cfg.pretrained and os.sep in cfg.pretrained and not os.path.isfile(cfg.pretrained):
+        raise UserError(f"checkpoint not found: {cfg.pretrained}")
+    out = out or default_out(pool, cfg.tag)
+    inputs = [fsio.join(pool, manifest.MANIFEST)] if fsio.exists(fsio.join(pool, manifest.MANIFEST)) else \
+        [shards.paths(pool, i)["parquet"] for i in ids]
+    if cfg.pretrained and os.path.isfile(cfg.pretrained):
+        inputs.append(cfg.pretrained)
+    run = manifest.StageRun("embed", out, params=asdict(cfg), inputs=manifest.describe_inputs(inputs))
+    if run.open(overwrite=overwrite) == "skip":
+        log(f"embed: {out} is up to date; nothing to do")
+        return manifest.read_manifest(out)
+    todo = [i for i in ids if not fsio.exists(fsio.join(out, f"{shards.shard_name(i)}_stats.json"))]
+    log(f"embed: {cfg.model} ({cfg.pretrained or 'random init'}) as '{cfg.tag}' over {len(ids)} shards "
+        f"({len(ids) - len(todo)} already done) -> {out}")
+    runner.map(embed_shard, [EmbedTask(pool, out, i, asdict(cfg)) for i in todo], label="embed")
+    totals: dict[str, int] = {}
+    for i in ids:
+        for k, v in fsio.read_json(fsio.join(out, f"{shards.shard_name(i)}_stats.json")).items():
+            if k not in ("duration", "dim"):
+                totals[k] = totals.get(k, 0) + int(v)
+    return run.finish(rows=totals, tag=cfg.tag, pool=str(pool))
+
+
+def load_npz(path: str, tag: str) -> dict[str, np.ndarray]:
+    """``{"img": ..., "txt": ...}`` float32 arrays from a Winnow or DataComp ``.npz`` (keys ``<tag>_img/_txt``)."""
+    fs, p = fsio.get_fs(path)
+    with fs.open(p, "rb") as f, np.load(f, allow_pickle=False) as z:
+        out = {kind: z[f"{tag}_{kind}"].astype(np.float32) for kind in ("img", "txt") if f"{tag}_{kind}" in z.files}
+    if not out:
+        raise UserError(f"{path} has no '{tag}_img' or '{tag}_txt' array; check the embedding tag")
+    return out

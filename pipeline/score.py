@@ -1,0 +1,178 @@
+"""Scoring: run filters over every part of a pool and store one score column per filter.
+
+A *part* is a parquet table with its row-aligned embeddings: the shards of a Winnow/img2dataset pool
+(``{id:08d}.parquet``, embeddings in ``<pool>/embeddings/<tag>/``), or the files of DataComp's metadata folder
+(``<hex>.parquet`` beside ``<hex>.npz``). Each filter's scores are cached in
+``<pool>/scores/<column>-<hash of params>/`` (one parquet per part: uid + the column, plus a manifest), so
+choosing another subset from the same scores re-reads no image and recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from . import fsio, manifest, shards
+from .errors import UserError
+from .ledger import OK, states_of
+
+
+@dataclass(frozen=True)
+class Part:
+    stem: str
+    parquet: str
+
+
+def list_parts(pool: str) -> list[Part]:
+    """The tables of a pool: shards when it has tars, else every parquet file (DataComp metadata)."""
+    if not fsio.exists(pool):
+        raise UserError(f"pool not found: {pool}")
+    ids = shards.list_shards(pool)
+    if ids:
+        digits = shards.name_digits(pool)
+        return [Part(shards.shard_name(i, digits), shards.paths(pool, i, digits)["parquet"]) for i in ids]
+    names = [n for n in fsio.listdir(pool) if n.endswith(".parquet")]
+    if not names:
+        raise UserError(f"{pool} holds neither shards nor parquet files; pass a pool or a metadata folder")
+    return [Part(n[: -len(".parquet")], fsio.join(pool, n)) for n in names]
+
+
+def embedding_path(pool: str, part: Part, tag: str, dirs: dict[str, str] | None) -> str:
+    """Where a part's embeddings for ``tag`` live: an explicit folder, ``<pool>/embeddings/<tag>``, or beside it."""
+    candidates = [fsio.join(dirs[tag], f"{part.stem}.npz")] if dirs and tag in dirs else []
+    candidates += [fsio.join(pool, "embeddings", tag, f"{part.stem}.npz"), fsio.join(pool, f"{part.stem}.npz")]
+    for c in candidates:
+        if fsio.exists(c):
+            return c
+    raise UserError(f"no embeddings with tag {tag!r} for {part.stem} (looked in {', '.join(candidates)}); "
+                    f"run `winnow embed --tag {tag}` first")
+
+
+def read_part(part: Part, columns: list[str] | None = None) -> pd.DataFrame:
+    """The part's table with ``caption`` (DataComp metadata calls it ``text``) and ``state`` columns."""
+    fs, p = fsio.get_fs(part.parquet)
+    with fs.open(p, "rb") as f:
+        names = pq.read_schema(f).names
+        wanted = None
+        if columns is not None:
+            extra = {"caption": "text"} if "caption" not in names else {}
+            status = ["state"] if "state" in names else [c for c in ("status", "error_message") if c in names]
+            wanted = sorted({c if c in names else extra.get(c, c) for c in columns if
+                             c in names or extra.get(c) in names} | {"uid", *status})
+        table = pq.read_table(f, columns=wanted).to_pandas()
+    if "caption" not in table.columns and "text" in table.columns:
+        table = table.rename(columns={"text": "caption"})
+    if "state" not in table.columns:
+        table["state"] = states_of(table) if "status" in table.columns else OK  # metadata rows are candidates
+    return table
+
+
+def load_embeddings(pool: str, part: Part, tags: tuple[str, ...], dirs: dict[str, str] | None) -> dict:
+    from .embed import load_npz
+
+    return {tag: load_npz(embedding_path(pool, part, tag, dirs), tag) for tag in tags}
+
+
+def spec_hash(filt) -> str:
+    blob = json.dumps({"key": filt.key, "params": filt.params()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def cache_dir(pool: str, filt) -> str:
+    return fsio.join(pool, "scores", f"{filt.column}-{spec_hash(filt)}")
+
+
+class PoolContext:
+    """What ``Filter.prepare`` may use: the pool's embeddings, a place to save state, the log."""
+
+    def __init__(self, pool: str, parts: list[Part], dirs: dict[str, str] | None, out: str, log):
+        self.pool, self.parts, self.dirs, self.out, self.log = pool, parts, dirs, out, log
+
+    def embeddings(self, tag: str, kind: str) -> np.ndarray:
+        arrays = [load_embeddings(self.pool, p, (tag,), self.dirs)[tag][kind] for p in self.parts]
+        return np.concatenate(arrays) if arrays else np.zeros((0, 0), np.float32)
+
+    def save(self, name: str, array: np.ndarray) -> str:
+        path = fsio.join(self.out, name)
+        with fsio.atomic_open(path, "wb") as f:
+            np.save(f, array)
+        return path
+
+
+@dataclass(frozen=True)
+class ScoreTask:
+    pool: str
+    part: Part
+    spec: dict  # {"key", "params"} including any state set by prepare
+    out: str
+    dirs: dict | None
+
+
+def score_part(task: ScoreTask) -> int:
+    from filters import REGISTRY
+
+    filt = REGISTRY[task.spec["key"]](**task.spec["params"])
+    target = fsio.join(task.out, f"{task.part.stem}.parquet")
+    if fsio.exists(target):
+        return -1
+    table = read_part(task.part, list(filt.requires))
+    embeddings = load_embeddings(task.pool, task.part, filt.tags(), task.dirs)
+    scored = filt(table, embeddings)
+    shards.write_table(target, scored[["uid", filt.column]])
+    return len(scored)
+
+
+def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = None, log=print) -> dict[str, str]:
+    """Compute (or reuse) each filter's scores over the pool; return ``{column: cache folder}``."""
+    from dataclasses import asdict
+
+    from filters import build
+
+    parts = list_parts(pool)
+    done: dict[str, str] = {}
+    for spec in specs:
+        filt = build(spec)
+        out = cache_dir(pool, filt)
+        upstream = [fsio.join(pool, manifest.MANIFEST)] + [
+            fsio.join((dirs or {}).get(tag) or fsio.join(pool, "embeddings", tag), manifest.MANIFEST)
+            for tag in filt.tags()]
+        run = manifest.StageRun("score", out, params={"key": filt.key, "params": filt.params()},
+                                inputs=manifest.describe_inputs([u for u in upstream if fsio.exists(u)]))
+        if run.open(overwrite=True) == "skip":  # a cache: recomputed whenever its inputs changed
+            done[filt.column] = out
+            continue
+        filt.prepare(PoolContext(pool, parts, dirs, out, log))
+        full = {"key": filt.key, "params": asdict(filt)}
+        todo = [p for p in parts if not fsio.exists(fsio.join(out, f"{p.stem}.parquet"))]
+        runner.map(score_part, [ScoreTask(pool, p, full, out, dirs) for p in todo], label=f"score {filt.column}")
+        run.finish(rows={"parts": len(parts)}, column=filt.column)
+        done[filt.column] = out
+    return done
+
+
+def read_scores(pool: str, columns: dict[str, str]) -> pd.DataFrame:
+    """One frame over the whole pool: uid, state, and every requested score column (row order = pool order)."""
+    parts = list_parts(pool)
+    frames = []
+    for part in parts:
+        base = read_part(part, [])[["uid", "state"]]
+        for column, folder in columns.items():
+            fs, p = fsio.get_fs(fsio.join(folder, f"{part.stem}.parquet"))
+            with fs.open(p, "rb") as f:
+                col = pq.read_table(f, columns=["uid", column]).to_pandas()
+            if not col["uid"].equals(base["uid"]):
+                raise RuntimeError(f"scores in {folder} are not row-aligned with {part.parquet}; delete the folder")
+            base[column] = col[column].to_numpy()
+        frames.append(base)
+    return pd.concat(frames, ignore_index=True)
+
+
+def describe(columns: dict[str, str]) -> dict[str, Any]:
+    return {c: os.path.basename(f) for c, f in columns.items()}
