@@ -37,6 +37,14 @@ class Filter:
         """Embedding tags this instance reads."""
         return ()
 
+    def tags_for(self, columns) -> tuple[str, ...]:
+        """Embedding tags needed for a table with these columns (a precomputed score may make them moot)."""
+        return self.tags()
+
+    def columns(self) -> tuple[str, ...]:
+        """Table columns to load: the required ones plus any this instance uses when present."""
+        return self.requires
+
     def prepare(self, context: Any) -> None:
         """Whole-pool step, run once before scoring (default: nothing)."""
 

@@ -23,11 +23,21 @@ class ClipFilter(Filter):
     def column(self) -> str:
         return f"{self.key}_{self.tag}_score"
 
+    @property
+    def precomputed(self) -> str:
+        return f"{self.key}_{self.tag}_similarity_score"
+
     def tags(self):
         return (self.tag,)
 
+    def columns(self):
+        return (*self.requires, self.precomputed)
+
+    def tags_for(self, columns):
+        return () if self.precomputed in columns else self.tags()
+
     def score(self, part, embeddings):
-        precomputed = f"{self.key}_{self.tag}_similarity_score"
+        precomputed = self.precomputed
         if precomputed in part.columns:
             return pd.Series(part[precomputed].to_numpy(dtype=float), index=part.index)
         img = embedding(embeddings, self.tag, "img", len(part))

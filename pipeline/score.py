@@ -122,8 +122,8 @@ def score_part(task: ScoreTask) -> int:
     target = fsio.join(task.out, f"{task.part.stem}.parquet")
     if fsio.exists(target):
         return -1
-    table = read_part(task.part, list(filt.requires))
-    embeddings = load_embeddings(task.pool, task.part, filt.tags(), task.dirs)
+    table = read_part(task.part, list(filt.columns()))
+    embeddings = load_embeddings(task.pool, task.part, filt.tags_for(table.columns), task.dirs)
     scored = filt(table, embeddings)
     shards.write_table(target, scored[["uid", filt.column]])
     return len(scored)

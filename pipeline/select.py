@@ -61,8 +61,10 @@ class Recipe:
         return out
 
 
-def load_recipe(ref: str | dict, variables: dict[str, str] | None = None) -> Recipe:
-    """A recipe from a name in manifests/subsets, a YAML path, or an inline mapping."""
+def load_recipe(ref: str | dict | Recipe, variables: dict[str, str] | None = None) -> Recipe:
+    """A recipe from a name in manifests/subsets, a YAML path, an inline mapping, or a Recipe."""
+    if isinstance(ref, Recipe):
+        return ref
     if isinstance(ref, dict):
         doc = ref
     else:
@@ -185,7 +187,7 @@ def write_subset(out: str, uids: list[str], doc: dict) -> np.ndarray:
     return arr
 
 
-def subset(recipe_ref: str, pool: str, out: str, runner, variables: dict[str, str] | None = None,
+def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variables: dict[str, str] | None = None,
            embeddings: dict[str, str] | None = None, log=print) -> dict:
     """Score what the recipe needs (reusing cached scores), apply its rules, write the subset."""
     from .score import read_scores, score

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import free_port, tiny_synth_config
+from helpers import free_port, tiny_ingest_config, tiny_synth_config
 
 from pipeline.runner import ClusterConfig, Runner
 from pipeline.synth.world import build_world
@@ -28,3 +28,16 @@ def local_cluster():
     """A real Dask LocalCluster with two worker processes, shared by the end-to-end tests."""
     with Runner(ClusterConfig(n_workers=2), log=lambda m: None) as runner:
         yield runner
+
+
+@pytest.fixture(scope="session")
+def tiny_pool(tiny_world, local_cluster, tmp_path_factory):
+    """The tiny world ingested by img2dataset on the LocalCluster (4 shards of 60 rows)."""
+    from pipeline.ingest import ingest
+    from pipeline.synth.server import WebPoolServer
+
+    pool = str(tmp_path_factory.mktemp("pool"))
+    cfg = tiny_ingest_config()
+    with WebPoolServer(tiny_world["path"], port=tiny_world["port"]):
+        doc = ingest(os.path.join(tiny_world["path"], "urls.parquet"), pool, cfg, local_cluster, log=lambda m: None)
+    return {"pool": pool, "manifest": doc, "config": cfg, "world": tiny_world["path"]}

@@ -21,12 +21,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def ingested(tiny_world, local_cluster, tmp_path_factory):
-    pool = str(tmp_path_factory.mktemp("pool"))
-    cfg = tiny_ingest_config()
-    with WebPoolServer(tiny_world["path"], port=tiny_world["port"]):
-        doc = ingest(os.path.join(tiny_world["path"], "urls.parquet"), pool, cfg, local_cluster, log=lambda m: None)
-    return {"pool": pool, "manifest": doc, "config": cfg, "world": tiny_world["path"]}
+def ingested(tiny_pool):
+    return tiny_pool
 
 
 def test_every_input_row_has_exactly_one_state(ingested):

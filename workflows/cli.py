@@ -21,6 +21,9 @@ Typical session:
   winnow ingest runs/w/urls.parquet runs/p  # download a URL list into a pool of WebDataset shards
   winnow ledger runs/p                      # how every input row ended: ok, or why it failed
   winnow register /data/datacomp/shards     # adopt an existing img2dataset/DataComp pool
+  winnow embed runs/p --model ViT-B-32 --pretrained openai --tag b32
+  winnow subset basic --pool runs/p --out runs/subsets/basic        # recipes: manifests/subsets/*.yaml
+  winnow reshard runs/p runs/subsets/basic/uids.npy runs/shards/basic
 
 Stages run on an embedded Dask LocalCluster; --scheduler tcp://HOST:8786 uses an existing cluster.
 """
@@ -66,6 +69,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("register", help="validate an existing img2dataset/DataComp pool and record its manifest")
     p.add_argument("pool", help="pool folder")
+    _cluster_args(p)
+
+    p = sub.add_parser("embed", help="store image and text embeddings of every ok sample (DataComp .npz layout)")
+    p.add_argument("pool", help="pool folder")
+    p.add_argument("--model", default="ViT-B-32", help="open_clip architecture (default ViT-B-32)")
+    p.add_argument("--pretrained", default="openai",
+                   help="open_clip tag (openai, datacomp1b, dfn2b...) or checkpoint path; '' for random init")
+    p.add_argument("--tag", default="b32", help="name of the arrays: <tag>_img, <tag>_txt (default b32)")
+    p.add_argument("--out", help="output folder (default POOL/embeddings/TAG)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--overwrite", action="store_true")
+    _cluster_args(p)
+
+    p = sub.add_parser("subset", help="score a pool with a recipe's filters and write its uids.npy")
+    p.add_argument("recipe", help="recipe name (manifests/subsets/NAME.yaml) or YAML path")
+    p.add_argument("--pool", required=True, help="pool folder, or a DataComp metadata folder")
+    p.add_argument("--out", required=True, help="output folder for uids.npy and subset.json")
+    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="fill ${NAME} in the recipe")
+    p.add_argument("--embeddings", action="append", default=[], metavar="TAG=DIR",
+                   help="where embeddings of TAG live (default POOL/embeddings/TAG, or .npz beside the parquet)")
+    _cluster_args(p)
+
+    p = sub.add_parser("reshard", help="materialise a subset into new WebDataset shards (byte copy)")
+    p.add_argument("pool", help="pool folder the subset was selected from")
+    p.add_argument("subset", help="uids.npy (sorted u8,u8)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--shard-size", type=int, default=10_000, help="samples per output shard (default 10000)")
+    p.add_argument("--overwrite", action="store_true")
     _cluster_args(p)
 
     p = sub.add_parser("ledger", help="print how every input row of a pool ended (counts per state)")
@@ -140,13 +173,53 @@ def cmd_ingest(args) -> None:
 
 def cmd_register(args) -> None:
     from pipeline.pool import register
-    from pipeline.runner import ClusterConfig, Runner
 
-    cluster = ClusterConfig(scheduler=args.scheduler or "", n_workers=args.workers or 0)
-    with Runner(cluster) as runner:
+    with _cluster(args) as runner:
         doc = register(args.pool, runner)
     print(f"register: {args.pool} is a valid pool: {doc['shards']} shards, {doc['rows']['input']:,} rows, "
           f"{doc['rows']['ok']:,} ok; manifest written")
+
+
+def _cluster(args):
+    from pipeline.runner import ClusterConfig, Runner
+
+    return Runner(ClusterConfig(scheduler=args.scheduler or "", n_workers=args.workers or 0))
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for value in values:
+        if "=" not in value:
+            raise UserError(f"{flag} {value!r}: expected NAME=VALUE")
+        k, v = value.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def cmd_embed(args) -> None:
+    from pipeline.embed import EmbedConfig, embed
+
+    cfg = EmbedConfig(model=args.model, pretrained=args.pretrained, tag=args.tag, batch_size=args.batch_size,
+                      device=args.device, precision=args.precision)
+    with _cluster(args) as runner:
+        doc = embed(args.pool, cfg, runner, out=args.out, overwrite=args.overwrite)
+    print(f"embed: {doc['rows']}")
+
+
+def cmd_subset(args) -> None:
+    from pipeline.select import subset
+
+    with _cluster(args) as runner:
+        subset(args.recipe, args.pool, args.out, runner, variables=_pairs(args.var, "--var"),
+               embeddings=_pairs(args.embeddings, "--embeddings") or None)
+
+
+def cmd_reshard(args) -> None:
+    from pipeline.reshard import reshard
+
+    with _cluster(args) as runner:
+        doc = reshard(args.pool, args.subset, args.out, runner, shard_size=args.shard_size, overwrite=args.overwrite)
+    print(f"reshard: {doc['rows']['samples']:,} samples in {doc['shards']} shards -> {args.out}")
 
 
 def cmd_ledger(args) -> None:
@@ -156,10 +229,10 @@ def cmd_ledger(args) -> None:
     counts, total = ledger(args.pool)
     print(format_counts(counts, total))
     if args.truth:
-        from .demo import truth_check
+        from pipeline.synth.truth import ingest_check
 
         print()
-        print(truth_check(args.pool, args.truth, min_image_size=_min_image_size(args.pool)).to_string(index=False))
+        print(ingest_check(args.pool, args.truth, min_image_size=_min_image_size(args.pool)).to_string(index=False))
 
 
 def _min_image_size(pool: str) -> int:
@@ -170,7 +243,8 @@ def _min_image_size(pool: str) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "serve": cmd_serve, "ingest": cmd_ingest,
-            "register": cmd_register, "ledger": cmd_ledger}
+            "register": cmd_register, "embed": cmd_embed, "subset": cmd_subset, "reshard": cmd_reshard,
+            "ledger": cmd_ledger}
 
 
 def main(argv: list[str] | None = None) -> int:

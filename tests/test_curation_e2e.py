@@ -1,0 +1,152 @@
+"""Embed -> score -> subset -> reshard -> train with open_clip_train, on the tiny pool and a real LocalCluster."""
+
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import shards
+from pipeline.embed import EmbedConfig, embed, load_npz
+from pipeline.reshard import reshard
+from pipeline.select import subset, write_subset
+from pipeline.uid import array_to_uids
+
+pytestmark = pytest.mark.e2e
+TINY = EmbedConfig(model="winnow-tiny-clip", pretrained="", tag="tiny", batch_size=32, decode_threads=2)
+
+
+@pytest.fixture(scope="module")
+def embedded(tiny_pool, local_cluster):
+    doc = embed(tiny_pool["pool"], TINY, local_cluster, log=lambda m: None)
+    return {**tiny_pool, "embed": doc, "emb_dir": os.path.join(tiny_pool["pool"], "embeddings", "tiny")}
+
+
+def test_embeddings_are_row_aligned_float16_and_nan_where_no_image(embedded):
+    pool = embedded["pool"]
+    for i in shards.list_shards(pool):
+        table = shards.read_table(pool, i)
+        with np.load(os.path.join(embedded["emb_dir"], f"{i:08d}.npz"), allow_pickle=False) as z:
+            assert sorted(z.files) == ["tiny_img", "tiny_txt"] and z["tiny_img"].dtype == np.float16
+            img = z["tiny_img"].astype(np.float32)
+        assert img.shape == (len(table), 128)
+        ok = (table["state"] == "ok").to_numpy()
+        assert np.isfinite(img[ok]).all() and np.isnan(img[~ok]).all()
+        assert np.allclose(np.linalg.norm(img[ok], axis=1), 1, atol=1e-2)
+        ledger = pd.read_parquet(os.path.join(embedded["emb_dir"], f"{i:08d}.parquet"))
+        assert list(ledger["uid"]) == list(table["uid"]) and set(ledger["state"]) <= {"ok", "not_downloaded"}
+    assert embedded["embed"]["rows"]["embedded_images"] == embedded["manifest"]["rows"]["ok"]
+
+
+def test_embedding_is_deterministic_and_matches_a_bare_forward_pass(embedded):
+    import io
+
+    import torch
+    from PIL import Image
+
+    from pipeline.models import load
+
+    model, preprocess, _ = load("winnow-tiny-clip", "", seed=0)
+    sample = next(shards.iter_tar(shards.paths(embedded["pool"], 0)["tar"]))
+    row = shards.read_table(embedded["pool"], 0)["key"].tolist().index(sample["__key__"])
+    with torch.no_grad():
+        ref = model.encode_image(preprocess(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))[None],
+                                 normalize=True)[0].numpy()
+    stored = load_npz(os.path.join(embedded["emb_dir"], "00000000.npz"), "tiny")["img"][row]
+    assert np.allclose(stored, ref, atol=2e-3)
+
+
+def test_corrupt_image_found_at_embed_time_becomes_a_ledger_entry(embedded, local_cluster, tmp_path):
+    pool = str(tmp_path / "pool")
+    shutil.copytree(embedded["pool"], pool, ignore=shutil.ignore_patterns("embeddings", "scores"))
+    tar_path = shards.paths(pool, 0)["tar"]
+    samples = list(shards.iter_tar(tar_path))
+    broken_key = samples[0]["__key__"]
+    with tarfile.open(tar_path, "w") as tar:
+        for s in samples:
+            for ext, data in s.items():
+                if ext != "__key__":
+                    shards.add_tar_member(tar, f"{s['__key__']}.{ext}",
+                                          b"\xff\xd8\xff garbage" if (s["__key__"], ext) == (broken_key, "jpg") else data)
+    doc = embed(pool, TINY, local_cluster, log=lambda m: None)
+    ledger = pd.read_parquet(os.path.join(pool, "embeddings", "tiny", "00000000.parquet")).set_index("key")
+    assert ledger.loc[broken_key, "state"] == "decode_error" and doc["rows"]["decode_errors"] == 1
+
+
+def test_subset_reshard_and_train_with_open_clip_train(embedded, local_cluster, tmp_path):
+    pool = embedded["pool"]
+    out = str(tmp_path / "clip30")
+    recipe = {"name": "clip30", "filters": [{"key": "clip", "params": {"tag": "tiny"}}],
+              "select": [{"top_fraction": {"column": "clip_tiny_score", "fraction": 0.5}}]}
+    doc = subset(recipe, pool, out, local_cluster, log=lambda m: None)
+    uids = array_to_uids(np.load(os.path.join(out, "uids.npy"), allow_pickle=False))
+    ok = embedded["manifest"]["rows"]["ok"]
+    assert doc["kept"] == len(uids) and int(ok * 0.5) <= len(uids) <= int(ok * 0.5) + 2
+
+    # repeat one uid three times: DataComp's upsampling
+    write_subset(str(tmp_path / "rep"), uids + [uids[0]] * 2, {})
+    shard_dir = str(tmp_path / "shards")
+    man = reshard(pool, str(tmp_path / "rep" / "uids.npy"), shard_dir, local_cluster, shard_size=16,
+                  log=lambda m: None)
+    assert man["rows"]["samples"] == len(uids) + 2
+    sizes = pd.read_json(os.path.join(shard_dir, "sizes.json"), typ="series")
+    assert sizes.sum() == len(uids) + 2 and (sizes.iloc[:-1] == 16).all()
+    keys = [s["__key__"] for i in range(len(sizes)) for s in shards.iter_tar(os.path.join(shard_dir, f"{i:08d}.tar"))]
+    assert {f"{uids[0]}-0", f"{uids[0]}-1", f"{uids[0]}-2"} <= set(keys) and len(keys) == len(set(keys))
+
+    # bytes are copied, not re-encoded
+    source = {}
+    table = pd.concat(shards.read_table(pool, i) for i in shards.list_shards(pool)).set_index("key")
+    for i in shards.list_shards(pool):
+        for s in shards.iter_tar(shards.paths(pool, i)["tar"]):
+            source[table.loc[s["__key__"], "uid"]] = s["jpg"]
+    first = next(shards.iter_tar(os.path.join(shard_dir, "00000000.tar")))
+    assert first["jpg"] == source[first["__key__"].rsplit("-", 1)[0]]
+
+    from pipeline.models import load
+    from pipeline.train import TrainConfig, train
+
+    ckpt = train(shard_dir, str(tmp_path / "logs"), "t", TrainConfig(samples_seen=64, batch_size=16, warmup=1),
+                 log=lambda m: None)
+    model, _, _ = load("winnow-tiny-clip", ckpt)
+    assert model is not None
+
+
+def test_new_subsets_from_stored_scores_read_no_image(embedded, local_cluster, tmp_path):
+    pool = str(tmp_path / "pool")
+    shutil.copytree(embedded["pool"], pool)
+    recipe = {"name": "a", "filters": [{"key": "clip", "params": {"tag": "tiny"}}, {"key": "english"}],
+              "select": [{"threshold": {"column": "english_score", "min": 1}}]}
+    subset(recipe, pool, str(tmp_path / "a"), local_cluster, log=lambda m: None)
+    for name in os.listdir(pool):
+        if name.endswith(".tar"):
+            os.remove(os.path.join(pool, name))  # no pixels left at all
+    other = {**recipe, "name": "b", "select": [{"top_fraction": {"column": "clip_tiny_score", "fraction": 0.2}}]}
+    doc = subset(other, pool, str(tmp_path / "b"), local_cluster, log=lambda m: None)
+    assert doc["kept"] > 0
+
+
+def test_datacomp_metadata_is_filtered_as_is(tmp_path, local_cluster):
+    """A DataComp-style metadata folder: <hex>.parquet (the nine columns) beside <hex>.npz (b32_img, ...)."""
+    rng = np.random.default_rng(0)
+    n = 50
+    meta = pd.DataFrame({
+        "uid": [f"{rng.integers(2**63):016x}{i:016x}" for i in range(n)],
+        "url": [f"http://x/{i}.jpg" for i in range(n)], "text": ["a photo of a cat on a mat"] * n,
+        "original_width": rng.integers(100, 800, n), "original_height": rng.integers(100, 800, n),
+        "clip_b32_similarity_score": rng.uniform(0.1, 0.4, n).astype(np.float32),
+        "clip_l14_similarity_score": rng.uniform(0.1, 0.4, n).astype(np.float32),
+        "face_bboxes": [[] for _ in range(n)], "sha256": ["0" * 64] * n})
+    stem = "0123456789abcdef0123456789abcdef"
+    meta.to_parquet(tmp_path / f"{stem}.parquet")
+    vecs = rng.normal(size=(n, 16)).astype(np.float16)
+    np.savez(tmp_path / f"{stem}.npz", b32_img=vecs, b32_txt=vecs, l14_img=vecs, l14_txt=vecs)
+    doc = subset("clip_b32_threshold", str(tmp_path), str(tmp_path / "out"), local_cluster, log=lambda m: None)
+    assert doc["kept"] == int((meta["clip_b32_similarity_score"] >= 0.25).sum())
+    doc = subset("clip_l14_30pct", str(tmp_path), str(tmp_path / "out2"), local_cluster, log=lambda m: None)
+    assert doc["kept"] == 16  # n = int(50 * 0.3) = 15 -> the 16 largest (no ties in random floats)
+    basic = subset("basic", str(tmp_path), str(tmp_path / "out3"), local_cluster, log=lambda m: None)
+    w, h = meta["original_width"], meta["original_height"]
+    assert basic["kept"] == int(((np.minimum(w, h) >= 200) & (np.maximum(w, h) / np.minimum(w, h) <= 3)).sum())

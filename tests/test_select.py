@@ -1,0 +1,91 @@
+"""Selection semantics: DataComp's top fraction, rule composition, recipe validation, subset files."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.select import apply, load_recipe, recipes_dir, top_fraction_threshold, write_subset
+from pipeline.uid import UID_DTYPE, array_to_uids
+
+
+def _frame(scores, state=None):
+    n = len(scores)
+    return pd.DataFrame({"uid": [f"{i:032x}" for i in range(n)], "state": state or ["ok"] * n, "s": scores})
+
+
+def test_top_fraction_follows_datacomp():
+    scores = np.arange(1, 11, dtype=float)  # 1..10
+    # n = int(10 * 0.3) = 3; T = the 4th largest = 7; keep >= 7 -> 4 samples (DataComp keeps n + 1)
+    assert top_fraction_threshold(scores, 0.3) == 7.0
+    assert top_fraction_threshold(scores, 1.0) == 1.0  # n >= len: everything
+    assert top_fraction_threshold(np.array([np.nan, 3.0, 2.0, 1.0, np.nan]), 0.34) == 2.0  # NaN rows not counted
+
+
+def test_top_fraction_keeps_ties_at_the_threshold():
+    recipe = load_recipe({"name": "t", "select": [{"top_fraction": {"column": "s", "fraction": 0.2}}]})
+    kept = apply(recipe, _frame([5, 5, 5, 1, 1]))
+    assert kept.tolist() == [True, True, True, False, False]
+
+
+def test_top_fraction_is_global_not_over_the_rows_left():
+    recipe = load_recipe({"name": "t", "select": [{"threshold": {"column": "s", "max": 5}},
+                                                  {"top_fraction": {"column": "s", "fraction": 0.5}}]})
+    log = []
+    kept = apply(recipe, _frame(list(range(1, 11))), log)
+    # the global threshold is 5 (n = 5 -> 6th largest of 1..10); max 5 leaves 1..5; so only 5 survives
+    assert kept.sum() == 1 and log[-1]["threshold"] == 5.0
+    assert [s["kept"] for s in log] == [10, 5, 1]
+
+
+def test_only_downloaded_rows_are_candidates():
+    kept = apply(load_recipe({"name": "all", "select": []}), _frame([1, 2, 3], ["ok", "http_error", "ok"]))
+    assert kept.tolist() == [True, False, True]
+
+
+def test_intersect_union_and_exclude(tmp_path):
+    frame = _frame([1, 2, 3, 4, 5, 6])
+    low = {"name": "low", "select": [{"threshold": {"column": "s", "max": 4}}]}
+    high = {"name": "high", "select": [{"threshold": {"column": "s", "min": 3}}]}
+    assert apply(load_recipe({"name": "i", "select": [{"intersect": [low, high]}]}), frame).sum() == 2
+    assert apply(load_recipe({"name": "u", "select": [{"union": [low, high]}]}), frame).sum() == 6
+    write_subset(str(tmp_path), [frame["uid"][0], frame["uid"][5]], {})
+    ex = load_recipe({"name": "e", "select": [{"exclude_uids": str(tmp_path / "uids.npy")}]})
+    assert apply(ex, frame).tolist() == [False, True, True, True, True, False]
+
+
+def test_subset_file_is_sorted_u8_u8_and_keeps_repeats(tmp_path):
+    uids = ["f" * 32, "0" * 31 + "1", "0" * 31 + "1"]
+    write_subset(str(tmp_path), uids, {"recipe": "x"})
+    arr = np.load(tmp_path / "uids.npy", allow_pickle=False)
+    assert arr.dtype == UID_DTYPE and array_to_uids(arr) == sorted(uids)
+    assert (tmp_path / "subset.json").exists()
+
+
+def test_every_shipped_recipe_parses():
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        recipe = load_recipe(path.stem, {"imagenet1k": "/x.npy", "world": "/w", "pool": "/p"})
+        assert recipe.name == path.stem and recipe.description
+        for spec in recipe.all_filters():
+            from filters import build
+
+            build(spec)
+    with pytest.raises(UserError, match="--var imagenet1k"):
+        load_recipe("image_based_and_clip")
+
+
+@pytest.mark.parametrize("rule, fragment", [
+    ({"top_fraction": {"column": "s", "fraction": 1.5}}, "fraction in"),
+    ({"threshold": {"column": "s"}}, "min and/or max"),
+    ({"keep_best": 3}, "one of threshold"),
+    ({"union": []}, "non-empty list"),
+])
+def test_bad_rules_are_user_errors(rule, fragment):
+    with pytest.raises(UserError, match=fragment):
+        load_recipe({"name": "bad", "select": [rule]})
+
+
+def test_unknown_score_column_names_what_exists():
+    with pytest.raises(UserError, match="no score column 'clip_b32_score'.*s"):
+        apply(load_recipe({"name": "x", "select": [{"threshold": {"column": "clip_b32_score", "min": 0}}]}),
+              _frame([1]))
