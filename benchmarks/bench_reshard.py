@@ -18,7 +18,6 @@ import argparse
 import io
 import os
 import shutil
-import tarfile
 import tempfile
 import time
 
@@ -119,7 +118,6 @@ def main() -> None:
         print(f"{name:<28} {s:>7.2f} {mb / s:>8.1f} {copy_s / s:>12.0%}")
     print("target: winnow >= 50% of the byte-copy rate")
     shutil.rmtree(root, ignore_errors=True)
-    del tarfile
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Caption length in characters (DataComp basic: keep more than 5)."""
+"""Caption length in characters (Unicode code points, as Python's len; DataComp basic: keep more than 5)."""
 
 from dataclasses import dataclass
 
 import pandas as pd
+import pyarrow.compute as pc
 
 from .base import Filter
+from .caption_words import captions
 
 
 @dataclass
@@ -13,4 +15,5 @@ class CaptionCharsFilter(Filter):
     requires = ("caption",)
 
     def score(self, part, embeddings):
-        return pd.Series([len(t) if isinstance(t, str) else 0 for t in part["caption"]], index=part.index)
+        lengths = pc.fill_null(pc.utf8_length(captions(part)), 0)
+        return pd.Series(lengths.to_numpy(zero_copy_only=False), index=part.index)

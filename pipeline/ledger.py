@@ -54,7 +54,7 @@ def classify(status: str | None, error_message: str | None) -> str:
     """Map one row's img2dataset ``status`` and ``error_message`` to a ledger state."""
     if status == "success":
         return OK
-    msg = error_message or ""
+    msg = error_message if isinstance(error_message, str) else ""
     code = msg.split(":", 1)[0].strip()
     if code in STATES and code != OK:
         return code

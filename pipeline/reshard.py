@@ -28,7 +28,7 @@ import pandas as pd
 from . import fsio, manifest, shards
 from .errors import UserError
 from .ledger import OK
-from .uid import UID_DTYPE, uids_to_array
+from .uid import UID_DTYPE, sort_uids, uids_to_array
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,7 @@ def load_subset(path: str) -> np.ndarray:
 
 def plan_shard(task: PlanTask) -> pd.DataFrame:
     """Rows of one input shard that the subset selects: key, uid, count (times listed in the subset)."""
-    subset = load_subset(task.subset)
-    subset.sort()  # DataComp requires sorted subsets and silently drops matches otherwise; sorting is cheap
+    subset = sort_uids(load_subset(task.subset))  # DataComp silently drops matches of unsorted subsets
     table = shards.read_table(task.pool, task.shard_id, columns=["uid", "key", "status"], digits=task.digits)
     ok = table[(table["status"] == "success").to_numpy()]
     if ok.empty or not len(subset):

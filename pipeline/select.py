@@ -136,7 +136,7 @@ def read_uid_list(path: str) -> set[str]:
 
 def apply(recipe: Recipe, frame: pd.DataFrame, log: list[dict] | None = None) -> np.ndarray:
     """Boolean mask of the rows ``recipe`` keeps; appends ``{rule, kept}`` entries to ``log``."""
-    mask = (frame["state"] == OK).to_numpy()
+    mask = (frame["state"] == OK).to_numpy(dtype=bool, na_value=False)
     if log is not None:
         log.append({"rule": "downloaded (state ok)", "kept": int(mask.sum())})
     for rule in recipe.select:
@@ -158,7 +158,7 @@ def apply(recipe: Recipe, frame: pd.DataFrame, log: list[dict] | None = None) ->
             detail = {"threshold": threshold}
         elif kind == "exclude_uids":
             drop = read_uid_list(str(arg))
-            keep = ~frame["uid"].isin(drop).to_numpy()
+            keep = ~frame["uid"].isin(drop).to_numpy(dtype=bool, na_value=False)
             text = f"exclude uids in {arg}"
         else:
             masks = [apply(sub, frame) for sub in arg]
@@ -177,7 +177,7 @@ def _column(frame: pd.DataFrame, column: str) -> np.ndarray:
     return frame[column].to_numpy(dtype=float)
 
 
-def write_subset(out: str, uids: list[str], doc: dict) -> np.ndarray:
+def write_subset(out: str, uids, doc: dict) -> np.ndarray:
     """Write ``uids.npy`` (sorted ``u8,u8``, DataComp's format) and ``subset.json``."""
     arr = uids_to_array(uids)
     assert arr.dtype == UID_DTYPE
@@ -198,7 +198,7 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
     frame = read_scores(pool, columns)
     steps: list[dict] = []
     mask = apply(recipe, frame, steps)
-    uids = frame.loc[mask, "uid"].tolist()
+    uids = frame.loc[mask, "uid"]
     doc = {"recipe": recipe.name, "description": recipe.description, "pool": str(pool), "rows": len(frame),
            "kept": len(uids), "steps": steps, "scores": {c: f for c, f in columns.items()},
            "filters": recipe.all_filters(), "code_version": manifest.code_version()}

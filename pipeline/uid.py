@@ -38,13 +38,47 @@ def normalize_uid(value: object) -> str | None:
     return s.rjust(32, "0")
 
 
+_HEX_VALUE = np.full(256, 255, np.uint8)
+_HEX_VALUE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def _hex_matrix(uids) -> np.ndarray:
+    """(n, 32) uint8 ASCII of canonical uids, without making Python strings (arrow arrays are read zero-copy)."""
+    import pyarrow as pa
+
+    if isinstance(uids, (pa.Array, pa.ChunkedArray)) or hasattr(uids, "__arrow_array__"):
+        arr = pa.array(uids) if not isinstance(uids, (pa.Array, pa.ChunkedArray)) else uids
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        arr = arr.cast(pa.large_string()) if arr.type != pa.large_string() else arr
+        offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset: arr.offset + len(arr) + 1]
+        data = np.frombuffer(arr.buffers()[2], np.uint8)
+        if arr.null_count == 0 and len(arr) and (np.diff(offsets) == 32).all():
+            return data[offsets[0]: offsets[-1]].reshape(-1, 32)
+        uids = arr.to_pylist()
+    return np.array(list(uids), dtype="S32").view(np.uint8).reshape(-1, 32)
+
+
 def uids_to_array(uids: Iterable[str], sort: bool = True) -> np.ndarray:
-    """Pack hex uids into DataComp's ``u8,u8`` structured array (sorted by default, duplicates kept)."""
-    pairs = [(int(u[:16], 16), int(u[16:32], 16)) for u in uids]
-    arr = np.array(pairs, dtype=UID_DTYPE) if pairs else np.zeros(0, dtype=UID_DTYPE)
-    if sort:
-        arr.sort()
-    return arr
+    """Pack 32-hex uids into DataComp's ``u8,u8`` structured array (sorted by default, duplicates kept).
+
+    Vectorised: hex digits are looked up in a table and folded into two uint64 halves, so millions of uids take
+    a fraction of a second; ``uids`` may be a list, a numpy array, a pandas Series or an Arrow array.
+    """
+    nibbles = _HEX_VALUE[_hex_matrix(uids)]
+    if nibbles.size and nibbles.max() > 15:
+        bad = next(u for u, row in zip(np.asarray(uids, dtype=object), nibbles) if row.max() > 15)
+        raise ValueError(f"not a 32-char lowercase hex uid: {bad!r}")
+    halves = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).view(">u8")  # (n, 2) big-endian
+    arr = np.zeros(len(nibbles), dtype=UID_DTYPE)
+    if len(nibbles):
+        arr["f0"], arr["f1"] = halves[:, 0], halves[:, 1]
+    return sort_uids(arr) if sort else arr
+
+
+def sort_uids(arr: np.ndarray) -> np.ndarray:
+    """Sorted copy of a ``u8,u8`` array (numeric 128-bit order); lexsort is ~50x faster than a structured sort."""
+    return arr[np.lexsort((arr["f1"], arr["f0"]))]
 
 
 def array_to_uids(arr: np.ndarray) -> list[str]:
