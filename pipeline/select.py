@@ -18,12 +18,13 @@ Rules apply in order, each narrowing the set (the manifest records the count aft
   ``manifests/subsets/``), path, or inline mapping with their own ``filters`` and ``select``.
 
 The starting set is every row whose ledger state is ``ok`` (for DataComp metadata: every row).
-Recipes may use ``${name}`` placeholders, filled from ``--var name=value`` (and ``${pool}``).
+Recipes may use ``${name}`` placeholders (``${name:-default}`` with a default), filled from ``--var name=value``
+(and ``${pool}``).
 """
 
 from __future__ import annotations
 
-import string
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,12 +75,7 @@ def load_recipe(ref: str | dict | Recipe, variables: dict[str, str] | None = Non
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.yaml")))
             raise UserError(f"recipe {ref!r} not found; give a YAML path or one of: {known}")
-        text = path.read_text()
-        try:
-            text = string.Template(text).substitute(variables or {})
-        except KeyError as exc:
-            raise UserError(f"recipe {path.name} uses ${{{exc.args[0]}}}; pass --var {exc.args[0]}=VALUE") from None
-        doc = yaml.safe_load(text) or {}
+        doc = yaml.safe_load(substitute(path.read_text(), variables or {}, path.name)) or {}
         doc.setdefault("name", path.stem)
     unknown = set(doc) - {"name", "filters", "select", "description", "pool"}
     if unknown:
@@ -90,6 +86,22 @@ def load_recipe(ref: str | dict | Recipe, variables: dict[str, str] | None = Non
     for rule in recipe.select:
         _check_rule(rule, recipe.name, variables)
     return recipe
+
+
+_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def substitute(text: str, variables: dict[str, str], where: str) -> str:
+    """Fill ``${name}`` (required) and ``${name:-default}`` placeholders."""
+    def fill(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in variables:
+            return str(variables[name])
+        if default is not None:
+            return default
+        raise UserError(f"recipe {where} uses ${{{name}}}; pass --var {name}=VALUE")
+
+    return _VAR.sub(fill, text)
 
 
 def _check_rule(rule: dict, name: str, variables) -> None:
