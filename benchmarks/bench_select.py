@@ -168,7 +168,7 @@ def main() -> None:
     for name, kept, ours, peak, base, base_peak in results:
         print(f"{name:<16} {kept:>11,} {ours:>9.1f} {peak / 2**30:>9.2f} {base:>11.1f} {base_peak / 2**30:>9.2f} "
               f"{ours / base:>6.2f}")
-    print(f"target: < 60 s and < 4 GiB per recipe")
+    print("target: < 60 s and < 4 GiB per recipe")
     print(f"english (py3langid): {per_row * 1e6:.1f} us/caption on one core -> {per_row * args.rows / args.workers:.0f} s "
           f"for {args.rows:,} captions on {args.workers} cores")
     if not args.keep:

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from .base import Filter
+from .min_side import original_sizes
 
 
 @dataclass
@@ -14,8 +15,6 @@ class AspectRatioFilter(Filter):
     requires = ("original_width", "original_height")
 
     def score(self, part, embeddings):
-        w = pd.to_numeric(part["original_width"], errors="coerce").to_numpy(dtype=float)
-        h = pd.to_numeric(part["original_height"], errors="coerce").to_numpy(dtype=float)
+        w, h = original_sizes(part)
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.fmax(w, h) / np.fmin(w, h)
-        return pd.Series(ratio, index=part.index)
+            return pd.Series(np.fmax(w, h) / np.fmin(w, h), index=part.index)

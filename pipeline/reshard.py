@@ -16,7 +16,6 @@ columns; copying seeks to the selected members of each input tar instead of read
 
 from __future__ import annotations
 
-import os
 import tarfile
 import time
 from collections import defaultdict
@@ -27,7 +26,6 @@ import pandas as pd
 
 from . import fsio, manifest, shards
 from .errors import UserError
-from .ledger import OK
 from .uid import UID_DTYPE, sort_uids, uids_to_array
 
 
@@ -192,8 +190,3 @@ def _copy_tasks(plan: pd.DataFrame, pool: str, digits: int, out: str, shard_size
         close()
     return tasks
 
-
-def train_data_pattern(out: str) -> str:
-    """The brace pattern open_clip_train takes for a reshard output folder."""
-    count = fsio.read_json(fsio.join(out, "meta.json"))["output_shard_count"]
-    return os.path.join(out, f"{{{0:08d}..{count - 1:08d}}}.tar")

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -181,6 +179,3 @@ def read_scores(pool: str, columns: dict[str, str]) -> pd.DataFrame:
         frames.append(base)
     return pd.concat(frames, ignore_index=True)
 
-
-def describe(columns: dict[str, str]) -> dict[str, Any]:
-    return {c: os.path.basename(f) for c, f in columns.items()}

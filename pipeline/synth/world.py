@@ -367,13 +367,3 @@ def expected_state(defect: str, min_image_size: int) -> str:
 def read_truth(world: str) -> pd.DataFrame:
     return pd.read_parquet(os.path.join(world, "truth.parquet"))
 
-
-def describe_rates() -> str:
-    """Markdown table of the defaults (for docs and the report)."""
-    lines = ["| defect | default | expected ingest state |", "|---|---|---|"]
-    for f in fields(DefectRates):
-        val = getattr(DefectRates(), f.name)
-        lines.append(f"| {f.name} | {val if isinstance(val, int) else f'{val:.1%}'} | "
-                     f"{EXPECTED_STATE.get(f.name, 'ok')} |")
-    return "\n".join(lines)
-
