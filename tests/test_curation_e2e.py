@@ -108,10 +108,15 @@ def test_subset_reshard_and_train_with_open_clip_train(embedded, local_cluster, 
     from pipeline.models import load
     from pipeline.train import TrainConfig, train
 
-    ckpt = train(shard_dir, str(tmp_path / "logs"), "t", TrainConfig(samples_seen=64, batch_size=16, warmup=1),
-                 log=lambda m: None)
-    model, _, _ = load("winnow-tiny-clip", ckpt)
-    assert model is not None
+    for arch in ("winnow-tiny-clip", "winnow-tiny-vitamin"):  # a plain ViT and a ViTamin tower
+        ckpt = train(shard_dir, str(tmp_path / "logs"), arch, TrainConfig(model=arch, samples_seen=64, batch_size=16,
+                                                                          warmup=1), log=lambda m: None)
+        model, _, _ = load(arch, ckpt)
+        assert model.visual is not None
+    from pipeline.errors import UserError
+    with pytest.raises(UserError, match="exists"):  # open_clip_train would silently skip a reused name
+        train(shard_dir, str(tmp_path / "logs"), arch, TrainConfig(model=arch, samples_seen=64, batch_size=16),
+              log=lambda m: None)
 
 
 def test_new_subsets_from_stored_scores_read_no_image(embedded, local_cluster, tmp_path):
