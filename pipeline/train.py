@@ -34,6 +34,16 @@ class TrainConfig:
     precision: str = "auto"  # fp32 on CPU, amp_bf16 on CUDA
 
 
+def from_scale(scale_name: str, arch: str = "vit", seed: int = 0, pretrained: str = "") -> TrainConfig:
+    """The fixed hyper-parameters of a scale (see :mod:`pipeline.scales`); only the data varies."""
+    from .scales import get
+
+    scale = get(scale_name)
+    return TrainConfig(model=scale.arch(arch), pretrained=pretrained, samples_seen=scale.samples_seen,
+                       epochs=scale.checkpoints, batch_size=scale.batch_size, lr=scale.lr, warmup=scale.warmup,
+                       wd=scale.wd, beta2=scale.beta2, seed=seed)
+
+
 def check_shards(data_dir: str) -> tuple[str, int]:
     """The brace pattern and sample count of a reshard output; refuses folders without captioned samples."""
     meta = fsio.join(data_dir, "meta.json")

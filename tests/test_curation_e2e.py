@@ -113,6 +113,13 @@ def test_subset_reshard_and_train_with_open_clip_train(embedded, local_cluster, 
                                                                           warmup=1), log=lambda m: None)
         model, _, _ = load(arch, ckpt)
         assert model.visual is not None
+        from pipeline.evaluate import evaluate, load_tasklist
+        from workflows.settings import demo_config_path
+
+        tasks = load_tasklist(str(demo_config_path().parent / "tasks" / "demo.yaml"),
+                              {"world": embedded["world"]})
+        summary = evaluate(arch, ckpt, tasks, str(tmp_path / "eval" / arch), device="cpu", log=lambda m: None)
+        assert 0 <= summary["tasks"]["synthetic-shapes"] <= 1
     from pipeline.errors import UserError
     with pytest.raises(UserError, match="exists"):  # open_clip_train would silently skip a reused name
         train(shard_dir, str(tmp_path / "logs"), arch, TrainConfig(model=arch, samples_seen=64, batch_size=16),

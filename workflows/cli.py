@@ -24,6 +24,9 @@ Typical session:
   winnow embed runs/p --model ViT-B-32 --pretrained openai --tag b32
   winnow subset basic --pool runs/p --out runs/subsets/basic        # recipes: manifests/subsets/*.yaml
   winnow reshard runs/p runs/subsets/basic/uids.npy runs/shards/basic
+  winnow train runs/shards/basic --scale tiny --name basic --tasks manifests/tasks/demo.yaml --var world=runs/w
+  winnow evaluate runs/train/basic/checkpoints/epoch_1.pt --tasks manifests/tasks/demo.yaml --var world=runs/w \
+      --out runs/eval/basic
 
 Stages run on an embedded Dask LocalCluster; --scheduler tcp://HOST:8786 uses an existing cluster.
 """
@@ -100,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=10_000, help="samples per output shard (default 10000)")
     p.add_argument("--overwrite", action="store_true")
     _cluster_args(p)
+
+    p = sub.add_parser("train", help="train the fixed CLIP/ViTamin of a scale on resharded shards (open_clip_train)")
+    p.add_argument("data", help="a `winnow reshard` output folder")
+    p.add_argument("--scale", default="tiny", help="tiny (CPU), small, medium, large or xlarge (DataComp's values)")
+    p.add_argument("--arch", default="vit", choices=["vit", "vitamin"], help="the scale's CLIP ViT or a ViTamin")
+    p.add_argument("--name", required=True, help="run name (a finished name is refused, not silently reused)")
+    p.add_argument("--logs", default="runs/train", help="parent folder of runs (default runs/train)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrained", default="", help="start from an open_clip tag or checkpoint (DFN fine-tuning)")
+    p.add_argument("--tasks", help="task list to evaluate the final checkpoint on (writes results.jsonl)")
+    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="fill ${NAME} in the task list")
+
+    p = sub.add_parser("evaluate", help="evaluate an open_clip model on a task list")
+    p.add_argument("checkpoint", help="checkpoint path, or an open_clip pretrained tag with --model")
+    p.add_argument("--model", default="winnow-tiny-clip", help="open_clip architecture (default winnow-tiny-clip)")
+    p.add_argument("--tasks", required=True, help="task list YAML (e.g. manifests/tasks/demo.yaml)")
+    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="fill ${NAME} in the task list")
+    p.add_argument("--out", required=True, help="folder for eval_results.jsonl and summary.json")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     p = sub.add_parser("ledger", help="print how every input row of a pool ended (counts per state)")
     p.add_argument("pool", help="pool folder")
@@ -222,6 +244,31 @@ def cmd_reshard(args) -> None:
     print(f"reshard: {doc['rows']['samples']:,} samples in {doc['shards']} shards -> {args.out}")
 
 
+def cmd_train(args) -> None:
+    import os
+
+    from pipeline.train import from_scale, train
+
+    cfg = from_scale(args.scale, args.arch, seed=args.seed, pretrained=args.pretrained)
+    ckpt = train(args.data, args.logs, args.name, cfg)
+    print(f"train: {ckpt}")
+    if args.tasks:
+        from pipeline.evaluate import evaluate, load_tasklist
+
+        tasks = load_tasklist(args.tasks, _pairs(args.var, "--var"))
+        summary = evaluate(cfg.model, ckpt, tasks, os.path.join(args.logs, args.name))
+        os.replace(os.path.join(args.logs, args.name, "eval_results.jsonl"),
+                   os.path.join(args.logs, args.name, "results.jsonl"))
+        print(f"train: average of main metrics {summary['average']:.4f}")
+
+
+def cmd_evaluate(args) -> None:
+    from pipeline.evaluate import evaluate, load_tasklist
+
+    tasks = load_tasklist(args.tasks, _pairs(args.var, "--var"))
+    evaluate(args.model, args.checkpoint, tasks, args.out, device=args.device)
+
+
 def cmd_ledger(args) -> None:
     from pipeline.ledger import format_counts
     from pipeline.pool import ledger
@@ -244,7 +291,7 @@ def _min_image_size(pool: str) -> int:
 
 COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "serve": cmd_serve, "ingest": cmd_ingest,
             "register": cmd_register, "embed": cmd_embed, "subset": cmd_subset, "reshard": cmd_reshard,
-            "ledger": cmd_ledger}
+            "train": cmd_train, "evaluate": cmd_evaluate, "ledger": cmd_ledger}
 
 
 def main(argv: list[str] | None = None) -> int:

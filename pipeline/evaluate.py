@@ -1,0 +1,189 @@
+"""The evaluation harness: a task list (YAML, DataComp ``tasklist.yml`` style) run against one open_clip model.
+
+Task list::
+
+    tasks:
+      - name: synthetic-shapes            # shown in results
+        kind: zeroshot_classification     # or retrieval
+        data: runs/demo/world/eval        # an eval set folder (see below); ${var} placeholders allowed
+        main_metric: acc1                 # acc1, acc5, mean_per_class_recall | image_retrieval_recall@1, ...
+        random_score: 0.0833
+
+An eval set folder holds ``test/*.tar`` (WebDataset: ``<key>.jpg`` or ``.png``/``.webp``, ``<key>.cls`` with the
+integer label, ``<key>.txt`` with a caption for retrieval), ``classnames.txt`` and
+``zeroshot_classification_templates.txt`` (clip_benchmark's export layout, which DataComp's eval sets use).
+
+Zero-shot classification builds one classifier row per class (mean of the normalised template embeddings,
+renormalised) and reports ``acc1``, ``acc5`` (when there are at least 5 classes) and ``mean_per_class_recall``.
+Retrieval reports recall@{1,5,10} for image->text and text->image and their means (DataComp's main retrieval
+metric is ``mean_recall@1``). The average is the unweighted mean of the tasks' main metrics.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import yaml
+
+from . import fsio
+from .errors import UserError
+
+KINDS = ("zeroshot_classification", "retrieval")
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str
+    data: str
+    main_metric: str
+    random_score: float = 0.0
+
+
+def load_tasklist(path: str, variables: dict[str, str] | None = None) -> list[Task]:
+    from .select import substitute
+
+    if not os.path.isfile(path):
+        raise UserError(f"task list not found: {path}")
+    doc = yaml.safe_load(substitute(open(path).read(), variables or {}, os.path.basename(path))) or {}
+    tasks = []
+    for i, entry in enumerate(doc.get("tasks") or []):
+        unknown = set(entry) - {"name", "kind", "data", "main_metric", "random_score"}
+        if unknown or not {"name", "kind", "data", "main_metric"} <= set(entry):
+            raise UserError(f"{path}: task {i} needs name, kind, data, main_metric (and optional random_score)")
+        if entry["kind"] not in KINDS:
+            raise UserError(f"{path}: task {entry['name']!r} kind must be one of {', '.join(KINDS)}")
+        tasks.append(Task(**entry))
+    if not tasks:
+        raise UserError(f"{path} lists no tasks")
+    return tasks
+
+
+def read_evalset(folder: str) -> dict:
+    """Images (encoded bytes), labels, captions, class names and templates of an eval set folder."""
+    tars = sorted(glob.glob(os.path.join(folder, "test", "*.tar")))
+    if not tars:
+        raise UserError(f"eval set {folder} has no test/*.tar shards")
+    from .shards import iter_tar
+
+    images, labels, captions = [], [], []
+    for tar in tars:
+        for s in iter_tar(tar):
+            data = s.get("jpg") or s.get("png") or s.get("webp") or s.get("jpeg")
+            if data is None:
+                continue
+            images.append(data)
+            labels.append(int(s["cls"]) if "cls" in s else -1)
+            captions.append(s["txt"].decode() if "txt" in s else None)
+    read = lambda name: [ln.strip() for ln in open(os.path.join(folder, name)) if ln.strip()]  # noqa: E731
+    classnames = read("classnames.txt") if os.path.exists(os.path.join(folder, "classnames.txt")) else []
+    templates = read("zeroshot_classification_templates.txt") if os.path.exists(
+        os.path.join(folder, "zeroshot_classification_templates.txt")) else ["a photo of a {c}."]
+    return {"images": images, "labels": np.array(labels), "captions": captions, "classnames": classnames,
+            "templates": templates}
+
+
+def encode_images(model, preprocess, images: list[bytes], device: str, batch_size: int = 128) -> np.ndarray:
+    import torch
+    from PIL import Image
+
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(images), batch_size):
+            x = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[s: s + batch_size]])
+            out.append(model.encode_image(x.to(device), normalize=True).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def encode_texts(model, tokenizer, texts: list[str], device: str, batch_size: int = 256) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(texts), batch_size):
+            out.append(model.encode_text(tokenizer(texts[s: s + batch_size]).to(device), normalize=True)
+                       .float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def classifier(model, tokenizer, classnames: list[str], templates: list[str], device: str) -> np.ndarray:
+    """(n_classes, d): mean of each class's normalised template embeddings, renormalised (CLIP's recipe)."""
+    prompts = [t.replace("{c}", c) for c in classnames for t in templates]
+    emb = encode_texts(model, tokenizer, prompts, device).reshape(len(classnames), len(templates), -1).mean(axis=1)
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+def zeroshot_metrics(image_emb: np.ndarray, weights: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    logits = image_emb @ weights.T
+    order = np.argsort(-logits, axis=1)
+    metrics = {"acc1": float((order[:, 0] == labels).mean())}
+    if weights.shape[0] >= 5:
+        metrics["acc5"] = float((order[:, :5] == labels[:, None]).any(axis=1).mean())
+    pred = order[:, 0]
+    recalls = [float((pred[labels == c] == c).mean()) for c in np.unique(labels)]
+    metrics["mean_per_class_recall"] = float(np.mean(recalls))
+    return metrics
+
+
+def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
+    """Pair i is (image i, caption i). Recall@k in both directions and their means."""
+    sims = image_emb @ text_emb.T
+    target = np.arange(len(sims))
+    metrics = {}
+    for direction, s in (("image_retrieval", sims.T), ("text_retrieval", sims)):  # query rows
+        # rank of the true match = number of candidates scoring strictly higher
+        true = s[target, target][:, None]
+        rank = (s > true).sum(axis=1)
+        for k in ks:
+            metrics[f"{direction}_recall@{k}"] = float((rank < k).mean())
+    for k in ks:
+        metrics[f"mean_recall@{k}"] = 0.5 * (metrics[f"image_retrieval_recall@{k}"] +
+                                             metrics[f"text_retrieval_recall@{k}"])
+    return metrics
+
+
+def run_task(task: Task, model, preprocess, tokenizer, device: str) -> dict[str, float]:
+    data = read_evalset(task.data)
+    image_emb = encode_images(model, preprocess, data["images"], device)
+    if task.kind == "zeroshot_classification":
+        if not data["classnames"] or (data["labels"] < 0).any():
+            raise UserError(f"task {task.name}: {task.data} needs classnames.txt and a .cls label per image")
+        weights = classifier(model, tokenizer, data["classnames"], data["templates"], device)
+        metrics = zeroshot_metrics(image_emb, weights, data["labels"])
+    else:
+        if any(c is None for c in data["captions"]):
+            raise UserError(f"task {task.name}: {task.data} needs a .txt caption per image for retrieval")
+        metrics = retrieval_metrics(image_emb, encode_texts(model, tokenizer, data["captions"], device))
+    if task.main_metric not in metrics:
+        raise UserError(f"task {task.name}: main_metric {task.main_metric!r} is not one of {', '.join(metrics)}")
+    return metrics
+
+
+def evaluate(model_name: str, pretrained: str, tasks: list[Task], out: str, device: str = "auto",
+             log=print) -> dict:
+    """Evaluate one model on every task; write ``eval_results.jsonl`` (one line per task) and ``summary.json``."""
+    import json
+
+    from .models import default_device, load
+
+    device = default_device() if device == "auto" else device
+    model, preprocess, tokenizer = load(model_name, pretrained, device=device)
+    lines, mains = [], []
+    for task in tasks:
+        metrics = run_task(task, model, preprocess, tokenizer, device)
+        main = metrics[task.main_metric]
+        mains.append(main)
+        lines.append({"key": task.name, "dataset": task.data, "kind": task.kind,
+                      "metrics": {**metrics, "main_metric": main}, "random_score": task.random_score})
+        log(f"evaluate: {task.name}: {task.main_metric} = {main:.4f} (random {task.random_score:.4f})")
+    summary = {"model": model_name, "pretrained": pretrained, "average": float(np.mean(mains)),
+               "tasks": {line["key"]: line["metrics"]["main_metric"] for line in lines}}
+    fsio.write_bytes(os.path.join(out, "eval_results.jsonl"),
+                     "".join(json.dumps(line) + "\n" for line in lines).encode())
+    fsio.write_json(os.path.join(out, "summary.json"), summary)
+    log(f"evaluate: average of main metrics = {summary['average']:.4f} -> {out}")
+    return summary
