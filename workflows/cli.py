@@ -10,6 +10,7 @@ import os
 import sys
 
 from pipeline.errors import UserError
+from pipeline.runner import TaskFailed
 
 DESCRIPTION = """\
 Winnow curates vision-language training data: web image-text pools in, DataComp-style subsets out.
@@ -275,11 +276,25 @@ def cmd_ledger(args) -> None:
 
     counts, total = ledger(args.pool)
     print(format_counts(counts, total))
+    _embed_ledgers(args.pool)
     if args.truth:
         from pipeline.synth.truth import ingest_check
 
         print()
         print(ingest_check(args.pool, args.truth, min_image_size=_min_image_size(args.pool)).to_string(index=False))
+
+
+def _embed_ledgers(pool: str) -> None:
+    """Later stages' ledgers: images that failed to decode when embedding, per embedding tag."""
+    from pipeline.manifest import read_manifest
+
+    base = os.path.join(pool, "embeddings")
+    for tag in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        doc = read_manifest(os.path.join(base, tag))
+        if doc:
+            rows = doc["rows"]
+            print(f"embed '{tag}': {rows.get('embedded_images', 0):,} images embedded, "
+                  f"{rows.get('decode_errors', 0):,} decode_error (see embeddings/{tag}/*.parquet)")
 
 
 def _min_image_size(pool: str) -> int:
@@ -310,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"winnow: error: {exc}", file=sys.stderr)
         return 2
+    except TaskFailed as exc:
+        print(f"winnow: error: {exc}; finished shards are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("winnow: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
