@@ -93,3 +93,20 @@ def train(data_dir: str, logs: str, name: str, cfg: TrainConfig, resume: bool = 
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"open_clip_train failed (exit {result.returncode}); last lines:\n{tail}")
     return ckpt
+
+
+def train_dfn(hq_pool: str, out: str, name: str, cfg: TrainConfig, runner, log=print) -> str:
+    """Train a data filtering network on a high-quality image-text pool (DFN: CLIP trained on curated data).
+
+    The pool is taken whole (every downloaded sample), resharded under ``out/shards`` and trained with the same
+    trainer as any subset; ``cfg.pretrained`` fine-tunes from a checkpoint, as the DFN paper fine-tunes OpenAI's
+    CLIP. Returns the checkpoint; embed the candidate pool with it under its own tag to get ``dfn_<tag>_score``.
+    """
+    from .reshard import reshard
+    from .select import subset
+
+    sub = os.path.join(out, "subset")
+    subset("no_filter", hq_pool, sub, runner, log=log)
+    shards_dir = os.path.join(out, "shards")
+    reshard(hq_pool, os.path.join(sub, "uids.npy"), shards_dir, runner, shard_size=1000, log=log)
+    return train(shards_dir, os.path.join(out, "train"), name, cfg, log=log)

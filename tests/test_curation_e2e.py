@@ -162,3 +162,19 @@ def test_datacomp_metadata_is_filtered_as_is(tmp_path, local_cluster):
     basic = subset("basic", str(tmp_path), str(tmp_path / "out3"), local_cluster, log=lambda m: None)
     w, h = meta["original_width"], meta["original_height"]
     assert basic["kept"] == int(((np.minimum(w, h) >= 200) & (np.maximum(w, h) / np.minimum(w, h) <= 3)).sum())
+
+
+def test_dfn_training_then_dfn_score_on_the_tiny_pool(embedded, local_cluster, tmp_path):
+    """A filtering network trained on the clean set, embedding the pool under tag dfn, feeds the DFN recipes."""
+    from pipeline.train import TrainConfig, train_dfn
+
+    clean = os.path.join(embedded["world"], "clean")
+    ckpt = train_dfn(clean, str(tmp_path / "dfn"), "dfn", TrainConfig(samples_seen=48, batch_size=16, warmup=1),
+                     local_cluster, log=lambda m: None)
+    dfn = EmbedConfig(model="winnow-tiny-clip", pretrained=ckpt, tag="dfn", batch_size=32, decode_threads=2)
+    embed(embedded["pool"], dfn, local_cluster, log=lambda m: None)
+    doc = subset("dfn_30pct", embedded["pool"], str(tmp_path / "dfn30"), local_cluster, log=lambda m: None)
+    ok = embedded["manifest"]["rows"]["ok"]
+    assert doc["steps"][-1]["rule"].endswith("dfn_dfn_score") and int(ok * 0.3) <= doc["kept"] <= int(ok * 0.3) + 2
+    both = subset("dfn_and_basic", embedded["pool"], str(tmp_path / "both"), local_cluster, log=lambda m: None)
+    assert both["kept"] <= doc["kept"]
