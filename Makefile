@@ -21,6 +21,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ingest.py
+	$(BIN)/python benchmarks/bench_select.py
+	$(BIN)/python benchmarks/bench_reshard.py
+	$(BIN)/python benchmarks/bench_embed.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf runs .pytest_cache
