@@ -81,11 +81,10 @@ def load_recipe(ref: str | dict | Recipe, variables: dict[str, str] | None = Non
     if unknown:
         raise UserError(f"recipe {doc.get('name', ref)!r}: unknown key {sorted(unknown)[0]!r}; "
                         "use name, description, filters, select")
-    recipe = Recipe(name=str(doc.get("name", "inline")), filters=list(doc.get("filters") or []),
-                    select=list(doc.get("select") or []), description=str(doc.get("description", "")))
-    for rule in recipe.select:
-        _check_rule(rule, recipe.name, variables)
-    return recipe
+    name = str(doc.get("name", "inline"))
+    return Recipe(name=name, filters=list(doc.get("filters") or []),
+                  select=[_check_rule(rule, name, variables) for rule in doc.get("select") or []],
+                  description=str(doc.get("description", "")))
 
 
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -104,20 +103,22 @@ def substitute(text: str, variables: dict[str, str], where: str) -> str:
     return _VAR.sub(fill, text)
 
 
-def _check_rule(rule: dict, name: str, variables) -> None:
+def _check_rule(rule: dict, name: str, variables) -> dict:
+    """A validated copy of one rule (sub-recipes of intersect/union loaded as Recipe objects)."""
     if not isinstance(rule, dict) or len(rule) != 1 or next(iter(rule)) not in RULES:
         raise UserError(f"recipe {name!r}: each select rule is one of {', '.join(RULES)}; got {rule!r}")
     kind, arg = next(iter(rule.items()))
     if kind in ("intersect", "union"):
         if not isinstance(arg, list) or not arg:
             raise UserError(f"recipe {name!r}: {kind} takes a non-empty list of recipes")
-        rule[kind] = [load_recipe(r, variables) if not isinstance(r, Recipe) else r for r in arg]
+        return {kind: [load_recipe(r, variables) for r in arg]}
     elif kind == "threshold" and (not isinstance(arg, dict) or "column" not in arg or
                                   not ({"min", "max"} & set(arg)) or set(arg) - {"column", "min", "max"}):
         raise UserError(f"recipe {name!r}: threshold takes column and min and/or max; got {arg!r}")
     elif kind == "top_fraction" and (not isinstance(arg, dict) or set(arg) != {"column", "fraction"} or
                                      not 0 < float(arg["fraction"]) <= 1):
         raise UserError(f"recipe {name!r}: top_fraction takes column and a fraction in (0, 1]; got {arg!r}")
+    return dict(rule)
 
 
 def _subrecipes(rule: dict) -> list[Recipe]:
