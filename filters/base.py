@@ -27,7 +27,6 @@ class Filter:
 
     key: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ()  # table columns read
-    embedding_tags: ClassVar[tuple[str, ...]] = ()  # filled per instance by embedding filters
 
     @property
     def column(self) -> str:

@@ -87,7 +87,7 @@ def run(out: str, cfg: RunConfig, overwrite: bool = False, log=print) -> dict:
 
     counts, total = ledger(pool)
     check = ingest_check(pool, world, cfg.ingest.min_image_size)
-    arrays = {name: _load_uids(doc, subsets_dir, name) for name, doc in made.items()}
+    arrays = {name: _load_uids(subsets_dir, name) for name in made}
     recall, precision = selection_check(pool, world, arrays)
     summary = {"timings_s": dict(timings), "ledger": counts, "input_rows": total,
                "ingest_check": check.to_dict("records"), "selection_recall": recall.to_dict("records"),
@@ -115,7 +115,7 @@ def _scorer(data_dir: str, logs: str, tcfg: TrainConfig, log) -> str:
     return train(data_dir, logs, "scorer", tcfg, log=log)
 
 
-def _load_uids(doc: dict, subsets_dir: str, name: str):
+def _load_uids(subsets_dir: str, name: str):
     import numpy as np
 
     path = os.path.join(subsets_dir, name, "uids.npy")
