@@ -30,9 +30,10 @@ import pandas as pd
 
 from . import fsio, manifest, shards
 from .errors import UserError
+from .images import DEFAULT_MAX_PIXELS, input_side, open_rgb
 from .ledger import OK
 
-MAX_DECODE_PIXELS = 89_478_485
+MAX_DECODE_PIXELS = DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -95,16 +96,12 @@ def cached_model(cfg: EmbedConfig):
         return _MODELS[key]
 
 
-def _decode(data: bytes, preprocess):
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        if im.width * im.height > MAX_DECODE_PIXELS:
-            raise ValueError(f"{im.width}x{im.height} exceeds the pixel cap")
-        return preprocess(im.convert("RGB"))
+def _decode(data: bytes, preprocess, draft_side: int = 0):
+    return preprocess(open_rgb(data, draft_side, MAX_DECODE_PIXELS))
 
 
-def _batches(samples: Iterator[tuple[int, bytes]], preprocess, cfg: EmbedConfig, failures: dict[int, str]):
+def _batches(samples: Iterator[tuple[int, bytes]], preprocess, cfg: EmbedConfig, failures: dict[int, str],
+             draft_side: int = 0):
     """Yield ``(row_indices, tensor)`` batches; decoding runs in threads, one batch ahead of the consumer."""
     import torch
 
@@ -112,7 +109,7 @@ def _batches(samples: Iterator[tuple[int, bytes]], preprocess, cfg: EmbedConfig,
         rows, tensors = [], []
         for row, data in chunk:
             try:
-                tensors.append(_decode(data, preprocess))
+                tensors.append(_decode(data, preprocess, draft_side))
                 rows.append(row)
             except Exception as exc:  # noqa: BLE001 - any undecodable image becomes a ledger entry
                 failures[row] = f"decode_error: {type(exc).__name__}: {exc}"
@@ -204,7 +201,7 @@ def embed_shard(task: EmbedTask) -> dict:
     failures: dict[int, str] = {}
     samples = ((row_of[s["__key__"]], s.get("jpg") or s.get("png") or s.get("webp") or s.get("jpeg") or b"")
                for s in shards.iter_tar(shards.paths(task.pool, task.shard_id)["tar"]) if s["__key__"] in row_of)
-    encode_images(model, _batches(samples, preprocess, cfg, failures), device, cfg, img)
+    encode_images(model, _batches(samples, preprocess, cfg, failures, 2 * input_side(model)), device, cfg, img)
     encode_texts(model, tokenizer, list(table["caption"]), device, cfg, txt)
 
     ok_rows = (table["state"] == OK).to_numpy()

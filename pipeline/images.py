@@ -61,3 +61,27 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, check_end: 
         if fmt == "gif" and not data.rstrip(b"\x00").endswith(b"\x3b"):
             return "decode_error: truncated gif (no trailer)"
     return None
+
+
+def open_rgb(data: bytes, draft_side: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Decode to an RGB PIL image, refusing more than ``max_pixels``.
+
+    With ``draft_side`` > 0, a JPEG is decoded with PIL's draft mode (the DCT scaled down by 1/2, 1/4 or 1/8
+    while decoding) to the smallest size whose both sides stay >= ``draft_side``. Callers pass twice the
+    model's input side, so the model's own resize still sees at least twice the pixels it keeps, at a fraction
+    of the cost of a full decode.
+    """
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data))
+    if im.width * im.height > max_pixels:
+        raise ValueError(f"{im.width}x{im.height} exceeds the pixel cap of {max_pixels:,}")
+    if draft_side and im.format == "JPEG":
+        im.draft("RGB", (draft_side, draft_side))
+    return im.convert("RGB")
+
+
+def input_side(model) -> int:
+    """The input image side of an open_clip model (224 when it does not say)."""
+    size = getattr(getattr(model, "visual", None), "image_size", 224)
+    return int(max(size) if isinstance(size, (tuple, list)) else size)

@@ -44,6 +44,17 @@ def from_scale(scale_name: str, arch: str = "vit", seed: int = 0, pretrained: st
                        wd=scale.wd, beta2=scale.beta2, seed=seed)
 
 
+def image_size(model: str) -> int:
+    """The input side of an open_clip model config (224 when the config does not say)."""
+    import open_clip
+
+    from .models import register
+
+    register()
+    size = (open_clip.get_model_config(model) or {}).get("vision_cfg", {}).get("image_size", 224)
+    return int(size if isinstance(size, int) else max(size))
+
+
 def check_shards(data_dir: str) -> tuple[str, int]:
     """The brace pattern and sample count of a reshard output; refuses folders without captioned samples."""
     meta = fsio.join(data_dir, "meta.json")
@@ -85,7 +96,10 @@ def train(data_dir: str, logs: str, name: str, cfg: TrainConfig, resume: bool = 
     if resume:
         argv += ["--resume", "latest"]
     log(f"train: {cfg.model} on {count:,} samples in {data_dir}, {cfg.samples_seen:,} samples seen -> {run_dir}")
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WINNOW_DRAFT_SIDE=str(2 * image_size(cfg.model)))
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:
+        # the loader workers decode on their own cores; more torch threads than the cores left only contend
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) - cfg.workers))
     result = subprocess.run([sys.executable, "-m", "pipeline.train_entry", *argv], env=env,
                             capture_output=True, text=True)
     ckpt = os.path.join(run_dir, "checkpoints", f"epoch_{cfg.epochs}.pt")

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the fixed CLIP/ViTamin of a scale on resharded shards (open_clip_train)")
     p.add_argument("data", help="a `winnow reshard` output folder")
     p.add_argument("--scale", default="tiny", help="tiny (CPU), small, medium, large or xlarge (DataComp's values)")
-    p.add_argument("--arch", default="vit", choices=["vit", "vitamin"], help="the scale's CLIP ViT or a ViTamin")
+    p.add_argument("--arch", default="clip", choices=["clip", "vit", "vitamin"],
+                   help="the scale's CLIP (a ViT; a small ResNet at tiny; vit is an alias) or a ViTamin of matching size")
     p.add_argument("--name", required=True, help="run name (a finished name is refused, not silently reused)")
     p.add_argument("--logs", default="runs/train", help="parent folder of runs (default runs/train)")
     p.add_argument("--seed", type=int, default=0)

@@ -1,22 +1,27 @@
 """The main job on the embedded default.
 
-synth -> serve -> ingest -> ledger vs truth -> reshard the unfiltered pool and train a tiny CLIP on it (the demo's
-stand-in for OpenAI's CLIP) -> embed the pool and the clean set with it -> score and select every demo recipe
--> how well each filter and recipe drops each planted defect -> report.
+synth -> serve -> ingest -> ledger vs truth -> train the fixed tiny model on the unfiltered pool (its model is
+the CLIP scorer, the demo's stand-in for OpenAI's CLIP) -> embed the pool with it -> fine-tune it on the clean
+set into a data filtering network (DFN) and embed the pool with that -> score and select every recipe, measured
+against the planted truth -> train and evaluate the same fixed model on each subset -> report.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
+import numpy as np
 import pandas as pd
 
 from pipeline import fsio
 from pipeline.embed import EmbedConfig, embed
+from pipeline.errors import UserError
+from pipeline.evaluate import evaluate, load_tasklist
 from pipeline.ingest import ingest
 from pipeline.ledger import format_counts
 from pipeline.pool import ledger
@@ -26,9 +31,9 @@ from pipeline.select import load_recipe, subset
 from pipeline.synth.server import WebPoolServer
 from pipeline.synth.truth import ingest_check, selection_check
 from pipeline.synth.world import build_world
-from pipeline.train import TrainConfig, train
+from pipeline.train import TrainConfig, from_scale, train, train_dfn
 
-from .settings import RunConfig
+from .settings import RunConfig, tasks_path
 
 #: single filters measured alone (one rule each), beside the recipes
 SINGLE_FILTERS = {
@@ -54,9 +59,10 @@ class Timings(dict):
 
 def run(out: str, cfg: RunConfig, overwrite: bool = False, log=print) -> dict:
     world, pool, report = (os.path.join(out, d) for d in ("world", "pool", "report"))
-    subsets_dir, shards_dir = os.path.join(out, "subsets"), os.path.join(out, "shards")
+    subsets_dir = os.path.join(out, "subsets")
     demo = cfg.demo
     timings = Timings()
+    trained: dict[str, list[dict]] = {}
     with Runner(cfg.cluster) as runner:
         with timings.stage("synth"):
             build_world(cfg.synth, world, runner, overwrite=overwrite, log=log)
@@ -64,36 +70,44 @@ def run(out: str, cfg: RunConfig, overwrite: bool = False, log=print) -> dict:
             log(f"serve: {world}/site at {server.url}")
             with timings.stage("ingest"):
                 ingest(os.path.join(world, "urls.parquet"), pool, cfg.ingest, runner, overwrite=overwrite, log=log)
+        runs = TrainRuns(out, pool, demo, load_tasklist(str(tasks_path()), {"world": world}), runner, overwrite, log)
 
-        with timings.stage("scorer CLIP (reshard + train)"):
-            no_filter = os.path.join(subsets_dir, "no_filter")
-            subset("no_filter", pool, no_filter, runner, log=log)
-            reshard(pool, os.path.join(no_filter, "uids.npy"), os.path.join(shards_dir, "no_filter"), runner,
-                    shard_size=demo.shard_size, overwrite=overwrite, log=log)
-            checkpoint = _scorer(os.path.join(shards_dir, "no_filter"), os.path.join(out, "train"), demo.scorer, log)
-        with timings.stage("embed"):
-            ecfg = EmbedConfig(model=demo.scorer.model, pretrained=checkpoint, tag="demo", batch_size=128)
+        with timings.stage("train no_filter (its model is the CLIP scorer)"):
+            subset("no_filter", pool, os.path.join(subsets_dir, "no_filter"), runner, log=log)
+            trained["no_filter"] = runs.train("no_filter")
+            scorer = trained["no_filter"][0]["checkpoint"]
+        with timings.stage("embed with the CLIP scorer"):
+            ecfg = EmbedConfig(model=runs.model, pretrained=scorer, tag="demo", batch_size=128)
             embed(pool, ecfg, runner, overwrite=overwrite, log=log)
             embed(os.path.join(world, "clean"), ecfg, runner, overwrite=overwrite, log=log)
+        with timings.stage("DFN: fine-tune the scorer on the clean set, embed"):
+            dfn = runs.train_dfn(os.path.join(world, "clean"), scorer)
+            embed(pool, EmbedConfig(model=runs.model, pretrained=dfn, tag="dfn", batch_size=128), runner,
+                  overwrite=overwrite, log=log)
         with timings.stage("subsets"):
             made = {}
             variables = {"world": world}
-            for name in demo.recipes:
-                doc = subset(name, pool, os.path.join(subsets_dir, name), runner, variables=variables, log=log)
-                made[name] = doc
+            for name in dict.fromkeys(demo.recipes + demo.train):
+                made[name] = subset(name, pool, os.path.join(subsets_dir, name), runner, variables=variables,
+                                    log=log)
             for name, inline in SINGLE_FILTERS.items():
                 recipe = load_recipe({"name": name, **inline})
                 made[name] = subset(recipe, pool, os.path.join(subsets_dir, "filters", name), runner, log=lambda m: None)
+        with timings.stage(f"train {len(demo.train) - 1} subsets x {len(demo.seeds)} seed(s)"):
+            for name in demo.train:
+                if name not in trained:
+                    trained[name] = runs.train(name)
 
     counts, total = ledger(pool)
     check = ingest_check(pool, world, cfg.ingest.min_image_size)
     arrays = {name: _load_uids(subsets_dir, name) for name in made}
     recall, precision = selection_check(pool, world, arrays)
+    table = results_table(trained, {name: len(arrays[name]) for name in trained})
     summary = {"timings_s": dict(timings), "ledger": counts, "input_rows": total,
                "ingest_check": check.to_dict("records"), "selection_recall": recall.to_dict("records"),
-               "selection_precision": precision.to_dict("records"),
-               "config": asdict(cfg)}
-    _write_report(report, summary, counts, total, check, recall, precision)
+               "selection_precision": precision.to_dict("records"), "training": table.to_dict("records"),
+               "runs": trained, "config": asdict(cfg)}
+    _write_report(report, summary, counts, total, check, recall, precision, table, runs.scale_line)
     log("\nLedger of " + pool + ":\n" + format_counts(counts, total))
     log("\nPlanted defects vs ledger state:")
     log(check.to_string(index=False))
@@ -102,22 +116,102 @@ def run(out: str, cfg: RunConfig, overwrite: bool = False, log=print) -> dict:
     log("\nFilters and recipes vs planted defects (downloaded samples; precision = dropped samples that are "
         "defective; other columns = share of that defect dropped):")
     log(_fmt(recall))
+    log(f"\nThe fixed model trained on each subset ({runs.scale_line}):")
+    log(format_table(table))
     log(f"\ntimings (s): {json.dumps(dict(timings))}")
     log(f"outputs: world {world} | pool {pool} | subsets {subsets_dir} | report {report}/report.md")
     return summary
 
 
-def _scorer(data_dir: str, logs: str, tcfg: TrainConfig, log) -> str:
-    checkpoint = os.path.join(logs, "scorer", "checkpoints", f"epoch_{tcfg.epochs}.pt")
-    if os.path.isfile(checkpoint):
-        log(f"train: {checkpoint} exists; reusing it")
-        return checkpoint
-    return train(data_dir, logs, "scorer", tcfg, log=log)
+class TrainRuns:
+    """Reshard a subset, train the fixed model on it for each seed, evaluate; finished runs are reused."""
+
+    def __init__(self, out: str, pool: str, demo, tasks, runner, overwrite: bool, log):
+        self.out, self.pool, self.demo, self.tasks, self.runner = out, pool, demo, tasks, runner
+        self.overwrite, self.log = overwrite, log
+        base = from_scale(demo.scale, demo.arch)
+        self.model = base.model
+        self.scale_line = (f"scale {demo.scale}, {base.model}, {base.samples_seen:,} samples seen, batch "
+                           f"{base.batch_size}, lr {base.lr:g}, seeds {', '.join(map(str, demo.seeds))}")
+
+    def train(self, name: str) -> list[dict]:
+        shards_dir = os.path.join(self.out, "shards", name)
+        reshard(self.pool, os.path.join(self.out, "subsets", name, "uids.npy"), shards_dir, self.runner,
+                shard_size=self.demo.shard_size, overwrite=self.overwrite, log=self.log)
+        results = []
+        for seed in self.demo.seeds:
+            tcfg = from_scale(self.demo.scale, self.demo.arch, seed=seed)
+            run_name = f"{name}-seed{seed}"
+            ckpt = self._train(shards_dir, run_name, tcfg)
+            summary = evaluate(tcfg.model, ckpt, self.tasks, os.path.join(self.out, "train", run_name, "eval"),
+                               log=self.log)
+            results.append({"seed": seed, "checkpoint": ckpt, **summary})
+        return results
+
+    def train_dfn(self, clean: str, scorer: str) -> str:
+        tcfg = replace(self.demo.dfn, model=self.model, pretrained=scorer)
+        ckpt = os.path.join(self.out, "dfn", "train", "dfn", "checkpoints", f"epoch_{tcfg.epochs}.pt")
+        if self._reusable(os.path.dirname(os.path.dirname(ckpt)), ckpt, tcfg, clean):
+            return ckpt
+        ckpt = train_dfn(clean, os.path.join(self.out, "dfn"), "dfn", tcfg, self.runner, log=self.log)
+        self._mark(os.path.dirname(os.path.dirname(ckpt)), tcfg, clean)
+        return ckpt
+
+    def _train(self, shards_dir: str, run_name: str, tcfg: TrainConfig) -> str:
+        logs = os.path.join(self.out, "train")
+        ckpt = os.path.join(logs, run_name, "checkpoints", f"epoch_{tcfg.epochs}.pt")
+        if self._reusable(os.path.join(logs, run_name), ckpt, tcfg, shards_dir):
+            return ckpt
+        ckpt = train(shards_dir, logs, run_name, tcfg, log=self.log)
+        self._mark(os.path.join(logs, run_name), tcfg, shards_dir)
+        return ckpt
+
+    def _key(self, tcfg: TrainConfig, data: str) -> dict:
+        meta = os.path.join(data, "_manifest.json")
+        return {"config": asdict(tcfg), "data": data,
+                "data_manifest": fsio.fingerprint(meta) if os.path.exists(meta) else None}
+
+    def _reusable(self, run_dir: str, ckpt: str, tcfg: TrainConfig, data: str) -> bool:
+        """True if a finished run of the same config on the same data is there; clears a stale or broken one."""
+        marker = os.path.join(run_dir, "winnow_run.json")
+        done = os.path.isfile(ckpt) and os.path.isfile(marker)
+        if done and not self.overwrite and fsio.read_json(marker) == self._key(tcfg, data):
+            self.log(f"train: {run_dir} is up to date; reusing it")
+            return True
+        if os.path.exists(run_dir):
+            if done and not self.overwrite:
+                raise UserError(f"{run_dir} was trained with another config or data; rerun with --overwrite")
+            shutil.rmtree(run_dir)  # unfinished (no marker) or overwritten: train it again
+        return False
+
+    def _mark(self, run_dir: str, tcfg: TrainConfig, data: str) -> None:
+        fsio.write_json(os.path.join(run_dir, "winnow_run.json"), self._key(tcfg, data))
+
+
+def results_table(trained: dict[str, list[dict]], sizes: dict[str, int]) -> pd.DataFrame:
+    """One row per subset: size, and per main metric the mean over seeds with its spread (max - min)."""
+    rows = []
+    for name, results in trained.items():
+        row = {"subset": name, "size": sizes[name], "seeds": len(results)}
+        metrics = {task: [r["tasks"][task] for r in results] for task in results[0]["tasks"]}
+        metrics["average"] = [r["average"] for r in results]
+        for key, values in metrics.items():
+            row[key] = float(np.mean(values))
+            row[f"{key} spread"] = float(np.max(values) - np.min(values))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    shown = table.copy()
+    for col in shown.columns[3:]:
+        shown[col] = shown[col].map(lambda v: f"{v:.3f}")
+    if (table["seeds"] <= 1).all():
+        shown = shown[[c for c in shown.columns if not c.endswith(" spread")]]
+    return shown.to_string(index=False)
 
 
 def _load_uids(subsets_dir: str, name: str):
-    import numpy as np
-
     path = os.path.join(subsets_dir, name, "uids.npy")
     if not os.path.exists(path):
         path = os.path.join(subsets_dir, "filters", name, "uids.npy")
@@ -133,12 +227,18 @@ def _fmt(table: pd.DataFrame) -> str:
 
 
 def _write_report(report: str, summary: dict, counts: dict, total: int | None, check: pd.DataFrame,
-                  recall: pd.DataFrame, precision: pd.DataFrame) -> None:
+                  recall: pd.DataFrame, precision: pd.DataFrame, table: pd.DataFrame, scale_line: str) -> None:
     fsio.write_json(os.path.join(report, "summary.json"), summary)
     recall.to_csv(os.path.join(report, "selection_recall.csv"), index=False, float_format="%.4f")
     precision.to_csv(os.path.join(report, "selection_precision.csv"), index=False, float_format="%.4f")
+    table.to_csv(os.path.join(report, "training.csv"), index=False, float_format="%.4f")
     lines = [
         "# Winnow demo report", "",
+        "## The fixed model trained on each subset", "",
+        f"Same training for every subset ({scale_line}); only the data differs. Columns: subset size, main "
+        "metric of each task (zero-shot top-1 accuracy, retrieval mean recall@1), their average; with several "
+        "seeds, the mean and the spread (max - min).", "",
+        "```", format_table(table), "```", "",
         "## Timings (seconds)", "", "| stage | s |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in summary["timings_s"].items()], "",
         "## Ledger", "", "```", format_counts(counts, total), "```", "",

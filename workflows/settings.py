@@ -12,7 +12,9 @@ from pipeline.synth.world import SynthConfig
 from pipeline.train import TrainConfig
 
 DEMO_RECIPES = ["no_filter", "basic", "demo_text", "demo_clip30", "demo_image", "demo_image_and_clip",
-                "demo_basic_and_clip"]
+                "demo_basic_and_clip", "dfn_30pct", "dfn_and_basic"]
+#: subsets the demo trains the fixed model on (no_filter first: its model is the CLIP scorer)
+DEMO_TRAINED = ["no_filter", "basic", "demo_clip30", "dfn_30pct", "demo_basic_and_clip", "dfn_and_basic"]
 
 
 @dataclass
@@ -20,14 +22,23 @@ class DemoConfig:
     """What the demo does after ingest.
 
     Args:
-        scorer: training of the tiny CLIP that scores the pool (trained on the unfiltered pool, as a stand-in for
-            OpenAI's CLIP, which cannot be downloaded here).
-        recipes: subset recipes (manifests/subsets) made and measured against the truth.
+        scale / arch: the fixed training recipe every trained subset gets (pipeline/scales.py); the same
+            samples seen, batch, schedule and model for all, so only the data differs.
+        seeds: training seeds per subset; with several, the table shows mean and spread.
+        train: subsets trained and evaluated; ``no_filter`` is always trained first, and its model (seed
+            ``seeds[0]``) is the CLIP scorer, standing in for OpenAI's CLIP: a CLIP trained on uncurated web data.
+        dfn: fine-tuning of that scorer on the world's clean set into the data filtering network (the DFN paper
+            fine-tunes a pretrained CLIP on high-quality data); its model, pretrained and epochs are set here.
+        recipes: subset recipes made and measured against the planted truth (trained or not).
         shard_size: samples per resharded training shard.
     """
 
-    scorer: TrainConfig = field(default_factory=lambda: TrainConfig(samples_seen=16_000, batch_size=64, lr=2e-3,
-                                                                    warmup=20))
+    scale: str = "tiny"
+    arch: str = "clip"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    train: list[str] = field(default_factory=lambda: list(DEMO_TRAINED))
+    dfn: TrainConfig = field(default_factory=lambda: TrainConfig(samples_seen=9_600, batch_size=64, lr=5e-4,
+                                                                 warmup=10))
     recipes: list[str] = field(default_factory=lambda: list(DEMO_RECIPES))
     shard_size: int = 500
 
@@ -57,3 +68,10 @@ def load(path: str | None, overrides: list[str] | None, scheduler: str | None = 
     if workers:
         extra.append(f"cluster.n_workers={workers}")
     return config.load(RunConfig, path, extra)
+
+
+def tasks_path() -> Path:
+    """The demo's task list (manifests/tasks/demo.yaml)."""
+    import manifests
+
+    return Path(manifests.__file__).parent / "tasks" / "demo.yaml"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 SYNONYMS = {
-    "circle": ["circle", "round disc", "circle shape", "dot"],
+    "circle": ["circle", "round disc", "disc"],
     "square": ["square", "square tile", "square block"],
     "triangle": ["triangle", "triangular shape", "triangle sign"],
     "star": ["star", "five-pointed star", "star shape"],
@@ -30,17 +30,19 @@ TEXTURE_WORDS = {
     "gradient": ["gradient", "shaded", "fading"],
 }
 TEMPLATES = [
-    "a photo of a {color} {cls}", "a {texture} {color} {cls}", "{color} {cls} with a {texture} pattern",
-    "close-up of a {size} {cls} on a cluttered background", "Buy {color} {cls} wall decal | free shipping",
-    "IMG_{num} {color} {cls}", "vector illustration of a {texture} {cls}", "{cls} pattern, {texture}, {color}",
-    "my favourite {cls} ever!!! #{tag} #{color}", "the {cls} is {color} and {texture}",
-    "{size} {color} {cls} sticker for laptops", "{Cls} icon in {color}", "hand drawn {cls} in {color} ink",
-    "stock image: {texture} {cls} on noisy background", "{color} {cls} - HD wallpaper",
-    "a {size} {cls}, slightly rotated", "{Cls} ({color}, {texture})", "cute {color} {cls} clipart free download",
-    "picture of one {cls} shape in {color}", "{texture} {cls} logo design template",
-    "a {color} colored {cls} printed on paper", "my kid drew this {cls} lol", "{color} {cls} emoji png",
-    "minimal {cls} art print, {color} on background", "photo: a {texture} {cls} seen from above",
+    "a photo of a {adj}{cls}", "a {adj}{cls}", "close-up of a {adj}{cls} on a background", "Buy {adj}{cls} wall decal",
+    "IMG_{num} {adj}{cls}", "vector illustration of a {adj}{cls}", "{adj}{cls} pattern", "my favourite {adj}{cls} ever!!!",
+    "the {adj}{cls} on my desk", "{adj}{cls} sticker for laptops", "{Adj}{cls} icon", "hand drawn {adj}{cls}",
+    "stock image: {adj}{cls} on noisy background", "{Adj}{cls} - HD wallpaper", "a {adj}{cls}, slightly rotated",
+    "cute {adj}{cls} clipart free download", "picture of one {adj}{cls} shape", "{Adj}{cls} logo design template",
+    "a {adj}{cls} printed on paper", "my kid drew this {adj}{cls} lol", "{adj}{cls} emoji png",
+    "minimal {adj}{cls} art print", "photo: a {adj}{cls} seen from above", "a drawing of a {adj}{cls}",
+    "an image of the {adj}{cls}",
 ]
+#: How often a caption carries one attribute word, and which: web alt-text names the object far more reliably
+#: than its colour or pattern, so the class word is the caption's dominant signal.
+ATTRIBUTE_P = {"color": 0.35, "texture": 0.15, "size": 0.1}
+CANONICAL_P = 0.7  # the class's own name; otherwise one of its synonyms
 SUFFIXES = ["", "", "", "", " | stock photo", " - free download", " &amp; more", " [HD]", " ...", " (2019)",
             " | Shutterstock", " #art", " 1080p", " - Pinterest"]
 
@@ -71,11 +73,18 @@ _CONSONANTS = "bcdfghjklmnpqrstvwxz"
 
 
 def caption(rng: np.random.Generator, cls: str, color: str, texture: str, scale: float) -> str:
-    """A correct English caption for an image of ``cls``."""
-    name = str(rng.choice(SYNONYMS[cls]))
-    text = str(rng.choice(TEMPLATES)).format(
-        cls=name, Cls=name.capitalize(), color=color, texture=str(rng.choice(TEXTURE_WORDS[texture])),
-        size="small" if scale < 0.33 else "large", num=int(rng.integers(1000, 9999)), tag=cls)
+    """A correct English caption for an image of ``cls``: its name (or a synonym), at most one attribute."""
+    names = SYNONYMS[cls]
+    name = names[0] if rng.random() < CANONICAL_P else str(rng.choice(names[1:]))
+    kinds = list(ATTRIBUTE_P)
+    probs = np.array([*ATTRIBUTE_P.values(), 1 - sum(ATTRIBUTE_P.values())])
+    kind = ([*kinds, "none"])[int(rng.choice(len(probs), p=probs))]
+    adj = {"color": color, "texture": str(rng.choice(TEXTURE_WORDS[texture])),
+           "size": "small" if scale < 0.36 else "large", "none": ""}[kind]
+    adj = adj + " " if adj else ""
+    template = str(rng.choice(TEMPLATES))
+    text = template.format(adj=adj, Adj=adj.capitalize(), cls=name if adj or "{Adj}" not in template else name.capitalize(),
+                           num=int(rng.integers(1000, 9999)))
     text += str(rng.choice(SUFFIXES))
     if rng.random() < 0.1:
         text = text.upper()

@@ -94,8 +94,8 @@ class SynthConfig:
     n_eval_per_class: int = 40
     n_classes: int = 12
     base_url: str = "http://127.0.0.1:8741"
-    size_min: int = 300
-    size_max: int = 600
+    size_min: int = 290
+    size_max: int = 400
     slow_seconds: float = 12.0
     hang_seconds: float = 120.0
     chunk_size: int = 250
@@ -130,17 +130,20 @@ def image_spec(rng: np.random.Generator, cls: str, seed: list[int], kind: str = 
     w, h = (longest, max(1, round(longest / aspect))) if aspect >= 1 else (max(1, round(longest * aspect)), longest)
     if kind == "pixel":
         w, h = int(rng.integers(1, 5)), int(rng.integers(1, 5))
-    scale = float(rng.uniform(0.24, 0.42)) if kind != "extreme" else 0.42
+    scale = float(rng.uniform(0.32, 0.45)) if kind != "extreme" else 0.45
     margin = min(scale * 1.05, 0.5)
+    texture = str(rng.choice(TEXTURES))
     return {
         "cls": cls, "seed": [int(s) for s in seed], "w": w, "h": h,
         "color": str(rng.choice(sorted(COLORS))), "shade": float(rng.uniform(0.45, 0.75)),
-        "texture": str(rng.choice(TEXTURES)), "period": float(rng.uniform(5, 14)),
+        # half the shapes are a flat colour, the rest carry a texture drawn independently of the class
+        "texture": "plain" if rng.random() < 0.5 else texture, "period": float(rng.uniform(5, 14)),
         "angle": float(rng.uniform(0, np.pi)), "bg": [int(c) for c in rng.integers(60, 200, 3)],
-        "bg_texture": str(rng.choice(TEXTURES)), "bg_period": float(rng.uniform(8, 30)),
-        "bg_angle": float(rng.uniform(0, np.pi)), "clutter": int(rng.integers(4, 16)),
-        "scale": scale, "cx": float(rng.uniform(margin * h / w if w > h else margin, 1 - margin)),
-        "cy": float(rng.uniform(margin * w / h if h > w else margin, 1 - margin)),
+        "bg_texture": "plain", "bg_period": float(rng.uniform(8, 30)),
+        "bg_angle": float(rng.uniform(0, np.pi)), "clutter": int(rng.integers(0, 5)),
+        # the shape lies inside the central square, which a centre crop (open_clip's preprocessing) keeps
+        "scale": scale, "cx": 0.5 + (float(rng.uniform(margin, 1 - margin)) - 0.5) * min(w, h) / w,
+        "cy": 0.5 + (float(rng.uniform(margin, 1 - margin)) - 0.5) * min(w, h) / h,
         "rot": float(rng.uniform(-20, 20)), "noise": float(rng.uniform(2, 8)),
         "quality": int(rng.integers(85, 96)),
     }
