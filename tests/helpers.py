@@ -16,10 +16,11 @@ def free_port() -> int:
 
 
 def tiny_synth_config(port: int, n_pool: int = 240) -> SynthConfig:
-    """Every defect kind planted several times (rates boosted), short delays so tests stay quick."""
+    """Every defect kind planted several times (rates boosted), short delays so tests stay quick; images up to
+    600 px so that ingest's resize to 512 px is exercised."""
     boosted = {f.name: 0.035 for f in fields(DefectRates) if f.name not in ("bomb", "hang")}
     return SynthConfig(seed=7, n_pool=n_pool, n_clean=24, n_eval_per_class=2, base_url=f"http://127.0.0.1:{port}",
-                       slow_seconds=3.0, hang_seconds=30.0, chunk_size=60,
+                       slow_seconds=3.0, hang_seconds=30.0, chunk_size=60, size_max=600,
                        rates=DefectRates(**boosted, bomb=1, hang=1))
 
 

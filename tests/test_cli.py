@@ -29,6 +29,8 @@ def test_help_lists_the_commands():
     for command in ("demo", "synth", "serve", "ingest", "register", "ledger"):
         assert command in result.stdout
     assert winnow("ingest", "--help").returncode == 0
+    assert winnow("dfn", "train", "--help").returncode == 0
+    assert winnow("dfn").returncode == 2  # the subcommand is required
 
 
 def test_missing_input(tmp_path):

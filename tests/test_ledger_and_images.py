@@ -3,7 +3,7 @@ import io
 import pytest
 from PIL import Image
 
-from pipeline.images import inspect_image
+from pipeline.images import inspect_image, open_rgb
 from pipeline.ledger import STATES, classify, format_counts
 from pipeline.synth.render import bomb_png
 
@@ -56,3 +56,18 @@ def test_format_counts_states_the_invariant():
     text = format_counts({"ok": 8, "http_error": 2}, total_input=10)
     assert "holds" in text and "ok 8, failed 2" in text
     assert "BROKEN" in format_counts({"ok": 8}, total_input=10)
+
+
+def test_draft_decoding_keeps_both_sides_at_least_the_requested_size():
+    buf = io.BytesIO()
+    Image.new("RGB", (400, 300), (200, 30, 30)).save(buf, format="JPEG")
+    full = open_rgb(buf.getvalue())
+    assert full.size == (400, 300) and full.mode == "RGB"
+    drafted = open_rgb(buf.getvalue(), draft_side=64)  # 1/4 scale: 100 x 75, both >= 64
+    assert drafted.size == (100, 75) and drafted.mode == "RGB"
+    assert open_rgb(buf.getvalue(), draft_side=200).size == (400, 300)  # 1/2 would make 150 < 200
+    png = io.BytesIO()
+    Image.new("L", (400, 300)).save(png, format="PNG")
+    assert open_rgb(png.getvalue(), draft_side=64).size == (400, 300)  # draft mode is a JPEG feature
+    with pytest.raises(ValueError, match="pixel cap"):
+        open_rgb(buf.getvalue(), max_pixels=1000)

@@ -27,7 +27,8 @@ def test_vitamin_of_matching_size_and_errors():
 
     from pipeline.models import register
     register()
-    assert all(SCALES[n].arch(a) in open_clip.list_models() for n in SCALES for a in ("vit", "vitamin"))
+    assert all(SCALES[n].arch(a) in open_clip.list_models() for n in SCALES for a in ("clip", "vit", "vitamin"))
+    assert SCALES["tiny"].arch("clip") == SCALES["tiny"].arch("vit") == "winnow-tiny-clip"
     with pytest.raises(UserError, match="unknown scale"):
         get("huge")
     with pytest.raises(UserError, match="--arch"):

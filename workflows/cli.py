@@ -117,11 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="task list to evaluate the final checkpoint on (writes results.jsonl)")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="fill ${NAME} in the task list")
 
-    p = sub.add_parser("dfn-train", help="train a data filtering network on a high-quality image-text pool")
+    p = sub.add_parser("dfn", help="data filtering networks: `winnow dfn train HQ_POOL --out DIR`")
+    dfn = p.add_subparsers(dest="dfn_command", required=True, metavar="train")
+    p = dfn.add_parser("train", help="train a data filtering network on a high-quality image-text pool")
     p.add_argument("hq_pool", help="a pool of trusted image-text pairs (the synthetic world's clean/ in the demo)")
     p.add_argument("--out", required=True, help="folder for the resharded set and the training run")
     p.add_argument("--name", default="dfn", help="run name (default dfn)")
     p.add_argument("--scale", default="tiny", help="fixed hyper-parameters of this scale (default tiny)")
+    p.add_argument("--arch", default="clip", choices=["clip", "vit", "vitamin"], help="the scale's CLIP or a ViTamin")
     p.add_argument("--pretrained", default="", help="fine-tune from an open_clip tag or checkpoint (as DFN does)")
     _cluster_args(p)
 
@@ -275,10 +278,10 @@ def cmd_train(args) -> None:
 def cmd_dfn_train(args) -> None:
     from pipeline.train import from_scale, train_dfn
 
-    cfg = from_scale(args.scale, "vit", pretrained=args.pretrained)
+    cfg = from_scale(args.scale, args.arch, pretrained=args.pretrained)
     with _cluster(args) as runner:
         ckpt = train_dfn(args.hq_pool, args.out, args.name, cfg, runner)
-    print(f"dfn-train: {ckpt}\nnext: winnow embed POOL --model {cfg.model} --pretrained {ckpt} --tag dfn; "
+    print(f"dfn train: {ckpt}\nnext: winnow embed POOL --model {cfg.model} --pretrained {ckpt} --tag dfn; "
           "winnow subset dfn_30pct --pool POOL --out ...")
 
 
@@ -325,7 +328,7 @@ def _min_image_size(pool: str) -> int:
 
 COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "serve": cmd_serve, "ingest": cmd_ingest,
             "register": cmd_register, "embed": cmd_embed, "subset": cmd_subset, "reshard": cmd_reshard,
-            "train": cmd_train, "dfn-train": cmd_dfn_train, "evaluate": cmd_evaluate, "ledger": cmd_ledger}
+            "train": cmd_train, "dfn": cmd_dfn_train, "evaluate": cmd_evaluate, "ledger": cmd_ledger}
 
 
 def main(argv: list[str] | None = None) -> int:
