@@ -194,15 +194,19 @@ def embed_shard(task: EmbedTask) -> dict:
     row_of = {k: i for i, k in enumerate(table["key"].astype(str))}
     import torch
 
-    with torch.inference_mode():
-        dim = int(model.encode_text(tokenizer(["x"]).to(device)).shape[1])
+    if tokenizer is None:  # an image-only model (the copy-detection descriptor)
+        dim = int(model.output_dim)
+    else:
+        with torch.inference_mode():
+            dim = int(model.encode_text(tokenizer(["x"]).to(device)).shape[1])
     img = np.full((len(table), dim), np.nan, np.float32)
     txt = np.full((len(table), dim), np.nan, np.float32)
     failures: dict[int, str] = {}
     samples = ((row_of[s["__key__"]], s.get("jpg") or s.get("png") or s.get("webp") or s.get("jpeg") or b"")
                for s in shards.iter_tar(shards.paths(task.pool, task.shard_id)["tar"]) if s["__key__"] in row_of)
     encode_images(model, _batches(samples, preprocess, cfg, failures, 2 * input_side(model)), device, cfg, img)
-    encode_texts(model, tokenizer, list(table["caption"]), device, cfg, txt)
+    if tokenizer is not None:
+        encode_texts(model, tokenizer, list(table["caption"]), device, cfg, txt)
 
     ok_rows = (table["state"] == OK).to_numpy()
     state = np.where(ok_rows, OK, "not_downloaded").astype(object)
@@ -214,7 +218,10 @@ def embed_shard(task: EmbedTask) -> dict:
         state[row], errors[row] = "decode_error", message
     ledger = pd.DataFrame({"uid": table["uid"], "key": table["key"], "state": state, "error_message": errors})
     with fsio.atomic_open(fsio.join(task.out, f"{name}.npz"), "wb") as f:
-        np.savez(f, **{f"{cfg.tag}_img": img.astype(np.float16), f"{cfg.tag}_txt": txt.astype(np.float16)})
+        arrays = {f"{cfg.tag}_img": img.astype(np.float16)}
+        if tokenizer is not None:
+            arrays[f"{cfg.tag}_txt"] = txt.astype(np.float16)
+        np.savez(f, **arrays)
     shards.write_table(fsio.join(task.out, f"{name}.parquet"), ledger)
     stats = {"count": len(table), "embedded_images": int((state == OK).sum()), "decode_errors": len(failures),
              "texts": int(np.isfinite(txt[:, 0]).sum()), "duration": time.time() - start, "dim": int(dim)}

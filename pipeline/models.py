@@ -17,6 +17,7 @@ import functools
 import os
 from pathlib import Path
 
+from . import copydetect
 from .errors import UserError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -55,6 +56,8 @@ def load(model: str, pretrained: str = "", device: str = "cpu", seed: int = 0):
     import open_clip
     import torch
 
+    if model == copydetect.MODEL_NAME:  # the copy-detection descriptor: images only
+        return copydetect.load(pretrained, device), copydetect.preprocess, None
     register()
     if model not in open_clip.list_models():
         raise UserError(f"unknown open_clip model {model!r}; e.g. ViT-B-32, ViTamin-S, winnow-tiny-clip "

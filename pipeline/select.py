@@ -14,6 +14,10 @@ Rules apply in order, each narrowing the set (the manifest records the count aft
   score, not the rows left by earlier rules), ``n = int(len * fraction)``, ``T`` = the (n+1)-th largest score,
   keep ``score >= T`` (ties at T are kept).
 - ``exclude_uids: PATH``: drop the uids of a ``.npy`` subset file (``u8,u8``) or a parquet with a ``uid`` column.
+- ``exclude_duplicates: {table, kinds, eps}``: drop the samples that ``winnow dedup`` marks as not kept in a
+  duplicate group of one of ``kinds`` (``exact_image``, ``exact_pair``, ``near``, ``semantic``,
+  ``contaminated``); ``table`` is its ``duplicates.parquet``; ``eps`` picks the SemDeDup eps (default: the
+  first one computed).
 - ``intersect: [RECIPE, ...]`` / ``union: [RECIPE, ...]``: combine other recipes, given by name (a file in
   ``manifests/subsets/``), path, or inline mapping with their own ``filters`` and ``select``.
 
@@ -37,7 +41,7 @@ from .errors import UserError
 from .ledger import OK
 from .uid import UID_DTYPE, array_to_uids, uids_to_array
 
-RULES = ("threshold", "top_fraction", "exclude_uids", "intersect", "union")
+RULES = ("threshold", "top_fraction", "exclude_uids", "exclude_duplicates", "intersect", "union")
 
 
 def recipes_dir() -> Path:
@@ -118,6 +122,10 @@ def _check_rule(rule: dict, name: str, variables) -> dict:
     elif kind == "top_fraction" and (not isinstance(arg, dict) or set(arg) != {"column", "fraction"} or
                                      not 0 < float(arg["fraction"]) <= 1):
         raise UserError(f"recipe {name!r}: top_fraction takes column and a fraction in (0, 1]; got {arg!r}")
+    elif kind == "exclude_duplicates" and (not isinstance(arg, dict) or not {"table", "kinds"} <= set(arg) or
+                                           set(arg) - {"table", "kinds", "eps"} or not isinstance(arg["kinds"], list)):
+        raise UserError(f"recipe {name!r}: exclude_duplicates takes table, kinds (a list) and optional eps; "
+                        f"got {arg!r}")
     return dict(rule)
 
 
@@ -173,6 +181,12 @@ def apply(recipe: Recipe, frame: pd.DataFrame, log: list[dict] | None = None) ->
             drop = read_uid_list(str(arg))
             keep = ~frame["uid"].isin(drop).to_numpy(dtype=bool, na_value=False)
             text = f"exclude uids in {arg}"
+        elif kind == "exclude_duplicates":
+            from .dedup import dropped_uids, read_table
+
+            drop = dropped_uids(read_table(str(arg["table"])), list(arg["kinds"]), arg.get("eps"))
+            keep = ~frame["uid"].isin(drop).to_numpy(dtype=bool, na_value=False)
+            text = f"exclude {', '.join(arg['kinds'])} duplicates ({arg['table']})"
         else:
             masks = [apply(sub, frame) for sub in arg]
             keep = np.logical_and.reduce(masks) if kind == "intersect" else np.logical_or.reduce(masks)

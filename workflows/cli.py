@@ -88,6 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _cluster_args(p)
 
+    p = sub.add_parser("dedup", help="exact, near, semantic duplicates and eval-set contamination of a pool")
+    p.add_argument("pool", help="pool folder, embedded with `winnow embed --tag TAG`")
+    p.add_argument("--tag", default="l14", help="embedding tag to compare images with (default l14)")
+    p.add_argument("--near-threshold", type=float, default=0.95, help="cosine for near duplicates (default 0.95)")
+    p.add_argument("--semantic-eps", default="0.05,0.02,0.01", help="SemDeDup eps values, comma-separated")
+    p.add_argument("--decontaminate", action="append", default=[], metavar="EVAL_SET",
+                   help="evaluation set folder whose images must not be in the pool (repeatable)")
+    p.add_argument("--contamination-threshold", type=float, default=0.9)
+    p.add_argument("--out", help="output folder (default POOL/dedup/TAG)")
+    p.add_argument("--overwrite", action="store_true")
+    _cluster_args(p)
+
+    p = sub.add_parser("copy-descriptor", help="train a small copy-detection descriptor on a pool's own images")
+    p.add_argument("pool", help="pool folder")
+    p.add_argument("--out", required=True, help="folder for descriptor.pt")
+    p.add_argument("--steps", type=int, default=300)
+
     p = sub.add_parser("subset", help="score a pool with a recipe's filters and write its uids.npy")
     p.add_argument("recipe", help="recipe name (manifests/subsets/NAME.yaml) or YAML path")
     p.add_argument("--pool", required=True, help="pool folder, or a DataComp metadata folder")
@@ -241,6 +258,28 @@ def cmd_embed(args) -> None:
     print(f"embed: {doc['rows']}")
 
 
+def cmd_dedup(args) -> None:
+    from pipeline.dedup import DedupConfig, dedup
+
+    try:
+        eps = [float(e) for e in args.semantic_eps.split(",") if e.strip()]
+    except ValueError:
+        raise UserError(f"--semantic-eps {args.semantic_eps!r}: give numbers like 0.05,0.02") from None
+    cfg = DedupConfig(tag=args.tag, near_threshold=args.near_threshold, semantic_eps=eps,
+                      decontaminate=args.decontaminate, contamination_threshold=args.contamination_threshold)
+    with _cluster(args) as runner:
+        doc = dedup(args.pool, cfg, runner, out=args.out, overwrite=args.overwrite)
+    print(f"dedup: {doc['dropped']}")
+
+
+def cmd_copy_descriptor(args) -> None:
+    from pipeline.copydetect import MODEL_NAME, train_descriptor
+
+    path = train_descriptor(args.pool, args.out, steps=args.steps)
+    print(f"copy-descriptor: {path}\nnext: winnow embed {args.pool} --model {MODEL_NAME} --pretrained {path} "
+          "--tag copy; winnow dedup POOL --tag copy")
+
+
 def cmd_subset(args) -> None:
     from pipeline.select import subset
 
@@ -327,7 +366,7 @@ def _min_image_size(pool: str) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "serve": cmd_serve, "ingest": cmd_ingest,
-            "register": cmd_register, "embed": cmd_embed, "subset": cmd_subset, "reshard": cmd_reshard,
+            "register": cmd_register, "embed": cmd_embed, "dedup": cmd_dedup, "copy-descriptor": cmd_copy_descriptor, "subset": cmd_subset, "reshard": cmd_reshard,
             "train": cmd_train, "dfn": cmd_dfn_train, "evaluate": cmd_evaluate, "ledger": cmd_ledger}
 
 
