@@ -70,6 +70,15 @@ def _framed(img, side: int):
     return torch.from_numpy((a - 0.5) / 0.25).permute(2, 0, 1).contiguous()
 
 
+def _colour_key(x):
+    """A scalar per image that orders images by mean colour (coarse RGB bins, then brightness)."""
+    import torch
+
+    mean = x.mean(dim=(2, 3))
+    bins = ((mean - mean.min(0).values) / (mean.max(0).values - mean.min(0).values + 1e-6) * 7.999).long()
+    return (bins[:, 0] * 64 + bins[:, 1] * 8 + bins[:, 2]).float() + torch.sigmoid(mean.sum(1))
+
+
 def preprocess(img):
     """The descriptor's input: the centred SIDE x SIDE view (the same framing as open_clip's eval transform)."""
     return _framed(img, SIDE)
@@ -157,10 +166,17 @@ def train_descriptor(pool: str, out: str, steps: int = 300, batch_size: int = 12
     batch = min(batch_size, len(images))
     start = time.time()
     net.train()
+    # hard negatives: half of each batch is a window of images with similar mean colours, so that the
+    # descriptor must tell same-coloured images apart by their layout
+    by_colour = torch.argsort(_colour_key(x))
     for step in range(steps):
-        pick = torch.randperm(len(x), generator=gen)[:batch]
+        start_at = int(torch.randint(0, max(1, len(x) - batch // 2), (1,), generator=gen))
+        window = by_colour[start_at: start_at + batch // 2]
+        rest = torch.randperm(len(x), generator=gen)
+        rest = rest[~torch.isin(rest, window)][: batch - len(window)]
+        pick = torch.cat([window, rest])
         za = net.encode_image(augment(x[pick], gen, colour=False))
-        zb = net.encode_image(augment(x[pick], gen, colour=True))
+        zb = net.encode_image(augment(x[pick], gen, colour=False))
         logits = za @ zb.T / temperature
         target = torch.arange(batch)
         loss = (torch.nn.functional.cross_entropy(logits, target) +

@@ -49,7 +49,8 @@ class DedupConfig:
         flat_max: exact search up to this many images; IVF above.
         nlist / nprobe: IVF lists (0: about 4 x sqrt(n)) and lists probed per query.
         k: neighbours retrieved per query (groups larger than k are still joined through their members).
-        semantic_clusters: k-means clusters for SemDeDup (0: one per 128 images, at least 1).
+        semantic_clusters: k-means clusters for SemDeDup (0: one per 10,000 images, at least 1; SemDeDup used
+            50,000 clusters for LAION-440M, about 8,800 images each).
         semantic_eps: SemDeDup eps values computed in one pass (duplicate when cosine > 1 - eps).
         decontaminate: evaluation set folders (clip_benchmark layout) whose images the pool must not contain.
         contamination_threshold: cosine at or above which a pool image copies an eval image.
@@ -283,7 +284,7 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
     log(f"dedup: {len(edges):,} near-duplicate pairs (cosine >= {cfg.near_threshold})")
 
     # semantic (SemDeDup)
-    n_clusters = cfg.semantic_clusters or max(1, round(len(rows) / 128))
+    n_clusters = cfg.semantic_clusters or max(1, round(len(rows) / 10_000))
     assign, sim = semantic(x, rank[rows], n_clusters)
     eps_max, eps_kept = max(cfg.semantic_eps), cfg.semantic_eps[0]
     hit = sim > 1 - eps_max

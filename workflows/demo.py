@@ -19,6 +19,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline import fsio
+from pipeline import copydetect
+from pipeline.copydetect import train_descriptor
+from pipeline.dedup import dedup
+from pipeline.dedup import read_table as read_dedup_table
 from pipeline.embed import EmbedConfig, embed
 from pipeline.errors import UserError
 from pipeline.evaluate import evaluate, load_tasklist
@@ -29,7 +33,7 @@ from pipeline.reshard import reshard
 from pipeline.runner import Runner
 from pipeline.select import load_recipe, subset
 from pipeline.synth.server import WebPoolServer
-from pipeline.synth.truth import ingest_check, selection_check
+from pipeline.synth.truth import dedup_check, ingest_check, selection_check
 from pipeline.synth.world import build_world
 from pipeline.train import TrainConfig, from_scale, train, train_dfn
 
@@ -84,9 +88,16 @@ def run(out: str, cfg: RunConfig, overwrite: bool = False, log=print) -> dict:
             dfn = runs.train_dfn(os.path.join(world, "clean"), scorer)
             embed(pool, EmbedConfig(model=runs.model, pretrained=dfn, tag="dfn", batch_size=128), runner,
                   overwrite=overwrite, log=log)
+        with timings.stage("dedup: copy descriptor, embed, dedup + decontaminate"):
+            descriptor = train_descriptor(pool, os.path.join(out, "copy"), steps=demo.copy_steps, log=log)
+            embed(pool, EmbedConfig(model=copydetect.MODEL_NAME, pretrained=descriptor, tag=demo.dedup.tag,
+                                    batch_size=256), runner, overwrite=overwrite, log=log)
+            dcfg = replace(demo.dedup, decontaminate=[*demo.dedup.decontaminate, os.path.join(world, "eval")])
+            dedup(pool, dcfg, runner, overwrite=overwrite, log=log)
+            duplicates = read_dedup_table(os.path.join(pool, "dedup", dcfg.tag, "duplicates.parquet"))
         with timings.stage("subsets"):
             made = {}
-            variables = {"world": world}
+            variables = {"world": world, "dedup_tag": demo.dedup.tag}
             for name in dict.fromkeys(demo.recipes + demo.train):
                 made[name] = subset(name, pool, os.path.join(subsets_dir, name), runner, variables=variables,
                                     log=log)
@@ -102,12 +113,14 @@ def run(out: str, cfg: RunConfig, overwrite: bool = False, log=print) -> dict:
     check = ingest_check(pool, world, cfg.ingest.min_image_size)
     arrays = {name: _load_uids(subsets_dir, name) for name in made}
     recall, precision = selection_check(pool, world, arrays)
+    dedup_table = dedup_check(pool, world, duplicates)
     table = results_table(trained, {name: len(arrays[name]) for name in trained})
     summary = {"timings_s": dict(timings), "ledger": counts, "input_rows": total,
                "ingest_check": check.to_dict("records"), "selection_recall": recall.to_dict("records"),
                "selection_precision": precision.to_dict("records"), "training": table.to_dict("records"),
+               "dedup_check": dedup_table.to_dict("records"),
                "runs": trained, "config": asdict(cfg)}
-    _write_report(report, summary, counts, total, check, recall, precision, table, runs.scale_line)
+    _write_report(report, summary, counts, total, check, recall, precision, table, runs.scale_line, dedup_table)
     log("\nLedger of " + pool + ":\n" + format_counts(counts, total))
     log("\nPlanted defects vs ledger state:")
     log(check.to_string(index=False))
@@ -116,6 +129,9 @@ def run(out: str, cfg: RunConfig, overwrite: bool = False, log=print) -> dict:
     log("\nFilters and recipes vs planted defects (downloaded samples; precision = dropped samples that are "
         "defective; other columns = share of that defect dropped):")
     log(_fmt(recall))
+    log(f"\nDedup ({demo.dedup.tag} descriptor, near cosine >= {demo.dedup.near_threshold}, contamination >= "
+        f"{demo.dedup.contamination_threshold}) vs planted duplicates and eval copies:")
+    log(_fmt_dedup(dedup_table))
     log(f"\nThe fixed model trained on each subset ({runs.scale_line}):")
     log(format_table(table))
     log(f"\ntimings (s): {json.dumps(dict(timings))}")
@@ -226,8 +242,13 @@ def _fmt(table: pd.DataFrame) -> str:
     return shown.to_string(index=False)
 
 
+def _fmt_dedup(table: pd.DataFrame) -> str:
+    return table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="")
+
+
 def _write_report(report: str, summary: dict, counts: dict, total: int | None, check: pd.DataFrame,
-                  recall: pd.DataFrame, precision: pd.DataFrame, table: pd.DataFrame, scale_line: str) -> None:
+                  recall: pd.DataFrame, precision: pd.DataFrame, table: pd.DataFrame, scale_line: str,
+                  dedup_table: pd.DataFrame) -> None:
     fsio.write_json(os.path.join(report, "summary.json"), summary)
     recall.to_csv(os.path.join(report, "selection_recall.csv"), index=False, float_format="%.4f")
     precision.to_csv(os.path.join(report, "selection_precision.csv"), index=False, float_format="%.4f")
@@ -249,5 +270,10 @@ def _write_report(report: str, summary: dict, counts: dict, total: int | None, c
         "```", _fmt(recall), "```", "",
         "Per defect, share of the dropped samples that have it (precision by kind): "
         "`selection_precision.csv`.", "",
+        "## Deduplication and decontamination vs planted truth", "",
+        "A planted copy is found when it shares an exact or near group with its source; `precision`: share of "
+        "the samples dedup drops that are true duplicates of their group's kept member; contamination: pool "
+        "copies of evaluation images flagged.", "",
+        "```", _fmt_dedup(dedup_table), "```", "",
     ]
     fsio.write_bytes(os.path.join(report, "report.md"), "\n".join(lines).encode())

@@ -6,15 +6,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import config
+from pipeline.dedup import DedupConfig
 from pipeline.ingest import IngestConfig
 from pipeline.runner import ClusterConfig
 from pipeline.synth.world import SynthConfig
 from pipeline.train import TrainConfig
 
 DEMO_RECIPES = ["no_filter", "basic", "demo_text", "demo_clip30", "demo_image", "demo_image_and_clip",
-                "demo_basic_and_clip", "dfn_30pct", "dfn_and_basic"]
+                "demo_basic_and_clip", "dfn_30pct", "dfn_and_basic", "basic_dedup", "demo_basic_and_clip_dedup",
+                "dfn_and_basic_dedup"]
 #: subsets the demo trains the fixed model on (no_filter first: its model is the CLIP scorer)
-DEMO_TRAINED = ["no_filter", "basic", "demo_clip30", "dfn_30pct", "demo_basic_and_clip", "dfn_and_basic"]
+DEMO_TRAINED = ["no_filter", "basic", "demo_clip30", "dfn_30pct", "demo_basic_and_clip", "dfn_and_basic",
+                "dfn_and_basic_dedup"]
 
 
 @dataclass
@@ -29,6 +32,9 @@ class DemoConfig:
             ``seeds[0]``) is the CLIP scorer, standing in for OpenAI's CLIP: a CLIP trained on uncurated web data.
         dfn: fine-tuning of that scorer on the world's clean set into the data filtering network (the DFN paper
             fine-tunes a pretrained CLIP on high-quality data); its model, pretrained and epochs are set here.
+        copy_steps: training steps of the copy-detection descriptor (pipeline/copydetect.py) that dedup uses.
+        dedup: dedup settings (tag ``copy``: the descriptor; keep order by the CLIP scorer's score, tag
+            ``demo``); the world's evaluation set is always added to ``decontaminate``.
         recipes: subset recipes made and measured against the planted truth (trained or not).
         shard_size: samples per resharded training shard.
     """
@@ -39,6 +45,9 @@ class DemoConfig:
     train: list[str] = field(default_factory=lambda: list(DEMO_TRAINED))
     dfn: TrainConfig = field(default_factory=lambda: TrainConfig(samples_seen=9_600, batch_size=64, lr=5e-4,
                                                                  warmup=10))
+    copy_steps: int = 150
+    dedup: DedupConfig = field(default_factory=lambda: DedupConfig(tag="copy", keep_tag="demo", near_threshold=0.97,
+                                                                   contamination_threshold=0.97))
     recipes: list[str] = field(default_factory=lambda: list(DEMO_RECIPES))
     shard_size: int = 500
 

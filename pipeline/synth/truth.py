@@ -46,3 +46,46 @@ def selection_check(pool: str, world: str, subsets: dict[str, np.ndarray]) -> tu
         rows.append(row)
         prec_rows.append(prec)
     return pd.DataFrame(rows), pd.DataFrame(prec_rows)
+
+
+def dedup_check(pool: str, world: str, table: pd.DataFrame) -> pd.DataFrame:
+    """Per planted duplicate kind and for contamination: how many planted pairs the dedup table finds, and how
+    many of the samples it drops are true duplicates (over downloaded samples).
+
+    A planted copy counts as found when it and its source share an ``exact_image`` or ``near`` group (or, for
+    eval copies, when it is flagged ``contaminated``). A dropped sample is a true duplicate when some planted
+    relation links it to its group's kept member: copy and source, two copies of one source, or two copies of
+    one evaluation image.
+    """
+    truth = read_truth(world).merge(read_states(pool)[["uid", "state"]], on="uid")
+    truth = truth[truth["state"] == "ok"]
+    ok = set(truth["uid"])
+    # the "family" of a sample: the source it copies (or itself), the eval image it copies
+    family = {u: (s if isinstance(s, str) else u) for u, s in zip(truth["uid"], truth["source_uid"])}
+    for u, d, e in zip(truth["uid"], truth["defect"], truth["eval_index"]):
+        if d == "eval_copy":
+            family[u] = f"eval/{e}"
+    rows = []
+    groups = table[table["kind"].isin(["exact_image", "near"])]
+    group_of: dict[str, set[str]] = {}
+    for u, g in zip(groups["uid"], groups["group"]):
+        group_of.setdefault(u, set()).add(g)
+    for kind in ("exact_duplicate", "near_reencode", "near_resize", "near_crop"):
+        planted = truth[(truth["defect"] == kind) & truth["source_uid"].isin(ok)]
+        found = [bool(group_of.get(u, set()) & group_of.get(s, set())) for u, s in
+                 zip(planted["uid"], planted["source_uid"])]
+        rows.append({"kind": kind, "planted": len(planted), "found": int(sum(found)),
+                     "recall": float(np.mean(found)) if found else float("nan")})
+    dropped = groups[~groups["kept"]].drop_duplicates("uid")
+    true = [family.get(u) == family.get(g) for u, g in zip(dropped["uid"], dropped["group"])]
+    rows.append({"kind": "all duplicates (dropped)", "planted": int(truth["defect"].isin(
+        ["exact_duplicate", "near_reencode", "near_resize", "near_crop"]).sum()), "found": int(sum(true)),
+        "recall": float("nan"), "dropped": len(dropped),
+        "precision": float(np.mean(true)) if true else float("nan")})
+    flagged = set(table.loc[table["kind"] == "contaminated", "uid"])
+    copies = set(truth.loc[truth["defect"] == "eval_copy", "uid"])
+    rows.append({"kind": "eval_copy (contaminated)", "planted": len(copies), "found": len(copies & flagged),
+                 "recall": len(copies & flagged) / len(copies) if copies else float("nan"),
+                 "dropped": len(flagged),
+                 "precision": len(copies & flagged) / len(flagged) if flagged else float("nan")})
+    return pd.DataFrame(rows)
