@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dedup", help="exact, near, semantic duplicates and eval-set contamination of a pool")
     p.add_argument("pool", help="pool folder, embedded with `winnow embed --tag TAG`")
     p.add_argument("--tag", default="l14", help="embedding tag to compare images with (default l14)")
+    p.add_argument("--keep-tag", default="", help="tag whose image-text cosine decides which copy is kept "
+                   "(default: --tag)")
     p.add_argument("--near-threshold", type=float, default=0.95, help="cosine for near duplicates (default 0.95)")
     p.add_argument("--semantic-eps", default="0.05,0.02,0.01", help="SemDeDup eps values, comma-separated")
     p.add_argument("--decontaminate", action="append", default=[], metavar="EVAL_SET",
@@ -265,7 +267,7 @@ def cmd_dedup(args) -> None:
         eps = [float(e) for e in args.semantic_eps.split(",") if e.strip()]
     except ValueError:
         raise UserError(f"--semantic-eps {args.semantic_eps!r}: give numbers like 0.05,0.02") from None
-    cfg = DedupConfig(tag=args.tag, near_threshold=args.near_threshold, semantic_eps=eps,
+    cfg = DedupConfig(tag=args.tag, keep_tag=args.keep_tag, near_threshold=args.near_threshold, semantic_eps=eps,
                       decontaminate=args.decontaminate, contamination_threshold=args.contamination_threshold)
     with _cluster(args) as runner:
         doc = dedup(args.pool, cfg, runner, out=args.out, overwrite=args.overwrite)
