@@ -47,10 +47,11 @@ class DedupConfig:
             ``tag`` is an image-only descriptor such as ``copy``).
         near_threshold: cosine at or above which two images are near duplicates.
         flat_max: exact search up to this many images; IVF above.
-        nlist / nprobe: IVF lists (0: about 4 x sqrt(n)) and lists probed per query.
+        nlist / nprobe: IVF lists (0: about 2 x sqrt(n)) and lists probed per query.
         k: neighbours retrieved per query (groups larger than k are still joined through their members).
-        semantic_clusters: k-means clusters for SemDeDup (0: one per 10,000 images, at least 1; SemDeDup used
-            50,000 clusters for LAION-440M, about 8,800 images each).
+        semantic_clusters: k-means clusters for SemDeDup (0: sqrt(n) / 3, which balances the k-means cost against
+            the pairwise cost within clusters: 333 clusters of 3,000 at 1M; SemDeDup used 50,000 clusters of
+            about 8,800 for LAION-440M).
         semantic_eps: SemDeDup eps values computed in one pass (duplicate when cosine > 1 - eps).
         decontaminate: evaluation set folders (clip_benchmark layout) whose images the pool must not contain.
         contamination_threshold: cosine at or above which a pool image copies an eval image.
@@ -140,12 +141,12 @@ def build_index(x: np.ndarray, cfg: DedupConfig, seed: int = 0):
     if len(x) <= cfg.flat_max:
         index = faiss.IndexFlatIP(d)
     else:
-        nlist = cfg.nlist or int(4 * np.sqrt(len(x)))
+        nlist = cfg.nlist or int(2 * np.sqrt(len(x)))
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
                                               faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        train = x[rng.choice(len(x), min(len(x), nlist * 64), replace=False)]
+        train = x[np.sort(rng.choice(len(x), min(len(x), nlist * 40), replace=False))]
         index.cp.seed = seed
         index.train(train)
         index.nprobe = cfg.nprobe
@@ -169,7 +170,7 @@ def semantic(x: np.ndarray, rank: np.ndarray, n_clusters: int, seed: int = 0) ->
 
     k = max(1, min(len(x), n_clusters))
     if k > 1:
-        kmeans = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True, max_points_per_centroid=100_000)
+        kmeans = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True)  # trains on <= 256 per centroid
         kmeans.train(x)
         _, assign = kmeans.index.search(x, 1)
         assign = assign[:, 0]
@@ -230,7 +231,7 @@ def load_pool(pool: str, tag: str, keep_tag: str = "") -> dict:
             raise UserError(f"dedup: {part.stem}: {len(emb[tag]['img'])} embeddings for {len(table)} rows; re-embed")
         bounds.append((part.stem, sum(len(t) for t in tables), len(table)))
         tables.append(table)
-        img.append(emb[tag]["img"])
+        img.append(emb[tag]["img"].astype(np.float16))
         k = emb[keep_tag]
         clip.append((normalize(np.nan_to_num(k["img"])) * normalize(np.nan_to_num(k["txt"]))).sum(axis=1)
                     if "txt" in k and "img" in k else np.full(len(table), np.nan))
@@ -252,15 +253,15 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
     data = load_pool(pool, cfg.tag, cfg.keep_tag)
     frame = data["frame"]
     uids = frame["uid"].astype(str).to_numpy()
-    ok = (frame["state"] == "ok").to_numpy(dtype=bool, na_value=False) & np.isfinite(data["img"]).all(axis=1)
-    img = normalize(np.nan_to_num(data["img"]))
+    ok = (frame["state"] == "ok").to_numpy(dtype=bool, na_value=False) & _finite_rows(data["img"])
     rank = keep_order(uids, data["clip"])
     rows = np.flatnonzero(ok)
+    x = _normalized_rows(data["img"], rows)  # float32, one copy: the only full-size array besides the index
+    del data["img"]
     log(f"dedup: {len(rows):,} images of {len(frame):,} rows, tag {cfg.tag}")
     tables = [_exact(frame, rows, rank, uids)]
 
     # near duplicates: one index, queries sharded per part
-    x = img[rows]
     index = build_index(x, cfg)
     index_path = fsio.join(out, "index.faiss")
     _write_index(index, index_path)
@@ -272,7 +273,7 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
         offset = int(np.searchsorted(rows, local[0]))
         emb_path = fsio.join(out, "queries", f"{stem}.npy")
         with fsio.atomic_open(emb_path, "wb") as f:
-            np.save(f, img[local])
+            np.save(f, x[offset: offset + len(local)])
         tasks.append(QueryTask(index_path, emb_path, offset, fsio.join(out, "edges", f"{stem}.npy"), asdict(cfg)))
     runner.map(query_part, tasks, label="dedup search")
     edges = np.concatenate([np.load(t.out, allow_pickle=False) for t in tasks] or [np.zeros((0, 3))])
@@ -284,7 +285,7 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
     log(f"dedup: {len(edges):,} near-duplicate pairs (cosine >= {cfg.near_threshold})")
 
     # semantic (SemDeDup)
-    n_clusters = cfg.semantic_clusters or max(1, round(len(rows) / 10_000))
+    n_clusters = cfg.semantic_clusters or max(1, round(np.sqrt(len(rows)) / 3))
     assign, sim = semantic(x, rank[rows], n_clusters)
     eps_max, eps_kept = max(cfg.semantic_eps), cfg.semantic_eps[0]
     hit = sim > 1 - eps_max
@@ -314,6 +315,18 @@ def _write_index(index, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     faiss.write_index(faiss.index_gpu_to_cpu(index) if hasattr(index, "getDevice") else index, tmp)
     os.replace(tmp, path)
+
+
+def _finite_rows(a: np.ndarray, chunk: int = 262_144) -> np.ndarray:
+    return np.concatenate([np.isfinite(a[s: s + chunk]).all(axis=1) for s in range(0, len(a), chunk)] or
+                          [np.zeros(0, bool)])
+
+
+def _normalized_rows(a: np.ndarray, rows: np.ndarray, chunk: int = 262_144) -> np.ndarray:
+    out = np.empty((len(rows), a.shape[1]), np.float32)
+    for s in range(0, len(rows), chunk):
+        out[s: s + chunk] = normalize(a[rows[s: s + chunk]])
+    return out
 
 
 def _spread(values: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:

@@ -10,7 +10,7 @@ def test_demo_config_loads_strictly():
     cfg = load(RunConfig, demo_config_path())
     assert cfg.ingest.shard_size == 500 and cfg.synth.n_pool == 5000 and cfg.cluster.n_workers == 2
     assert cfg.synth.rates.mismatch == 0.3 and cfg.synth.rates.tiny_image == 0.03  # nested, partly overridden
-    assert cfg.demo.train[0] == "no_filter" and cfg.demo.dfn.samples_seen == 9600 and cfg.demo.seeds == [0]
+    assert cfg.demo.train[0] == "no_filter" and cfg.demo.dfn.samples_seen == 6400 and cfg.demo.seeds == [0]
 
 
 def test_unknown_key_names_the_allowed_keys():

@@ -43,9 +43,9 @@ class DemoConfig:
     arch: str = "clip"
     seeds: list[int] = field(default_factory=lambda: [0])
     train: list[str] = field(default_factory=lambda: list(DEMO_TRAINED))
-    dfn: TrainConfig = field(default_factory=lambda: TrainConfig(samples_seen=9_600, batch_size=64, lr=5e-4,
+    dfn: TrainConfig = field(default_factory=lambda: TrainConfig(samples_seen=6_400, batch_size=64, lr=5e-4,
                                                                  warmup=10))
-    copy_steps: int = 150
+    copy_steps: int = 100
     dedup: DedupConfig = field(default_factory=lambda: DedupConfig(tag="copy", keep_tag="demo", near_threshold=0.97,
                                                                    contamination_threshold=0.97))
     recipes: list[str] = field(default_factory=lambda: list(DEMO_RECIPES))
