@@ -3,7 +3,8 @@
 A DataComp-metadata-like folder is synthesised (``<part>.parquet`` with uid/text/sha256 beside ``<part>.npz`` with
 ``b32_img``): unit vectors around 2,000 cluster centres (so neighbourhoods are dense, as in real pools), plus 1%
 planted near duplicates (cosine about 0.97 to their source). ``winnow dedup`` then runs on a 2-worker
-LocalCluster: IVF index (fp16 codes) above 200k rows, queries one task per part, SemDeDup. Reported per size:
+LocalCluster: IVF-PQ fast-scan index with fp16 re-ranking above 200k rows, queries one task per part,
+SemDeDup. Reported per size:
 wall time, peak memory of the whole process tree (driver + workers, sampled every 0.2 s), planted pairs found,
 and the recall of the approximate path against exact (Flat) search for a sample of 2,000 queries, measured in
 the same run. Baseline for the ratio: exact search of the sample, extrapolated to all queries.
@@ -17,7 +18,6 @@ import argparse
 import os
 import shutil
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -49,43 +49,14 @@ def make_metadata(folder: str, n: int, d: int = 512, part: int = 50_000, dup_fra
     return x, src, np.arange(base, n)
 
 
-class PeakRSS:
-    """Peak resident memory of this process and all its children, sampled in a thread."""
-
-    def __init__(self):
-        import psutil
-
-        self.proc, self.peak, self.stop = psutil.Process(), 0, threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        import psutil
-
-        while not self.stop.is_set():
-            total = 0
-            for p in [self.proc, *self.proc.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            time.sleep(0.2)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-
-
 def main() -> None:
     import faiss
     import pandas as pd
 
     from pipeline.dedup import DedupConfig, dedup, read_table
     from pipeline.runner import ClusterConfig, Runner
+
+    from bench_select import PeakRSS  # peak RSS of this process and its children, sampled every 0.2 s
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000,300000,1000000")
@@ -129,8 +100,8 @@ def main() -> None:
         del x, xf, flat
         shutil.rmtree(root, ignore_errors=True)
     print()
-    print(f"winnow dedup (IVF fp16 above 200k rows, 2 workers) vs exact Flat search extrapolated, threshold "
-          f"{args.threshold}")
+    print(f"winnow dedup (Flat up to 200k rows, IVF-PQ + re-ranking above; 2 workers) vs exact Flat search "
+          f"extrapolated, threshold {args.threshold}")
     print(f"{'rows':>10} {'wall s':>8} {'peak GiB':>9} {'planted':>8} {'recall':>7} {'exact s (est)':>14} {'ratio':>6}")
     for n, wall, peak, found, recall, _, exact_s in rows:
         print(f"{n:>10,} {wall:>8.1f} {peak:>9.2f} {found:>8.3f} {recall:>7.3f} {exact_s:>14.1f} "

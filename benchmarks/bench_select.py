@@ -96,6 +96,8 @@ def baseline(folder: str, recipe: str) -> int:
 
 
 class PeakRSS:
+    """Peak resident memory of this process and all its children (Dask workers), sampled in a thread."""
+
     def __enter__(self):
         self.peak, self.stop = 0, threading.Event()
         me = psutil.Process()

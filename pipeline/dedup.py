@@ -6,8 +6,9 @@
 - ``exact_image``: identical image bytes (the pool's ``sha256`` column, computed by img2dataset).
 - ``exact_pair``: identical image bytes and identical normalised caption (lower case, collapsed spaces).
 - ``near``: image-embedding cosine >= ``near_threshold`` (connected components of the >= threshold graph).
-  Search: exact ``IndexFlatIP`` up to ``flat_max`` images, above that ``IndexIVFScalarQuantizer`` (fp16 codes,
-  ``nlist`` lists, ``nprobe`` probed; recall against exact search is measured by ``benchmarks/bench_dedup.py``);
+  Search: exact ``IndexFlatIP`` up to ``flat_max`` images; above, IVF with 4-bit PQ fast-scan codes and an fp16
+  re-ranking stage (``nlist`` lists, ``nprobe`` probed; recall against exact search is measured by
+  ``benchmarks/bench_dedup.py``);
   ``faiss-gpu`` is used when faiss sees a GPU. The index is built once; queries run as one Dask task per shard
   (each loads the index and its own shard's embeddings), so memory per worker is the index plus one shard.
 - ``semantic``: SemDeDup: faiss k-means over the embeddings; within each cluster, ``similarity`` is a sample's
@@ -35,6 +36,7 @@ import pandas as pd
 from . import fsio, manifest, shards
 from .errors import UserError
 
+K_FACTOR = 4  # IVF-PQ candidates re-ranked exactly per neighbour kept
 KINDS = ("exact_image", "exact_pair", "near", "semantic", "contaminated")
 TABLE = "duplicates.parquet"
 
@@ -46,7 +48,7 @@ class DedupConfig:
         keep_tag: embeddings whose image-text cosine orders the keep policy (default: ``tag``; set it when
             ``tag`` is an image-only descriptor such as ``copy``).
         near_threshold: cosine at or above which two images are near duplicates.
-        flat_max: exact search up to this many images; IVF above.
+        flat_max: exact search up to this many images; IVF-PQ with exact re-ranking above.
         nlist / nprobe: IVF lists (0: about 2 x sqrt(n)) and lists probed per query.
         k: neighbours retrieved per query (groups larger than k are still joined through their members).
         semantic_clusters: k-means clusters for SemDeDup (0: sqrt(n) / 3, which balances the k-means cost against
@@ -134,7 +136,9 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 
 def build_index(x: np.ndarray, cfg: DedupConfig, seed: int = 0):
-    """An inner-product faiss index over normalised rows: Flat up to ``flat_max`` rows, else IVF with fp16 codes."""
+    """An inner-product faiss index over normalised rows: exact Flat up to ``flat_max`` rows; above, IVF with
+    4-bit PQ fast-scan codes (d/8 sub-quantisers) whose candidates (``k_factor`` x k) are re-ranked with fp16
+    copies of the vectors, so the cosines compared with the threshold are (nearly) exact."""
     import faiss
 
     d = x.shape[1]
@@ -142,15 +146,29 @@ def build_index(x: np.ndarray, cfg: DedupConfig, seed: int = 0):
         index = faiss.IndexFlatIP(d)
     else:
         nlist = cfg.nlist or int(2 * np.sqrt(len(x)))
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
-                                              faiss.METRIC_INNER_PRODUCT)
+        m = next(m for m in (d // 8, d // 4, d // 2, d) if d % m == 0 and m % 2 == 0) if d % 2 == 0 else d
+        index = faiss.index_factory(d, f"IVF{nlist},PQ{m}x4fs,Refine(SQfp16)", faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        train = x[np.sort(rng.choice(len(x), min(len(x), nlist * 40), replace=False))]
-        index.cp.seed = seed
-        index.train(train)
-        index.nprobe = cfg.nprobe
+        index.train(x[np.sort(rng.choice(len(x), min(len(x), nlist * 40), replace=False))])
+        _tune(index, cfg)
     index.add(x)
+    return index
+
+
+def _tune(index, cfg: DedupConfig) -> None:
+    import faiss
+
+    if hasattr(index, "k_factor"):
+        index.k_factor = K_FACTOR
+        faiss.extract_index_ivf(index).nprobe = cfg.nprobe
+
+
+def on_gpu(index):
+    """The index moved to every GPU faiss sees (``faiss-gpu`` installed and a GPU present), else unchanged."""
+    import faiss
+
+    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+        return faiss.index_cpu_to_all_gpus(index)
     return index
 
 
@@ -207,8 +225,8 @@ def query_part(task: QueryTask) -> int:
         return -1
     cfg = DedupConfig(**task.config)
     index = faiss.read_index(task.index_path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    if hasattr(index, "nprobe"):
-        index.nprobe = cfg.nprobe
+    _tune(index, cfg)
+    index = on_gpu(index)
     queries = np.load(task.embeddings, allow_pickle=False)
     edges = search_edges(index, queries, task.offset, cfg)
     with fsio.atomic_open(task.out, "wb") as f:
@@ -277,6 +295,7 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
         tasks.append(QueryTask(index_path, emb_path, offset, fsio.join(out, "edges", f"{stem}.npy"), asdict(cfg)))
     runner.map(query_part, tasks, label="dedup search")
     edges = np.concatenate([np.load(t.out, allow_pickle=False) for t in tasks] or [np.zeros((0, 3))])
+    edges = edges[np.unique(edges[:, :2], axis=0, return_index=True)[1]]  # each pair is found from both ends
     labels = components(len(rows), edges[:, :2].astype(np.int64))
     best_sim = np.zeros(len(rows))
     np.maximum.at(best_sim, edges[:, 0].astype(np.int64), edges[:, 2])

@@ -31,7 +31,7 @@ def test_planted_copies_are_found_and_ivf_agrees_with_exact_search():
     assert {(int(a), int(b)) for a, b in zip(src, dup)} <= exact  # every planted copy at the threshold
     ivf_cfg = DedupConfig(near_threshold=0.95, flat_max=100, nlist=32, nprobe=8)
     index = build_index(x, ivf_cfg)
-    assert type(index).__name__ == "IndexIVFScalarQuantizer"
+    assert type(index).__name__ == "IndexRefine"  # IVF-PQ candidates, re-ranked
     approx = pairs(index, x, ivf_cfg)
     assert len(approx & exact) / len(exact) >= 0.95 and approx <= exact | approx
 
