@@ -66,3 +66,13 @@ def test_exclude_duplicates_rule_drops_the_non_kept_members():
     assert dropped_uids(table, ["near", "contaminated"]) == {"b", "e"}
     with pytest.raises(UserError, match="unknown kinds"):
         dropped_uids(table, ["fuzzy"])
+
+
+def test_exclude_duplicates_rule_is_validated():
+    from pipeline.select import load_recipe
+
+    with pytest.raises(UserError, match="exclude_duplicates takes table, kinds"):
+        load_recipe({"name": "x", "select": [{"exclude_duplicates": {"table": "t.parquet"}}]})
+    recipe = load_recipe("dfn_and_basic_dedup", {"pool": "/p", "dedup_tag": "copy"})
+    rule = recipe.select[1]["exclude_duplicates"]
+    assert rule["table"] == "/p/dedup/copy/duplicates.parquet" and "contaminated" in rule["kinds"]
