@@ -42,6 +42,8 @@ class Task:
     data: str
     main_metric: str
     random_score: float = 0.0
+    curve: str = ""  # tasks sharing a curve are points (x, main metric) of one curve, summarised by its area
+    x: float = 0.0
 
 
 def load_tasklist(path: str, variables: dict[str, str] | None = None) -> list[Task]:
@@ -52,7 +54,7 @@ def load_tasklist(path: str, variables: dict[str, str] | None = None) -> list[Ta
     doc = yaml.safe_load(substitute(open(path).read(), variables or {}, os.path.basename(path))) or {}
     tasks = []
     for i, entry in enumerate(doc.get("tasks") or []):
-        unknown = set(entry) - {"name", "kind", "data", "main_metric", "random_score"}
+        unknown = set(entry) - {"name", "kind", "data", "main_metric", "random_score", "curve", "x"}
         if unknown or not {"name", "kind", "data", "main_metric"} <= set(entry):
             raise UserError(f"{path}: task {i} needs name, kind, data, main_metric (and optional random_score)")
         if entry["kind"] not in KINDS:
@@ -163,6 +165,24 @@ def run_task(task: Task, model, preprocess, tokenizer, device: str) -> dict[str,
     return metrics
 
 
+def curve_summaries(tasks: list[Task], mains: list[float]) -> dict[str, dict]:
+    """Per curve: its points in x order and the normalised area under it (Patch Mixing's summary metric)."""
+    from .patchmix import area_under_curve
+
+    curves: dict[str, dict] = {}
+    for task, main in zip(tasks, mains):
+        if task.curve:
+            c = curves.setdefault(task.curve, {"x": [], "y": []})
+            c["x"].append(task.x)
+            c["y"].append(main)
+    for c in curves.values():
+        order = np.argsort(c["x"])
+        c["x"] = [float(c["x"][i]) for i in order]
+        c["y"] = [float(c["y"][i]) for i in order]
+        c["auc"] = area_under_curve(c["x"], c["y"])
+    return curves
+
+
 def evaluate(model_name: str, pretrained: str, tasks: list[Task], out: str, device: str = "auto",
              log=print) -> dict:
     """Evaluate one model on every task; write ``eval_results.jsonl`` (one line per task) and ``summary.json``."""
@@ -180,8 +200,14 @@ def evaluate(model_name: str, pretrained: str, tasks: list[Task], out: str, devi
         lines.append({"key": task.name, "dataset": task.data, "kind": task.kind,
                       "metrics": {**metrics, "main_metric": main}, "random_score": task.random_score})
         log(f"evaluate: {task.name}: {task.main_metric} = {main:.4f} (random {task.random_score:.4f})")
-    summary = {"model": model_name, "pretrained": pretrained, "average": float(np.mean(mains)),
+    curves = curve_summaries(tasks, mains)
+    # a curve counts once in the average, by its area; other tasks by their main metric
+    plain = [m for t, m in zip(tasks, mains) if not t.curve]
+    summary = {"model": model_name, "pretrained": pretrained,
+               "average": float(np.mean(plain + [c["auc"] for c in curves.values()])),
                "tasks": {line["key"]: line["metrics"]["main_metric"] for line in lines}}
+    if curves:
+        summary["curves"] = curves
     fsio.write_bytes(os.path.join(out, "eval_results.jsonl"),
                      "".join(json.dumps(line) + "\n" for line in lines).encode())
     fsio.write_json(os.path.join(out, "summary.json"), summary)

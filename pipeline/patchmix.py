@@ -88,3 +88,87 @@ def area_under_curve(xs: list[float], ys: list[float]) -> float:
         return float(ys_a.mean()) if len(ys_a) else float("nan")
     widths = np.diff(xs_a)
     return float(((ys_a[1:] + ys_a[:-1]) / 2 * widths).sum() / (xs_a[-1] - xs_a[0]))
+
+
+# ------------------------------------------------------------------------------------------------ the eval set
+RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+GRIDS = (7, 14)
+TILES = (1, 4, 16, 64, 196)
+
+
+def _square(data: bytes, size: int) -> np.ndarray:
+    from PIL import Image
+
+    from .images import open_rgb
+
+    img = open_rgb(data)
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return np.asarray(img.resize((size, size), Image.BICUBIC))
+
+
+def build_patchmix(source: str, out: str, seed: int = 0, size: int = 224, log=print) -> list[dict]:
+    """Write the Patch Mixing conditions of a labeled eval set (clip_benchmark layout) and their task list.
+
+    One eval set folder per condition under ``out`` (``mix-g7-r0.3``, ``mix-g14-r0.1``, ``shuffle-16``,
+    ``drop-g14-r0.2``...), each with the source's class names and templates; ``out/manifest.parquet`` records per
+    image the condition, key, label, the partner image (another class, fixed per image by the seed) and the changed
+    cells; ``out/tasks.yaml`` lists one zero-shot task per condition, grouped into curves (``winnow evaluate``
+    reports each curve's normalised area). Returns the task entries.
+    """
+    import os
+    import shutil
+    import tarfile
+
+    import pandas as pd
+    import yaml
+    from PIL import Image
+
+    from . import fsio, shards
+    from .evaluate import read_evalset
+    from .synth.render import encode_jpeg
+
+    data = read_evalset(source)
+    labels = data["labels"]
+    if (labels < 0).any() or len(set(labels.tolist())) < 2:
+        raise ValueError(f"{source}: Patch Mixing needs a .cls label per image and at least two classes")
+    images = [_square(b, size) for b in data["images"]]
+    partners = []
+    for i, lab in enumerate(labels):
+        others = np.flatnonzero(labels != lab)
+        partners.append(int(np.random.default_rng([seed, i]).choice(others)))
+    conditions = [("mix", g, r) for g in GRIDS for r in RATIOS] + [("shuffle", n, 0.0) for n in TILES] + \
+        [("drop", g, r) for g in GRIDS for r in RATIOS]
+    rows, tasks = [], []
+    for kind, param, r in conditions:
+        name = f"{kind}-{param}" if kind == "shuffle" else f"{kind}-g{param}-r{r:.1f}"
+        folder = os.path.join(out, name)
+        path = os.path.join(folder, "test", "0.tar")
+        with fsio.atomic_open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for i, img in enumerate(images):
+                rng = np.random.default_rng([seed, i, len(rows)])
+                if kind == "mix":
+                    new, cells = mix_patches(img, images[partners[i]], param, r, rng)
+                elif kind == "shuffle":
+                    new, cells = shuffle_tiles(img, param, rng)
+                else:
+                    new, cells = drop_patches(img, param, r, rng)
+                key = f"{i:06d}"
+                shards.add_tar_member(tar, f"{key}.jpg", encode_jpeg(Image.fromarray(new), 95))
+                shards.add_tar_member(tar, f"{key}.cls", str(int(labels[i])).encode())
+                rows.append({"condition": name, "key": key, "label": int(labels[i]),
+                             "partner": f"{partners[i]:06d}" if kind == "mix" else "",
+                             "cells": " ".join(str(int(c)) for c in cells)})
+        fsio.write_bytes(os.path.join(folder, "test", "nshards.txt"), b"1\n")
+        for fname in ("classnames.txt", "zeroshot_classification_templates.txt"):
+            shutil.copyfile(os.path.join(source, fname), os.path.join(folder, fname))
+        curve = f"{kind}-g{param}" if kind != "shuffle" else "shuffle"
+        x = float(r) if kind != "shuffle" else float(TILES.index(param))  # tiles: evenly spaced steps
+        tasks.append({"name": f"patchmix-{name}", "kind": "zeroshot_classification", "data": folder,
+                      "main_metric": "acc1", "random_score": round(1 / len(set(labels.tolist())), 4),
+                      "curve": curve, "x": x})
+        log(f"patchmix: {name}: {len(images)} images")
+    shards.write_table(os.path.join(out, "manifest.parquet"), pd.DataFrame(rows))
+    fsio.write_bytes(os.path.join(out, "tasks.yaml"), yaml.safe_dump({"tasks": tasks}, sort_keys=False).encode())
+    return tasks

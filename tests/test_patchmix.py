@@ -61,3 +61,32 @@ def test_area_under_curve_is_normalised():
     assert area_under_curve([0, 0.25, 0.5], [1.0, 0.5, 0.0]) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         patch_count(1.5, 7)
+
+
+def test_patchmix_evalset_from_the_tiny_world(tiny_world, tmp_path):
+    import os
+
+    import pandas as pd
+
+    from pipeline.evaluate import evaluate, load_tasklist
+    from pipeline.patchmix import build_patchmix
+
+    source = os.path.join(tiny_world["path"], "eval")
+    tasks = build_patchmix(source, str(tmp_path / "pm"), seed=3, size=56, log=lambda m: None)
+    assert len(tasks) == 2 * 6 + 5 + 2 * 6
+    manifest = pd.read_parquet(tmp_path / "pm" / "manifest.parquet")
+    labels = dict(zip(manifest["key"], manifest["label"]))
+    n_images = len(labels)
+    assert len(manifest) == len(tasks) * n_images
+    mix = manifest[manifest["condition"] == "mix-g7-r0.3"]
+    assert (mix["cells"].str.split().map(len) == round(0.3 * 49)).all()
+    assert all(labels[p] != lab for p, lab in zip(mix["partner"], mix["label"]))  # partner of another class
+    again = build_patchmix(source, str(tmp_path / "pm2"), seed=3, size=56, log=lambda m: None)
+    assert [t["name"] for t in again] == [t["name"] for t in tasks]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "pm2" / "manifest.parquet"), manifest)
+    listed = load_tasklist(str(tmp_path / "pm" / "tasks.yaml"))
+    picked = [t for t in listed if t.curve == "mix-g7"][:3]
+    summary = evaluate("winnow-tiny-clip", "", picked, str(tmp_path / "ev"), device="cpu", log=lambda m: None)
+    curve = summary["curves"]["mix-g7"]
+    assert curve["x"] == [0.0, 0.1, 0.2] and len(curve["y"]) == 3 and 0 <= curve["auc"] <= 1
+    assert summary["average"] == curve["auc"]  # a curve counts once, by its area

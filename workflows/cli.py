@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for descriptor.pt")
     p.add_argument("--steps", type=int, default=300)
 
+    p = sub.add_parser("evalset", help="build an evaluation set from a labeled eval set: patchmix")
+    p.add_argument("kind", choices=["patchmix"], help="patchmix: foreign patches, tile shuffles, patch drops")
+    p.add_argument("source", help="labeled eval set folder (clip_benchmark layout: test/*.tar with .cls)")
+    p.add_argument("--out", required=True, help="output folder (one eval set per condition + tasks.yaml)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=224, help="side of the square images (default 224)")
+
     p = sub.add_parser("subset", help="score a pool with a recipe's filters and write its uids.npy")
     p.add_argument("recipe", help="recipe name (manifests/subsets/NAME.yaml) or YAML path")
     p.add_argument("--pool", required=True, help="pool folder, or a DataComp metadata folder")
@@ -282,6 +289,18 @@ def cmd_copy_descriptor(args) -> None:
           "--tag copy; winnow dedup POOL --tag copy")
 
 
+def cmd_evalset(args) -> None:
+    from pipeline.patchmix import build_patchmix
+
+    if not os.path.isdir(os.path.join(args.source, "test")):
+        raise UserError(f"{args.source} is not an eval set folder (no test/ with tars)")
+    try:
+        tasks = build_patchmix(args.source, args.out, seed=args.seed, size=args.size)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(f"evalset: {len(tasks)} conditions -> {args.out}; evaluate with --tasks {os.path.join(args.out, 'tasks.yaml')}")
+
+
 def cmd_subset(args) -> None:
     from pipeline.select import subset
 
@@ -368,7 +387,7 @@ def _min_image_size(pool: str) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "serve": cmd_serve, "ingest": cmd_ingest,
-            "register": cmd_register, "embed": cmd_embed, "dedup": cmd_dedup, "copy-descriptor": cmd_copy_descriptor, "subset": cmd_subset, "reshard": cmd_reshard,
+            "register": cmd_register, "embed": cmd_embed, "dedup": cmd_dedup, "copy-descriptor": cmd_copy_descriptor, "evalset": cmd_evalset, "subset": cmd_subset, "reshard": cmd_reshard,
             "train": cmd_train, "dfn": cmd_dfn_train, "evaluate": cmd_evaluate, "ledger": cmd_ledger}
 
 
