@@ -10,6 +10,9 @@ records per image.
   patches at the same positions of an image of another class.
 - :func:`shuffle_tiles`: the image cut into ``n`` tiles (n a square: 4, 16, 64, 196) that are permuted.
 - :func:`drop_patches`: ``round(f * grid**2)`` patches set to the image's mean colour.
+- :func:`occlude`: SMD-like occlusion: an irregular blob cut from another image pasted over the image, sized by
+  bisection to a target share of the image (the real share is returned; the paper's SMD cut occluders from
+  segmented objects, which a generic labeled source does not provide, so the blob stands in for the object mask).
 """
 
 from __future__ import annotations
@@ -79,6 +82,50 @@ def drop_patches(img: np.ndarray, grid: int, fraction: float,
     return out, cells
 
 
+def blob_mask(side: int, level: float, rng: np.random.Generator, max_tries: int = 40) -> np.ndarray:
+    """A boolean occluder mask (an irregular blob: a union of rotated ellipses around one centre) covering close
+    to ``level`` of a ``side`` x ``side`` image; its real coverage is ``mask.mean()``."""
+    from PIL import Image, ImageDraw
+
+    if not 0 <= level < 1:
+        raise ValueError(f"occlusion level {level} is outside [0, 1)")
+    if level == 0:
+        return np.zeros((side, side), bool)
+    cx, cy = rng.uniform(0.3, 0.7, 2) * side
+    parts = [(rng.uniform(-0.15, 0.15, 2), rng.uniform(0.5, 1.0, 2), rng.uniform(0, 180)) for _ in range(4)]
+
+    def draw(scale: float) -> np.ndarray:
+        img = Image.new("L", (side, side), 0)
+        d = ImageDraw.Draw(img)
+        for (ox, oy), (ax, ay), rot in parts:
+            t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+            x, y = ax * scale * side * np.cos(t), ay * scale * side * np.sin(t)
+            c, s_ = np.cos(np.radians(rot)), np.sin(np.radians(rot))
+            pts = [(cx + ox * side * scale + xi * c - yi * s_, cy + oy * side * scale + xi * s_ + yi * c)
+                   for xi, yi in zip(x, y)]
+            d.polygon(pts, fill=255)
+        return np.asarray(img) > 127
+
+    lo, hi = 0.0, 1.5
+    mask = draw(hi)
+    for _ in range(max_tries):  # bisection on the blob's scale
+        mid = (lo + hi) / 2
+        mask = draw(mid)
+        if abs(mask.mean() - level) < 0.005:
+            break
+        lo, hi = (mid, hi) if mask.mean() < level else (lo, mid)
+    return mask
+
+
+def occlude(img: np.ndarray, other: np.ndarray, level: float, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """SMD-like occlusion: a blob cut from ``other`` pasted over ``img`` at the same place; (image, real level)."""
+    _check(img, 1)
+    mask = blob_mask(img.shape[0], level, rng)
+    out = img.copy()
+    out[mask] = other[mask]
+    return out, float(mask.mean())
+
+
 def area_under_curve(xs: list[float], ys: list[float]) -> float:
     """Trapezoidal area under an accuracy curve, normalised by the x range (so a flat curve at a gives a)."""
     xs_a, ys_a = np.asarray(xs, float), np.asarray(ys, float)
@@ -94,6 +141,7 @@ def area_under_curve(xs: list[float], ys: list[float]) -> float:
 RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 GRIDS = (7, 14)
 TILES = (1, 4, 16, 64, 196)
+OCCLUSION = (0.0, 0.2, 0.4, 0.6)
 
 
 def _square(data: bytes, size: int) -> np.ndarray:
@@ -139,10 +187,10 @@ def build_patchmix(source: str, out: str, seed: int = 0, size: int = 224, log=pr
         others = np.flatnonzero(labels != lab)
         partners.append(int(np.random.default_rng([seed, i]).choice(others)))
     conditions = [("mix", g, r) for g in GRIDS for r in RATIOS] + [("shuffle", n, 0.0) for n in TILES] + \
-        [("drop", g, r) for g in GRIDS for r in RATIOS]
+        [("drop", g, r) for g in GRIDS for r in RATIOS] + [("occlude", 0, r) for r in OCCLUSION]
     rows, tasks = [], []
     for kind, param, r in conditions:
-        name = f"{kind}-{param}" if kind == "shuffle" else f"{kind}-g{param}-r{r:.1f}"
+        name = {"shuffle": f"shuffle-{param}", "occlude": f"occlude-{r:.1f}"}.get(kind, f"{kind}-g{param}-r{r:.1f}")
         folder = os.path.join(out, name)
         path = os.path.join(folder, "test", "0.tar")
         with fsio.atomic_open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -152,18 +200,22 @@ def build_patchmix(source: str, out: str, seed: int = 0, size: int = 224, log=pr
                     new, cells = mix_patches(img, images[partners[i]], param, r, rng)
                 elif kind == "shuffle":
                     new, cells = shuffle_tiles(img, param, rng)
-                else:
+                elif kind == "drop":
                     new, cells = drop_patches(img, param, r, rng)
+                else:
+                    new, real = occlude(img, images[partners[i]], r, rng)
+                    cells = np.array([], int)
                 key = f"{i:06d}"
                 shards.add_tar_member(tar, f"{key}.jpg", encode_jpeg(Image.fromarray(new), 95))
                 shards.add_tar_member(tar, f"{key}.cls", str(int(labels[i])).encode())
                 rows.append({"condition": name, "key": key, "label": int(labels[i]),
-                             "partner": f"{partners[i]:06d}" if kind == "mix" else "",
-                             "cells": " ".join(str(int(c)) for c in cells)})
+                             "partner": f"{partners[i]:06d}" if kind in ("mix", "occlude") else "",
+                             "cells": " ".join(str(int(c)) for c in cells),
+                             "occluded": real if kind == "occlude" else float("nan")})
         fsio.write_bytes(os.path.join(folder, "test", "nshards.txt"), b"1\n")
         for fname in ("classnames.txt", "zeroshot_classification_templates.txt"):
             shutil.copyfile(os.path.join(source, fname), os.path.join(folder, fname))
-        curve = f"{kind}-g{param}" if kind != "shuffle" else "shuffle"
+        curve = f"{kind}-g{param}" if kind in ("mix", "drop") else kind
         x = float(r) if kind != "shuffle" else float(TILES.index(param))  # tiles: evenly spaced steps
         tasks.append({"name": f"patchmix-{name}", "kind": "zeroshot_classification", "data": folder,
                       "main_metric": "acc1", "random_score": round(1 / len(set(labels.tolist())), 4),

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.patchmix import area_under_curve, drop_patches, mix_patches, patch_count, shuffle_tiles
+from pipeline.patchmix import (area_under_curve, blob_mask, drop_patches, mix_patches, occlude, patch_count,
+                               shuffle_tiles)
 
 
 def cells_equal_to(img, ref, grid):
@@ -73,7 +74,7 @@ def test_patchmix_evalset_from_the_tiny_world(tiny_world, tmp_path):
 
     source = os.path.join(tiny_world["path"], "eval")
     tasks = build_patchmix(source, str(tmp_path / "pm"), seed=3, size=56, log=lambda m: None)
-    assert len(tasks) == 2 * 6 + 5 + 2 * 6
+    assert len(tasks) == 2 * 6 + 5 + 2 * 6 + 4
     manifest = pd.read_parquet(tmp_path / "pm" / "manifest.parquet")
     labels = dict(zip(manifest["key"], manifest["label"]))
     n_images = len(labels)
@@ -84,9 +85,21 @@ def test_patchmix_evalset_from_the_tiny_world(tiny_world, tmp_path):
     again = build_patchmix(source, str(tmp_path / "pm2"), seed=3, size=56, log=lambda m: None)
     assert [t["name"] for t in again] == [t["name"] for t in tasks]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "pm2" / "manifest.parquet"), manifest)
+    occ = manifest[manifest["condition"] == "occlude-0.4"]["occluded"]
+    assert ((occ - 0.4).abs() < 0.03).all()  # the real occluded share is recorded and near the target
     listed = load_tasklist(str(tmp_path / "pm" / "tasks.yaml"))
     picked = [t for t in listed if t.curve == "mix-g7"][:3]
     summary = evaluate("winnow-tiny-clip", "", picked, str(tmp_path / "ev"), device="cpu", log=lambda m: None)
     curve = summary["curves"]["mix-g7"]
     assert curve["x"] == [0.0, 0.1, 0.2] and len(curve["y"]) == 3 and 0 <= curve["auc"] <= 1
     assert summary["average"] == curve["auc"]  # a curve counts once, by its area
+
+
+@pytest.mark.parametrize("level", [0.0, 0.2, 0.4, 0.6])
+def test_occluder_covers_the_target_share_with_the_other_image(level):
+    rng = np.random.default_rng(5)
+    img = np.zeros((96, 96, 3), np.uint8)
+    other = np.full((96, 96, 3), 255, np.uint8)
+    out, real = occlude(img, other, level, rng)
+    assert abs(real - level) < 0.02 and abs((out[..., 0] == 255).mean() - real) < 1e-9
+    assert blob_mask(96, level, np.random.default_rng(5)).mean() == real  # deterministic from the seed
