@@ -6,7 +6,8 @@ of one photo. Such descriptors are trained self-supervised to map a copy (re-enc
 image near the original and every other image far away (SSCD: an InfoNCE loss between two augmented views).
 This module does the same on a small scale: a 6-layer CNN over 40 px inputs, trained on the pool's own images
 (no labels) with the augmentations copies undergo on the web: random resized crops (50-100 % of the area),
-down-and-up scaling, and colour changes on one view so that layout, not colour alone, identifies an image. Real pools should use a real descriptor (SSCD, or
+down-and-up scaling, and hard negatives (half of each batch are images of similar mean colour) so that layout,
+not colour alone, identifies an image. Real pools should use a real descriptor (SSCD, or
 DataComp's precomputed ``dedup`` array, tag ``dedup``) or CLIP L/14 embeddings; the dedup stage takes any tag.
 
 ``train_descriptor(pool, out)`` writes ``out/descriptor.pt`` (a state dict, loaded with ``weights_only=True``);
@@ -95,11 +96,10 @@ def load(path: str, device: str = "cpu"):
     return net.to(device).eval()
 
 
-def augment(x, gen, colour: bool):
+def augment(x, gen):
     """A batch of web-copy-like views of ``x`` (N, 3, H, W), as (N, 3, SIDE, SIDE): random resized crops
     (50-100 % of the area, aspect 3/4-4/3, through one batched affine resampling), half of them scaled down and
-    back up (resized or re-encoded copies lose detail), and with ``colour`` a random per-channel gain and offset
-    on half of them, so that the descriptor cannot rest on colour alone."""
+    back up (resized or re-encoded copies lose detail)."""
     import torch
     import torch.nn.functional as F
 
@@ -118,11 +118,6 @@ def augment(x, gen, colour: bool):
         f = float(0.4 + 0.5 * torch.rand(1, generator=gen))
         small = F.interpolate(out[half], scale_factor=f, mode="bilinear", antialias=True)
         out[half] = F.interpolate(small, size=(SIDE, SIDE), mode="bilinear")
-    if colour:
-        tint = torch.rand(n, generator=gen) < 0.5
-        gain = 1 + 0.5 * (torch.rand(n, 3, 1, 1, generator=gen) - 0.5)
-        shift = 0.6 * (torch.rand(n, 3, 1, 1, generator=gen) - 0.5)
-        out = torch.where(tint[:, None, None, None], out * gain + shift, out)
     return out
 
 
@@ -131,7 +126,7 @@ def pool_images(pool: str, limit: int, side: int = 2 * SIDE) -> list:
     images = []
     for i in shards.list_shards(pool):
         for s in shards.iter_tar(shards.paths(pool, i)["tar"]):
-            data = s.get("jpg") or s.get("png") or s.get("webp") or s.get("jpeg")
+            data = shards.image_bytes(s)
             if not data:
                 continue
             try:
@@ -175,8 +170,8 @@ def train_descriptor(pool: str, out: str, steps: int = 300, batch_size: int = 12
         rest = torch.randperm(len(x), generator=gen)
         rest = rest[~torch.isin(rest, window)][: batch - len(window)]
         pick = torch.cat([window, rest])
-        za = net.encode_image(augment(x[pick], gen, colour=False))
-        zb = net.encode_image(augment(x[pick], gen, colour=False))
+        za = net.encode_image(augment(x[pick], gen))
+        zb = net.encode_image(augment(x[pick], gen))
         logits = za @ zb.T / temperature
         target = torch.arange(batch)
         loss = (torch.nn.functional.cross_entropy(logits, target) +

@@ -238,11 +238,13 @@ def load_pool(pool: str, tag: str, keep_tag: str = "") -> dict:
     """uid, sha256, caption, state, image embeddings (``tag``) and clip score (``keep_tag``) of every row."""
     from .score import list_parts, load_embeddings, read_part
 
-    keep_tag = keep_tag or tag
+    from filters.clip import ClipFilter
+
+    scorer = ClipFilter(tag=keep_tag or tag)
     tables, img, clip, bounds = [], [], [], []
     for part in list_parts(pool):
-        table = read_part(part, ["uid", "caption", "sha256"])
-        emb = load_embeddings(pool, part, tuple(dict.fromkeys((tag, keep_tag))), None)
+        table = read_part(part, ["uid", "caption", "sha256", scorer.precomputed])
+        emb = load_embeddings(pool, part, tuple(dict.fromkeys((tag, scorer.tag))), None)
         if "img" not in emb[tag]:
             raise UserError(f"dedup: embeddings of tag {tag!r} have no images ({tag}_img)")
         if len(emb[tag]["img"]) != len(table):
@@ -250,17 +252,20 @@ def load_pool(pool: str, tag: str, keep_tag: str = "") -> dict:
         bounds.append((part.stem, sum(len(t) for t in tables), len(table)))
         tables.append(table)
         img.append(emb[tag]["img"].astype(np.float16))
-        k = emb[keep_tag]
-        clip.append((normalize(np.nan_to_num(k["img"])) * normalize(np.nan_to_num(k["txt"]))).sum(axis=1)
-                    if "txt" in k and "img" in k else np.full(len(table), np.nan))
-        clip[-1][~(np.isfinite(k.get("txt", np.full((len(table), 1), np.nan))).all(axis=1))] = np.nan
+        # the clip filter's score (DataComp's precomputed column when there is one); NaN without captions
+        has_txt = scorer.precomputed in table.columns or "txt" in emb[scorer.tag]
+        clip.append(scorer.score(table, emb).to_numpy() if has_txt else np.full(len(table), np.nan))
     frame = pd.concat(tables, ignore_index=True)
     return {"frame": frame, "img": np.concatenate(img), "clip": np.concatenate(clip), "parts": bounds}
 
 
+def default_out(pool: str, tag: str) -> str:
+    return fsio.join(pool, "dedup", tag)
+
+
 def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite: bool = False, log=print) -> dict:
     """Find every kind of duplicate in ``pool`` and write the table; returns the manifest."""
-    out = out or fsio.join(pool, "dedup", cfg.tag)
+    out = out or default_out(pool, cfg.tag)
     inputs = [fsio.join(pool, manifest.MANIFEST)] + [fsio.join(pool, "embeddings", t, manifest.MANIFEST)
                                                      for t in dict.fromkeys((cfg.tag, cfg.keep_tag or cfg.tag))]
     run = manifest.StageRun("dedup", out, params=asdict(cfg),
@@ -332,7 +337,7 @@ def _write_index(index, path: str) -> None:
 
     tmp = path + ".tmp"
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    faiss.write_index(faiss.index_gpu_to_cpu(index) if hasattr(index, "getDevice") else index, tmp)
+    faiss.write_index(index, tmp)
     os.replace(tmp, path)
 
 
@@ -381,7 +386,7 @@ def _contamination(pool: str, cfg: DedupConfig, x: np.ndarray, uids: np.ndarray,
     frames = []
     for folder in cfg.decontaminate:
         data = read_evalset(folder)
-        emb = normalize(encode_images(model, preprocess, data["images"], device))
+        emb = encode_images(model, preprocess, data["images"], device)  # L2-normalised
         index = faiss.IndexFlatIP(emb.shape[1])
         index.add(emb)
         sims, ids = index.search(x, 1)

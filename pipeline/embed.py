@@ -202,7 +202,7 @@ def embed_shard(task: EmbedTask) -> dict:
     img = np.full((len(table), dim), np.nan, np.float32)
     txt = np.full((len(table), dim), np.nan, np.float32)
     failures: dict[int, str] = {}
-    samples = ((row_of[s["__key__"]], s.get("jpg") or s.get("png") or s.get("webp") or s.get("jpeg") or b"")
+    samples = ((row_of[s["__key__"]], shards.image_bytes(s) or b"")
                for s in shards.iter_tar(shards.paths(task.pool, task.shard_id)["tar"]) if s["__key__"] in row_of)
     encode_images(model, _batches(samples, preprocess, cfg, failures, 2 * input_side(model)), device, cfg, img)
     if tokenizer is not None:

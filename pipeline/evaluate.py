@@ -70,12 +70,12 @@ def read_evalset(folder: str) -> dict:
     tars = sorted(glob.glob(os.path.join(folder, "test", "*.tar")))
     if not tars:
         raise UserError(f"eval set {folder} has no test/*.tar shards")
-    from .shards import iter_tar
+    from .shards import image_bytes, iter_tar
 
     images, labels, captions = [], [], []
     for tar in tars:
         for s in iter_tar(tar):
-            data = s.get("jpg") or s.get("png") or s.get("webp") or s.get("jpeg")
+            data = image_bytes(s)
             if data is None:
                 continue
             images.append(data)

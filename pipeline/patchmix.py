@@ -189,13 +189,13 @@ def build_patchmix(source: str, out: str, seed: int = 0, size: int = 224, log=pr
     conditions = [("mix", g, r) for g in GRIDS for r in RATIOS] + [("shuffle", n, 0.0) for n in TILES] + \
         [("drop", g, r) for g in GRIDS for r in RATIOS] + [("occlude", 0, r) for r in OCCLUSION]
     rows, tasks = [], []
-    for kind, param, r in conditions:
+    for c, (kind, param, r) in enumerate(conditions):
         name = {"shuffle": f"shuffle-{param}", "occlude": f"occlude-{r:.1f}"}.get(kind, f"{kind}-g{param}-r{r:.1f}")
         folder = os.path.join(out, name)
         path = os.path.join(folder, "test", "0.tar")
         with fsio.atomic_open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for i, img in enumerate(images):
-                rng = np.random.default_rng([seed, i, len(rows)])
+                rng = np.random.default_rng([seed, c, i])
                 if kind == "mix":
                     new, cells = mix_patches(img, images[partners[i]], param, r, rng)
                 elif kind == "shuffle":

@@ -72,6 +72,14 @@ def read_stats(pool: str, shard_id: int) -> dict:
     return fsio.read_json(paths(pool, shard_id)["stats"])
 
 
+IMAGE_EXTS = ("jpg", "png", "webp", "jpeg")
+
+
+def image_bytes(sample: dict) -> bytes | None:
+    """The encoded image of a sample from :func:`iter_tar` (the first of jpg, png, webp, jpeg), or None."""
+    return next((sample[ext] for ext in IMAGE_EXTS if sample.get(ext)), None)
+
+
 def iter_tar(tar_path: str) -> Iterator[dict]:
     """Samples of a WebDataset tar as dicts ``{"__key__": key, ext: bytes, ...}`` (members grouped by key)."""
     fs, p = fsio.get_fs(tar_path)

@@ -21,13 +21,16 @@ import pandas as pd
 from pipeline import fsio
 from pipeline import copydetect
 from pipeline.copydetect import train_descriptor
+from pipeline.dedup import TABLE as DEDUP_TABLE
 from pipeline.dedup import dedup
+from pipeline.dedup import default_out as dedup_out
 from pipeline.dedup import read_table as read_dedup_table
 from pipeline.embed import EmbedConfig, embed
 from pipeline.errors import UserError
 from pipeline.evaluate import evaluate, load_tasklist
 from pipeline.ingest import ingest
 from pipeline.ledger import format_counts
+from pipeline.manifest import MANIFEST
 from pipeline.pool import ledger
 from pipeline.reshard import reshard
 from pipeline.runner import Runner
@@ -94,7 +97,7 @@ def run(out: str, cfg: RunConfig, overwrite: bool = False, log=print) -> dict:
                                     batch_size=256), runner, overwrite=overwrite, log=log)
             dcfg = replace(demo.dedup, decontaminate=[*demo.dedup.decontaminate, os.path.join(world, "eval")])
             dedup(pool, dcfg, runner, overwrite=overwrite, log=log)
-            duplicates = read_dedup_table(os.path.join(pool, "dedup", dcfg.tag, "duplicates.parquet"))
+            duplicates = read_dedup_table(os.path.join(dedup_out(pool, dcfg.tag), DEDUP_TABLE))
         with timings.stage("subsets"):
             made = {}
             variables = {"world": world, "dedup_tag": demo.dedup.tag}
@@ -166,24 +169,26 @@ class TrainRuns:
 
     def train_dfn(self, clean: str, scorer: str) -> str:
         tcfg = replace(self.demo.dfn, model=self.model, pretrained=scorer)
-        ckpt = os.path.join(self.out, "dfn", "train", "dfn", "checkpoints", f"epoch_{tcfg.epochs}.pt")
-        if self._reusable(os.path.dirname(os.path.dirname(ckpt)), ckpt, tcfg, clean):
-            return ckpt
-        ckpt = train_dfn(clean, os.path.join(self.out, "dfn"), "dfn", tcfg, self.runner, log=self.log)
-        self._mark(os.path.dirname(os.path.dirname(ckpt)), tcfg, clean)
-        return ckpt
+        out = os.path.join(self.out, "dfn")
+        return self._once(os.path.join(out, "train", "dfn"), tcfg, clean,
+                          lambda: train_dfn(clean, out, "dfn", tcfg, self.runner, log=self.log))
 
     def _train(self, shards_dir: str, run_name: str, tcfg: TrainConfig) -> str:
         logs = os.path.join(self.out, "train")
-        ckpt = os.path.join(logs, run_name, "checkpoints", f"epoch_{tcfg.epochs}.pt")
-        if self._reusable(os.path.join(logs, run_name), ckpt, tcfg, shards_dir):
+        return self._once(os.path.join(logs, run_name), tcfg, shards_dir,
+                          lambda: train(shards_dir, logs, run_name, tcfg, log=self.log))
+
+    def _once(self, run_dir: str, tcfg: TrainConfig, data: str, run) -> str:
+        """The run's last checkpoint: reused when the same config already finished on the same data."""
+        ckpt = os.path.join(run_dir, "checkpoints", f"epoch_{tcfg.epochs}.pt")
+        if self._reusable(run_dir, ckpt, tcfg, data):
             return ckpt
-        ckpt = train(shards_dir, logs, run_name, tcfg, log=self.log)
-        self._mark(os.path.join(logs, run_name), tcfg, shards_dir)
+        ckpt = run()
+        fsio.write_json(os.path.join(run_dir, "winnow_run.json"), self._key(tcfg, data))
         return ckpt
 
     def _key(self, tcfg: TrainConfig, data: str) -> dict:
-        meta = os.path.join(data, "_manifest.json")
+        meta = os.path.join(data, MANIFEST)
         return {"config": asdict(tcfg), "data": data,
                 "data_manifest": fsio.fingerprint(meta) if os.path.exists(meta) else None}
 
@@ -199,9 +204,6 @@ class TrainRuns:
                 raise UserError(f"{run_dir} was trained with another config or data; rerun with --overwrite")
             shutil.rmtree(run_dir)  # unfinished (no marker) or overwritten: train it again
         return False
-
-    def _mark(self, run_dir: str, tcfg: TrainConfig, data: str) -> None:
-        fsio.write_json(os.path.join(run_dir, "winnow_run.json"), self._key(tcfg, data))
 
 
 def results_table(trained: dict[str, list[dict]], sizes: dict[str, int]) -> pd.DataFrame:
