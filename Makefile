@@ -26,6 +26,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_embed.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_dedup.py
+	$(BIN)/python benchmarks/bench_dist.py
+	$(BIN)/python benchmarks/bench_patchmix.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -16,7 +16,9 @@ integer label, ``<key>.txt`` with a caption for retrieval), ``classnames.txt`` a
 Zero-shot classification builds one classifier row per class (mean of the normalised template embeddings,
 renormalised) and reports ``acc1``, ``acc5`` (when there are at least 5 classes) and ``mean_per_class_recall``.
 Retrieval reports recall@{1,5,10} for image->text and text->image and their means (DataComp's main retrieval
-metric is ``mean_recall@1``). The average is the unweighted mean of the tasks' main metrics.
+metric is ``mean_recall@1``). ``odd_one_out`` (DiST, :mod:`pipeline.dist`) reports the share of triplets whose
+odd one by image embeddings is the original (``acc``, chance 1/3) with a bootstrap 95% interval. The average is
+the unweighted mean of the tasks' main metrics (a curve of tasks counts once, by its area).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import yaml
 from . import fsio
 from .errors import UserError
 
-KINDS = ("zeroshot_classification", "retrieval")
+KINDS = ("zeroshot_classification", "retrieval", "odd_one_out")
 
 
 @dataclass
@@ -87,6 +89,54 @@ def read_evalset(folder: str) -> dict:
         os.path.join(folder, "zeroshot_classification_templates.txt")) else ["a photo of a {c}."]
     return {"images": images, "labels": np.array(labels), "captions": captions, "classnames": classnames,
             "templates": templates}
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def read_labeled(source: str) -> dict:
+    """A labeled image source for building eval sets: an eval set folder (``test/*.tar``, see above) or an image
+    folder with one sub-folder per class (ImageNet's val layout; class names are the sub-folder names).
+    Returns :func:`read_evalset`'s dict; every image must have a label."""
+    if not os.path.isdir(source):
+        raise UserError(f"labeled source not found: {source} (an eval set folder or a folder of class folders)")
+    if glob.glob(os.path.join(source, "test", "*.tar")):
+        data = read_evalset(source)
+    else:
+        classes = sorted(d for d in os.listdir(source) if os.path.isdir(os.path.join(source, d)))
+        images, labels = [], []
+        for label, name in enumerate(classes):
+            for f in sorted(os.listdir(os.path.join(source, name))):
+                if f.lower().endswith(IMAGE_SUFFIXES):
+                    images.append(open(os.path.join(source, name, f), "rb").read())
+                    labels.append(label)
+        if not images:
+            raise UserError(f"{source} has neither test/*.tar shards nor class folders of images")
+        data = {"images": images, "labels": np.array(labels), "captions": [None] * len(images),
+                "classnames": classes, "templates": ["a photo of a {c}."]}
+    if (data["labels"] < 0).any() or len(set(data["labels"].tolist())) < 2:
+        raise UserError(f"{source}: needs a .cls label per image and at least two classes")
+    return data
+
+
+def per_class(labels: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the first ``n`` images of every class, in the source's order (all when n <= 0)."""
+    if n <= 0:
+        return np.arange(len(labels))
+    seen: dict[int, int] = {}
+    keep = []
+    for i, lab in enumerate(labels.tolist()):
+        if seen.get(lab, 0) < n:
+            seen[lab] = seen.get(lab, 0) + 1
+            keep.append(i)
+    return np.array(keep, int)
+
+
+def write_evalset_meta(folder: str, classnames: list[str], templates: list[str]) -> None:
+    """The class names and templates files of an eval set folder (clip_benchmark layout)."""
+    fsio.write_bytes(os.path.join(folder, "classnames.txt"), "".join(c + "\n" for c in classnames).encode())
+    fsio.write_bytes(os.path.join(folder, "zeroshot_classification_templates.txt"),
+                     "".join(t + "\n" for t in templates).encode())
 
 
 def encode_images(model, preprocess, images: list[bytes], device: str, batch_size: int = 128) -> np.ndarray:
@@ -148,18 +198,31 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, ks=(1, 5, 10)
     return metrics
 
 
-def run_task(task: Task, model, preprocess, tokenizer, device: str) -> dict[str, float]:
-    data = read_evalset(task.data)
-    image_emb = encode_images(model, preprocess, data["images"], device)
-    if task.kind == "zeroshot_classification":
-        if not data["classnames"] or (data["labels"] < 0).any():
-            raise UserError(f"task {task.name}: {task.data} needs classnames.txt and a .cls label per image")
-        weights = classifier(model, tokenizer, data["classnames"], data["templates"], device)
-        metrics = zeroshot_metrics(image_emb, weights, data["labels"])
+def run_task(task: Task, model, preprocess, tokenizer, device: str, cache: dict | None = None) -> dict[str, float]:
+    """One task's metrics; ``cache`` (shared over one model's tasks) keeps zero-shot classifiers, which the
+    many eval sets built from one source (Patch Mixing's conditions) share."""
+    if task.kind == "odd_one_out":  # DiST: (original, synth A, synth B) triplets, image embeddings only
+        from .dist import odd_one_out_metrics, read_triplets
+
+        triplets, _ = read_triplets(task.data)
+        emb = encode_images(model, preprocess, [b for t in triplets for b in t], device)
+        metrics = odd_one_out_metrics(emb.reshape(len(triplets), 3, -1))
     else:
-        if any(c is None for c in data["captions"]):
-            raise UserError(f"task {task.name}: {task.data} needs a .txt caption per image for retrieval")
-        metrics = retrieval_metrics(image_emb, encode_texts(model, tokenizer, data["captions"], device))
+        data = read_evalset(task.data)
+        image_emb = encode_images(model, preprocess, data["images"], device)
+        if task.kind == "zeroshot_classification":
+            if not data["classnames"] or (data["labels"] < 0).any():
+                raise UserError(f"task {task.name}: {task.data} needs classnames.txt and a .cls label per image")
+            key = (tuple(data["classnames"]), tuple(data["templates"]))
+            cache = {} if cache is None else cache
+            if key not in cache:
+                cache[key] = classifier(model, tokenizer, data["classnames"], data["templates"], device)
+            weights = cache[key]
+            metrics = zeroshot_metrics(image_emb, weights, data["labels"])
+        else:
+            if any(c is None for c in data["captions"]):
+                raise UserError(f"task {task.name}: {task.data} needs a .txt caption per image for retrieval")
+            metrics = retrieval_metrics(image_emb, encode_texts(model, tokenizer, data["captions"], device))
     if task.main_metric not in metrics:
         raise UserError(f"task {task.name}: main_metric {task.main_metric!r} is not one of {', '.join(metrics)}")
     return metrics
@@ -192,9 +255,9 @@ def evaluate(model_name: str, pretrained: str, tasks: list[Task], out: str, devi
 
     device = default_device() if device == "auto" else device
     model, preprocess, tokenizer = load(model_name, pretrained, device=device)
-    lines, mains = [], []
+    lines, mains, cache = [], [], {}
     for task in tasks:
-        metrics = run_task(task, model, preprocess, tokenizer, device)
+        metrics = run_task(task, model, preprocess, tokenizer, device, cache)
         main = metrics[task.main_metric]
         mains.append(main)
         lines.append({"key": task.name, "dataset": task.data, "kind": task.kind,

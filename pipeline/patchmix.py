@@ -156,8 +156,12 @@ def _square(data: bytes, size: int) -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.BICUBIC))
 
 
-def build_patchmix(source: str, out: str, seed: int = 0, size: int = 224, log=print) -> list[dict]:
-    """Write the Patch Mixing conditions of a labeled eval set (clip_benchmark layout) and their task list.
+def build_patchmix(source: str, out: str, seed: int = 0, size: int = 224, per_class: int = 0,
+                   log=print) -> list[dict]:
+    """Write the Patch Mixing conditions of a labeled source and their task list.
+
+    The source is an eval set folder (clip_benchmark layout) or a folder of class folders; ``per_class`` > 0
+    keeps the first that many images of each class.
 
     One eval set folder per condition under ``out`` (``mix-g7-r0.3``, ``mix-g14-r0.1``, ``shuffle-16``,
     ``drop-g14-r0.2``...), each with the source's class names and templates; ``out/manifest.parquet`` records per
@@ -166,7 +170,6 @@ def build_patchmix(source: str, out: str, seed: int = 0, size: int = 224, log=pr
     reports each curve's normalised area). Returns the task entries.
     """
     import os
-    import shutil
     import tarfile
 
     import pandas as pd
@@ -174,14 +177,14 @@ def build_patchmix(source: str, out: str, seed: int = 0, size: int = 224, log=pr
     from PIL import Image
 
     from . import fsio, shards
-    from .evaluate import read_evalset
+    from .evaluate import per_class as first_per_class
+    from .evaluate import read_labeled, write_evalset_meta
     from .synth.render import encode_jpeg
 
-    data = read_evalset(source)
-    labels = data["labels"]
-    if (labels < 0).any() or len(set(labels.tolist())) < 2:
-        raise ValueError(f"{source}: Patch Mixing needs a .cls label per image and at least two classes")
-    images = [_square(b, size) for b in data["images"]]
+    data = read_labeled(source)
+    chosen = first_per_class(data["labels"], per_class)
+    labels = data["labels"][chosen]
+    images = [_square(data["images"][i], size) for i in chosen]
     partners = []
     for i, lab in enumerate(labels):
         others = np.flatnonzero(labels != lab)
@@ -213,8 +216,7 @@ def build_patchmix(source: str, out: str, seed: int = 0, size: int = 224, log=pr
                              "cells": " ".join(str(int(c)) for c in cells),
                              "occluded": real if kind == "occlude" else float("nan")})
         fsio.write_bytes(os.path.join(folder, "test", "nshards.txt"), b"1\n")
-        for fname in ("classnames.txt", "zeroshot_classification_templates.txt"):
-            shutil.copyfile(os.path.join(source, fname), os.path.join(folder, fname))
+        write_evalset_meta(folder, data["classnames"], data["templates"])
         curve = f"{kind}-g{param}" if kind in ("mix", "drop") else kind
         x = float(r) if kind != "shuffle" else float(TILES.index(param))  # tiles: evenly spaced steps
         tasks.append({"name": f"patchmix-{name}", "kind": "zeroshot_classification", "data": folder,
@@ -224,3 +226,47 @@ def build_patchmix(source: str, out: str, seed: int = 0, size: int = 224, log=pr
     shards.write_table(os.path.join(out, "manifest.parquet"), pd.DataFrame(rows))
     fsio.write_bytes(os.path.join(out, "tasks.yaml"), yaml.safe_dump({"tasks": tasks}, sort_keys=False).encode())
     return tasks
+
+
+# ------------------------------------------------------------------------------------- training augmentation
+def mix_batch(images, prob: float, r_max: float, grid: int, generator=None):
+    """Patch Mixing on a training batch (B, C, H, W): each image, with probability ``prob``, gets
+    ``round(r * grid**2)`` patches (r ~ U(0, r_max)) from its partner at the same positions; partners pair the
+    batch with its flip (i <-> B-1-i, as timm's Mixup). Returns (mixed batch, r actually used per image as
+    replaced cells / grid**2, partner index per image)."""
+    import torch
+
+    b, _, h, w = images.shape
+    partner = torch.arange(b - 1, -1, -1, device=images.device)
+    on = torch.rand(b, generator=generator) < prob
+    n_cells = torch.where(on, torch.round(torch.rand(b, generator=generator) * r_max * grid * grid),
+                          torch.zeros(b)).long()
+    ranks = torch.rand(b, grid * grid, generator=generator).argsort(dim=1).argsort(dim=1)
+    cells = (ranks < n_cells[:, None]).float().view(b, 1, grid, grid)
+    ph, pw = h // grid, w // grid
+    mask = torch.nn.functional.pad(cells.repeat_interleave(ph, 2).repeat_interleave(pw, 3),
+                                   (0, w - pw * grid, 0, h - ph * grid)).to(images.device, images.dtype)
+    r = (n_cells.float() / (grid * grid)).to(images.device)
+    r = torch.where(partner == torch.arange(b, device=images.device), torch.zeros_like(r), r)  # odd batch middle
+    return images * (1 - mask) + images[partner] * mask, r, partner
+
+
+def soft_clip_loss(image_features, text_features, logit_scale, r, partner, smoothing: float = 0.0):
+    """CLIP's contrastive loss with Patch Mixing's area-interpolated targets: image i matches its own caption
+    with weight 1 - r_i and its partner's caption with weight r_i (then label smoothing ``smoothing``); the
+    text-to-image targets are the same weights, normalised per caption."""
+    import torch
+
+    b = image_features.shape[0]
+    idx = torch.arange(b, device=image_features.device)
+    weights = torch.zeros(b, b, device=image_features.device, dtype=image_features.dtype)
+    weights[idx, idx] = 1 - r
+    weights[idx, partner] += r
+    logits = logit_scale * image_features @ text_features.T
+    t_img = weights / weights.sum(dim=1, keepdim=True)
+    t_txt = weights.T / weights.T.sum(dim=1, keepdim=True)
+    if smoothing:
+        t_img, t_txt = (t * (1 - smoothing) + smoothing / b for t in (t_img, t_txt))
+    loss_img = -(t_img * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    loss_txt = -(t_txt * torch.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
+    return (loss_img + loss_txt) / 2

@@ -32,6 +32,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # fp32 on CPU, amp_bf16 on CUDA
+    #: Patch Mixing (Lee et al. 2023) as a training augmentation: probability per image (0: off), the largest
+    #: share of replaced patches (r ~ U(0, r_max)), the grid, label smoothing of the interpolated targets
+    patch_mixing: float = 0.0
+    patch_mixing_r_max: float = 0.5
+    patch_mixing_grid: int = 7
+    patch_mixing_smoothing: float = 0.0
 
 
 def from_scale(scale_name: str, arch: str = "vit", seed: int = 0, pretrained: str = "") -> TrainConfig:
@@ -97,6 +103,9 @@ def train(data_dir: str, logs: str, name: str, cfg: TrainConfig, resume: bool = 
         argv += ["--resume", "latest"]
     log(f"train: {cfg.model} on {count:,} samples in {data_dir}, {cfg.samples_seen:,} samples seen -> {run_dir}")
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WINNOW_DRAFT_SIDE=str(2 * image_size(cfg.model)))
+    if cfg.patch_mixing > 0:
+        env["WINNOW_PATCH_MIXING"] = (f"{cfg.patch_mixing},{cfg.patch_mixing_r_max},{cfg.patch_mixing_grid},"
+                                      f"{cfg.patch_mixing_smoothing}")
     if not cuda and "OMP_NUM_THREADS" not in os.environ:
         # the loader workers decode on their own cores; more torch threads than the cores left only contend
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) - cfg.workers))

@@ -6,6 +6,10 @@ the model's input size), JPEGs are decoded with PIL's draft mode: the DCT is sca
 that both sides stay >= N. The trainer's own resize then sees at least twice the pixels it keeps, so the input
 tensors are practically unchanged, while decoding a 400 px JPEG for a 32 px model costs a fraction of a full
 decode: on a CPU, decoding is what bounds a tiny model's training speed.
+
+With ``WINNOW_PATCH_MIXING=prob,r_max,grid,smoothing`` set (``TrainConfig.patch_mixing``), every training batch
+goes through Patch Mixing (:func:`pipeline.patchmix.mix_batch`) and the contrastive loss gets the
+area-interpolated targets (:func:`pipeline.patchmix.soft_clip_loss`); the trainer itself is unchanged.
 """
 
 import os
@@ -29,10 +33,45 @@ def use_draft_decoding(side: int) -> None:
     ImageHandler.__call__ = decode
 
 
+def use_patch_mixing(prob: float, r_max: float, grid: int, smoothing: float) -> None:
+    """Wrap open_clip_train's ``train_one_epoch``: the model mixes each batch, the loss uses soft targets."""
+    import torch
+    import open_clip_train.main as trainer_main
+
+    from pipeline.patchmix import mix_batch, soft_clip_loss
+
+    epoch_fn = trainer_main.train_one_epoch
+    state: dict = {}
+
+    class Mixing(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.module = model  # open_clip_train's unwrap_model() returns it (logit scale clamping)
+
+        def forward(self, images, texts):
+            images, state["r"], state["partner"] = mix_batch(images, prob, r_max, grid)
+            return self.module(images, texts)
+
+    def loss_fn(image_features, text_features, logit_scale, output_dict=False, **_):
+        loss = soft_clip_loss(image_features, text_features, logit_scale, state["r"], state["partner"], smoothing)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
+        if args.world_size > 1 or args.accum_freq > 1 or dist_model is not None:
+            raise SystemExit("Patch Mixing supports single-process training without accumulation or distillation")
+        return epoch_fn(Mixing(model), data, loss_fn, epoch, optimizer, scaler, scheduler, dist_model, args,
+                        tb_writer=tb_writer)
+
+    trainer_main.train_one_epoch = train_one_epoch
+
+
 if __name__ == "__main__":
     register()
     if os.environ.get("WINNOW_DRAFT_SIDE"):
         use_draft_decoding(int(os.environ["WINNOW_DRAFT_SIDE"]))
+    if os.environ.get("WINNOW_PATCH_MIXING"):
+        p, r, g, eps = os.environ["WINNOW_PATCH_MIXING"].split(",")
+        use_patch_mixing(float(p), float(r), int(g), float(eps))
     from open_clip_train.main import main
 
     main(sys.argv[1:])

@@ -103,3 +103,52 @@ def test_occluder_covers_the_target_share_with_the_other_image(level):
     out, real = occlude(img, other, level, rng)
     assert abs(real - level) < 0.02 and abs((out[..., 0] == 255).mean() - real) < 1e-9
     assert blob_mask(96, level, np.random.default_rng(5)).mean() == real  # deterministic from the seed
+
+
+def test_training_mix_replaces_exactly_the_cells_it_reports_from_the_flipped_partner():
+    import torch
+
+    from pipeline.patchmix import mix_batch
+
+    b, grid, side = 6, 7, 30  # 30 px: 4 px patches, a 2 px edge that is never mixed
+    images = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 3, side, side).clone()
+    mixed, r, partner = mix_batch(images, prob=1.0, r_max=0.5, grid=grid, generator=torch.Generator().manual_seed(0))
+    assert partner.tolist() == [5, 4, 3, 2, 1, 0]
+    for i in range(b):
+        foreign = mixed[i, 0] == partner[i]
+        assert (mixed[i] == i).logical_or(mixed[i] == partner[i]).all()
+        cells = foreign[:28, :28].reshape(grid, 4, grid, 4).float().mean(dim=(1, 3))
+        assert set(cells.unique().tolist()) <= {0.0, 1.0}  # whole patches only
+        assert float(cells.mean()) == float(r[i]) <= 0.5
+        assert not foreign[28:].any() and not foreign[:, 28:].any()
+    assert (r > 0).any()
+    same, r0, _ = mix_batch(images, prob=0.0, r_max=0.5, grid=grid)
+    assert torch.equal(same, images) and (r0 == 0).all()
+
+
+def test_soft_clip_loss_interpolates_targets_by_area():
+    import torch
+
+    from pipeline.patchmix import soft_clip_loss
+
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    scale = torch.tensor(10.0)
+    partner = torch.tensor([3, 2, 1, 0])
+    plain = soft_clip_loss(img, txt, scale, torch.zeros(4), partner)
+    labels = torch.arange(4)
+    logits = scale * img @ txt.T
+    clip = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+    assert torch.allclose(plain, clip)  # r = 0: CLIP's own loss
+    r = torch.tensor([0.25, 0.0, 0.0, 0.5])
+    mixed = soft_clip_loss(img, txt, scale, r, partner)
+    lsm = torch.log_softmax(logits, dim=1)
+    expected_img0 = -(0.75 * lsm[0, 0] + 0.25 * lsm[0, 3])
+    w = torch.zeros(4, 4)
+    w[range(4), range(4)] = 1 - r
+    w[range(4), partner] += r
+    t_txt = w.T / w.T.sum(dim=1, keepdim=True)
+    loss_txt = -(t_txt * torch.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
+    loss_img = torch.stack([expected_img0, -lsm[1, 1], -lsm[2, 2], -(0.5 * lsm[3, 3] + 0.5 * lsm[3, 0])]).mean()
+    assert torch.allclose(mixed, (loss_img + loss_txt) / 2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from pipeline.errors import UserError
 from pipeline.runner import TaskFailed
@@ -107,12 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for descriptor.pt")
     p.add_argument("--steps", type=int, default=300)
 
-    p = sub.add_parser("evalset", help="build an evaluation set from a labeled eval set: patchmix")
-    p.add_argument("kind", choices=["patchmix"], help="patchmix: foreign patches, tile shuffles, patch drops")
-    p.add_argument("source", help="labeled eval set folder (clip_benchmark layout: test/*.tar with .cls)")
-    p.add_argument("--out", required=True, help="output folder (one eval set per condition + tasks.yaml)")
+    p = sub.add_parser("evalset", help="build an evaluation set from labeled images: patchmix or dist")
+    p.add_argument("kind", choices=["patchmix", "dist"],
+                   help="patchmix: foreign patches, tile shuffles, patch drops, occlusion; dist: texture-synthesis "
+                        "triplets for the odd-one-out test")
+    p.add_argument("source", help="labeled images: an eval set folder (test/*.tar with .cls, clip_benchmark layout) "
+                                  "or a folder with one sub-folder of images per class")
+    p.add_argument("--out", required=True, help="output folder (eval sets, manifest.parquet, tasks.yaml)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=224, help="side of the square images (default 224)")
+    p.add_argument("--per-class", type=int, default=0, help="first N images of each class (default: all)")
+    p.add_argument("--steps", type=int, default=200, help="dist: L-BFGS iterations per synthesis (default 200)")
+    p.add_argument("--batch", type=int, default=32, help="dist: images synthesised together (default 32)")
+    p.add_argument("--vgg19", default="", help="dist: a local torchvision VGG-19 state dict as the texture network "
+                                              "(default: a fixed random multi-scale CNN)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     p = sub.add_parser("subset", help="score a pool with a recipe's filters and write its uids.npy")
     p.add_argument("recipe", help="recipe name (manifests/subsets/NAME.yaml) or YAML path")
@@ -140,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logs", default="runs/train", help="parent folder of runs (default runs/train)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrained", default="", help="start from an open_clip tag or checkpoint (DFN fine-tuning)")
+    p.add_argument("--patch-mixing", type=float, default=0.0, metavar="P",
+                   help="Patch Mixing augmentation: share of images mixed (0: off; the paper's experiment: 0.5)")
     p.add_argument("--tasks", help="task list to evaluate the final checkpoint on (writes results.jsonl)")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="fill ${NAME} in the task list")
 
@@ -290,15 +302,21 @@ def cmd_copy_descriptor(args) -> None:
 
 
 def cmd_evalset(args) -> None:
-    from pipeline.patchmix import build_patchmix
+    if args.size < 16:
+        raise UserError(f"--size {args.size} is too small; use 16 px or more (224 for ImageNet-scale models)")
+    if args.kind == "patchmix":
+        from pipeline.patchmix import build_patchmix
 
-    if not os.path.isdir(os.path.join(args.source, "test")):
-        raise UserError(f"{args.source} is not an eval set folder (no test/ with tars)")
-    try:
-        tasks = build_patchmix(args.source, args.out, seed=args.seed, size=args.size)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    print(f"evalset: {len(tasks)} conditions -> {args.out}; evaluate with --tasks {os.path.join(args.out, 'tasks.yaml')}")
+        tasks = build_patchmix(args.source, args.out, seed=args.seed, size=args.size, per_class=args.per_class)
+        what = f"{len(tasks)} conditions"
+    else:
+        from pipeline.dist import DistConfig, build_dist
+
+        cfg = DistConfig(size=args.size, per_class=args.per_class, seed=args.seed, steps=args.steps,
+                         batch=args.batch, vgg19=args.vgg19, device=args.device)
+        summary = build_dist(args.source, args.out, cfg)
+        what = f"{summary['kept']} triplets"
+    print(f"evalset: {what} -> {args.out}; evaluate with --tasks {os.path.join(args.out, 'tasks.yaml')}")
 
 
 def cmd_subset(args) -> None:
@@ -322,7 +340,10 @@ def cmd_train(args) -> None:
 
     from pipeline.train import from_scale, train
 
-    cfg = from_scale(args.scale, args.arch, seed=args.seed, pretrained=args.pretrained)
+    if not 0 <= args.patch_mixing <= 1:
+        raise UserError(f"--patch-mixing {args.patch_mixing} must be a share between 0 and 1")
+    cfg = replace(from_scale(args.scale, args.arch, seed=args.seed, pretrained=args.pretrained),
+                  patch_mixing=args.patch_mixing)
     ckpt = train(args.data, args.logs, args.name, cfg)
     print(f"train: {ckpt}")
     if args.tasks:

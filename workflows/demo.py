@@ -3,7 +3,8 @@
 synth -> serve -> ingest -> ledger vs truth -> train the fixed tiny model on the unfiltered pool (its model is
 the CLIP scorer, the demo's stand-in for OpenAI's CLIP) -> embed the pool with it -> fine-tune it on the clean
 set into a data filtering network (DFN) and embed the pool with that -> score and select every recipe, measured
-against the planted truth -> train and evaluate the same fixed model on each subset -> report.
+against the planted truth -> train and evaluate the same fixed model on each subset (the evaluation set, its
+DiST triplets and its Patch Mixing conditions) -> report.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from pipeline.dedup import default_out as dedup_out
 from pipeline.dedup import read_table as read_dedup_table
 from pipeline.embed import EmbedConfig, embed
 from pipeline.errors import UserError
+from pipeline.dist import build_dist
 from pipeline.evaluate import evaluate, load_tasklist
 from pipeline.ingest import ingest
 from pipeline.ledger import format_counts
 from pipeline.manifest import MANIFEST
+from pipeline.patchmix import build_patchmix
 from pipeline.pool import ledger
 from pipeline.reshard import reshard
 from pipeline.runner import Runner
@@ -77,7 +80,11 @@ def run(out: str, cfg: RunConfig, overwrite: bool = False, log=print) -> dict:
             log(f"serve: {world}/site at {server.url}")
             with timings.stage("ingest"):
                 ingest(os.path.join(world, "urls.parquet"), pool, cfg.ingest, runner, overwrite=overwrite, log=log)
-        runs = TrainRuns(out, pool, demo, load_tasklist(str(tasks_path()), {"world": world}), runner, overwrite, log)
+        with timings.stage("eval sets: DiST + Patch Mixing"):
+            robustness = build_evalsets(os.path.join(out, "evalsets"), os.path.join(world, "eval"), demo, overwrite,
+                                        log)
+        tasks = load_tasklist(str(tasks_path()), {"world": world}) + robustness
+        runs = TrainRuns(out, pool, demo, tasks, runner, overwrite, log)
 
         with timings.stage("train no_filter (its model is the CLIP scorer)"):
             subset("no_filter", pool, os.path.join(subsets_dir, "no_filter"), runner, log=log)
@@ -111,19 +118,26 @@ def run(out: str, cfg: RunConfig, overwrite: bool = False, log=print) -> dict:
             for name in demo.train:
                 if name not in trained:
                     trained[name] = runs.train(name)
+            for name in demo.patch_mixing:
+                trained[f"{name}+patchmix"] = runs.train(name, patch_mixing=True)
 
     counts, total = ledger(pool)
     check = ingest_check(pool, world, cfg.ingest.min_image_size)
     arrays = {name: _load_uids(subsets_dir, name) for name in made}
     recall, precision = selection_check(pool, world, arrays)
     dedup_table = dedup_check(pool, world, duplicates)
-    table = results_table(trained, {name: len(arrays[name]) for name in trained})
+    main_tasks = [t.name for t in tasks if not t.curve and t.kind != "odd_one_out"]
+    table = results_table(trained, {name: len(arrays[name.split("+")[0]]) for name in trained}, main_tasks)
+    robust = robustness_table(trained)
+    dist_gates = fsio.read_json(os.path.join(out, "evalsets", "dist", "gates.json"))
     summary = {"timings_s": dict(timings), "ledger": counts, "input_rows": total,
                "ingest_check": check.to_dict("records"), "selection_recall": recall.to_dict("records"),
                "selection_precision": precision.to_dict("records"), "training": table.to_dict("records"),
-               "dedup_check": dedup_table.to_dict("records"),
+               "dedup_check": dedup_table.to_dict("records"), "robustness": robust.to_dict("records"),
+               "dist_gates": {k: v for k, v in dist_gates.items() if k != "config"},
                "runs": trained, "config": asdict(cfg)}
-    _write_report(report, summary, counts, total, check, recall, precision, table, runs.scale_line, dedup_table)
+    _write_report(report, summary, counts, total, check, recall, precision, table, runs.scale_line, dedup_table,
+                  robust, plot_curves(trained, report))
     log("\nLedger of " + pool + ":\n" + format_counts(counts, total))
     log("\nPlanted defects vs ledger state:")
     log(check.to_string(index=False))
@@ -137,6 +151,10 @@ def run(out: str, cfg: RunConfig, overwrite: bool = False, log=print) -> dict:
     log(_fmt_dedup(dedup_table))
     log(f"\nThe fixed model trained on each subset ({runs.scale_line}):")
     log(format_table(table))
+    log("\nThe same models on DiST (odd-one-out accuracy, chance 0.333) and Patch Mixing (area under accuracy vs "
+        "share of foreign patches / tiles / dropped patches / occlusion; plots in the report folder):")
+    log(format_table(robust))
+    log("DiST set: " + dist_line(dist_gates))
     log(f"\ntimings (s): {json.dumps(dict(timings))}")
     log(f"outputs: world {world} | pool {pool} | subsets {subsets_dir} | report {report}/report.md")
     return summary
@@ -153,7 +171,7 @@ class TrainRuns:
         self.scale_line = (f"scale {demo.scale}, {base.model}, {base.samples_seen:,} samples seen, batch "
                            f"{base.batch_size}, lr {base.lr:g}, seeds {', '.join(map(str, demo.seeds))}")
 
-    def train(self, name: str) -> list[dict]:
+    def train(self, name: str, patch_mixing: bool = False) -> list[dict]:
         shards_dir = os.path.join(self.out, "shards", name)
         reshard(self.pool, os.path.join(self.out, "subsets", name, "uids.npy"), shards_dir, self.runner,
                 shard_size=self.demo.shard_size, overwrite=self.overwrite, log=self.log)
@@ -161,6 +179,9 @@ class TrainRuns:
         for seed in self.demo.seeds:
             tcfg = from_scale(self.demo.scale, self.demo.arch, seed=seed)
             run_name = f"{name}-seed{seed}"
+            if patch_mixing:  # the paper's setting: half of the images, r ~ U(0, 0.5), 7 x 7 grid
+                tcfg = replace(tcfg, patch_mixing=0.5)
+                run_name = f"{name}+patchmix-seed{seed}"
             ckpt = self._train(shards_dir, run_name, tcfg)
             summary = evaluate(tcfg.model, ckpt, self.tasks, os.path.join(self.out, "train", run_name, "eval"),
                                log=self.log)
@@ -206,27 +227,107 @@ class TrainRuns:
         return False
 
 
-def results_table(trained: dict[str, list[dict]], sizes: dict[str, int]) -> pd.DataFrame:
-    """One row per subset: size, and per main metric the mean over seeds with its spread (max - min)."""
+def results_table(trained: dict[str, list[dict]], sizes: dict[str, int], tasks: list[str]) -> pd.DataFrame:
+    """One row per subset: size, and per main metric of ``tasks`` (and their average) the mean over seeds with
+    its spread (max - min)."""
     rows = []
     for name, results in trained.items():
         row = {"subset": name, "size": sizes[name], "seeds": len(results)}
-        metrics = {task: [r["tasks"][task] for r in results] for task in results[0]["tasks"]}
-        metrics["average"] = [r["average"] for r in results]
-        for key, values in metrics.items():
-            row[key] = float(np.mean(values))
-            row[f"{key} spread"] = float(np.max(values) - np.min(values))
+        metrics = {task: [r["tasks"][task] for r in results] for task in tasks}
+        metrics["average"] = [float(np.mean([r["tasks"][t] for t in tasks])) for r in results]
+        _mean_and_spread(row, metrics)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def robustness_table(trained: dict[str, list[dict]]) -> pd.DataFrame:
+    """One row per subset: DiST odd-one-out accuracy and the area of every Patch Mixing curve (mean, spread)."""
+    rows = []
+    for name, results in trained.items():
+        row = {"subset": name, "size": "", "seeds": len(results)}
+        metrics = {"dist": [r["tasks"]["dist"] for r in results]}
+        for curve in results[0].get("curves", {}):
+            metrics[f"{curve} auc"] = [r["curves"][curve]["auc"] for r in results]
+        _mean_and_spread(row, metrics)
+        rows.append(row)
+    return pd.DataFrame(rows).drop(columns="size")
+
+
+def _mean_and_spread(row: dict, metrics: dict[str, list[float]]) -> None:
+    for key, values in metrics.items():
+        row[key] = float(np.mean(values))
+        row[f"{key} spread"] = float(np.max(values) - np.min(values))
+
+
 def format_table(table: pd.DataFrame) -> str:
     shown = table.copy()
-    for col in shown.columns[3:]:
-        shown[col] = shown[col].map(lambda v: f"{v:.3f}")
+    for col in shown.columns:
+        if col not in ("subset", "size", "seeds"):
+            shown[col] = shown[col].map(lambda v: f"{v:.3f}")
     if (table["seeds"] <= 1).all():
         shown = shown[[c for c in shown.columns if not c.endswith(" spread")]]
     return shown.to_string(index=False)
+
+
+def build_evalsets(out: str, source: str, demo, overwrite: bool, log) -> list:
+    """The DiST and Patch Mixing sets of the world's evaluation set (reused when built with the same settings);
+    returns their tasks."""
+    dist_dir, pm_dir = os.path.join(out, "dist"), os.path.join(out, "patchmix")
+    settings = {"dist": asdict(demo.dist), "patchmix": [demo.patchmix_size, demo.patchmix_per_class],
+                "source": source}
+    marker = os.path.join(out, "winnow_evalsets.json")
+    if overwrite or not os.path.exists(marker) or fsio.read_json(marker) != settings:
+        for folder in (dist_dir, pm_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+        build_dist(source, dist_dir, demo.dist, log=log)
+        build_patchmix(source, pm_dir, size=demo.patchmix_size, per_class=demo.patchmix_per_class, log=log)
+        fsio.write_json(marker, settings)
+    else:
+        log(f"eval sets: {out} is up to date; reusing it")
+    return load_tasklist(os.path.join(dist_dir, "tasks.yaml")) + load_tasklist(os.path.join(pm_dir, "tasks.yaml"))
+
+
+def plot_curves(trained: dict[str, list[dict]], report: str) -> list[str]:
+    """One PNG per Patch Mixing curve: accuracy vs the curve's x for every trained subset (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.patchmix import TILES
+
+    files = []
+    curves = next(iter(trained.values()))[0].get("curves", {})
+    for curve in curves:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for name, results in trained.items():
+            xs = results[0]["curves"][curve]["x"]
+            ys = np.mean([r["curves"][curve]["y"] for r in results], axis=0)
+            ax.plot(xs, ys, marker="o", label=name)
+        if curve == "shuffle":
+            ax.set_xticks(range(len(TILES)), [str(t) for t in TILES])
+            ax.set_xlabel("tiles shuffled")
+        else:
+            ax.set_xlabel({"occlude": "occluded share"}.get(curve, "share of patches replaced" if curve.startswith(
+                "mix") else "share of patches dropped"))
+        ax.set_ylabel("zero-shot accuracy")
+        ax.set_title(f"Patch Mixing: {curve}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(report, f"patchmix_{curve}.png")
+        os.makedirs(report, exist_ok=True)
+        with fsio.atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        plt.close(fig)
+        files.append(os.path.basename(path))
+    return files
+
+
+def dist_line(gates: dict) -> str:
+    base = gates.get("baselines", {})
+    return (f"{gates['kept']}/{gates['sources']} triplets kept ({gates['redone']} redone, {gates['dropped']} dropped "
+            f"by the gates); reference models (must be near chance 0.333): " +
+            ", ".join(f"{k} {v['acc']:.3f} [{v['acc_ci_low']:.3f}, {v['acc_ci_high']:.3f}]" for k, v in base.items()))
 
 
 def _load_uids(subsets_dir: str, name: str):
@@ -250,11 +351,12 @@ def _fmt_dedup(table: pd.DataFrame) -> str:
 
 def _write_report(report: str, summary: dict, counts: dict, total: int | None, check: pd.DataFrame,
                   recall: pd.DataFrame, precision: pd.DataFrame, table: pd.DataFrame, scale_line: str,
-                  dedup_table: pd.DataFrame) -> None:
+                  dedup_table: pd.DataFrame, robust: pd.DataFrame, plots: list[str]) -> None:
     fsio.write_json(os.path.join(report, "summary.json"), summary)
     recall.to_csv(os.path.join(report, "selection_recall.csv"), index=False, float_format="%.4f")
     precision.to_csv(os.path.join(report, "selection_precision.csv"), index=False, float_format="%.4f")
     table.to_csv(os.path.join(report, "training.csv"), index=False, float_format="%.4f")
+    robust.to_csv(os.path.join(report, "robustness.csv"), index=False, float_format="%.4f")
     lines = [
         "# Winnow demo report", "",
         "## The fixed model trained on each subset", "",
@@ -262,6 +364,12 @@ def _write_report(report: str, summary: dict, counts: dict, total: int | None, c
         "metric of each task (zero-shot top-1 accuracy, retrieval mean recall@1), their average; with several "
         "seeds, the mean and the spread (max - min).", "",
         "```", format_table(table), "```", "",
+        "## DiST and Patch Mixing", "",
+        "DiST: odd-one-out accuracy on (original, two texture syntheses) triplets, chance 0.333 "
+        f"({dist_line(summary['dist_gates'])}). Patch Mixing: normalised area under zero-shot accuracy vs the share "
+        "of foreign patches (7x7, 14x14 grids), tiles shuffled, patches dropped, occluded share.", "",
+        "```", format_table(robust), "```", "",
+        *[f"![{p}]({p})" for p in plots], "",
         "## Timings (seconds)", "", "| stage | s |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in summary["timings_s"].items()], "",
         "## Ledger", "", "```", format_counts(counts, total), "```", "",

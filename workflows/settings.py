@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline import config
 from pipeline.dedup import DedupConfig
+from pipeline.dist import DistConfig
 from pipeline.ingest import IngestConfig
 from pipeline.runner import ClusterConfig
 from pipeline.synth.world import SynthConfig
@@ -35,6 +36,11 @@ class DemoConfig:
         copy_steps: training steps of the copy-detection descriptor (pipeline/copydetect.py) that dedup uses.
         dedup: dedup settings (tag ``copy``: the descriptor; keep order by the CLIP scorer's score, tag
             ``demo``); the world's evaluation set is always added to ``decontaminate``.
+        dist: the DiST triplet set built from the world's evaluation set (pipeline/dist.py); the demo's models
+            see 32 px, so it is synthesised at 32 px from 5 images per class.
+        patchmix_size / patchmix_per_class: the Patch Mixing conditions built from the same evaluation set.
+        patch_mixing: trained subsets also trained with the Patch Mixing augmentation (the paper's training-side
+            experiment; reported as ``<subset>+patchmix``).
         recipes: subset recipes made and measured against the planted truth (trained or not).
         shard_size: samples per resharded training shard.
     """
@@ -48,6 +54,10 @@ class DemoConfig:
     copy_steps: int = 100
     dedup: DedupConfig = field(default_factory=lambda: DedupConfig(tag="copy", keep_tag="demo", near_threshold=0.97,
                                                                    contamination_threshold=0.97))
+    dist: DistConfig = field(default_factory=lambda: DistConfig(size=32, per_class=5, steps=200, batch=64))
+    patchmix_size: int = 64
+    patchmix_per_class: int = 16
+    patch_mixing: list[str] = field(default_factory=list)
     recipes: list[str] = field(default_factory=lambda: list(DEMO_RECIPES))
     shard_size: int = 500
 
