@@ -59,6 +59,9 @@ def use_patch_mixing(prob: float, r_max: float, grid: int, smoothing: float) -> 
     def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
         if args.world_size > 1 or args.accum_freq > 1 or dist_model is not None:
             raise SystemExit("Patch Mixing supports single-process training without accumulation or distillation")
+        import logging
+
+        logging.info(f"Patch Mixing: p={prob}, r ~ U(0, {r_max}), {grid}x{grid} grid, label smoothing {smoothing}")
         return epoch_fn(Mixing(model), data, loss_fn, epoch, optimizer, scaler, scheduler, dist_model, args,
                         tb_writer=tb_writer)
 

@@ -120,6 +120,10 @@ def test_subset_reshard_and_train_with_open_clip_train(embedded, local_cluster, 
                               {"world": embedded["world"]})
         summary = evaluate(arch, ckpt, tasks, str(tmp_path / "eval" / arch), device="cpu", log=lambda m: None)
         assert 0 <= summary["tasks"]["synthetic-shapes"] <= 1
+    # the Patch Mixing augmentation runs inside the same trainer
+    train(shard_dir, str(tmp_path / "logs"), "pm", TrainConfig(samples_seen=64, batch_size=16, warmup=1,
+                                                              patch_mixing=1.0), log=lambda m: None)
+    assert "Patch Mixing: p=1.0" in (tmp_path / "logs" / "pm" / "out.log").read_text()
     from pipeline.errors import UserError
     with pytest.raises(UserError, match="exists"):  # open_clip_train would silently skip a reused name
         train(shard_dir, str(tmp_path / "logs"), arch, TrainConfig(model=arch, samples_seen=64, batch_size=16),

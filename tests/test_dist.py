@@ -73,7 +73,8 @@ def test_demo_set_is_written_with_its_manifest_and_passes_its_gates(demo_dist):
     assert len(kept) == summary["kept"] and summary["kept"] + summary["dropped"] == summary["sources"]
     assert summary["kept"] >= 0.8 * summary["sources"]  # the gates pass for most sources, redone or not
     assert (kept["failed"] == "").all() and (kept[["gram_a", "gram_b"]].max(axis=1) <= cfg.gram_max).all()
-    assert (kept["gram_unrelated"] > 20 * cfg.gram_max).all()  # texture statistics far closer than another image's
+    # each synthesis is far closer to its source's texture statistics than an unrelated source is
+    assert (kept[["gram_a", "gram_b"]].max(axis=1) < kept["gram_unrelated"] / 10).all()
     band = kept["structure_unrelated"].abs() + cfg.structure_margin
     assert (kept["structure_a"].abs() <= band).all() and (kept["structure_b"].abs() <= band).all()
     assert (kept["pair_correlation"] <= cfg.pair_max).all() and (kept["seed_a"] != kept["seed_b"]).all()
@@ -107,7 +108,7 @@ def test_reference_models_score_near_chance_on_the_demo_set(demo_dist):
     blur = lambda r: np.stack([np.asarray(Image.fromarray(o).filter(ImageFilter.GaussianBlur(r))) for o in arr[:, 0]])  # noqa: E731
     leaky = np.stack([arr[:, 0], blur(1.5), blur(2.5)], axis=1)
     for kind, m in dist.baseline_scores(leaky).items():
-        assert m["acc"] > 0.9, (kind, m)
+        assert m["acc_ci_low"] > 0.6, (kind, m)
 
 
 def test_build_is_deterministic_and_evaluates_as_a_task(demo_dist, tmp_path):

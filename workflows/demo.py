@@ -76,13 +76,13 @@ def run(out: str, cfg: RunConfig, overwrite: bool = False, log=print) -> dict:
     with Runner(cfg.cluster) as runner:
         with timings.stage("synth"):
             build_world(cfg.synth, world, runner, overwrite=overwrite, log=log)
+        with timings.stage("eval sets: DiST + Patch Mixing"):
+            robustness = build_evalsets(os.path.join(out, "evalsets"), os.path.join(world, "eval"), demo, overwrite,
+                                        log)
         with WebPoolServer.for_url(world, cfg.synth.base_url) as server:
             log(f"serve: {world}/site at {server.url}")
             with timings.stage("ingest"):
                 ingest(os.path.join(world, "urls.parquet"), pool, cfg.ingest, runner, overwrite=overwrite, log=log)
-        with timings.stage("eval sets: DiST + Patch Mixing"):
-            robustness = build_evalsets(os.path.join(out, "evalsets"), os.path.join(world, "eval"), demo, overwrite,
-                                        log)
         tasks = load_tasklist(str(tasks_path()), {"world": world}) + robustness
         runs = TrainRuns(out, pool, demo, tasks, runner, overwrite, log)
 

@@ -56,7 +56,7 @@ class DemoConfig:
                                                                    contamination_threshold=0.97))
     dist: DistConfig = field(default_factory=lambda: DistConfig(size=32, per_class=5, steps=200, batch=64))
     patchmix_size: int = 64
-    patchmix_per_class: int = 16
+    patchmix_per_class: int = 12
     patch_mixing: list[str] = field(default_factory=list)
     recipes: list[str] = field(default_factory=lambda: list(DEMO_RECIPES))
     shard_size: int = 500
