@@ -13,8 +13,8 @@ random-weight CNN (random shallow networks are good texture models: Ustyuzhanino
   ``relu1_1 .. relu5_1`` outputs, the paper's layers).
 - Loss: the sum over layers of ``||G(x) - G(x0)||^2 / ||G(x0)||^2`` with ``G = F F^T / M`` (M positions), plus
   a per-channel mean and standard deviation term. Start: the source with its Fourier phases randomised by the
-  seed (its amplitude spectrum, no layout); L-BFGS (``steps`` iterations, strong Wolfe line search, as Gatys'
-  L-BFGS-B) on the pixels. The colours are then given the source's joint colour distribution (iterative
+  seed (its amplitude spectrum, no layout); L-BFGS on the pixels (``steps`` iterations, strong Wolfe line
+  search; a penalty keeps pixels in [0, 1] where Gatys' code used L-BFGS-B bounds). The colours are then given the source's joint colour distribution (iterative
   distribution transfer) and exactly its per-channel histograms, so pixel statistics carry no cue. All images
   of a batch are optimised together (every image's loss is its own), on the GPU when present.
 
@@ -163,7 +163,8 @@ def gram_distance(ga, gb):
 
 # ---------------------------------------------------------------------------------------------- synthesis
 def synthesize(net, sources: np.ndarray, seeds: list[int], steps: int, device: str = "cpu", match: bool = True):
-    """Texture syntheses of a batch of uint8 (B, S, S, 3) sources, one seed each; returns uint8 (B, S, S, 3)."""
+    """Texture syntheses of a batch of uint8 (B, S, S, 3) sources, one seed each; returns uint8 (B, S, S, 3),
+    colour-matched to the sources unless ``match`` is False (to inspect the optimiser's own output)."""
     import torch
 
     x0 = torch.from_numpy(sources).to(device).permute(0, 3, 1, 2).float() / 255
