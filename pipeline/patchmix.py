@@ -242,13 +242,14 @@ def mix_batch(images, prob: float, r_max: float, grid: int, generator=None):
     n_cells = torch.where(on, torch.round(torch.rand(b, generator=generator) * r_max * grid * grid),
                           torch.zeros(b)).long()
     ranks = torch.rand(b, grid * grid, generator=generator).argsort(dim=1).argsort(dim=1)
-    cells = (ranks < n_cells[:, None]).float().view(b, 1, grid, grid)
+    cells = (ranks < n_cells[:, None]).view(b, 1, grid, grid).to(images.device)
     ph, pw = h // grid, w // grid
-    mask = torch.nn.functional.pad(cells.repeat_interleave(ph, 2).repeat_interleave(pw, 3),
-                                   (0, w - pw * grid, 0, h - ph * grid)).to(images.device, images.dtype)
+    mask = torch.zeros(b, 1, h, w, dtype=torch.bool, device=images.device)
+    mask[:, :, :ph * grid, :pw * grid] = cells[:, :, :, None, :, None].expand(b, 1, grid, ph, grid, pw).reshape(
+        b, 1, ph * grid, pw * grid)
     r = (n_cells.float() / (grid * grid)).to(images.device)
     r = torch.where(partner == torch.arange(b, device=images.device), torch.zeros_like(r), r)  # odd batch middle
-    return images * (1 - mask) + images[partner] * mask, r, partner
+    return torch.where(mask, images[partner], images), r, partner
 
 
 def soft_clip_loss(image_features, text_features, logit_scale, r, partner, smoothing: float = 0.0):
