@@ -114,7 +114,7 @@ def run(out: str, cfg: RunConfig, overwrite: bool = False, log=print) -> dict:
             for name, inline in SINGLE_FILTERS.items():
                 recipe = load_recipe({"name": name, **inline})
                 made[name] = subset(recipe, pool, os.path.join(subsets_dir, "filters", name), runner, log=lambda m: None)
-        with timings.stage(f"train {len(demo.train) - 1} subsets x {len(demo.seeds)} seed(s)"):
+        with timings.stage(f"train {len(demo.train) - 1 + len(demo.patch_mixing)} subsets x {len(demo.seeds)} seed(s)"):
             for name in demo.train:
                 if name not in trained:
                     trained[name] = runs.train(name)
