@@ -18,7 +18,7 @@ def main() -> None:
     import torch
 
     from pipeline import dist
-    from pipeline.patchmix import _square
+    from pipeline.patchmix import square_image
     from pipeline.synth.world import SynthConfig, _jpeg, _spec_for
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +30,7 @@ def main() -> None:
     cfg = SynthConfig()
     rows = []
     for size in map(int, args.sizes.split(",")):
-        sources = np.stack([_square(_jpeg(_spec_for(cfg, 2, i)), size) for i in range(args.images)])
+        sources = np.stack([square_image(_jpeg(_spec_for(cfg, 2, i)), size) for i in range(args.images)])
         net = dist.texture_net(1234, dist.stages_for(size), args.device)
         seeds = list(range(args.images))
 

@@ -19,7 +19,7 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from pipeline.patchmix import _square, mix_batch, mix_patches
+    from pipeline.patchmix import mix_batch, mix_patches, square_image
     from pipeline.synth.render import encode_jpeg
     from pipeline.synth.world import SynthConfig, _jpeg, _spec_for
 
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     cfg = SynthConfig()
-    images = [_square(_jpeg(_spec_for(cfg, 2, i)), 224) for i in range(args.images)]
+    images = [square_image(_jpeg(_spec_for(cfg, 2, i)), 224) for i in range(args.images)]
 
     def rate(fn, n) -> float:
         start = time.perf_counter()

@@ -364,14 +364,14 @@ def build_dist(source: str, out: str, cfg: DistConfig, log=print) -> dict:
     from . import fsio, shards
     from .evaluate import per_class, read_labeled, write_evalset_meta
     from .models import default_device
-    from .patchmix import _square
+    from .patchmix import square_image
 
     device = default_device() if cfg.device == "auto" else cfg.device
     data = read_labeled(source)
     labels_all = data["labels"]
     chosen = per_class(labels_all, cfg.per_class)
     labels = labels_all[chosen]
-    sources = np.stack([_square(data["images"][i], cfg.size) for i in chosen])
+    sources = np.stack([square_image(data["images"][i], cfg.size) for i in chosen])
     n = len(sources)
     net = vgg19_net(cfg.vgg19, device) if cfg.vgg19 else texture_net(cfg.net_seed, stages_for(cfg.size), device)
     # unrelated references per source: up to 8 sources of other classes (fixed by the seed)

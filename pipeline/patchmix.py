@@ -144,7 +144,8 @@ TILES = (1, 4, 16, 64, 196)
 OCCLUSION = (0.0, 0.2, 0.4, 0.6)
 
 
-def _square(data: bytes, size: int) -> np.ndarray:
+def square_image(data: bytes, size: int) -> np.ndarray:
+    """Encoded image bytes -> its centre square resized to ``size`` (uint8 H x W x 3; pixels capped on decode)."""
     from PIL import Image
 
     from .images import open_rgb
@@ -184,7 +185,7 @@ def build_patchmix(source: str, out: str, seed: int = 0, size: int = 224, per_cl
     data = read_labeled(source)
     chosen = first_per_class(data["labels"], per_class)
     labels = data["labels"][chosen]
-    images = [_square(data["images"][i], size) for i in chosen]
+    images = [square_image(data["images"][i], size) for i in chosen]
     partners = []
     for i, lab in enumerate(labels):
         others = np.flatnonzero(labels != lab)
