@@ -75,55 +75,13 @@ def stages_for(size: int) -> int:
     return int(np.clip(np.floor(np.log2(size)) - 3, 2, 5))
 
 
-def texture_net(seed: int, stages: int = 5, device: str = "cpu"):
-    """The fixed random multi-scale CNN (see the module docstring); returns a module giving a list of maps."""
+def _tapped(layers, taps: set[int], device: str):
+    """A frozen module running ``layers`` in order on ImageNet-normalised input; returns the normalised input and
+    the outputs of the layers whose index is in ``taps`` (the maps whose Gram matrices are matched)."""
     import torch
     from torch import nn
 
-    class TextureNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            widths = (3, 64, 64, 64, 64, 64)[:stages + 1]
-            self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1, padding_mode="circular")
-                                       for a, b in zip(widths[:-1], widths[1:]))
-            g = torch.Generator().manual_seed(seed)
-            for conv in self.convs:
-                fan_in = conv.in_channels * 9
-                conv.weight.data = torch.randn(conv.weight.shape, generator=g) * (2 / fan_in) ** 0.5
-                conv.bias.data.zero_()
-            self.requires_grad_(False)
-            self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-            self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-        def forward(self, x):
-            h = (x - self.mean) / self.std
-            maps = [h]
-            for i, conv in enumerate(self.convs):
-                if i:
-                    h = nn.functional.avg_pool2d(h, 2)
-                h = torch.relu(conv(h))
-                maps.append(h)
-            return maps
-
-    return TextureNet().to(device).eval()
-
-
-def vgg19_net(path: str, device: str = "cpu"):
-    """A local torchvision VGG-19 checkpoint as the texture network (max pools -> average pools, as Gatys)."""
-    import torch
-    from torch import nn
-    from torchvision.models import vgg19
-
-    from .errors import UserError
-
-    if not os.path.isfile(path):
-        raise UserError(f"VGG-19 checkpoint not found: {path}")
-    net = vgg19()
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    layers = [nn.AvgPool2d(2) if isinstance(m, nn.MaxPool2d) else m for m in net.features[:30]]
-    taps = {1, 6, 11, 20, 29}  # relu1_1, relu2_1, relu3_1, relu4_1, relu5_1
-
-    class VGGTaps(nn.Module):
+    class Tapped(nn.Module):
         def __init__(self):
             super().__init__()
             self.layers = nn.ModuleList(layers)
@@ -140,7 +98,39 @@ def vgg19_net(path: str, device: str = "cpu"):
                     maps.append(h)
             return maps
 
-    return VGGTaps().to(device).eval()
+    return Tapped().to(device).eval()
+
+
+def texture_net(seed: int, stages: int = 5, device: str = "cpu"):
+    """The fixed random multi-scale CNN (see the module docstring); returns a module giving a list of maps."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    widths = (3, 64, 64, 64, 64, 64)[:stages + 1]
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        conv = nn.Conv2d(a, b, 3, padding=1, padding_mode="circular")
+        conv.weight.data = torch.randn(conv.weight.shape, generator=g) * (2 / (a * 9)) ** 0.5  # He init
+        conv.bias.data.zero_()
+        layers += ([nn.AvgPool2d(2)] if i else []) + [conv, nn.ReLU()]
+    return _tapped(layers, {i for i, m in enumerate(layers) if isinstance(m, nn.ReLU)}, device)
+
+
+def vgg19_net(path: str, device: str = "cpu"):
+    """A local torchvision VGG-19 checkpoint as the texture network (max pools -> average pools, as Gatys)."""
+    import torch
+    from torch import nn
+    from torchvision.models import vgg19
+
+    from .errors import UserError
+
+    if not os.path.isfile(path):
+        raise UserError(f"VGG-19 checkpoint not found: {path}")
+    net = vgg19()
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    layers = [nn.AvgPool2d(2) if isinstance(m, nn.MaxPool2d) else m for m in net.features[:30]]
+    return _tapped(layers, {1, 6, 11, 20, 29}, device)  # relu1_1, relu2_1, relu3_1, relu4_1, relu5_1
 
 
 def grams(maps):
@@ -162,9 +152,8 @@ def gram_distance(ga, gb):
 
 
 # ---------------------------------------------------------------------------------------------- synthesis
-def synthesize(net, sources: np.ndarray, seeds: list[int], steps: int, device: str = "cpu", match: bool = True):
-    """Texture syntheses of a batch of uint8 (B, S, S, 3) sources, one seed each; returns uint8 (B, S, S, 3),
-    colour-matched to the sources unless ``match`` is False (to inspect the optimiser's own output)."""
+def synthesize(net, sources: np.ndarray, seeds: list[int], steps: int, device: str = "cpu"):
+    """Texture syntheses of a batch of uint8 (B, S, S, 3) sources, one seed each; returns uint8 (B, S, S, 3)."""
     import torch
 
     x0 = torch.from_numpy(sources).to(device).permute(0, 3, 1, 2).float() / 255
@@ -186,8 +175,6 @@ def synthesize(net, sources: np.ndarray, seeds: list[int], steps: int, device: s
 
     opt.step(closure)
     out = (x.detach().permute(0, 2, 3, 1).cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)
-    if not match:
-        return out
     return np.stack([match_colours(o, s, np.random.default_rng(int(seed))) for o, s, seed in zip(out, sources, seeds)])
 
 
@@ -315,12 +302,12 @@ def gate_rows(net, sources: np.ndarray, a: np.ndarray, b: np.ndarray, unrelated:
 
     g0, ga, gb = g(sources), g(a), g(b)
     gram_a, gram_b = gram_distance(ga, g0).cpu().numpy(), gram_distance(gb, g0).cpu().numpy()
+    gram_u = gram_distance(g(np.stack([others[0] for others in unrelated])), g0).cpu().numpy()
     rows = []
     for i, src in enumerate(sources):
         others = unrelated[i]
-        gram_u = gram_distance(g(others[:1]), [x[i:i + 1] for x in g0]).cpu().numpy()[0]
         struct_u = float(np.mean([structure_similarity(o, src) for o in others]))
-        row = {"gram_a": float(gram_a[i]), "gram_b": float(gram_b[i]), "gram_unrelated": float(gram_u),
+        row = {"gram_a": float(gram_a[i]), "gram_b": float(gram_b[i]), "gram_unrelated": float(gram_u[i]),
                "structure_a": structure_similarity(a[i], src), "structure_b": structure_similarity(b[i], src),
                "structure_unrelated": struct_u, "pair_correlation": channel_correlation(a[i], b[i])}
         failed = []

@@ -244,13 +244,13 @@ def robustness_table(trained: dict[str, list[dict]]) -> pd.DataFrame:
     """One row per subset: DiST odd-one-out accuracy and the area of every Patch Mixing curve (mean, spread)."""
     rows = []
     for name, results in trained.items():
-        row = {"subset": name, "size": "", "seeds": len(results)}
+        row = {"subset": name, "seeds": len(results)}
         metrics = {"dist": [r["tasks"]["dist"] for r in results]}
         for curve in results[0].get("curves", {}):
             metrics[f"{curve} auc"] = [r["curves"][curve]["auc"] for r in results]
         _mean_and_spread(row, metrics)
         rows.append(row)
-    return pd.DataFrame(rows).drop(columns="size")
+    return pd.DataFrame(rows)
 
 
 def _mean_and_spread(row: dict, metrics: dict[str, list[float]]) -> None:
