@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline import fsio
 from pipeline.errors import UserError
 
 from .base import Filter, embedding
@@ -27,7 +28,7 @@ SAMPLES_PER_CLUSTER = 128  # DataComp small: 12.8M samples / 100,000 centroids
 
 @functools.lru_cache(maxsize=4)
 def _centroids(path: str) -> np.ndarray:
-    return np.load(path, allow_pickle=False)
+    return fsio.load_npy(path, f"image_cluster centroids {path}")
 
 
 def nearest(x: np.ndarray, centroids: np.ndarray, batch: int = 65_536) -> np.ndarray:
@@ -42,7 +43,7 @@ def load_target(path: str, tag: str) -> np.ndarray:
     from pipeline.embed import load_npz
 
     if path.endswith(".npy") and os.path.isfile(path):
-        return np.load(path, allow_pickle=False).astype(np.float32)
+        return fsio.load_npy(path, f"image_cluster.target {path}").astype(np.float32)
     if not os.path.isdir(path):
         raise UserError(f"image_cluster.target {path!r}: give a folder of .npz embeddings or an .npy array")
     arrays = [load_npz(os.path.join(path, n), tag)["img"] for n in sorted(os.listdir(path)) if n.endswith(".npz")]

@@ -116,16 +116,24 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` of ``text``; any YAML problem (including tags such as ``!!python/object``, which safe
+    loading never constructs) becomes one UserError line naming ``where``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())[:200]
+        raise UserError(f"{where} is not valid YAML{at}: {problem} (only plain YAML is read; tags such as "
+                        "!!python are refused)") from None
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path} (pass an existing YAML file)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"config file {path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    data = parse_yaml(path.read_text(), f"config file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):

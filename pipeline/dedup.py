@@ -35,6 +35,7 @@ import pandas as pd
 
 from . import fsio, manifest, shards
 from .errors import UserError
+from .pool import require_finished
 
 K_FACTOR = 4  # IVF-PQ candidates re-ranked exactly per neighbour kept
 KINDS = ("exact_image", "exact_pair", "near", "semantic", "contaminated")
@@ -263,14 +264,16 @@ def default_out(pool: str, tag: str) -> str:
     return fsio.join(pool, "dedup", tag)
 
 
-def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite: bool = False, log=print) -> dict:
+def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite: bool = False,
+          allow_partial: bool = False, log=print) -> dict:
     """Find every kind of duplicate in ``pool`` and write the table; returns the manifest."""
+    require_finished(pool, allow_partial, "dedup", log)
     out = out or default_out(pool, cfg.tag)
     inputs = [fsio.join(pool, manifest.MANIFEST)] + [fsio.join(pool, "embeddings", t, manifest.MANIFEST)
                                                      for t in dict.fromkeys((cfg.tag, cfg.keep_tag or cfg.tag))]
     run = manifest.StageRun("dedup", out, params=asdict(cfg),
                             inputs=manifest.describe_inputs([p for p in inputs if fsio.exists(p)]))
-    if run.open(overwrite=overwrite) == "skip":
+    if run.open(overwrite=overwrite, protect=[pool, *cfg.decontaminate]) == "skip":
         log(f"dedup: {out} is up to date; nothing to do")
         return manifest.read_manifest(out)
     data = load_pool(pool, cfg.tag, cfg.keep_tag)

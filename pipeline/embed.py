@@ -30,6 +30,7 @@ import pandas as pd
 
 from . import fsio, manifest, shards
 from .errors import UserError
+from .pool import require_finished
 from .images import DEFAULT_MAX_PIXELS, input_side, open_rgb
 from .ledger import OK
 
@@ -233,8 +234,10 @@ def default_out(pool: str, tag: str) -> str:
     return fsio.join(pool, "embeddings", tag)
 
 
-def embed(pool: str, cfg: EmbedConfig, runner, out: str | None = None, overwrite: bool = False, log=print) -> dict:
+def embed(pool: str, cfg: EmbedConfig, runner, out: str | None = None, overwrite: bool = False,
+          allow_partial: bool = False, log=print) -> dict:
     """Embed every ok sample of ``pool`` with ``cfg.model``; return the stage manifest."""
+    require_finished(pool, allow_partial, "embed", log)
     ids = shards.list_shards(pool)
     if not ids:
         raise UserError(f"{pool} holds no shards; pass a pool folder (the output of `winnow ingest`)")
@@ -246,7 +249,7 @@ def embed(pool: str, cfg: EmbedConfig, runner, out: str | None = None, overwrite
     if cfg.pretrained and os.path.isfile(cfg.pretrained):
         inputs.append(cfg.pretrained)
     run = manifest.StageRun("embed", out, params=asdict(cfg), inputs=manifest.describe_inputs(inputs))
-    if run.open(overwrite=overwrite) == "skip":
+    if run.open(overwrite=overwrite, protect=[pool]) == "skip":
         log(f"embed: {out} is up to date; nothing to do")
         return manifest.read_manifest(out)
     todo = [i for i in ids if not fsio.exists(fsio.join(out, f"{shards.shard_name(i)}_stats.json"))]

@@ -1,4 +1,8 @@
-"""The one exception type for mistakes a user can fix (bad config, bad path, bad layout)."""
+"""The one exception type for mistakes a user can fix, and one-line descriptions of everything else."""
+
+from __future__ import annotations
+
+import errno
 
 
 class UserError(Exception):
@@ -6,3 +10,22 @@ class UserError(Exception):
 
     The message should name the fix, e.g. "input file not found: urls.parquet (pass a parquet/csv/jsonl path)".
     """
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming the cause of ``exc`` and, for the common system failures, the fix."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        where = f" {exc.filename}" if exc.filename else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return f"disk full writing{where} ({exc.strerror}); free space (or raise the file size limit) first"
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return f"cannot write{where} ({exc.strerror}); choose a writable output folder"
+        if exc.errno == errno.ENOENT:
+            return f"not found:{where} ({exc.strerror})"
+        return f"{exc.strerror or type(exc).__name__}{where}"
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:300] + " ..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -29,9 +29,9 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import yaml
 
 from . import fsio
+from .config import parse_yaml
 from .errors import UserError
 
 KINDS = ("zeroshot_classification", "retrieval", "odd_one_out")
@@ -53,7 +53,9 @@ def load_tasklist(path: str, variables: dict[str, str] | None = None) -> list[Ta
 
     if not os.path.isfile(path):
         raise UserError(f"task list not found: {path}")
-    doc = yaml.safe_load(substitute(open(path).read(), variables or {}, os.path.basename(path))) or {}
+    doc = parse_yaml(substitute(open(path).read(), variables or {}, os.path.basename(path)), f"task list {path}") or {}
+    if not isinstance(doc, dict):
+        raise UserError(f"task list {path} must hold a mapping with a tasks list")
     tasks = []
     for i, entry in enumerate(doc.get("tasks") or []):
         unknown = set(entry) - {"name", "kind", "data", "main_metric", "random_score", "curve", "x"}

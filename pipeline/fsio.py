@@ -124,6 +124,30 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def load_npy(path: str, what: str):
+    """A numeric ``.npy`` array, never unpickled: object arrays, other formats and damaged files are one
+    UserError line naming ``what``."""
+    import numpy as np
+
+    from .errors import UserError
+
+    fs, p = get_fs(path)
+    if not fs.exists(p):
+        raise UserError(f"{what}: file not found")
+    with fs.open(p, "rb") as f:
+        try:
+            arr = np.load(f, allow_pickle=False)
+        except ValueError as exc:
+            why = "it holds Python objects (pickled), which are never loaded" if "allow_pickle" in str(exc) \
+                else " ".join(str(exc).split())[:160]
+            raise UserError(f"{what} is not a plain .npy array: {why}") from None
+        except (OSError, EOFError) as exc:
+            raise UserError(f"{what} is not a readable .npy file ({type(exc).__name__})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
+        raise UserError(f"{what} is not a plain numeric .npy array")
+    return arr
+
+
 def fingerprint(path: str, chunk: int = 1 << 22) -> str:
     """Content fingerprint of a file: ``sha256:<hex>`` of its bytes (streamed)."""
     fs, p = get_fs(path)

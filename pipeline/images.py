@@ -36,9 +36,8 @@ def sniff_format(data: bytes) -> str | None:
 def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, check_end: bool = True) -> str | None:
     """Return None if ``data`` looks like a complete image within the pixel cap, else a ledger message."""
     fmt = sniff_format(data)
-    if fmt is None:
-        head = data[:16]
-        return f"not_an_image: content starts with {head!r}, not an image signature"
+    if fmt is None:  # the content itself is never quoted: error messages must not carry what a server sent
+        return f"not_an_image: {len(data):,} bytes without a JPEG/PNG/GIF/WebP/BMP/TIFF signature"
     from PIL import Image
 
     try:
@@ -49,7 +48,7 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, check_end: 
     except Image.DecompressionBombError as exc:
         return f"too_many_pixels: {exc}"
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad headers
-        return f"decode_error: unreadable {fmt} header ({type(exc).__name__}: {exc})"
+        return f"decode_error: unreadable {fmt} header ({type(exc).__name__})"
     if width * height > max_pixels:
         return f"too_many_pixels: {width}x{height} = {width * height:,} px > cap {max_pixels:,}"
     if check_end:
@@ -61,6 +60,51 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, check_end: 
         if fmt == "gif" and not data.rstrip(b"\x00").endswith(b"\x3b"):
             return "decode_error: truncated gif (no trailer)"
     return None
+
+
+_HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_8bit(im):
+    """An 8-bit view of a high-bit-depth greyscale image (16-bit, 32-bit integer, float), scaled, never clipped.
+
+    PIL reduces 16-bit RGB(A) PNGs to 8 bits itself, but keeps 16-bit grey as ``I;16``, whose ``convert("RGB")``
+    clips every value above 255 to white. Other modes are returned unchanged.
+    """
+    if im.mode not in _HIGH_DEPTH:
+        return im
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(im, dtype=np.float64)
+    top = float(np.nanmax(a)) if a.size else 0.0
+    if im.mode == "F":
+        scale = 255.0 if top <= 1.0 else 1.0
+    else:
+        scale = 1.0 / 257.0 if im.mode.startswith("I;16") or top > 255 else 1.0
+    return Image.fromarray(np.clip(np.nan_to_num(a * scale), 0, 255).round().astype(np.uint8), mode="L")
+
+
+def reencode_high_depth(data: bytes) -> bytes | None:
+    """8-bit PNG bytes for a 16-bit PNG or a high-depth TIFF, else None (the bytes are fine as they are).
+
+    OpenCV (img2dataset's decoder) reads such files as 16-bit arrays and its JPEG encoder then clips them to 8
+    bits, turning a mid-grey 16-bit image white; this converts them first.
+    """
+    fmt = sniff_format(data)
+    if fmt == "png" and (len(data) < 25 or data[24] != 16):
+        return None
+    if fmt not in ("png", "tiff"):
+        return None
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        if fmt == "tiff" and im.mode not in _HIGH_DEPTH:
+            return None
+        im.load()
+        out = io.BytesIO()
+        to_8bit(im).save(out, format="PNG")
+    return out.getvalue()
 
 
 def open_rgb(data: bytes, draft_side: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS):
@@ -78,6 +122,11 @@ def open_rgb(data: bytes, draft_side: int = 0, max_pixels: int = DEFAULT_MAX_PIX
         raise ValueError(f"{im.width}x{im.height} exceeds the pixel cap of {max_pixels:,}")
     if draft_side and im.format == "JPEG":
         im.draft("RGB", (draft_side, draft_side))
+    im = to_8bit(im)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")  # transparent pixels on white, as ingest (img2dataset) composites them
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")
 
 

@@ -1,54 +1,98 @@
 """The download process: img2dataset's own per-shard machinery, driven over a pipe.
 
 One such process runs beside each Dask worker (see :mod:`pipeline.ingest`). It reads one JSON job per line on
-stdin, runs ``img2dataset.downloader.Downloader.download_shard`` for it (img2dataset's urllib download with
-timeout and retries, its resizer and its WebDataset writer), and answers one JSON line. Two additions:
+stdin, runs ``img2dataset.downloader.Downloader.download_shard`` for it (its thread pool, resizer and WebDataset
+writer), and answers one JSON line. Three things are Winnow's:
 
-- the writer appends each finished sample's key to a progress file, so the parent can see a stalled shard and
-  kill this process (a server that trickles bytes defeats a socket timeout);
-- the resizer first runs :func:`pipeline.images.inspect_image`, refusing non-images, truncated files and
-  decompression bombs before decoding.
+- the network fetch: img2dataset's urllib download is replaced by :func:`pipeline.fetch.fetch` (URL policy,
+  per-URL deadline, byte cap); rows the parent marks as skipped (bad or duplicate uid, abandoned earlier) are
+  answered at once without a request;
+- a progress file: ``+<index>`` when a row's download starts and ``-<index>`` when its sample is written, so the
+  parent knows exactly which rows were in flight if this process stalls or dies;
+- the resizer first runs :func:`pipeline.images.inspect_image` (non-images, truncation, decompression bombs) and
+  converts 16-bit images to 8 bits, which OpenCV would clip.
 
-Import is slow (img2dataset pulls in torch through webdataset), which is why the process is kept alive.
+A write that fails with an OS error (disk full, read-only folder) ends the shard at once with one message,
+instead of one traceback per remaining sample. Import is slow (img2dataset pulls in torch through webdataset),
+which is why the process is kept alive.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import sys
+import threading
 
 
-def _build(job: dict):
-    from img2dataset.downloader import Downloader
+class _WriteFailed(BaseException):
+    """Raised through img2dataset's per-sample ``except Exception``: a failed write ends the shard."""
+
+
+class _Progress:
+    def __init__(self, path: str):
+        self._file = open(path, "a", buffering=1)
+        self._lock = threading.Lock()
+
+    def mark(self, sign: str, index: int) -> None:
+        with self._lock:
+            self._file.write(f"{sign}{index}\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _build(job: dict, progress: _Progress):
+    import img2dataset.downloader as downloader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
 
-    from pipeline.images import inspect_image
+    from pipeline.fetch import USER_AGENT, FetchLimits, UrlPolicy, fetch_image_stream
+    from pipeline.images import inspect_image, reencode_high_depth
 
     cfg = job["config"]
-    progress_path = job["progress"]
+    skip = set(job["skip"])
+    policy = UrlPolicy(tuple(cfg["allow_hosts"]), cfg["allow_private_networks"])
+    limits = FetchLimits(timeout=cfg["timeout"], deadline=cfg["deadline"], max_bytes=cfg["max_bytes"],
+                         retries=cfg["retries"], max_redirects=cfg["max_redirects"])
+    token = (cfg["user_agent_token"] or "").strip().lower()
+    user_agent = f"{USER_AGENT} (compatible; {token})" if token else USER_AGENT
+    modulus = 10 ** math.ceil(math.log10(cfg["shard_size"])) if cfg["shard_size"] > 1 else 10
+
+    def download(row, timeout, retries, user_agent_token, disallowed_header_directives):
+        index, url = row
+        if index in skip:
+            return index, None, "skipped"
+        progress.mark("+", index)
+        stream, headers, error = fetch_image_stream(url, policy, limits, user_agent)
+        if stream is not None and disallowed_header_directives and downloader.is_disallowed(
+                headers, user_agent_token, disallowed_header_directives):
+            return index, None, "disallowed: Use of image disallowed by X-Robots-Tag directive"
+        return index, stream, error
+
+    downloader.download_image_with_retry = download  # the module global that Downloader.download_shard calls
 
     class ProgressWriter(WebDatasetSampleWriter):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._progress = open(progress_path, "a", buffering=1)
-
         def write(self, img_str, key, caption, meta):
-            super().write(img_str, key, caption, meta)
-            self._progress.write(f"{key}\n")
-
-        def close(self):
-            super().close()
-            self._progress.close()
+            try:
+                super().write(img_str, key, caption, meta)
+            except OSError as exc:
+                raise _WriteFailed(exc) from None
+            progress.mark("-", int(key) % modulus)
 
     class GuardedResizer(Resizer):
         def __call__(self, img_stream, blurring_bbox_list=None):
-            problem = inspect_image(img_stream.getvalue(), cfg["max_pixels"], cfg["check_truncation"])
+            data = img_stream.getvalue()
+            problem = inspect_image(data, cfg["max_pixels"], cfg["check_truncation"])
             if problem is not None:
                 return None, None, None, None, None, problem
-            img_stream.seek(0)
-            return super().__call__(img_stream, blurring_bbox_list)
+            try:
+                eight_bit = reencode_high_depth(data)
+            except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+                return None, None, None, None, None, f"decode_error: {type(exc).__name__}"
+            return super().__call__(io.BytesIO(eight_bit) if eight_bit else img_stream, blurring_bbox_list)
 
     blurrer = None
     if cfg["blur_bbox_col"]:
@@ -61,15 +105,23 @@ def _build(job: dict):
         encode_format=cfg["encode_format"], min_image_size=cfg["min_image_size"],
         max_aspect_ratio=cfg["max_aspect_ratio"], blurrer=blurrer,
     )
-    return Downloader(
+    return downloader.Downloader(
         sample_writer_class=ProgressWriter, resizer=resizer, thread_count=cfg["thread_count"], save_caption=True,
         extract_exif=cfg["extract_exif"], output_folder=job["out_dir"], column_list=job["columns"],
         timeout=cfg["timeout"], number_sample_per_shard=cfg["shard_size"], oom_shard_count=8,
         compute_hash="sha256", verify_hash_type=None, encode_format=cfg["encode_format"], retries=cfg["retries"],
-        user_agent_token=cfg["user_agent_token"] or None,
-        disallowed_header_directives=cfg["disallowed_header_directives"],
+        user_agent_token=token or None, disallowed_header_directives=cfg["disallowed_header_directives"],
         blurring_bbox_col=cfg["blur_bbox_col"] or None,
     )
+
+
+def _failure(exc: BaseException) -> dict:
+    """A reply describing ``exc`` in one line (OS errors keep errno and file name for the parent)."""
+    cause = exc.args[0] if isinstance(exc, _WriteFailed) else exc
+    reply = {"ok": False, "error": f"{type(cause).__name__}: {cause}".splitlines()[0][:500]}
+    if isinstance(cause, OSError):
+        reply |= {"errno": cause.errno, "strerror": cause.strerror, "filename": cause.filename}
+    return reply
 
 
 def main() -> None:
@@ -83,12 +135,15 @@ def main() -> None:
         if not line.strip():
             continue
         job = json.loads(line)
+        progress = _Progress(job["progress"])
         try:
-            downloader = _build(job)
-            downloader.download_shard((job["shard_id"], job["feather"]))
-            reply.write(json.dumps({"ok": True}) + "\n")
-        except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the task
-            reply.write(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}) + "\n")
+            _build(job, progress).download_shard((job["shard_id"], job["feather"]))
+            answer = {"ok": True}
+        except (Exception, _WriteFailed) as exc:  # noqa: BLE001 - reported to the parent, which fails the task
+            answer = _failure(exc)
+        finally:
+            progress.close()
+        reply.write(json.dumps(answer) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,19 +17,24 @@ OK = "ok"
 #: state -> what it means. Order is the order of the printed ledger.
 STATES: dict[str, str] = {
     OK: "downloaded, decoded and written to the tar",
-    "http_error": "server answered with an HTTP error status (404, 500, ...)",
-    "timeout": "no answer within the timeout, after all retries",
-    "stalled": "download made no progress within the stall limit; abandoned",
-    "connection_error": "connection refused/reset, DNS failure, or other network error",
-    "bad_url": "url missing or not a fetchable http(s) URL",
+    "http_error": "server answered with an HTTP error status (404, 500, ...), or redirected too often",
+    "timeout": "no answer within the timeout, or no complete answer within the per-URL deadline",
+    "stalled": "the download process made no progress within the stall limit; abandoned",
+    "download_killed": "the download process died (killed for memory, crashed) while this row was in flight",
+    "connection_error": "connection refused/reset, DNS failure, body cut short, or a malformed HTTP answer",
+    "bad_url": "url missing or malformed (no host, bad port)",
+    "refused_url": "refused by the URL policy: not http(s), or a loopback/private/link-local/reserved address "
+                   "(directly or by a redirect) that ingest.allow_hosts does not allow; never connected to",
+    "too_large": "body (declared, received or decompressed) larger than ingest.max_bytes",
     "disallowed": "X-Robots-Tag header opts the image out (noai, noimageai, ...)",
     "hash_mismatch": "downloaded bytes do not match the expected sha256",
     "not_an_image": "content is not a recognised image format (HTML, text, ...)",
-    "decode_error": "corrupt or truncated image bytes",
+    "decode_error": "corrupt or truncated image bytes, or an unsupported content encoding",
     "too_small": "shorter side below the ingest minimum",
     "too_many_pixels": "more pixels than the ingest cap (decompression bomb guard)",
     "bad_aspect_ratio": "aspect ratio above the ingest maximum",
     "bad_uid": "the input row's uid is not 1-32 hex characters",
+    "duplicate_uid": "an earlier input row has the same uid; only the first is downloaded",
     "error": "any other failure (see error_message)",
 }
 

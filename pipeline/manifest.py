@@ -6,7 +6,8 @@ size). On a rerun:
 
 - ``_manifest.json`` matches the stage, parameters and inputs: the stage is skipped;
 - ``_run.json`` matches: the stage resumes; the stage itself skips the units (shards) that are complete;
-- either exists but does not match: the run stops and asks for ``--overwrite`` or another output folder.
+- either exists but does not match: the run stops and asks for another output folder, or ``--overwrite``, which
+  replaces only an output of the same stage and never a folder holding one of the command's inputs.
 
 Matching uses the stage name, the parameters and the inputs' content fingerprints, not the code version, which is
 recorded for provenance only.
@@ -79,8 +80,16 @@ class StageRun:
             return False
         return self._signature_of(doc) == _jsonable(self._signature())
 
-    def open(self, overwrite: bool = False) -> str:
-        """Return "skip" (already done), "resume" (continue an interrupted run) or "fresh"."""
+    def open(self, overwrite: bool = False, protect: list[str] | tuple = ()) -> str:
+        """Return "skip" (already done), "resume" (continue an interrupted run) or "fresh".
+
+        ``--overwrite`` (``overwrite=True``) replaces only a Winnow output of this same stage that holds none of
+        the paths in ``protect`` (the command's inputs): never a file, a folder Winnow did not write, another
+        stage's output, or a folder holding an input.
+        """
+        fs, path = fsio.get_fs(self.out_dir)
+        if fs.exists(path) and not fs.isdir(path):
+            raise UserError(f"{self.out_dir} is a file, not an output folder; give a folder path")
         done, started = self._matches(MANIFEST), self._matches(RUN)
         if done:
             return "skip"
@@ -88,15 +97,37 @@ class StageRun:
             return "resume"
         stale = done is False or started is False
         if stale or (done is None and started is None and fsio.listdir(self.out_dir)):
+            refusal = self._not_replaceable(protect)
+            if refusal:
+                raise UserError(f"output folder {self.out_dir} {refusal}; choose another output folder")
             if not overwrite:
-                what = "a different run (other parameters or inputs)" if stale else "files that Winnow did not write"
-                raise UserError(
-                    f"output folder {self.out_dir} holds {what}; pass --overwrite to replace it, or choose another folder"
-                )
+                raise UserError(f"output folder {self.out_dir} holds a different run ({self.stage}: other parameters "
+                                "or inputs); choose another output folder, or pass --overwrite to replace it")
             fsio.remove(self.out_dir)
         fsio.makedirs(self.out_dir)
         fsio.write_json(fsio.join(self.out_dir, RUN), self._doc())
         return "fresh"
+
+    def _not_replaceable(self, protect) -> str | None:
+        """Why ``--overwrite`` may not delete the output folder, or None when it may."""
+        out = _canonical(self.out_dir)
+        for p in protect:
+            inp = _canonical(p)
+            if inp == out or inp.startswith(out.rstrip("/") + "/"):
+                return f"holds this command's input {p} (--overwrite never deletes inputs)"
+        stages = set()
+        for name in (MANIFEST, RUN):
+            if fsio.exists(fsio.join(self.out_dir, name)):
+                try:
+                    stages.add(fsio.read_json(fsio.join(self.out_dir, name)).get("stage"))
+                except (ValueError, OSError, AttributeError):
+                    stages.add(None)
+        if not stages:
+            return "holds files that Winnow did not write (--overwrite replaces only a Winnow output)"
+        if stages != {self.stage}:
+            other = ", ".join(sorted(str(s) for s in stages))
+            return f"holds a Winnow {other} output, not a {self.stage} output (--overwrite replaces only its own stage)"
+        return None
 
     def _doc(self, **extra: Any) -> dict:
         return _jsonable({
@@ -121,6 +152,13 @@ class StageRun:
         doc = self._doc(rows=rows, outputs=files, finished=_now(), **extra) | started
         fsio.write_json(fsio.join(self.out_dir, MANIFEST), doc)
         return doc
+
+
+def _canonical(path: str) -> str:
+    """A path to compare with others: absolute with links resolved when local, the URL as written otherwise."""
+    if fsio.is_local(path):
+        return os.path.realpath(fsio.get_fs(path)[1])
+    return str(path).rstrip("/")
 
 
 def read_manifest(out_dir: str) -> dict | None:

@@ -82,7 +82,7 @@ def register(pool: str, runner, log=print) -> dict:
     """Validate an existing pool and write its manifest (no download)."""
     if not fsio.exists(pool):
         raise UserError(f"pool folder not found: {pool}")
-    ids = shards.list_shards(pool)
+    ids = shards.list_shards(pool, committed=False)
     if not ids:
         raise UserError(f"{pool} holds no shards ({{id}}.tar + .parquet + _stats.json); is this the right folder?")
     digits = shards.name_digits(pool)
@@ -109,6 +109,9 @@ def ledger(pool: str) -> tuple[dict[str, int], int | None]:
     """Counts per state over every shard's parquet, and the input row count from the manifest (if any)."""
     ids = shards.list_shards(pool)
     if not ids:
+        unfinished = unfinished_ingest(pool)
+        if unfinished:
+            raise UserError(f"{pool}: {unfinished}; rerun the same `winnow ingest` to finish it")
         raise UserError(f"{pool} holds no shards; pass a pool folder (the output of `winnow ingest`)")
     counts: Counter = Counter()
     for df in _state_tables(pool, ["key"]):
@@ -116,6 +119,34 @@ def ledger(pool: str) -> tuple[dict[str, int], int | None]:
     doc = manifest.read_manifest(pool)
     total = doc.get("rows", {}).get("input") if doc else None
     return dict(counts), total
+
+
+def unfinished_ingest(pool: str) -> str | None:
+    """"ingest unfinished: N of M shards done" when ``pool`` is a Winnow ingest that has not finished, else None.
+
+    Pools that Winnow did not ingest (img2dataset or DataComp output, metadata folders) have no run record and
+    count as finished.
+    """
+    if manifest.read_manifest(pool) is not None or not fsio.exists(fsio.join(pool, manifest.RUN)):
+        return None
+    try:
+        if fsio.read_json(fsio.join(pool, manifest.RUN)).get("stage") != "ingest":
+            return None
+    except (ValueError, OSError):
+        return None
+    split = fsio.join(pool, shards.INPUTS, "_split.json")
+    planned = fsio.read_json(split)["shards"] if fsio.exists(split) else "?"
+    return f"ingest unfinished: {len(shards.list_shards(pool))} of {planned} shards done"
+
+
+def require_finished(pool: str, allow_partial: bool, command: str, log=print) -> None:
+    """Refuse a pool whose ingest has not finished, unless ``allow_partial`` (then say what is used)."""
+    problem = unfinished_ingest(pool)
+    if problem and not allow_partial:
+        raise UserError(f"{pool}: {problem}; rerun the same `winnow ingest` to finish it, or pass --allow-partial "
+                        f"to {command} the finished shards only")
+    if problem:
+        log(f"{command}: {problem}; using the finished shards only (--allow-partial)")
 
 
 def _state_tables(pool: str, columns: list[str]):

@@ -5,7 +5,8 @@ Like DataComp's resharder, and readable by its ``train.py`` and by ``open_clip_t
 - output ``{j:08d}.tar`` of ``shard_size`` samples (the last one partial), each with ``{j:08d}_stats.json``
   (``successes``), plus ``sizes.json`` (``{"00000000.tar": n, ...}``, read by open_clip for the epoch length),
   ``meta.json`` (``output_shard_count``, ``output_shard_format``) and ``sample_ids.npy`` (the subset);
-- a uid listed k times is written k times, with keys ``<uid>-0`` ... ``<uid>-(k-1)``;
+- a uid listed k times is written k times, with keys ``<uid>-0`` ... ``<uid>-(k-1)``; a uid held by several
+  pool rows is taken from the first of them (pool order), so no key is ever written twice;
 - members (jpg, txt, json) are copied byte for byte, never decoded or re-encoded.
 
 Unlike it, the output is deterministic: the plan (which sample goes to which output shard, in pool order) is
@@ -26,6 +27,7 @@ import pandas as pd
 
 from . import fsio, manifest, shards
 from .errors import UserError
+from .pool import require_finished
 from .uid import UID_DTYPE, sort_uids, uids_to_array
 
 
@@ -40,12 +42,7 @@ class PlanTask:
 def load_subset(path: str) -> np.ndarray:
     if not fsio.exists(path):
         raise UserError(f"subset file not found: {path} (write one with `winnow subset`)")
-    fs, p = fsio.get_fs(path)
-    with fs.open(p, "rb") as f:
-        try:
-            arr = np.load(f, allow_pickle=False)
-        except ValueError as exc:
-            raise UserError(f"{path} is not a .npy subset file: {exc}") from None
+    arr = fsio.load_npy(path, f"subset {path}")
     if arr.dtype != UID_DTYPE:
         raise UserError(f"{path}: subset arrays must have dtype {UID_DTYPE} (DataComp's format), got {arr.dtype}")
     return arr
@@ -80,7 +77,7 @@ def copy_shard(task: CopyTask) -> int:
     stats = fsio.join(task.out, f"{task.out_id:08d}_stats.json")
     if fsio.exists(stats):
         return fsio.read_json(stats)["successes"]
-    written = 0
+    written, keys = 0, set()
     start = time.time()
     with fsio.atomic_open(target, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as out:
         for shard_id, wanted in task.sources:
@@ -88,6 +85,9 @@ def copy_shard(task: CopyTask) -> int:
             path = shards.paths(task.pool, shard_id, task.digits)["tar"]
             for key, members in _members(path, new_keys):
                 for new_key in new_keys[key]:
+                    if new_key in keys:  # a key repeated inside an input tar: copied once
+                        continue
+                    keys.add(new_key)
                     for ext, info, data in members:
                         copy = tarfile.TarInfo(f"{new_key}.{ext}")
                         copy.size, copy.mtime, copy.mode = len(data), info.mtime, info.mode
@@ -133,10 +133,11 @@ def _members(tar_path: str, wanted: dict):
 
 
 def reshard(pool: str, subset_path: str, out: str, runner, shard_size: int = 10_000, overwrite: bool = False,
-            log=print) -> dict:
+            allow_partial: bool = False, log=print) -> dict:
     """Materialise ``subset_path`` from ``pool`` into ``out``; return the manifest."""
     if shard_size < 1:
         raise UserError("reshard: shard_size must be >= 1")
+    require_finished(pool, allow_partial, "reshard", log)
     ids = shards.list_shards(pool)
     if not ids:
         raise UserError(f"{pool} holds no shards to reshard from")
@@ -144,11 +145,15 @@ def reshard(pool: str, subset_path: str, out: str, runner, shard_size: int = 10_
     digits = shards.name_digits(pool)
     run = manifest.StageRun("reshard", out, params={"shard_size": shard_size, "pool": str(pool)},
                             inputs=manifest.describe_inputs([subset_path]))
-    if run.open(overwrite=overwrite) == "skip":
+    if run.open(overwrite=overwrite, protect=[pool, subset_path]) == "skip":
         log(f"reshard: {out} is up to date; nothing to do")
         return manifest.read_manifest(out)
     plans = runner.map(plan_shard, [PlanTask(pool, i, digits, subset_path) for i in ids], label="reshard plan")
     plan = pd.concat(plans, ignore_index=True) if plans else pd.DataFrame(columns=["shard", "key", "uid", "count"])
+    repeated = int(plan["uid"].duplicated().sum())
+    if repeated:  # pool rows sharing a uid: the first in pool order is the sample, as ingest's duplicate_uid
+        log(f"reshard: {repeated:,} pool rows repeat the uid of an earlier row; the first of each is used")
+        plan = plan.drop_duplicates("uid", keep="first").reset_index(drop=True)
     total = int(plan["count"].sum()) if len(plan) else 0
     missing = len(np.unique(subset)) - plan["uid"].nunique() if len(plan) else len(np.unique(subset))
     if total == 0:
@@ -166,7 +171,8 @@ def reshard(pool: str, subset_path: str, out: str, runner, shard_size: int = 10_
                                                    "subset_file": str(subset_path), "missing_uids": int(missing)})
     with fsio.atomic_open(fsio.join(out, "sample_ids.npy"), "wb") as f:
         np.save(f, subset)
-    return run.finish(rows={"samples": total, "unique": len(plan), "missing_uids": int(missing)},
+    return run.finish(rows={"samples": total, "unique": len(plan), "missing_uids": int(missing),
+                            "repeated_pool_uids": repeated},
                       shards=len(tasks))
 
 

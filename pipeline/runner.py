@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, describe
 
 
 @dataclass
@@ -48,6 +48,15 @@ class ClusterConfig:
 
 class TaskFailed(RuntimeError):
     """A stage raised on one or more units; completed units are kept, so a rerun resumes."""
+
+
+def _name(item: Any, index: int) -> str:
+    """How a task is named in messages: its shard when it has one."""
+    for attr, what in (("shard_id", "shard"), ("out_id", "output shard")):
+        if isinstance(getattr(item, attr, None), int):
+            return f"{what} {getattr(item, attr):08d}"
+    stem = getattr(item, "stem", None) or getattr(getattr(item, "part", None), "stem", None)
+    return f"part {stem}" if stem else f"task {index + 1}"
 
 
 def _say(msg: str) -> None:
@@ -129,7 +138,7 @@ class Runner:
         items = list(items)
         self.start()
         results: list[Any] = [None] * len(items)
-        failures: list[tuple[Any, BaseException]] = []
+        failures: list[tuple[int, BaseException]] = []
         progress = _Progress(label, len(items), self.log)
         if not items:
             return results
@@ -151,16 +160,20 @@ class Runner:
             try:
                 results[i] = future.result()
             except Exception as exc:  # noqa: BLE001 - reported below with the item it belongs to
-                failures.append((items[i], exc))
+                failures.append((i, exc))
                 progress.tick(failed=True)
                 continue
             if on_result:
                 on_result(items[i], results[i])
             progress.tick()
         if failures:
-            first_item, first_exc = failures[0]
-            raise TaskFailed(f"{label}: {len(failures)} of {len(items)} tasks failed; first: {first_item!r}: "
-                             f"{type(first_exc).__name__}: {first_exc}")
+            failures.sort(key=lambda f: f[0])
+            user = [exc for _, exc in failures if isinstance(exc, UserError)]
+            if user:  # a mistake the user can fix, raised inside a worker: the same one line as on the driver
+                raise UserError(str(user[0]))
+            first, exc = failures[0]
+            raise TaskFailed(f"{label}: {len(failures)} of {len(items)} tasks failed; first, "
+                             f"{_name(items[first], first)}: {describe(exc)}")
         return results
 
 

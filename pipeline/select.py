@@ -34,11 +34,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from . import fsio, manifest
+from .config import parse_yaml
 from .errors import UserError
 from .ledger import OK
+from .pool import require_finished
 from .uid import UID_DTYPE, array_to_uids, uids_to_array
 
 RULES = ("threshold", "top_fraction", "exclude_uids", "exclude_duplicates", "intersect", "union")
@@ -79,7 +80,9 @@ def load_recipe(ref: str | dict | Recipe, variables: dict[str, str] | None = Non
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.yaml")))
             raise UserError(f"recipe {ref!r} not found; give a YAML path or one of: {known}")
-        doc = yaml.safe_load(substitute(path.read_text(), variables or {}, path.name)) or {}
+        doc = parse_yaml(substitute(path.read_text(), variables or {}, path.name), f"recipe {path}") or {}
+        if not isinstance(doc, dict):
+            raise UserError(f"recipe {path} must hold a mapping (name, filters, select)")
         doc.setdefault("name", path.stem)
     unknown = set(doc) - {"name", "filters", "select", "description", "pool"}
     if unknown:
@@ -146,9 +149,9 @@ def top_fraction_threshold(scores: np.ndarray, fraction: float) -> float:
 
 def read_uid_list(path: str) -> set[str]:
     if path.endswith(".npy"):
-        fs, p = fsio.get_fs(path)
-        with fs.open(p, "rb") as f:
-            arr = np.load(f, allow_pickle=False)
+        arr = fsio.load_npy(path, f"exclude_uids {path}")
+        if arr.dtype != UID_DTYPE:
+            raise UserError(f"exclude_uids {path}: a uid array has dtype {UID_DTYPE} (DataComp's), not {arr.dtype}")
         return set(array_to_uids(arr))
     if path.endswith(".parquet"):
         return set(pd.read_parquet(path, columns=["uid"])["uid"])
@@ -215,10 +218,11 @@ def write_subset(out: str, uids, doc: dict) -> np.ndarray:
 
 
 def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variables: dict[str, str] | None = None,
-           embeddings: dict[str, str] | None = None, log=print) -> dict:
+           embeddings: dict[str, str] | None = None, allow_partial: bool = False, log=print) -> dict:
     """Score what the recipe needs (reusing cached scores), apply its rules, write the subset."""
     from .score import read_scores, score
 
+    require_finished(pool, allow_partial, "subset", log)
     variables = {"pool": str(pool), **(variables or {})}
     recipe = load_recipe(recipe_ref, variables)
     columns = score(pool, recipe.all_filters(), runner, dirs=embeddings, log=log)

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from . import fsio
 from .ledger import OK, states_of
 
+INPUTS = "_inputs"  # ingest's split input shards, present while an ingest is unfinished
 SHARD_RE = re.compile(r"^(\d+)\.tar$")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -51,9 +52,12 @@ def is_complete(pool: str, shard_id: int) -> bool:
     return all(fsio.exists(x) for x in p.values())
 
 
-def list_shards(pool: str) -> list[int]:
-    """Ids of the shards in ``pool`` that have a tar (sorted)."""
-    return sorted(int(m.group(1)) for n in fsio.listdir(pool) if (m := SHARD_RE.match(n)))
+def list_shards(pool: str, committed: bool = True) -> list[int]:
+    """Ids of the shards in ``pool`` that have a tar and (unless ``committed=False``) their ``_stats.json``
+    commit marker (sorted). One listing of the folder."""
+    names = set(fsio.listdir(pool))
+    return sorted(int(m.group(1)) for n in names if (m := SHARD_RE.match(n))
+                  and (not committed or f"{m.group(1)}_stats.json" in names))
 
 
 def name_digits(pool: str) -> int:

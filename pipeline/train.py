@@ -61,6 +61,15 @@ def image_size(model: str) -> int:
     return int(size if isinstance(size, int) else max(size))
 
 
+def _any_caption(data_dir: str, names: list[str]) -> bool:
+    """True as soon as one non-empty ``.txt`` member is found (tar headers only: member sizes)."""
+    for name in names:
+        with tarfile.open(os.path.join(data_dir, name)) as tar:
+            if any(m.name.endswith(".txt") and m.size > 0 for m in tar):
+                return True
+    return False
+
+
 def check_shards(data_dir: str) -> tuple[str, int]:
     """The brace pattern and sample count of a reshard output; refuses folders without captioned samples."""
     meta = fsio.join(data_dir, "meta.json")
@@ -74,6 +83,9 @@ def check_shards(data_dir: str) -> tuple[str, int]:
     with tarfile.open(first) as tar:
         if not any(m.name.endswith(".txt") for m in tar.getmembers()[:30]):
             raise UserError(f"{first} has no .txt captions; open_clip_train would hang on it")
+    if not _any_caption(data_dir, sorted(sizes)):
+        raise UserError(f"every caption in {data_dir} is empty; training would learn nothing from the text. Was "
+                        "the URL list's caption column found? (ingest.caption_col)")
     n = fsio.read_json(meta)["output_shard_count"]
     return os.path.join(data_dir, f"{{{0:08d}..{n - 1:08d}}}.tar"), count
 

@@ -85,3 +85,51 @@ def array_to_uids(arr: np.ndarray) -> list[str]:
     if arr.dtype != UID_DTYPE:
         raise ValueError(f"uid array must have dtype {UID_DTYPE}, got {arr.dtype}")
     return [f"{int(hi):016x}{int(lo):016x}" for hi, lo in zip(arr["f0"], arr["f1"])]
+
+
+class DuplicateFinder:
+    """Later occurrences of uids in a stream of rows, with memory bounded by spilling to bucket files.
+
+    ``add`` appends (uid, row number) pairs to one of ``buckets`` files chosen by a hash of the uid; ``later``
+    then sorts one bucket at a time, so memory is about 24 bytes x rows / buckets whatever the pool size. Which
+    row is "first" depends only on the row numbers, never on the order in which pairs were added.
+    """
+
+    _RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("row", "<i8")])
+
+    def __init__(self, scratch: str, buckets: int = 64):
+        import os
+
+        self.paths = [os.path.join(scratch, f"uids-{b:03d}.bin") for b in range(buckets)]
+        self._files = [open(p, "wb") for p in self.paths]
+
+    def add(self, uids: np.ndarray, rows: np.ndarray) -> None:
+        records = np.empty(len(uids), self._RECORD)
+        records["hi"], records["lo"], records["row"] = uids["f0"], uids["f1"], rows
+        with np.errstate(over="ignore"):
+            bucket = ((uids["f1"] ^ uids["f0"]) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(58)
+        bucket %= len(self._files)
+        for b in np.unique(bucket):
+            records[bucket == b].tofile(self._files[int(b)])
+
+    def later(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, first_rows)``: every row whose uid came at a smaller row number, and that first row."""
+        for f in self._files:
+            f.close()
+        rows, firsts = [], []
+        for path in self.paths:
+            rec = np.fromfile(path, self._RECORD)
+            if len(rec) < 2:
+                continue
+            rec = rec[np.lexsort((rec["row"], rec["lo"], rec["hi"]))]
+            same = (rec["hi"][1:] == rec["hi"][:-1]) & (rec["lo"][1:] == rec["lo"][:-1])
+            starts = np.flatnonzero(np.concatenate([[True], ~same]))
+            group_first = rec["row"][starts][np.cumsum(np.concatenate([[True], ~same])) - 1]
+            later = np.concatenate([[False], same])
+            rows.append(rec["row"][later])
+            firsts.append(group_first[later])
+        if not rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        rows_all, firsts_all = np.concatenate(rows), np.concatenate(firsts)
+        order = np.argsort(rows_all, kind="stable")
+        return rows_all[order], firsts_all[order]

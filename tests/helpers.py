@@ -25,5 +25,6 @@ def tiny_synth_config(port: int, n_pool: int = 240) -> SynthConfig:
 
 
 def tiny_ingest_config(**kw) -> IngestConfig:
-    base = dict(shard_size=60, timeout=1.0, retries=0, stall_seconds=4.0, thread_count=16, min_image_size=8)
+    base = dict(shard_size=60, timeout=1.0, deadline=2.0, retries=0, stall_seconds=4.0, thread_count=16,
+                min_image_size=8, allow_hosts=["127.0.0.1"])
     return IngestConfig(**(base | kw))

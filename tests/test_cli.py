@@ -45,7 +45,8 @@ def test_unsupported_input_format(tmp_path):
 def test_input_without_url_column(tmp_path):
     pd.DataFrame({"link": ["http://127.0.0.1:9/a.jpg"], "text": ["a"]}).to_csv(tmp_path / "u.csv", index=False)
     assert_user_error(winnow("ingest", str(tmp_path / "u.csv"), str(tmp_path / "pool"), "--workers", "1",
-                             "--set", "ingest.timeout=1", "--set", "ingest.stall_seconds=5"),
+                             "--set", "ingest.timeout=1", "--set", "ingest.deadline=2",
+                             "--set", "ingest.stall_seconds=5"),
                       "no column 'url'", "url_col")
 
 
@@ -81,9 +82,11 @@ def test_busy_port_is_reported(tiny_world):
 
 
 def test_output_folder_with_other_files_is_not_clobbered(tmp_path):
-    pd.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"]}).to_parquet(tmp_path / "u.parquet")
+    pd.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"], "text": ["a"]}).to_parquet(tmp_path / "u.parquet")
     out = tmp_path / "pool"
     out.mkdir()
     (out / "thesis.pdf").write_bytes(b"%PDF")
-    assert_user_error(winnow("ingest", str(tmp_path / "u.parquet"), str(out), "--workers", "1"), "--overwrite")
-    assert os.listdir(out) == ["thesis.pdf"]
+    for extra in ([], ["--overwrite"]):  # --overwrite replaces only a Winnow output, never the user's files
+        assert_user_error(winnow("ingest", str(tmp_path / "u.parquet"), str(out), "--workers", "1", *extra),
+                          "did not write", "choose another output folder")
+        assert os.listdir(out) == ["thesis.pdf"]

@@ -29,9 +29,15 @@ def test_int_widens_to_float_and_literals_are_checked():
         from_dict(IngestConfig, {"resize_mode": "stretch"})
 
 
-def test_cross_field_rule_stall_must_exceed_retry_budget():
+def test_cross_field_rules_stall_exceeds_deadline_which_covers_timeout():
     with pytest.raises(UserError, match="stall_seconds"):
-        IngestConfig(timeout=10, retries=2, stall_seconds=20)
+        IngestConfig(timeout=10, deadline=30, stall_seconds=20)
+    with pytest.raises(UserError, match="deadline"):
+        IngestConfig(timeout=10, deadline=5)
+    with pytest.raises(UserError, match="allow_hosts"):
+        IngestConfig(allow_hosts=["10.0.0.0/99"])
+    with pytest.raises(UserError, match="encoding"):
+        IngestConfig(encoding="klingon-8")
 
 
 def test_overrides_parse_yaml_scalars_and_nest():

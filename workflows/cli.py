@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import replace
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe
 from pipeline.runner import TaskFailed
 
 DESCRIPTION = """\
@@ -37,6 +37,11 @@ Stages run on an embedded Dask LocalCluster; --scheduler tcp://HOST:8786 uses an
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", help="address of a running Dask scheduler (default: start a local cluster)")
     p.add_argument("--workers", type=int, help="worker processes of the local cluster (default: CPU cores)")
+
+
+def _partial_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-partial", action="store_true",
+                   help="use the finished shards of a pool whose ingest has not finished (default: refuse it)")
 
 
 def _config_args(p: argparse.ArgumentParser, default_note: str = "built-in defaults") -> None:
@@ -87,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--overwrite", action="store_true")
+    _partial_arg(p)
     _cluster_args(p)
 
     p = sub.add_parser("dedup", help="exact, near, semantic duplicates and eval-set contamination of a pool")
@@ -101,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contamination-threshold", type=float, default=0.9)
     p.add_argument("--out", help="output folder (default POOL/dedup/TAG)")
     p.add_argument("--overwrite", action="store_true")
+    _partial_arg(p)
     _cluster_args(p)
 
     p = sub.add_parser("copy-descriptor", help="train a small copy-detection descriptor on a pool's own images")
@@ -131,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="fill ${NAME} in the recipe")
     p.add_argument("--embeddings", action="append", default=[], metavar="TAG=DIR",
                    help="where embeddings of TAG live (default POOL/embeddings/TAG, or .npz beside the parquet)")
+    _partial_arg(p)
     _cluster_args(p)
 
     p = sub.add_parser("reshard", help="materialise a subset into new WebDataset shards (byte copy)")
@@ -139,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     p.add_argument("--shard-size", type=int, default=10_000, help="samples per output shard (default 10000)")
     p.add_argument("--overwrite", action="store_true")
+    _partial_arg(p)
     _cluster_args(p)
 
     p = sub.add_parser("train", help="train the fixed CLIP/ViTamin of a scale on resharded shards (open_clip_train)")
@@ -242,6 +251,14 @@ def cmd_ingest(args) -> None:
         ingest(args.urls, args.pool, cfg.ingest, runner, overwrite=args.overwrite)
     counts, total = ledger(args.pool)
     print(format_counts(counts, total))
+    if total and not counts.get("ok"):
+        top = ", ".join(f"{s} {n:,}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
+        raise NoRowDownloaded(f"no row of {total:,} was downloaded ({top}); is the server reachable? "
+                              f"`winnow ledger {args.pool}` and the parquet's error_message say why each failed")
+
+
+class NoRowDownloaded(Exception):
+    """An ingest that finished with every row failed: exit 1 with one line."""
 
 
 def cmd_register(args) -> None:
@@ -275,7 +292,8 @@ def cmd_embed(args) -> None:
     cfg = EmbedConfig(model=args.model, pretrained=args.pretrained, tag=args.tag, batch_size=args.batch_size,
                       device=args.device, precision=args.precision)
     with _cluster(args) as runner:
-        doc = embed(args.pool, cfg, runner, out=args.out, overwrite=args.overwrite)
+        doc = embed(args.pool, cfg, runner, out=args.out, overwrite=args.overwrite,
+                    allow_partial=args.allow_partial)
     print(f"embed: {doc['rows']}")
 
 
@@ -289,7 +307,8 @@ def cmd_dedup(args) -> None:
     cfg = DedupConfig(tag=args.tag, keep_tag=args.keep_tag, near_threshold=args.near_threshold, semantic_eps=eps,
                       decontaminate=args.decontaminate, contamination_threshold=args.contamination_threshold)
     with _cluster(args) as runner:
-        doc = dedup(args.pool, cfg, runner, out=args.out, overwrite=args.overwrite)
+        doc = dedup(args.pool, cfg, runner, out=args.out, overwrite=args.overwrite,
+                    allow_partial=args.allow_partial)
     print(f"dedup: {doc['dropped']}")
 
 
@@ -324,14 +343,15 @@ def cmd_subset(args) -> None:
 
     with _cluster(args) as runner:
         subset(args.recipe, args.pool, args.out, runner, variables=_pairs(args.var, "--var"),
-               embeddings=_pairs(args.embeddings, "--embeddings") or None)
+               embeddings=_pairs(args.embeddings, "--embeddings") or None, allow_partial=args.allow_partial)
 
 
 def cmd_reshard(args) -> None:
     from pipeline.reshard import reshard
 
     with _cluster(args) as runner:
-        doc = reshard(args.pool, args.subset, args.out, runner, shard_size=args.shard_size, overwrite=args.overwrite)
+        doc = reshard(args.pool, args.subset, args.out, runner, shard_size=args.shard_size, overwrite=args.overwrite,
+                      allow_partial=args.allow_partial)
     print(f"reshard: {doc['rows']['samples']:,} samples in {doc['shards']} shards -> {args.out}")
 
 
@@ -377,8 +397,14 @@ def cmd_ledger(args) -> None:
     from pipeline.ledger import format_counts
     from pipeline.pool import ledger
 
+    from pipeline.pool import unfinished_ingest
+
     counts, total = ledger(args.pool)
     print(format_counts(counts, total))
+    unfinished = unfinished_ingest(args.pool)
+    if unfinished:
+        print(f"{unfinished}: the counts above cover the finished shards only; rerun the same `winnow ingest` "
+              "to finish it")
     _embed_ledgers(args.pool)
     if args.truth:
         from pipeline.synth.truth import ingest_check
@@ -430,6 +456,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TaskFailed as exc:
         print(f"winnow: error: {exc}; finished shards are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 1
+    except NoRowDownloaded as exc:
+        print(f"winnow: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the driver's own reads and writes (full or read-only disk, a vanished file)
+        print(f"winnow: error: {describe(exc)}; finished work is kept, rerun the same command to resume",
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -58,12 +58,12 @@ class DefectRates:
     truncated: float = 0.01       # cut at 30-70 % of its length
     not_image: float = 0.01       # an HTML page at an image URL
     bomb: int = 1                 # a 20000 x 20000 PNG of a few KB (decompression bomb)
-    hang: int = 1                 # the server trickles one byte every 0.5 s (defeats socket timeouts)
+    hang: int = 1                 # the server trickles one byte every 0.5 s (defeats socket timeouts, not the deadline)
 
 
 #: The ledger state each defect must end in after ingest (others end ``ok``); see :func:`expected_state`.
 EXPECTED_STATE = {
-    "http_404": "http_error", "http_500": "http_error", "slow": "timeout", "hang": "stalled",
+    "http_404": "http_error", "http_500": "http_error", "slow": "timeout", "hang": "timeout",
     "corrupt": "decode_error", "truncated": "decode_error", "not_image": "not_an_image",
     "bomb": "too_many_pixels", "pixel_image": "too_small",
 }

@@ -1,0 +1,363 @@
+"""A hostile web on loopback: one server that misbehaves in every way a URL list from strangers can.
+
+``HostileServer`` serves, on 127.0.0.1, good images in awkward encodings (16-bit, CMYK, palette, grey+alpha,
+gzip-encoded) and every kind of bad answer: errors, redirect loops, redirects to private and metadata
+addresses and to other schemes, trickled headers and bodies, endless and falsely announced bodies, gzip and pixel
+bombs, HTML, and error pages holding a secret that must never reach the ledger. ``Canary`` listens on a second
+loopback address that the URL policy does not allow and counts connections: a correct ingest makes none.
+``hostile_rows`` is the URL list (with the state each row must end in); tests and ``benchmarks/bench_ingest.py``
+use both.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import socket
+import struct
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
+
+SECRET = "WINNOW-CANARY-SECRET-4242"
+
+
+def _png(width: int, height: int, bit_depth: int, colour: int, raw: bytes) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def images() -> dict[str, bytes]:
+    """The served image files: name -> bytes (all small)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    side = 48
+
+    def save(im, fmt: str, **kw) -> bytes:
+        out = io.BytesIO()
+        im.save(out, format=fmt, **kw)
+        return out.getvalue()
+
+    rgb = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+    grey16 = np.full((side, side), 128 * 257, dtype=">u2")  # mid grey, 16 bits per sample
+    rgb16 = np.full((side, side, 3), 128 * 257, dtype=">u2")
+    rows16 = b"".join(b"\0" + row.tobytes() for row in rgb16)  # filter byte 0 before each row
+    palette = Image.new("P", (side, side), 1)
+    palette.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    return {
+        "ok.jpg": save(rgb, "JPEG", quality=90),
+        "ok.png": save(rgb, "PNG"),
+        "grey16.png": _png(side, side, 16, 0, b"".join(b"\0" + r.tobytes() for r in grey16)),
+        "rgb16.png": _png(side, side, 16, 2, rows16),
+        "cmyk.jpg": save(Image.new("CMYK", (side, side), (0, 255, 255, 0)), "JPEG"),
+        "palette.png": save(palette, "PNG", transparency=0),
+        "grey_alpha.png": save(Image.new("LA", (side, side), (90, 255)), "PNG"),
+        "grey.jpg": save(Image.new("L", (side, side), 77), "JPEG"),
+        "corrupt.jpg": b"\xff\xd8\xff\xe0" + bytes(rng.integers(0, 256, 2000, dtype=np.uint8)) + b"\xff\xd9",
+        "pixel_bomb.png": _png(40_000, 40_000, 8, 2, b"\0" * 64),
+    }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: HostileServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, ctype: str = "image/jpeg", headers: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _trickle(self, data: bytes) -> None:
+        """One byte every half second until the data or the server's trickle time runs out."""
+        stop = time.monotonic() + self.server.trickle_seconds
+        for i in range(len(data)):
+            if time.monotonic() > stop or self.server.closing.is_set():
+                break
+            self.wfile.write(data[i: i + 1])
+            self.wfile.flush()
+            time.sleep(0.5)
+        self.close_connection = True
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.server.hits.append(self.path)
+        name = unquote(self.path.split("?", 1)[0]).lstrip("/")
+        srv = self.server
+        try:
+            if name in srv.files:
+                ctype = "image/png" if name.endswith(".png") else "image/jpeg"
+                self._send(200, srv.files[name], ctype)
+            elif name == "hold":  # answers only once released: lets a test act while a download is in flight
+                srv.held.set()
+                srv.release.wait(60)
+                self._send(200, srv.files["ok.jpg"])
+            elif name == "unicode/café au lait.jpg":
+                self._send(200, srv.files["ok.jpg"])
+            elif name.startswith("status/"):
+                self.send_error(int(name.split("/")[1]))
+            elif name == "secret_500":
+                self._send(500, f"<html>internal error {SECRET}</html>".encode(), "text/html")
+            elif name == "secret_page":
+                self._send(200, f"{SECRET} not an image".encode(), "text/plain")
+            elif name == "html":
+                self._send(200, b"<!DOCTYPE html><html><body>a web page</body></html>", "text/html")
+            elif name == "empty":
+                self._send(200, b"", "image/jpeg")
+            elif name == "robots_noai":
+                self._send(200, srv.files["ok.jpg"], headers={"X-Robots-Tag": "noai"})
+            elif name == "gzip_ok":
+                self._send(200, gzip.compress(srv.files["ok.jpg"]), headers={"Content-Encoding": "gzip"})
+            elif name == "gzip_bomb":
+                self._send(200, srv.gzip_bomb, headers={"Content-Encoding": "gzip"})
+            elif name == "brotli":
+                self._send(200, b"\x0b\x02\x80", headers={"Content-Encoding": "br"})
+            elif name == "redirect/ok":
+                self._redirect("/ok.jpg")
+            elif name == "redirect/chain":
+                self._redirect("/redirect/ok")
+            elif name == "redirect/loop":
+                self._redirect("/redirect/loop")
+            elif name == "redirect/canary":
+                self._redirect(f"{srv.canary_url}/secret.jpg")
+            elif name == "redirect/metadata":
+                self._redirect("http://169.254.169.254/latest/meta-data/")
+            elif name == "redirect/private":
+                self._redirect("http://10.0.0.1/admin.jpg")
+            elif name == "redirect/file":
+                self._redirect("file:///etc/passwd")
+            elif name == "redirect/ftp":
+                self._redirect("ftp://127.0.0.1/image.jpg")
+            elif name == "trickle_body":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(srv.files["ok.jpg"])))
+                self.end_headers()
+                self._trickle(srv.files["ok.jpg"])
+            elif name == "trickle_headers":
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                self._trickle(b"X-Padding: " + b"a" * 10_000 + b"\r\n")
+            elif name == "endless":
+                self._endless(chunked=False)
+            elif name == "endless_chunked":
+                self._endless(chunked=True)
+            elif name == "declared_huge":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(50 << 30))
+                self.end_headers()
+                self.wfile.write(srv.files["ok.jpg"])
+                self.close_connection = True
+            elif name == "length_short":  # announces more than it sends, then closes
+                data = srv.files["ok.jpg"]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data) * 2))
+                self.end_headers()
+                self.wfile.write(data)
+                self.close_connection = True
+            elif name == "length_long":  # announces less than it sends: the image arrives cut
+                data = srv.files["ok.jpg"]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data) // 2))
+                self.end_headers()
+                self.wfile.write(data)
+                self.close_connection = True
+            elif name == "header_flood":
+                self.send_response(200)
+                for i in range(300):
+                    self.send_header(f"X-Flood-{i}", "x")
+                self.end_headers()
+                self.close_connection = True
+            else:
+                self.send_error(404)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _endless(self, chunked: bool) -> None:
+        """Zeros after a JPEG signature, until the client leaves or the server's byte limit."""
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        block = b"\xff\xd8\xff\xe0" + b"\0" * ((1 << 16) - 4)
+        sent = 0
+        while sent < self.server.endless_bytes and not self.server.closing.is_set():
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
+            sent += len(block)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+        self.close_connection = True
+
+
+class HostileServer(ThreadingHTTPServer):
+    """The hostile web on ``127.0.0.1:port``; a context manager (serves from a background thread).
+
+    ``endless_bytes`` bounds what an endless body sends before the server gives up, ``trickle_seconds`` how long
+    a trickle lasts: so a downloader without limits still finishes (slowly, and with the memory it shows).
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+    def __init__(self, port: int = 0, canary_url: str = "http://127.0.0.2:9", endless_bytes: int = 1 << 30,
+                 trickle_seconds: float = 150.0):
+        super().__init__(("127.0.0.1", port), _Handler)
+        self.files = images()
+        self.gzip_bomb = gzip.compress(b"\0" * (64 << 20), compresslevel=9)
+        self.canary_url = canary_url
+        self.endless_bytes, self.trickle_seconds = endless_bytes, trickle_seconds
+        self.closing = threading.Event()
+        self.held, self.release = threading.Event(), threading.Event()
+        self.hits: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self) -> HostileServer:
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.closing.set()
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+
+class Canary:
+    """A listener on a loopback address the URL policy refuses; ``connections`` must stay 0."""
+
+    def __init__(self, host: str = "127.0.0.2"):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.connections = 0
+        self._stop = threading.Event()
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return self.sock.getsockname()[:2]
+
+    @property
+    def url(self) -> str:
+        host, port = self.host_port
+        return f"http://{host}:{port}"
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def __enter__(self) -> Canary:
+        threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.sock.close()
+
+
+def hostile_rows(base: str, canary: Canary) -> list[dict]:
+    """The hostile URL list: ``url``, ``caption``, ``uid`` and ``expected`` (the state the row must end in)."""
+    host, port = canary.host_port
+    packed = int.from_bytes(socket.inet_aton(host), "big")
+    rows = [
+        # schemes other than http(s)
+        ("file:///etc/passwd", "refused_url"),
+        (f"file://{__file__}", "refused_url"),
+        ("ftp://127.0.0.1/image.jpg", "refused_url"),
+        ("javascript:alert(1)", "refused_url"),
+        ("data:image/png;base64,iVBORw0KGgo=", "refused_url"),
+        ("gopher://127.0.0.1:70/", "refused_url"),
+        # private, metadata and other non-public targets, directly ...
+        ("http://169.254.169.254/latest/meta-data/", "refused_url"),
+        ("http://10.0.0.1/admin.jpg", "refused_url"),
+        ("http://192.168.1.1/router.jpg", "refused_url"),
+        ("http://[::1]/x.jpg", "refused_url"),
+        ("http://[::ffff:169.254.169.254]/latest/", "refused_url"),
+        ("http://0.0.0.0/x.jpg", "refused_url"),
+        (f"{canary.url}/secret.jpg", "refused_url"),
+        (f"http://{packed}:{port}/decimal.jpg", "refused_url"),
+        (f"http://{hex(packed)}:{port}/hex.jpg", "refused_url"),
+        # ... and by redirect
+        (f"{base}/redirect/canary", "refused_url"),
+        (f"{base}/redirect/metadata", "refused_url"),
+        (f"{base}/redirect/private", "refused_url"),
+        (f"{base}/redirect/file", "refused_url"),
+        (f"{base}/redirect/ftp", "refused_url"),
+        (f"{base}/redirect/loop", "http_error"),
+        # malformed
+        ("", "bad_url"),
+        ("http:///no-host.jpg", "bad_url"),
+        ("http://127.0.0.1:99999/port.jpg", "bad_url"),
+        # slow, endless and lying bodies, bombs
+        (f"{base}/trickle_body", "timeout"),
+        (f"{base}/trickle_headers", "timeout"),
+        (f"{base}/endless", "too_large"),
+        (f"{base}/endless_chunked", "too_large"),
+        (f"{base}/declared_huge", "too_large"),
+        (f"{base}/gzip_bomb", "too_large"),
+        (f"{base}/length_short", "connection_error"),
+        (f"{base}/length_long", "decode_error"),
+        (f"{base}/header_flood", "connection_error"),
+        (f"{base}/pixel_bomb.png", "too_many_pixels"),
+        (f"{base}/brotli", "decode_error"),
+        (f"{base}/corrupt.jpg", "decode_error"),
+        # wrong content and HTTP errors (the secret must never reach error_message)
+        (f"{base}/secret_500", "http_error"),
+        (f"{base}/secret_page", "not_an_image"),
+        (f"{base}/html", "not_an_image"),
+        (f"{base}/empty", "not_an_image"),
+        (f"{base}/status/404", "http_error"),
+        (f"{base}/status/503", "http_error"),
+        (f"{base}/robots_noai", "disallowed"),
+        (f"https://127.0.0.1:{base.rsplit(':', 1)[1]}/ok.jpg", "connection_error"),
+        # good images in awkward forms
+        (f"{base}/ok.jpg", "ok"),
+        (f"{base}/ok.png", "ok"),
+        (f"{base}/grey16.png", "ok"),
+        (f"{base}/rgb16.png", "ok"),
+        (f"{base}/cmyk.jpg", "ok"),
+        (f"{base}/palette.png", "ok"),
+        (f"{base}/grey_alpha.png", "ok"),
+        (f"{base}/grey.jpg", "ok"),
+        (f"{base}/gzip_ok", "ok"),
+        (f"{base}/redirect/chain", "ok"),
+        (f"{base}/unicode/café au lait.jpg", "ok"),
+        (f"HTTP://user:pw@{base.split('://', 1)[1]}/ok.jpg?a=1#fragment", "ok"),
+    ]
+    out = [{"url": url, "caption": f"hostile row {i}: {url[:40]}", "uid": f"{i + 1:032x}", "expected": state}
+           for i, (url, state) in enumerate(rows)]
+    # a repeated uid: the later row is not downloaded, whatever its url
+    out.append({"url": f"{base}/ok.jpg", "caption": "the same uid again", "uid": out[-1]["uid"],
+                "expected": "duplicate_uid"})
+    out.append({"url": f"{base}/ok.jpg", "caption": "a uid that is not hex", "uid": "not-a-uid!",
+                "expected": "bad_uid"})
+    return out
