@@ -19,7 +19,7 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         where = f" {exc.filename}" if exc.filename else ""
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return f"disk full writing{where} ({exc.strerror}); free space (or raise the file size limit) first"
+            return f"disk full: cannot write{where} ({exc.strerror}); free space (or raise the file size limit) first"
         if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             return f"cannot write{where} ({exc.strerror}); choose a writable output folder"
         if exc.errno == errno.ENOENT:

@@ -67,9 +67,9 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
 
 def address_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     """Why ``ip`` is not a public internet address ("loopback", "private", ...), or None when it is one."""
-    candidates = [ip, *(_embedded_ipv4(ip) if ip.version == 6 else [])]
+    candidates = [*(_embedded_ipv4(ip) if ip.version == 6 else []), ip]  # what an IPv6 form carries comes first
     for a in candidates:
-        for kind in ("unspecified", "loopback", "link-local", "multicast", "private", "reserved"):
+        for kind in ("unspecified", "loopback", "link-local", "multicast", "reserved", "private"):
             if getattr(a, f"is_{kind.replace('-', '_')}"):
                 return kind
         if not a.is_global:

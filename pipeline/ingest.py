@@ -22,6 +22,7 @@ without them: no row is ever left without a state.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -329,15 +330,23 @@ class _DownloadProcess:
     def __init__(self) -> None:
         env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.ingest_child"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                     errors="replace")
         self.replies: queue.Queue = queue.Queue()
+        self.stderr: collections.deque = collections.deque(maxlen=20)  # the libraries' chatter, kept off the screen
         self.ready = False
         threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=self._drain, daemon=True).start()
 
     def _pump(self) -> None:
         for line in self.proc.stdout:
             self.replies.put(json.loads(line))
         self.replies.put(None)  # EOF: the process ended
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            if line.strip():
+                self.stderr.append(line.rstrip()[:300])
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -354,7 +363,8 @@ class _DownloadProcess:
             name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
             hint = " (the out-of-memory killer sends it)" if -code == signal.SIGKILL else ""
             return f"killed by {name}{hint}"
-        return f"exited with code {code}"
+        last = f"; its last words: {self.stderr[-1]}" if self.stderr else ""
+        return f"exited with code {code}{last}"
 
     def run(self, job: dict, progress: str, stall_seconds: float) -> str:
         """Run one shard job: "done", "stalled" (the process is then killed) or "died"."""
@@ -382,7 +392,8 @@ class _DownloadProcess:
                 return "died"
             if not reply["ok"]:
                 if reply.get("errno"):
-                    raise OSError(reply["errno"], reply.get("strerror") or reply["error"], reply.get("filename"))
+                    raise OSError(reply["errno"], reply.get("strerror") or reply["error"],
+                                  reply.get("filename") or job["out_dir"])
                 raise RuntimeError(f"download process failed: {reply['error']}")
             return "done"
 

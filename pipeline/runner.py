@@ -59,6 +59,20 @@ def _name(item: Any, index: int) -> str:
     return f"part {stem}" if stem else f"task {index + 1}"
 
 
+class _QuietTaskFailures(logging.Filter):
+    """Drops the worker's "Compute Failed" log (a traceback per failed task): :meth:`Runner.map` reports every
+    failure itself, in one line naming the shard and the cause."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
+
+
+def _quiet_worker_logs(dask_worker=None) -> None:
+    logger = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _QuietTaskFailures) for f in logger.filters):
+        logger.addFilter(_QuietTaskFailures())
+
+
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -117,6 +131,7 @@ class Runner:
                 )
             self.client = Client(self._cluster)
             self.log(f"runner: local Dask cluster, {n} worker processes x {cfg.threads_per_worker} thread(s)")
+        self.client.register_worker_callbacks(setup=_quiet_worker_logs)  # also on workers that join later
         self.log(f"runner: Dask dashboard at {self.client.dashboard_link}")
 
     def __exit__(self, *exc: Any) -> None:

@@ -28,3 +28,25 @@ def tiny_ingest_config(**kw) -> IngestConfig:
     base = dict(shard_size=60, timeout=1.0, deadline=2.0, retries=0, stall_seconds=4.0, thread_count=16,
                 min_image_size=8, allow_hosts=["127.0.0.1"])
     return IngestConfig(**(base | kw))
+
+
+def make_pool(path, uids: list[str], captions: list[str] | None = None, shard_id: int = 0) -> str:
+    """A one-shard pool written by hand (tar + parquet + _stats.json), every row ok: for tests that need a pool
+    without downloading one. The same uid may be given twice."""
+    import io
+
+    from PIL import Image
+
+    from pipeline import shards
+
+    rows, images = [], {}
+    for i, uid in enumerate(uids):
+        key = f"{shard_id:08d}{i:04d}"
+        rows.append({"uid": uid, "key": key, "caption": (captions or [f"a red square {i}"] * len(uids))[i],
+                     "url": f"http://127.0.0.1:9/{i}.jpg", "status": "success", "error_message": None,
+                     "width": 16, "height": 16, "state": "ok"})
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (10 * i % 256, 0, 0)).save(buf, "JPEG")
+        images[key] = buf.getvalue()
+    shards.write_shard(str(path), shard_id, rows, images)
+    return str(path)

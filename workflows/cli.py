@@ -6,6 +6,7 @@ User errors (bad config, bad path, bad layout) print one line, ``winnow: error: 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from dataclasses import replace
@@ -462,8 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"winnow: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # the driver's own reads and writes (full or read-only disk, a vanished file)
-        print(f"winnow: error: {describe(exc)}; finished work is kept, rerun the same command to resume",
-              file=sys.stderr)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        print(f"winnow: error: {describe(exc)}" + ("; finished shards are kept, rerun the same command to resume"
+                                                   if full else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("winnow: interrupted; rerun the same command to resume", file=sys.stderr)
