@@ -96,20 +96,31 @@ def baseline(folder: str, recipe: str) -> int:
 
 
 class PeakRSS:
-    """Peak resident memory of this process and all its children (Dask workers), sampled in a thread."""
+    """Peak resident memory of a process tree (this process, or ``pid``, and all children: Dask workers, download
+    processes), sampled in a thread every 0.2 s: ``peak`` of the sum, and ``processes`` {pid: (label, peak)}."""
+
+    def __init__(self, pid: int | None = None):
+        self.pid = pid
 
     def __enter__(self):
-        self.peak, self.stop = 0, threading.Event()
-        me = psutil.Process()
+        self.peak, self.stop, self.processes = 0, threading.Event(), {}
+        root = psutil.Process(self.pid)
 
         def sample():
             while not self.stop.is_set():
                 total = 0
-                for p in [me, *me.children(recursive=True)]:
+                try:
+                    tree = [root, *root.children(recursive=True)]
+                except psutil.Error:
+                    tree = []
+                for p in tree:
                     try:
-                        total += p.memory_info().rss
+                        rss = p.memory_info().rss
+                        label = self.processes.get(p.pid, ("", 0))[0] or " ".join(p.cmdline()[1:4])[:60]
                     except psutil.Error:
-                        pass
+                        continue
+                    total += rss
+                    self.processes[p.pid] = (label, max(rss, self.processes.get(p.pid, ("", 0))[1]))
                 self.peak = max(self.peak, total)
                 time.sleep(0.2)
 

@@ -1,8 +1,8 @@
 """The download process: img2dataset's own per-shard machinery, driven over a pipe.
 
 One such process runs beside each Dask worker (see :mod:`pipeline.ingest`). It reads one JSON job per line on
-stdin, runs ``img2dataset.downloader.Downloader.download_shard`` for it (its thread pool, resizer and WebDataset
-writer), and answers one JSON line. Three things are Winnow's:
+stdin, runs ``img2dataset.downloader.Downloader.download_shard`` for it (its thread pool, hashing, EXIF and
+resizer), and answers one JSON line. Four things are Winnow's:
 
 - the network fetch: img2dataset's urllib download is replaced by :func:`pipeline.fetch.fetch` (URL policy,
   per-URL deadline, byte cap); rows the parent marks as skipped (bad or duplicate uid, abandoned earlier) are
@@ -10,21 +10,27 @@ writer), and answers one JSON line. Three things are Winnow's:
 - a progress file: ``+<index>`` when a row's download starts and ``-<index>`` when its sample is written, so the
   parent knows exactly which rows were in flight if this process stalls or dies;
 - the resizer first runs :func:`pipeline.images.inspect_image` (non-images, truncation, decompression bombs) and
-  converts 16-bit images to 8 bits, which OpenCV would clip.
+  converts 16-bit images to 8 bits, which OpenCV would clip;
+- the sample writer (:class:`ShardWriter`): the tar webdataset's ``TarWriter`` would write (members in extension
+  order, mode 0444) with a fixed mtime, so a shard's bytes depend only on its samples, and one parquet.
 
 A write that fails with an OS error (disk full, read-only folder) ends the shard at once with one message,
-instead of one traceback per remaining sample. Import is slow (img2dataset pulls in torch through webdataset),
-which is why the process is kept alive.
+instead of one traceback per remaining sample. img2dataset's package ``__init__`` imports its command line and,
+through webdataset, torch (about 500 MB and seconds per process) for code this process never runs, so only the
+two modules it uses are loaded (:func:`_img2dataset`): the process stays near 150 MB.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
 import os
 import sys
+import tarfile
 import threading
+import types
 
 
 class _WriteFailed(BaseException):
@@ -44,10 +50,56 @@ class _Progress:
         self._file.close()
 
 
+def _img2dataset():
+    """img2dataset's ``downloader`` and ``resizer`` modules, loaded without the package ``__init__`` (they import
+    only their siblings, relatively, so a bare package object over the same folder serves them)."""
+    if "img2dataset" not in sys.modules:
+        spec = importlib.util.find_spec("img2dataset")
+        package = types.ModuleType("img2dataset")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["img2dataset"] = package
+    import img2dataset.downloader
+    import img2dataset.resizer
+
+    return img2dataset.downloader, img2dataset.resizer
+
+
+class ShardWriter:
+    """img2dataset's sample-writer interface: ``{shard}.tar`` (image, ``.txt``, ``.json`` per written sample) and
+    ``{shard}.parquet`` (one row per input row), both in the job's scratch folder."""
+
+    def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
+        from pipeline.shards import add_tar_member
+
+        name = f"{shard_id:0{oom_shard_count}d}"
+        self._add = add_tar_member
+        self.tar = tarfile.open(os.path.join(output_folder, f"{name}.tar"), "w", format=tarfile.USTAR_FORMAT)
+        self.parquet = os.path.join(output_folder, f"{name}.parquet")
+        self.schema, self.rows = schema, []
+        self.save_caption, self.ext = save_caption, encode_format
+
+    def write(self, img_str, key, caption, meta):
+        if img_str is not None:
+            meta_json = {k: v.tolist() if hasattr(v, "tolist") and not isinstance(v, (int, float)) else v
+                         for k, v in meta.items()}
+            members = {self.ext: img_str, "json": json.dumps(meta_json, indent=4).encode()}
+            if self.save_caption:
+                members["txt"] = ("" if caption is None else str(caption)).encode()
+            for ext in sorted(members):
+                self._add(self.tar, f"{key}.{ext}", members[ext])
+        self.rows.append(meta)
+
+    def close(self):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.tar.close()
+        pq.write_table(pa.Table.from_pylist(self.rows, schema=self.schema), self.parquet)
+
+
 def _build(job: dict, progress: _Progress):
-    import img2dataset.downloader as downloader
-    from img2dataset.resizer import Resizer
-    from img2dataset.writer import WebDatasetSampleWriter
+    downloader, resizer_module = _img2dataset()
+    Resizer = resizer_module.Resizer
 
     from pipeline.fetch import USER_AGENT, FetchLimits, UrlPolicy, fetch_image_stream
     from pipeline.images import inspect_image, reencode_high_depth
@@ -74,7 +126,7 @@ def _build(job: dict, progress: _Progress):
 
     downloader.download_image_with_retry = download  # the module global that Downloader.download_shard calls
 
-    class ProgressWriter(WebDatasetSampleWriter):
+    class ProgressWriter(ShardWriter):
         def write(self, img_str, key, caption, meta):
             try:
                 super().write(img_str, key, caption, meta)
@@ -128,7 +180,7 @@ def main() -> None:
     # Replies go to the original stdout; anything the libraries print goes to stderr.
     reply = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    import img2dataset.downloader  # noqa: F401 - the slow import, done before saying ready
+    _img2dataset()  # the slow imports, done before saying ready
 
     reply.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
