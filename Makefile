@@ -21,6 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ingest.py
+	$(BIN)/python benchmarks/bench_hostile.py
 	$(BIN)/python benchmarks/bench_select.py
 	$(BIN)/python benchmarks/bench_reshard.py
 	$(BIN)/python benchmarks/bench_embed.py

@@ -79,7 +79,8 @@ def main() -> None:
     print(f"bench: building a {args.n:,}-URL synthetic pool in {world} ...", flush=True)
     with Runner(ClusterConfig(n_workers=args.workers), log=lambda m: None) as runner:
         build_world(synth, world, runner, log=lambda m: None)
-    cfg = IngestConfig(shard_size=1000, timeout=5, retries=1, stall_seconds=60, thread_count=32)
+    cfg = IngestConfig(shard_size=1000, timeout=5, retries=1, stall_seconds=60, thread_count=32,
+                       allow_hosts=["127.0.0.1"])
     config_file = os.path.join(root, "winnow.yaml")
     with open(config_file, "w") as f:
         yaml.safe_dump({"ingest": asdict(cfg)}, f)
