@@ -190,13 +190,14 @@ _WATCHDOG = _Watchdog()
 # ---------------------------------------------------------------------------------------------------- fetching
 @dataclass(frozen=True)
 class FetchLimits:
-    """Per-URL bounds: ``timeout`` per network wait, ``deadline`` for everything, ``max_bytes`` of body."""
+    """Per-URL bounds: ``timeout`` per network wait, ``deadline`` for everything, ``max_bytes`` of body (the
+    values and their defaults come from :class:`pipeline.ingest.IngestConfig`)."""
 
-    timeout: float = 10.0
-    deadline: float = 20.0
-    max_bytes: int = 16 << 20
-    retries: int = 2
-    max_redirects: int = 5
+    timeout: float
+    deadline: float
+    max_bytes: int
+    retries: int
+    max_redirects: int
 
 
 @dataclass

@@ -373,8 +373,11 @@ class _DownloadProcess:
             if reply is None:
                 raise RuntimeError(f"the download process {self.death()} while starting")
             self.ready = True
-        self.proc.stdin.write(json.dumps(job) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:  # it died between two shards
+            return "died"
         last_size, last_change = -1, time.monotonic()
         while True:
             try:
@@ -435,7 +438,7 @@ def _duplicates(pool: str, shard_id: int, shard_size: int) -> dict[int, str]:
     lo, hi = shard_id * shard_size, (shard_id + 1) * shard_size
     with fs.open(path, "rb") as f:
         table = pq.read_table(f, filters=[("input_row", ">=", lo), ("input_row", "<", hi)])
-    return {int(r) - lo: f"duplicate_uid: the same uid is at input row {int(first)}, which is downloaded instead"
+    return {int(r) - lo: f"duplicate_uid: input row {int(first)} has the same uid; only that first row is downloaded"
             for r, first in zip(table["input_row"].to_pylist(), table["first_row"].to_pylist())}
 
 
@@ -530,7 +533,7 @@ def ingest(urls: str, pool: str, cfg: IngestConfig, runner, overwrite: bool = Fa
     """Turn the URL list ``urls`` into the pool folder ``pool``; return its manifest."""
     files, cfg = check_input(urls, cfg)
     run = manifest.StageRun("ingest", pool, params=asdict(cfg), inputs=manifest.describe_inputs(files))
-    mode = run.open(overwrite=overwrite, protect=[urls, *files])
+    mode = run.open(overwrite=overwrite, protect=[urls, *files], enclosing=[urls])
     if mode == "skip":
         log(f"ingest: {pool} is up to date with {urls}; nothing to do")
         return manifest.read_manifest(pool)

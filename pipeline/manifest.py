@@ -80,12 +80,13 @@ class StageRun:
             return False
         return self._signature_of(doc) == _jsonable(self._signature())
 
-    def open(self, overwrite: bool = False, protect: list[str] | tuple = ()) -> str:
+    def open(self, overwrite: bool = False, protect: list[str] | tuple = (), enclosing: list[str] | tuple = ()) -> str:
         """Return "skip" (already done), "resume" (continue an interrupted run) or "fresh".
 
         ``--overwrite`` (``overwrite=True``) replaces only a Winnow output of this same stage that holds none of
-        the paths in ``protect`` (the command's inputs): never a file, a folder Winnow did not write, another
-        stage's output, or a folder holding an input.
+        the paths in ``protect`` (the command's inputs) and lies inside none of the folders in ``enclosing``
+        (input folders whose whole tree is the user's, e.g. a URL-list folder): never a file, a folder Winnow
+        did not write, another stage's output, or a folder holding or inside an input.
         """
         fs, path = fsio.get_fs(self.out_dir)
         if fs.exists(path) and not fs.isdir(path):
@@ -97,7 +98,7 @@ class StageRun:
             return "resume"
         stale = done is False or started is False
         if stale or (done is None and started is None and fsio.listdir(self.out_dir)):
-            refusal = self._not_replaceable(protect)
+            refusal = self._not_replaceable(protect, enclosing)
             if refusal:
                 raise UserError(f"output folder {self.out_dir} {refusal}; choose another output folder")
             if not overwrite:
@@ -108,13 +109,16 @@ class StageRun:
         fsio.write_json(fsio.join(self.out_dir, RUN), self._doc())
         return "fresh"
 
-    def _not_replaceable(self, protect) -> str | None:
+    def _not_replaceable(self, protect, enclosing) -> str | None:
         """Why ``--overwrite`` may not delete the output folder, or None when it may."""
         out = _canonical(self.out_dir)
         for p in protect:
             inp = _canonical(p)
             if inp == out or inp.startswith(out.rstrip("/") + "/"):
                 return f"holds this command's input {p} (--overwrite never deletes inputs)"
+        for p in enclosing:
+            if out.startswith(_canonical(p).rstrip("/") + "/"):
+                return f"is inside this command's input folder {p} (--overwrite never deletes there)"
         stages = set()
         for name in (MANIFEST, RUN):
             if fsio.exists(fsio.join(self.out_dir, name)):

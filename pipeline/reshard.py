@@ -145,7 +145,7 @@ def reshard(pool: str, subset_path: str, out: str, runner, shard_size: int = 10_
     digits = shards.name_digits(pool)
     run = manifest.StageRun("reshard", out, params={"shard_size": shard_size, "pool": str(pool)},
                             inputs=manifest.describe_inputs([subset_path]))
-    if run.open(overwrite=overwrite, protect=[pool, subset_path]) == "skip":
+    if run.open(overwrite=overwrite, protect=[pool, subset_path], enclosing=[pool]) == "skip":
         log(f"reshard: {out} is up to date; nothing to do")
         return manifest.read_manifest(out)
     plans = runner.map(plan_shard, [PlanTask(pool, i, digits, subset_path) for i in ids], label="reshard plan")

@@ -1,8 +1,9 @@
 """The fetch function, the URL policy and the ingest input reader, on small cases with known answers."""
 
-import ipaddress
 import io
+import ipaddress
 import socket
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,8 @@ from pipeline.images import open_rgb, reencode_high_depth
 from pipeline.ingest import IngestConfig, check_input, split_input
 from pipeline.synth.hostile import HostileServer, images
 from pipeline.uid import DuplicateFinder, uids_to_array
+
+LIMITS = FetchLimits(timeout=10, deadline=20, max_bytes=16 << 20, retries=2, max_redirects=5)
 
 
 @pytest.mark.parametrize("address, kind", [
@@ -73,13 +76,13 @@ def test_only_the_checked_address_is_connected_to(monkeypatch):
 
         monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
         monkeypatch.setattr(socket.socket, "connect", spy_connect)
-        resp = fetch(f"http://images.example:{port}/ok.jpg", UrlPolicy(("127.0.0.1",)), FetchLimits())
+        resp = fetch(f"http://images.example:{port}/ok.jpg", UrlPolicy(("127.0.0.1",)), LIMITS)
         assert resp.body == server.files["ok.jpg"] and connected == [("127.0.0.1", port)] and calls == ["images.example"]
 
         answers[:] = answers[:1]  # only a private address: refused without any connection
         connected.clear()
         with pytest.raises(FetchError, match="refused_url: 10.0.0.1 is a private address"):
-            fetch(f"http://images.example:{port}/ok.jpg", UrlPolicy(("127.0.0.1",)), FetchLimits())
+            fetch(f"http://images.example:{port}/ok.jpg", UrlPolicy(("127.0.0.1",)), LIMITS)
         assert connected == []
 
 
@@ -88,12 +91,12 @@ def test_byte_cap_and_deadline_hold_with_small_limits():
         policy = UrlPolicy(("127.0.0.1",))
         size = len(server.files["ok.jpg"])
         with pytest.raises(FetchError, match="too_large"):
-            fetch(f"{server.url}/ok.jpg", policy, FetchLimits(max_bytes=size - 1))
-        assert len(fetch(f"{server.url}/ok.jpg", policy, FetchLimits(max_bytes=size)).body) == size
+            fetch(f"{server.url}/ok.jpg", policy, replace(LIMITS, max_bytes=size - 1))
+        assert len(fetch(f"{server.url}/ok.jpg", policy, replace(LIMITS, max_bytes=size)).body) == size
         with pytest.raises(FetchError, match="too_large: decoded body"):
-            fetch(f"{server.url}/gzip_bomb", policy, FetchLimits(max_bytes=1 << 20))
+            fetch(f"{server.url}/gzip_bomb", policy, replace(LIMITS, max_bytes=1 << 20))
         with pytest.raises(FetchError, match="timeout: no complete answer within the 1.5 s deadline"):
-            fetch(f"{server.url}/trickle_headers", policy, FetchLimits(timeout=1, deadline=1.5))
+            fetch(f"{server.url}/trickle_headers", policy, replace(LIMITS, timeout=1, deadline=1.5))
 
 
 # ---------------------------------------------------------------------------------------------- input reading

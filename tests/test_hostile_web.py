@@ -87,7 +87,7 @@ def test_every_row_keeps_its_url_and_caption(hostile):
 def test_a_repeated_uid_is_not_downloaded(hostile):
     table = hostile["table"]
     dup = table[table["state"] == "duplicate_uid"]
-    assert len(dup) == 1 and f"input row {len(hostile['rows']) - 3}" in dup["error_message"].iloc[0]
+    assert len(dup) == 1 and f"input row {len(hostile['rows']) - 3} has" in dup["error_message"].iloc[0]
     assert not any("duplicate" in h for h in hostile["hits"])
     assert table.loc[table["state"] == "ok", "uid"].is_unique
 

@@ -58,6 +58,16 @@ def test_overwrite_never_deletes_the_url_list(tmp_path):
     assert listing(folder) == ["urls.parquet"]
 
 
+def test_overwrite_never_deletes_inside_the_url_list_folder(tmp_path):
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    pd.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"], "text": ["a"]}).to_parquet(folder / "urls.parquet")
+    manifest.StageRun("ingest", str(folder / "pool"), params={"an": "older run"}).open()
+    one_line(winnow("ingest", str(folder), str(folder / "pool"), "--overwrite"), 2,
+             "inside this command's input folder", "choose another output folder")
+    assert listing(folder / "pool") == ["_run.json"]
+
+
 def test_overwrite_never_deletes_the_pool_being_resharded(pool, tmp_path):
     before = listing(pool)
     for out in (pool, str(tmp_path)):  # the pool itself, and a folder holding it

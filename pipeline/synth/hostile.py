@@ -16,10 +16,11 @@ import io
 import socket
 import struct
 import threading
-import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
+
+from .server import trickle
 
 SECRET = "WINNOW-CANARY-SECRET-4242"
 
@@ -65,6 +66,15 @@ def images() -> dict[str, bytes]:
     }
 
 
+#: path -> Location of the server's redirects (``{canary}``: the refused listener's URL)
+REDIRECTS = {
+    "redirect/ok": "/ok.jpg", "redirect/chain": "/redirect/ok", "redirect/loop": "/redirect/loop",
+    "redirect/canary": "{canary}/secret.jpg", "redirect/metadata": "http://169.254.169.254/latest/meta-data/",
+    "redirect/private": "http://10.0.0.1/admin.jpg", "redirect/file": "file:///etc/passwd",
+    "redirect/ftp": "ftp://127.0.0.1/image.jpg",
+}
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: HostileServer
     protocol_version = "HTTP/1.1"
@@ -88,14 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def _trickle(self, data: bytes) -> None:
-        """One byte every half second until the data or the server's trickle time runs out."""
-        stop = time.monotonic() + self.server.trickle_seconds
-        for i in range(len(data)):
-            if time.monotonic() > stop or self.server.closing.is_set():
-                break
-            self.wfile.write(data[i: i + 1])
-            self.wfile.flush()
-            time.sleep(0.5)
+        trickle(self.wfile, data, self.server.trickle_seconds, self.server.closing)
         self.close_connection = True
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -130,22 +133,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, srv.gzip_bomb, headers={"Content-Encoding": "gzip"})
             elif name == "brotli":
                 self._send(200, b"\x0b\x02\x80", headers={"Content-Encoding": "br"})
-            elif name == "redirect/ok":
-                self._redirect("/ok.jpg")
-            elif name == "redirect/chain":
-                self._redirect("/redirect/ok")
-            elif name == "redirect/loop":
-                self._redirect("/redirect/loop")
-            elif name == "redirect/canary":
-                self._redirect(f"{srv.canary_url}/secret.jpg")
-            elif name == "redirect/metadata":
-                self._redirect("http://169.254.169.254/latest/meta-data/")
-            elif name == "redirect/private":
-                self._redirect("http://10.0.0.1/admin.jpg")
-            elif name == "redirect/file":
-                self._redirect("file:///etc/passwd")
-            elif name == "redirect/ftp":
-                self._redirect("ftp://127.0.0.1/image.jpg")
+            elif name in REDIRECTS:
+                self._redirect(REDIRECTS[name].format(canary=srv.canary_url))
             elif name == "trickle_body":
                 self.send_response(200)
                 self.send_header("Content-Type", "image/jpeg")

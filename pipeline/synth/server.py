@@ -47,18 +47,23 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if "trickle" in route:
-                deadline = time.monotonic() + route["trickle"]
-                for i in range(len(data)):
-                    if time.monotonic() > deadline or self.server.closing.is_set():
-                        break
-                    self.wfile.write(data[i: i + 1])
-                    self.wfile.flush()
-                    time.sleep(0.5)
+                trickle(self.wfile, data, route["trickle"], self.server.closing)
                 self.close_connection = True
                 return
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+
+def trickle(wfile, data: bytes, seconds: float, closing: threading.Event) -> None:
+    """Send ``data`` one byte every half second, for at most ``seconds`` (a download no socket timeout ends)."""
+    stop = time.monotonic() + seconds
+    for i in range(len(data)):
+        if time.monotonic() > stop or closing.is_set():
+            break
+        wfile.write(data[i: i + 1])
+        wfile.flush()
+        time.sleep(0.5)
 
 
 class WebPoolServer(ThreadingHTTPServer):
