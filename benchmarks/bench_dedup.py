@@ -53,8 +53,8 @@ def main() -> None:
     import faiss
     import pandas as pd
 
-    from pipeline.dedup import DedupConfig, dedup, read_table
-    from pipeline.runner import ClusterConfig, Runner
+    from pipeline.stages.dedup import DedupConfig, dedup, read_table
+    from pipeline.run.runner import ClusterConfig, Runner
 
     from bench_select import PeakRSS  # peak RSS of this process and its children, sampled every 0.2 s
 

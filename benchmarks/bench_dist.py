@@ -1,4 +1,4 @@
-"""DiST synthesis time per image (``pipeline.dist.synthesize``: random-CNN Gram matching, L-BFGS) by image size.
+"""DiST synthesis time per image (``pipeline.evalsets.dist.synthesize``: random-CNN Gram matching, L-BFGS) by image size.
 
 For each size the same source images are synthesised one at a time (the baseline: what a per-image loop, as in
 Gatys' reference code, costs) and as one batch (how ``winnow evalset dist`` runs); the table gives seconds per
@@ -17,8 +17,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from pipeline import dist
-    from pipeline.patchmix import square_image
+    from pipeline.evalsets import dist
+    from pipeline.data.images import square_image
     from pipeline.synth.world import SynthConfig, _jpeg, _spec_for
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -22,8 +22,8 @@ from dataclasses import asdict
 
 import yaml
 
-from pipeline.ingest import IngestConfig
-from pipeline.runner import ClusterConfig, Runner
+from pipeline.stages.ingest import IngestConfig
+from pipeline.run.runner import ClusterConfig, Runner
 from pipeline.synth.world import DefectRates, SynthConfig, build_world
 
 

@@ -19,8 +19,10 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from pipeline.patchmix import mix_batch, mix_patches, square_image
-    from pipeline.synth.render import encode_jpeg
+    from pipeline.data.images import square_image
+    from pipeline.evalsets.patchmix import mix_patches
+    from pipeline.stages.patchmix_training import mix_batch
+    from pipeline.data.images import encode_jpeg
     from pipeline.synth.world import SynthConfig, _jpeg, _spec_for
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -25,7 +25,7 @@ import numpy as np
 
 
 def make_pool(folder: str, shards_n: int, per_shard: int) -> list[str]:
-    from pipeline import shards
+    from pipeline.data import shards
     from pipeline.synth.world import SynthConfig, _jpeg, _spec_for
 
     cfg = SynthConfig()
@@ -74,9 +74,9 @@ def naive(pool: str, out: str, keep: set[str], shard_size: int) -> int:
 
 
 def main() -> None:
-    from pipeline.reshard import reshard
-    from pipeline.runner import ClusterConfig, Runner
-    from pipeline.select import write_subset
+    from pipeline.stages.reshard import reshard
+    from pipeline.run.runner import ClusterConfig, Runner
+    from pipeline.stages.subset import write_subset
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=int, default=16)

@@ -134,8 +134,8 @@ class PeakRSS:
 
 
 def main() -> None:
-    from pipeline.runner import ClusterConfig, Runner
-    from pipeline.select import subset
+    from pipeline.run.runner import ClusterConfig, Runner
+    from pipeline.stages.subset import subset
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=12_800_000)

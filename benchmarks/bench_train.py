@@ -18,10 +18,10 @@ import tempfile
 
 
 def main() -> None:
-    from pipeline.reshard import reshard
-    from pipeline.runner import ClusterConfig, Runner
-    from pipeline.select import write_subset
-    from pipeline.train import TrainConfig, train
+    from pipeline.stages.reshard import reshard
+    from pipeline.run.runner import ClusterConfig, Runner
+    from pipeline.stages.subset import write_subset
+    from pipeline.stages.train import TrainConfig, train
 
     from bench_reshard import make_pool
 

@@ -7,8 +7,8 @@ Registry key == file stem; the column is ``<key>_score`` (``<key>_<tag>_score`` 
 
 from __future__ import annotations
 
-from pipeline.config import from_dict
-from pipeline.errors import UserError
+from pipeline.core.config import from_dict
+from pipeline.core.errors import UserError
 
 from .aspect_ratio import AspectRatioFilter
 from .base import Filter

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import fsio
-from pipeline.errors import UserError
+from pipeline.core import fsio
+from pipeline.core.errors import UserError
 
 from .base import Filter, embedding
 
@@ -40,7 +40,7 @@ def nearest(x: np.ndarray, centroids: np.ndarray, batch: int = 65_536) -> np.nda
 
 
 def load_target(path: str, tag: str) -> np.ndarray:
-    from pipeline.embed import load_npz
+    from pipeline.data.parts import load_npz
 
     if path.endswith(".npy") and os.path.isfile(path):
         return fsio.load_npy(path, f"image_cluster.target {path}").astype(np.float32)

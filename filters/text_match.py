@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 from .base import Filter
 

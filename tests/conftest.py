@@ -7,7 +7,7 @@ import os
 import pytest
 from helpers import free_port, tiny_ingest_config, tiny_synth_config
 
-from pipeline.runner import ClusterConfig, Runner
+from pipeline.run.runner import ClusterConfig, Runner
 from pipeline.synth.world import build_world
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -33,7 +33,7 @@ def local_cluster():
 @pytest.fixture(scope="session")
 def tiny_pool(tiny_world, local_cluster, tmp_path_factory):
     """The tiny world ingested by img2dataset on the LocalCluster (4 shards of 60 rows)."""
-    from pipeline.ingest import ingest
+    from pipeline.stages.ingest import ingest
     from pipeline.synth.server import WebPoolServer
 
     pool = str(tmp_path_factory.mktemp("pool"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from dataclasses import fields
 
-from pipeline.ingest import IngestConfig
+from pipeline.stages.ingest import IngestConfig
 from pipeline.synth.world import DefectRates, SynthConfig
 
 
@@ -37,7 +37,7 @@ def make_pool(path, uids: list[str], captions: list[str] | None = None, shard_id
 
     from PIL import Image
 
-    from pipeline import shards
+    from pipeline.data import shards
 
     rows, images = [], {}
     for i, uid in enumerate(uids):

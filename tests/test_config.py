@@ -1,8 +1,8 @@
 import pytest
 
-from pipeline.config import from_dict, load, parse_overrides
-from pipeline.errors import UserError
-from pipeline.ingest import IngestConfig
+from pipeline.core.config import from_dict, load, parse_overrides
+from pipeline.core.errors import UserError
+from pipeline.stages.ingest import IngestConfig
 from workflows.settings import RunConfig, demo_config_path
 
 

@@ -4,9 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.dedup import (DedupConfig, build_index, components, dropped_uids, group_rows, keep_order, normalize,
-                            search_edges, semantic)
-from pipeline.errors import UserError
+from pipeline.stages.dedup import DedupConfig, build_index, components, dropped_uids, group_rows, keep_order, normalize, search_edges, semantic
+from pipeline.core.errors import UserError
 
 
 def planted(n=3000, d=64, copies=200, seed=0):
@@ -69,7 +68,7 @@ def test_exclude_duplicates_rule_drops_the_non_kept_members():
 
 
 def test_exclude_duplicates_rule_is_validated():
-    from pipeline.select import load_recipe
+    from pipeline.stages.subset import load_recipe
 
     with pytest.raises(UserError, match="exclude_duplicates takes table, kinds"):
         load_recipe({"name": "x", "select": [{"exclude_duplicates": {"table": "t.parquet"}}]})

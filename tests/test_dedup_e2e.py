@@ -6,13 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.copydetect import MODEL_NAME, train_descriptor
-from pipeline.dedup import DedupConfig, dedup, read_table
-from pipeline.embed import EmbedConfig, embed
-from pipeline.runner import ClusterConfig, Runner
-from pipeline.select import load_recipe, subset
+from pipeline.models.copydetect import MODEL_NAME
+from pipeline.stages.copy_descriptor import train_descriptor
+from pipeline.stages.dedup import DedupConfig, dedup, read_table
+from pipeline.stages.embed import EmbedConfig, embed
+from pipeline.run.runner import ClusterConfig, Runner
+from pipeline.stages.subset import load_recipe, subset
 from pipeline.synth.truth import dedup_check
-from pipeline.uid import array_to_uids
+from pipeline.data.uid import array_to_uids
 
 pytestmark = pytest.mark.e2e
 # the demo's documented thresholds (manifests/demo.yaml)

@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import dist
+from pipeline.data.evalsets import read_triplets
+from pipeline.evalsets import dist
+from pipeline.tasks import odd_one_out
 
 
 def test_histogram_and_colour_matching_give_the_source_values_exactly():
@@ -29,11 +31,11 @@ def test_odd_one_out_scores_the_original_and_splits_ties():
     odd = np.random.default_rng(1).normal(size=(5, 16))
     right = np.stack([odd, base, twin], axis=1)  # the original (index 0) is the odd one
     wrong = np.stack([base, twin, odd], axis=1)
-    assert dist.odd_one_out(right).tolist() == [1.0] * 5
-    assert dist.odd_one_out(wrong).tolist() == [0.0] * 5
+    assert odd_one_out.odd_one_out(right).tolist() == [1.0] * 5
+    assert odd_one_out.odd_one_out(wrong).tolist() == [0.0] * 5
     same = np.stack([base, base, base], axis=1)  # a model that sees no difference: chance, not index 0
-    assert dist.odd_one_out(same) == pytest.approx(np.full(5, 1 / 3))
-    m = dist.odd_one_out_metrics(np.concatenate([right, wrong]))
+    assert odd_one_out.odd_one_out(same) == pytest.approx(np.full(5, 1 / 3))
+    m = odd_one_out.metrics(np.concatenate([right, wrong]))
     assert m["acc"] == 0.5 and m["acc_ci_low"] <= 0.5 <= m["acc_ci_high"] and m["n"] == 10
 
 
@@ -50,7 +52,7 @@ def test_texture_network_is_fixed_by_its_seed_and_sized_to_the_image():
 @pytest.fixture(scope="module")
 def demo_dist(tmp_path_factory):
     """The demo's DiST set: the demo world's evaluation images (rendered alone) through the demo's settings."""
-    from pipeline.runner import ClusterConfig, Runner
+    from pipeline.run.runner import ClusterConfig, Runner
     from pipeline.synth.world import build_world
     from workflows.settings import load
 
@@ -82,7 +84,7 @@ def test_demo_set_is_written_with_its_manifest_and_passes_its_gates(demo_dist):
     with tarfile.open(os.path.join(out, "test", "0.tar")) as tar:
         names = tar.getnames()
     assert len(names) == 4 * summary["kept"]
-    triplets, labels = dist.read_triplets(out)
+    triplets, labels = read_triplets(out)
     assert len(triplets) == summary["kept"] and sorted(set(labels.tolist())) == sorted(set(kept["label"]))
     from PIL import Image
     import io
@@ -96,7 +98,7 @@ def test_reference_models_score_near_chance_on_the_demo_set(demo_dist):
     from PIL import Image
     import io
 
-    triplets, _ = dist.read_triplets(demo_dist["out"])
+    triplets, _ = read_triplets(demo_dist["out"])
     arr = np.stack([[np.asarray(Image.open(io.BytesIO(b))) for b in t] for t in triplets])
     scores = dist.baseline_scores(arr)
     assert scores == demo_dist["summary"]["baselines"]
@@ -112,7 +114,8 @@ def test_reference_models_score_near_chance_on_the_demo_set(demo_dist):
 
 
 def test_build_is_deterministic_and_evaluates_as_a_task(demo_dist, tmp_path):
-    from pipeline.evaluate import evaluate, load_tasklist
+    from pipeline.stages.evaluate import evaluate
+    from pipeline.tasks import load_tasklist
 
     cfg = replace(demo_dist["cfg"], per_class=1, steps=20, retries=0)
     source = os.path.join(demo_dist["world"], "eval")

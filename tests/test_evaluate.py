@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import UserError
-from pipeline.evaluate import (load_tasklist, read_evalset, retrieval_metrics, run_task, Task, zeroshot_metrics)
+from pipeline.core.errors import UserError
+from pipeline.data.evalsets import read_evalset
+from pipeline.tasks import Context, Task, load_tasklist, run_task
+from pipeline.tasks.retrieval import metrics as retrieval_metrics
+from pipeline.tasks.zeroshot import metrics as zeroshot_metrics
 
 
 def test_zeroshot_metrics_are_exact():
@@ -82,16 +85,16 @@ def test_zeroshot_task_with_fixed_embeddings_gives_exact_accuracy(tmp_path):
     data = read_evalset(str(tmp_path))
     assert data["classnames"] == ["red", "green", "blue"] and len(data["images"]) == 5
     task = Task("colours", "zeroshot_classification", str(tmp_path), "acc1")
-    metrics = run_task(task, FixedModel(), _preprocess, _tokenizer, "cpu")
+    metrics = run_task(task, Context(FixedModel(), _preprocess, _tokenizer, "cpu"))
     assert metrics["acc1"] == 1.0 and metrics["mean_per_class_recall"] == 1.0
     # swap the class names: every prediction is now wrong except blue
     with open(tmp_path / "classnames.txt", "w") as f:
         f.write("green\nred\nblue\n")
-    metrics = run_task(task, FixedModel(), _preprocess, _tokenizer, "cpu")
+    metrics = run_task(task, Context(FixedModel(), _preprocess, _tokenizer, "cpu"))
     assert metrics["acc1"] == pytest.approx(2 / 5) and metrics["mean_per_class_recall"] == pytest.approx(1 / 3)
     # retrieval: captions name the colour; equal captions tie and a tie does not count as a miss
-    retrieval = run_task(Task("r", "retrieval", str(tmp_path), "mean_recall@1"), FixedModel(), _preprocess,
-                         _tokenizer, "cpu")
+    retrieval = run_task(Task("r", "retrieval", str(tmp_path), "mean_recall@1"),
+                         Context(FixedModel(), _preprocess, _tokenizer, "cpu"))
     assert retrieval["mean_recall@1"] == 1.0
 
 
@@ -112,8 +115,8 @@ def test_tasklist_validation(tmp_path):
 def test_evaluate_a_tiny_checkpoint_on_the_synthetic_eval_set(tiny_world, tmp_path):
     import torch
 
-    from pipeline.evaluate import evaluate, load_tasklist
-    from pipeline.models import load
+    from pipeline.stages.evaluate import evaluate
+    from pipeline.models.registry import load
     from workflows.settings import demo_config_path
 
     model, _, _ = load("winnow-tiny-clip", "", seed=3)

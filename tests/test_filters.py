@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from filters import REGISTRY, build
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 TAG = "t"
 
@@ -81,7 +81,7 @@ def test_missing_embeddings_name_the_fix(tmp_path):
 
 
 def test_basic_filter_boundaries():
-    from pipeline.select import apply, load_recipe
+    from pipeline.stages.subset import apply, load_recipe
 
     table = pd.DataFrame({
         "uid": [f"{i:032x}" for i in range(8)], "state": "ok",

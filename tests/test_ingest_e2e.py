@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import webdataset as wds
 
-from pipeline import shards
-from pipeline.ingest import ingest
-from pipeline.ledger import STATES
-from pipeline.manifest import read_manifest
-from pipeline.pool import ledger, read_states
+from pipeline.data import shards
+from pipeline.stages.ingest import ingest
+from pipeline.data.ledger import STATES
+from pipeline.data.manifest import read_manifest
+from pipeline.data.pool import ledger, read_states
 from pipeline.synth.server import WebPoolServer
 from pipeline.synth.world import expected_state, read_truth
 
@@ -86,7 +86,7 @@ def test_manifest_records_provenance_and_a_rerun_is_skipped(ingested, local_clus
 
 
 def test_uids_are_derived_when_the_input_has_none(tmp_path, tiny_world, local_cluster):
-    from pipeline.uid import derive_uid
+    from pipeline.data.uid import derive_uid
 
     urls = pd.read_parquet(os.path.join(tiny_world["path"], "urls.parquet")).iloc[:20]
     truth = read_truth(tiny_world["path"]).set_index("uid")

@@ -3,8 +3,8 @@ import io
 import pytest
 from PIL import Image
 
-from pipeline.images import inspect_image, open_rgb
-from pipeline.ledger import STATES, classify, format_counts
+from pipeline.data.images import inspect_image, open_rgb
+from pipeline.data.ledger import STATES, classify, format_counts
 from pipeline.synth.render import bomb_png
 
 

@@ -2,9 +2,9 @@ import os
 
 import pytest
 
-from pipeline import fsio
-from pipeline.errors import UserError
-from pipeline.manifest import MANIFEST, RUN, StageRun, describe_inputs
+from pipeline.core import fsio
+from pipeline.core.errors import UserError
+from pipeline.data.manifest import MANIFEST, RUN, StageRun, describe_inputs
 
 
 def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):

@@ -5,9 +5,10 @@ import os
 import pandas as pd
 import pytest
 
-from pipeline.errors import UserError
-from pipeline.pool import ledger, register
-from pipeline.runner import ClusterConfig, Runner
+from pipeline.core.errors import UserError
+from pipeline.data.pool import ledger
+from pipeline.stages.register import register
+from pipeline.run.runner import ClusterConfig, Runner
 from pipeline.synth.server import WebPoolServer
 from pipeline.synth.world import read_truth
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from helpers import tiny_ingest_config
 
-from pipeline import shards
-from pipeline.ingest import ingest
+from pipeline.data import shards
+from pipeline.stages.ingest import ingest
 from pipeline.synth.server import WebPoolServer
 
 pytestmark = pytest.mark.e2e

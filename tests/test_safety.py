@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from helpers import make_pool
 
-from pipeline import manifest
-from pipeline.pool import register
-from pipeline.runner import ClusterConfig, Runner
-from pipeline.uid import uids_to_array
+from pipeline.data import manifest
+from pipeline.stages.register import register
+from pipeline.run.runner import ClusterConfig, Runner
+from pipeline.data.uid import uids_to_array
 
 UIDS = [f"{i:032x}" for i in range(1, 7)]
 
@@ -258,7 +258,7 @@ def test_reshard_never_writes_one_key_twice(tmp_path):
     the first in pool order is the sample, so webdataset (and open_clip_train) can read the tar."""
     import webdataset as wds
 
-    from pipeline.reshard import reshard
+    from pipeline.stages.reshard import reshard
 
     uids = [UIDS[0], UIDS[1], UIDS[0], UIDS[2]]
     pool = make_pool(tmp_path / "pool", uids, captions=["first", "b", "second", "c"])
@@ -272,9 +272,9 @@ def test_reshard_never_writes_one_key_twice(tmp_path):
 
 
 def test_training_refuses_shards_whose_captions_are_all_empty(tmp_path):
-    from pipeline.errors import UserError
-    from pipeline.reshard import reshard
-    from pipeline.train import check_shards
+    from pipeline.core.errors import UserError
+    from pipeline.stages.reshard import reshard
+    from pipeline.stages.train import check_shards
 
     pool = make_pool(tmp_path / "pool", UIDS, captions=[""] * len(UIDS))
     np.save(tmp_path / "uids.npy", uids_to_array(UIDS))

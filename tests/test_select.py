@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.errors import UserError
-from pipeline.select import apply, load_recipe, recipes_dir, top_fraction_threshold, write_subset
-from pipeline.uid import UID_DTYPE, array_to_uids
+from pipeline.core.errors import UserError
+from pipeline.stages.subset import apply, load_recipe, recipes_dir, top_fraction_threshold, write_subset
+from pipeline.data.uid import UID_DTYPE, array_to_uids
 
 
 def _frame(scores, state=None):

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.synth.render import CLASSES, render, shape_mask
 from pipeline.synth.world import DUPLICATES, EXPECTED_STATE, DefectRates, SynthConfig, plan_pool, pool_payload
 
@@ -76,7 +76,7 @@ def test_world_layout_and_disjoint_sets(tiny_world):
     urls = pd.read_parquet(os.path.join(world, "urls.parquet"))
     assert list(urls.columns) == ["url", "text", "uid"] and len(urls) == len(truth) == 240
     assert set(truth["defect"]) >= set(EXPECTED_STATE) | {"none", *DUPLICATES, "eval_copy", "mismatch"}
-    from pipeline.shards import iter_tar, list_shards, read_table
+    from pipeline.data.shards import iter_tar, list_shards, read_table
     clean = pd.concat([read_table(os.path.join(world, "clean"), i) for i in list_shards(os.path.join(world, "clean"))])
     assert len(clean) == 24 and not set(clean["uid"]) & set(truth["uid"])
     classes = open(os.path.join(world, "eval", "classnames.txt")).read().split("\n")[:-1]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.uid import UID_DTYPE, array_to_uids, derive_uid, normalize_uid, uids_to_array
+from pipeline.data.uid import UID_DTYPE, array_to_uids, derive_uid, normalize_uid, uids_to_array
 
 
 def test_derived_uid_is_128_bit_lowercase_hex_and_deterministic():

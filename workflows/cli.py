@@ -11,8 +11,8 @@ import os
 import sys
 from dataclasses import replace
 
-from pipeline.errors import UserError, describe
-from pipeline.runner import TaskFailed
+from pipeline.core.errors import UserError, describe
+from pipeline.run.runner import TaskFailed
 
 DESCRIPTION = """\
 Winnow curates vision-language training data: web image-text pools in, DataComp-style subsets out.
@@ -200,13 +200,13 @@ def _load(args):
 
 
 def _runner(cfg):
-    from pipeline.runner import Runner
+    from pipeline.run.runner import Runner
 
     return Runner(cfg.cluster)
 
 
 def cmd_demo(args) -> None:
-    from . import demo
+    from workflows import demo
 
     demo.run(args.out, _load(args), overwrite=args.overwrite)
 
@@ -243,9 +243,9 @@ def cmd_serve(args) -> None:
 
 
 def cmd_ingest(args) -> None:
-    from pipeline.ingest import ingest
-    from pipeline.ledger import format_counts
-    from pipeline.pool import ledger
+    from pipeline.stages.ingest import ingest
+    from pipeline.data.ledger import format_counts
+    from pipeline.data.pool import ledger
 
     cfg = _load(args)
     with _runner(cfg) as runner:
@@ -263,7 +263,7 @@ class NoRowDownloaded(Exception):
 
 
 def cmd_register(args) -> None:
-    from pipeline.pool import register
+    from pipeline.stages.register import register
 
     with _cluster(args) as runner:
         doc = register(args.pool, runner)
@@ -272,7 +272,7 @@ def cmd_register(args) -> None:
 
 
 def _cluster(args):
-    from pipeline.runner import ClusterConfig, Runner
+    from pipeline.run.runner import ClusterConfig, Runner
 
     return Runner(ClusterConfig(scheduler=args.scheduler or "", n_workers=args.workers or 0))
 
@@ -288,7 +288,7 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def cmd_embed(args) -> None:
-    from pipeline.embed import EmbedConfig, embed
+    from pipeline.stages.embed import EmbedConfig, embed
 
     cfg = EmbedConfig(model=args.model, pretrained=args.pretrained, tag=args.tag, batch_size=args.batch_size,
                       device=args.device, precision=args.precision)
@@ -299,7 +299,7 @@ def cmd_embed(args) -> None:
 
 
 def cmd_dedup(args) -> None:
-    from pipeline.dedup import DedupConfig, dedup
+    from pipeline.stages.dedup import DedupConfig, dedup
 
     try:
         eps = [float(e) for e in args.semantic_eps.split(",") if e.strip()]
@@ -314,7 +314,8 @@ def cmd_dedup(args) -> None:
 
 
 def cmd_copy_descriptor(args) -> None:
-    from pipeline.copydetect import MODEL_NAME, train_descriptor
+    from pipeline.models.copydetect import MODEL_NAME
+    from pipeline.stages.copy_descriptor import train_descriptor
 
     path = train_descriptor(args.pool, args.out, steps=args.steps)
     print(f"copy-descriptor: {path}\nnext: winnow embed {args.pool} --model {MODEL_NAME} --pretrained {path} "
@@ -325,12 +326,12 @@ def cmd_evalset(args) -> None:
     if args.size < 16:
         raise UserError(f"--size {args.size} is too small; use 16 px or more (224 for ImageNet-scale models)")
     if args.kind == "patchmix":
-        from pipeline.patchmix import build_patchmix
+        from pipeline.evalsets.patchmix import build_patchmix
 
         tasks = build_patchmix(args.source, args.out, seed=args.seed, size=args.size, per_class=args.per_class)
         what = f"{len(tasks)} conditions"
     else:
-        from pipeline.dist import DistConfig, build_dist
+        from pipeline.evalsets.dist import DistConfig, build_dist
 
         cfg = DistConfig(size=args.size, per_class=args.per_class, seed=args.seed, steps=args.steps,
                          batch=args.batch, vgg19=args.vgg19, device=args.device)
@@ -340,7 +341,7 @@ def cmd_evalset(args) -> None:
 
 
 def cmd_subset(args) -> None:
-    from pipeline.select import subset
+    from pipeline.stages.subset import subset
 
     with _cluster(args) as runner:
         subset(args.recipe, args.pool, args.out, runner, variables=_pairs(args.var, "--var"),
@@ -348,7 +349,7 @@ def cmd_subset(args) -> None:
 
 
 def cmd_reshard(args) -> None:
-    from pipeline.reshard import reshard
+    from pipeline.stages.reshard import reshard
 
     with _cluster(args) as runner:
         doc = reshard(args.pool, args.subset, args.out, runner, shard_size=args.shard_size, overwrite=args.overwrite,
@@ -359,7 +360,7 @@ def cmd_reshard(args) -> None:
 def cmd_train(args) -> None:
     import os
 
-    from pipeline.train import from_scale, train
+    from pipeline.stages.train import from_scale, train
 
     if not 0 <= args.patch_mixing <= 1:
         raise UserError(f"--patch-mixing {args.patch_mixing} must be a share between 0 and 1")
@@ -368,7 +369,8 @@ def cmd_train(args) -> None:
     ckpt = train(args.data, args.logs, args.name, cfg)
     print(f"train: {ckpt}")
     if args.tasks:
-        from pipeline.evaluate import evaluate, load_tasklist
+        from pipeline.stages.evaluate import evaluate
+        from pipeline.tasks import load_tasklist
 
         tasks = load_tasklist(args.tasks, _pairs(args.var, "--var"))
         summary = evaluate(cfg.model, ckpt, tasks, os.path.join(args.logs, args.name))
@@ -378,7 +380,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_dfn_train(args) -> None:
-    from pipeline.train import from_scale, train_dfn
+    from pipeline.stages.dfn import train_dfn
+    from pipeline.stages.train import from_scale
 
     cfg = from_scale(args.scale, args.arch, pretrained=args.pretrained)
     with _cluster(args) as runner:
@@ -388,17 +391,18 @@ def cmd_dfn_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from pipeline.evaluate import evaluate, load_tasklist
+    from pipeline.stages.evaluate import evaluate
+    from pipeline.tasks import load_tasklist
 
     tasks = load_tasklist(args.tasks, _pairs(args.var, "--var"))
     evaluate(args.model, args.checkpoint, tasks, args.out, device=args.device)
 
 
 def cmd_ledger(args) -> None:
-    from pipeline.ledger import format_counts
-    from pipeline.pool import ledger
+    from pipeline.data.ledger import format_counts
+    from pipeline.data.pool import ledger
 
-    from pipeline.pool import unfinished_ingest
+    from pipeline.data.pool import unfinished_ingest
 
     counts, total = ledger(args.pool)
     print(format_counts(counts, total))
@@ -416,7 +420,7 @@ def cmd_ledger(args) -> None:
 
 def _embed_ledgers(pool: str) -> None:
     """Later stages' ledgers: images that failed to decode when embedding, per embedding tag."""
-    from pipeline.manifest import read_manifest
+    from pipeline.data.manifest import read_manifest
 
     base = os.path.join(pool, "embeddings")
     for tag in sorted(os.listdir(base)) if os.path.isdir(base) else []:
@@ -428,7 +432,7 @@ def _embed_ledgers(pool: str) -> None:
 
 
 def _min_image_size(pool: str) -> int:
-    from pipeline.manifest import read_manifest
+    from pipeline.data.manifest import read_manifest
 
     doc = read_manifest(pool) or {}
     return int(doc.get("params", {}).get("min_image_size", 0))

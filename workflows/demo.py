@@ -19,29 +19,31 @@ from dataclasses import asdict, replace
 import numpy as np
 import pandas as pd
 
-from pipeline import fsio
-from pipeline import copydetect
-from pipeline.copydetect import train_descriptor
-from pipeline.dedup import TABLE as DEDUP_TABLE
-from pipeline.dedup import dedup
-from pipeline.dedup import default_out as dedup_out
-from pipeline.dedup import read_table as read_dedup_table
-from pipeline.embed import EmbedConfig, embed
-from pipeline.errors import UserError
-from pipeline.dist import build_dist
-from pipeline.evaluate import evaluate, load_tasklist
-from pipeline.ingest import ingest
-from pipeline.ledger import format_counts
-from pipeline.manifest import MANIFEST
-from pipeline.patchmix import build_patchmix
-from pipeline.pool import ledger
-from pipeline.reshard import reshard
-from pipeline.runner import Runner
-from pipeline.select import load_recipe, subset
+from pipeline.core import fsio
+from pipeline.models import copydetect
+from pipeline.stages.copy_descriptor import train_descriptor
+from pipeline.stages.dedup import TABLE as DEDUP_TABLE
+from pipeline.stages.dedup import dedup
+from pipeline.stages.dedup import default_out as dedup_out
+from pipeline.stages.dedup import read_table as read_dedup_table
+from pipeline.stages.embed import EmbedConfig, embed
+from pipeline.core.errors import UserError
+from pipeline.evalsets.dist import build_dist
+from pipeline.stages.evaluate import evaluate
+from pipeline.tasks import load_tasklist
+from pipeline.stages.ingest import ingest
+from pipeline.data.ledger import format_counts
+from pipeline.data.manifest import MANIFEST
+from pipeline.evalsets.patchmix import build_patchmix
+from pipeline.data.pool import ledger
+from pipeline.stages.reshard import reshard
+from pipeline.run.runner import Runner
+from pipeline.stages.subset import load_recipe, subset
 from pipeline.synth.server import WebPoolServer
 from pipeline.synth.truth import dedup_check, ingest_check, selection_check
 from pipeline.synth.world import build_world
-from pipeline.train import TrainConfig, from_scale, train, train_dfn
+from pipeline.stages.dfn import train_dfn
+from pipeline.stages.train import TrainConfig, from_scale, train
 
 from .settings import RunConfig, tasks_path
 
@@ -294,7 +296,7 @@ def plot_curves(trained: dict[str, list[dict]], report: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.patchmix import TILES
+    from pipeline.evalsets.patchmix import TILES
 
     files = []
     curves = next(iter(trained.values()))[0].get("curves", {})

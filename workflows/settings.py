@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import config
-from pipeline.dedup import DedupConfig
-from pipeline.dist import DistConfig
-from pipeline.ingest import IngestConfig
-from pipeline.runner import ClusterConfig
+from pipeline.core import config
+from pipeline.stages.dedup import DedupConfig
+from pipeline.evalsets.dist import DistConfig
+from pipeline.stages.ingest import IngestConfig
+from pipeline.run.runner import ClusterConfig
 from pipeline.synth.world import SynthConfig
-from pipeline.train import TrainConfig
+from pipeline.stages.train import TrainConfig
 
 DEMO_RECIPES = ["no_filter", "basic", "demo_text", "demo_clip30", "demo_image", "demo_image_and_clip",
                 "demo_basic_and_clip", "dfn_30pct", "dfn_and_basic", "basic_dedup", "demo_basic_and_clip_dedup",

@@ -148,12 +148,6 @@ def render(spec: dict) -> Image.Image:
     return Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
 
 
-def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def decode(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 

@@ -26,11 +26,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .. import fsio, manifest, shards
-from ..errors import UserError
-from ..uid import derive_uid
-from . import captions as cap
-from .render import CLASSES, COLORS, TEXTURES, bomb_png, decode, encode_jpeg, render
+from pipeline.core import fsio
+from pipeline.data import manifest, shards
+from pipeline.core.errors import UserError
+from pipeline.data.uid import derive_uid
+from pipeline.synth import captions as cap
+from pipeline.data.images import encode_jpeg
+from pipeline.synth.render import CLASSES, COLORS, TEXTURES, bomb_png, decode, render
 
 POOL, CLEAN, EVAL = 1, 2, 3  # seed streams
 
@@ -299,7 +301,7 @@ def render_chunk(task: RenderTask) -> int:
 
 
 def config_from_dict(d: dict) -> SynthConfig:
-    from ..config import from_dict
+    from pipeline.core.config import from_dict
 
     return from_dict(SynthConfig, d, "synth")
 

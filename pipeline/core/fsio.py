@@ -1,0 +1,158 @@
+"""File-system helpers over fsspec: every path may be local or a URL (s3://, gs://, ...).
+
+Writes are atomic. On a local file system a file is written under a temporary name in the same folder and then
+renamed over the target (``os.replace``), so a killed process never leaves a truncated file at the final name.
+On object stores an upload only becomes visible when it completes, which gives the same guarantee.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+TMP_MARK = ".tmp-"
+
+
+def get_fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, p = fsspec.core.url_to_fs(str(path))
+    return fs, p
+
+
+def is_local(path: str) -> bool:
+    return isinstance(get_fs(path)[0], LocalFileSystem)
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base).rstrip("/")
+    return "/".join([base, *parts])
+
+
+def exists(path: str) -> bool:
+    fs, p = get_fs(path)
+    return fs.exists(p)
+
+
+def makedirs(path: str) -> None:
+    fs, p = get_fs(path)
+    fs.makedirs(p, exist_ok=True)
+
+
+def size(path: str) -> int:
+    fs, p = get_fs(path)
+    return int(fs.size(p))
+
+
+def listdir(path: str) -> list[str]:
+    """Base names of the entries of folder ``path`` (empty if it does not exist)."""
+    fs, p = get_fs(path)
+    if not fs.exists(p):
+        return []
+    return sorted(os.path.basename(e.rstrip("/")) for e in fs.ls(p, detail=False))
+
+
+def remove(path: str) -> None:
+    fs, p = get_fs(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb", fsync: bool = True) -> Iterator[IO[Any]]:
+    """Open ``path`` for writing; the file appears at ``path`` only if the block completes.
+
+    ``fsync=False`` skips flushing to disk before the rename: still safe against a killed process, not against
+    a power cut. Use it for many small files that can be regenerated.
+    """
+    if "w" not in mode:
+        raise ValueError("atomic_open is for writing")
+    fs, p = get_fs(path)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
+        tmp = f"{p}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, mode) as f:
+                yield f
+                f.flush()
+                if fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, p)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        with fs.open(p, mode) as f:
+            yield f
+
+
+def atomic_move(src_local: str, dst: str) -> None:
+    """Move a finished local file to ``dst`` (rename when local, upload then delete when remote)."""
+    fs, p = get_fs(dst)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
+        os.replace(src_local, p)
+    else:
+        fs.put_file(src_local, p)
+        os.remove(src_local)
+
+
+def write_bytes(path: str, data: bytes, fsync: bool = True) -> None:
+    with atomic_open(path, "wb", fsync=fsync) as f:
+        f.write(data)
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def read_json(path: str) -> Any:
+    fs, p = get_fs(path)
+    with fs.open(p, "rb") as f:
+        return json.load(f)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = get_fs(path)
+    with fs.open(p, "rb") as f:
+        return f.read()
+
+
+def load_npy(path: str, what: str):
+    """A numeric ``.npy`` array, never unpickled: object arrays, other formats and damaged files are one
+    UserError line naming ``what``."""
+    import numpy as np
+
+    from pipeline.core.errors import UserError
+
+    fs, p = get_fs(path)
+    if not fs.exists(p):
+        raise UserError(f"{what}: file not found")
+    with fs.open(p, "rb") as f:
+        try:
+            arr = np.load(f, allow_pickle=False)
+        except ValueError as exc:
+            why = "it holds Python objects (pickled), which are never loaded" if "allow_pickle" in str(exc) \
+                else " ".join(str(exc).split())[:160]
+            raise UserError(f"{what} is not a plain .npy array: {why}") from None
+        except (OSError, EOFError) as exc:
+            raise UserError(f"{what} is not a readable .npy file ({type(exc).__name__})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
+        raise UserError(f"{what} is not a plain numeric .npy array")
+    return arr
+
+
+def fingerprint(path: str, chunk: int = 1 << 22) -> str:
+    """Content fingerprint of a file: ``sha256:<hex>`` of its bytes (streamed)."""
+    fs, p = get_fs(path)
+    h = hashlib.sha256()
+    with fs.open(p, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return f"sha256:{h.hexdigest()}"

@@ -1,0 +1,117 @@
+"""Reading and writing evaluation sets (clip_benchmark's export layout, which DataComp's eval sets use).
+
+An eval set folder holds ``test/*.tar`` (WebDataset: ``<key>.jpg`` or ``.png``/``.webp``, ``<key>.cls`` with the
+integer label, ``<key>.txt`` with a caption for retrieval), ``classnames.txt`` and
+``zeroshot_classification_templates.txt``. A DiST set stores ``<key>.original.png``, ``.synth_a.png`` and
+``.synth_b.png`` per triplet instead. A labeled source for building eval sets may also be a folder of class
+folders (ImageNet's val layout).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+
+from pipeline.core import fsio
+from pipeline.core.errors import UserError
+from pipeline.data.shards import image_bytes, iter_tar
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+#: the odd-one-out members of a DiST triplet, in the order they are stored
+MEMBERS = ("original", "synth_a", "synth_b")
+
+
+def _tars(folder: str, what: str) -> list[str]:
+    tars = sorted(glob.glob(os.path.join(folder, "test", "*.tar")))
+    if not tars:
+        raise UserError(f"{what} {folder} has no test/*.tar shards")
+    return tars
+
+
+def read_evalset(folder: str) -> dict:
+    """Images (encoded bytes), labels, captions, class names and templates of an eval set folder."""
+    images, labels, captions = [], [], []
+    for tar in _tars(folder, "eval set"):
+        for s in iter_tar(tar):
+            data = image_bytes(s)
+            if data is None:
+                continue
+            images.append(data)
+            labels.append(int(s["cls"]) if "cls" in s else -1)
+            captions.append(s["txt"].decode() if "txt" in s else None)
+    read = lambda name: [ln.strip() for ln in open(os.path.join(folder, name)) if ln.strip()]  # noqa: E731
+    classnames = read("classnames.txt") if os.path.exists(os.path.join(folder, "classnames.txt")) else []
+    templates = read("zeroshot_classification_templates.txt") if os.path.exists(
+        os.path.join(folder, "zeroshot_classification_templates.txt")) else ["a photo of a {c}."]
+    return {"images": images, "labels": np.array(labels), "captions": captions, "classnames": classnames,
+            "templates": templates}
+
+
+def read_labeled(source: str) -> dict:
+    """A labeled image source for building eval sets: an eval set folder or a folder with one sub-folder of
+    images per class (class names are the sub-folder names). Returns :func:`read_evalset`'s dict; every image
+    must have a label."""
+    if not os.path.isdir(source):
+        raise UserError(f"labeled source not found: {source} (an eval set folder or a folder of class folders)")
+    if glob.glob(os.path.join(source, "test", "*.tar")):
+        data = read_evalset(source)
+    else:
+        classes = sorted(d for d in os.listdir(source) if os.path.isdir(os.path.join(source, d)))
+        images, labels = [], []
+        for label, name in enumerate(classes):
+            for f in sorted(os.listdir(os.path.join(source, name))):
+                if f.lower().endswith(IMAGE_SUFFIXES):
+                    images.append(open(os.path.join(source, name, f), "rb").read())
+                    labels.append(label)
+        if not images:
+            raise UserError(f"{source} has neither test/*.tar shards nor class folders of images")
+        data = {"images": images, "labels": np.array(labels), "captions": [None] * len(images),
+                "classnames": classes, "templates": ["a photo of a {c}."]}
+    if (data["labels"] < 0).any() or len(set(data["labels"].tolist())) < 2:
+        raise UserError(f"{source}: needs a .cls label per image and at least two classes")
+    return data
+
+
+def labeled_files(source: str) -> list[str]:
+    """The files that make up a labeled source (its fingerprint for stage manifests)."""
+    tars = sorted(glob.glob(os.path.join(source, "test", "*.tar")))
+    if tars:
+        return tars + [p for p in (os.path.join(source, "classnames.txt"),
+                                   os.path.join(source, "zeroshot_classification_templates.txt")) if os.path.exists(p)]
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(source) for f in files
+                  if f.lower().endswith(IMAGE_SUFFIXES))
+
+
+def per_class(labels: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the first ``n`` images of every class, in the source's order (all when n <= 0)."""
+    if n <= 0:
+        return np.arange(len(labels))
+    seen: dict[int, int] = {}
+    keep = []
+    for i, lab in enumerate(labels.tolist()):
+        if seen.get(lab, 0) < n:
+            seen[lab] = seen.get(lab, 0) + 1
+            keep.append(i)
+    return np.array(keep, int)
+
+
+def write_evalset_meta(folder: str, classnames: list[str], templates: list[str]) -> None:
+    """The class names and templates files of an eval set folder (clip_benchmark layout)."""
+    fsio.write_bytes(os.path.join(folder, "classnames.txt"), "".join(c + "\n" for c in classnames).encode())
+    fsio.write_bytes(os.path.join(folder, "zeroshot_classification_templates.txt"),
+                     "".join(t + "\n" for t in templates).encode())
+
+
+def read_triplets(folder: str) -> tuple[list[list[bytes]], np.ndarray]:
+    """The (original, synth A, synth B) PNG bytes and the label of every triplet of a DiST folder."""
+    triplets, labels = [], []
+    for tar in _tars(folder, "DiST set"):
+        for s in iter_tar(tar):
+            if all(f"{m}.png" in s for m in MEMBERS):
+                triplets.append([s[f"{m}.png"] for m in MEMBERS])
+                labels.append(int(s["cls"]) if "cls" in s else -1)
+    if not triplets:
+        raise UserError(f"{folder} holds no (original, synth_a, synth_b) triplets")
+    return triplets, np.array(labels)

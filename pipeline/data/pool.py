@@ -1,0 +1,75 @@
+"""Reading a pool as a whole: its ledger (counts per state, every row's state) and whether its ingest finished."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pandas as pd
+
+from pipeline.core import fsio
+from pipeline.data import manifest, shards
+from pipeline.core.errors import UserError
+from pipeline.data.ledger import states_of
+
+def ledger(pool: str) -> tuple[dict[str, int], int | None]:
+    """Counts per state over every shard's parquet, and the input row count from the manifest (if any)."""
+    ids = shards.list_shards(pool)
+    if not ids:
+        unfinished = unfinished_ingest(pool)
+        if unfinished:
+            raise UserError(f"{pool}: {unfinished}; rerun the same `winnow ingest` to finish it")
+        raise UserError(f"{pool} holds no shards; pass a pool folder (the output of `winnow ingest`)")
+    counts: Counter = Counter()
+    for df in _state_tables(pool, ["key"]):
+        counts.update(df["state"])
+    doc = manifest.read_manifest(pool)
+    total = doc.get("rows", {}).get("input") if doc else None
+    return dict(counts), total
+
+
+def unfinished_ingest(pool: str) -> str | None:
+    """"ingest unfinished: N of M shards done" when ``pool`` is a Winnow ingest that has not finished, else None.
+
+    Pools that Winnow did not ingest (img2dataset or DataComp output, metadata folders) have no run record and
+    count as finished.
+    """
+    if manifest.read_manifest(pool) is not None or not fsio.exists(fsio.join(pool, manifest.RUN)):
+        return None
+    try:
+        if fsio.read_json(fsio.join(pool, manifest.RUN)).get("stage") != "ingest":
+            return None
+    except (ValueError, OSError):
+        return None
+    split = fsio.join(pool, shards.INPUTS, "_split.json")
+    planned = fsio.read_json(split)["shards"] if fsio.exists(split) else "?"
+    return f"ingest unfinished: {len(shards.list_shards(pool))} of {planned} shards done"
+
+
+def require_finished(pool: str, allow_partial: bool, command: str, log=print) -> None:
+    """Refuse a pool whose ingest has not finished, unless ``allow_partial`` (then say what is used)."""
+    problem = unfinished_ingest(pool)
+    if problem and not allow_partial:
+        raise UserError(f"{pool}: {problem}; rerun the same `winnow ingest` to finish it, or pass --allow-partial "
+                        f"to {command} the finished shards only")
+    if problem:
+        log(f"{command}: {problem}; using the finished shards only (--allow-partial)")
+
+
+def _state_tables(pool: str, columns: list[str]):
+    """Per shard: ``columns`` plus ``state`` (read, or derived from status/error_message for img2dataset pools)."""
+    import pyarrow.parquet as pq
+
+    digits = shards.name_digits(pool)
+    for i in shards.list_shards(pool):
+        fs, p = fsio.get_fs(shards.paths(pool, i, digits)["parquet"])
+        with fs.open(p, "rb") as f:
+            has_state = "state" in pq.read_schema(f).names
+        extra = ["state"] if has_state else ["status", "error_message"]
+        df = shards.read_table(pool, i, columns=[*columns, *extra], digits=digits)
+        yield df.assign(state=states_of(df))[[*columns, "state"]]
+
+
+def read_states(pool: str) -> pd.DataFrame:
+    """uid, key and state of every row of a pool."""
+    frames = list(_state_tables(pool, ["uid", "key"]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["uid", "key", "state"])

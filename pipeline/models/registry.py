@@ -1,0 +1,83 @@
+"""open_clip models: Winnow's tiny configs, and loading by name + pretrained tag or local checkpoint.
+
+``register()`` adds ``pipeline/model_configs/*.json`` to open_clip's registry. ``winnow-tiny-clip`` is a CLIP
+with a small ResNet image tower (open_clip's ModifiedResNet, width 16, one block per stage, 32 px input,
+attention pooling) and a 2-layer text transformer of width 64 (context 24): measured on the demo's world, a
+ViT trained from scratch on a CPU budget stays at chance (its contrastive loss sits at ln(batch) for
+hundreds of steps) while this ResNet CLIP reaches well above chance within a minute. ``winnow-tiny-vitamin``
+has the same text tower and a ViTamin image tower (MbConv stages then a 2-layer GeGLU transformer, 64 px,
+built through timm's ViTamin code). Real models
+need nothing from here: ``ViT-B-32`` + ``openai``, ``ViTamin-S`` + ``datacomp1b``, ``ViT-B-16-quickgelu`` +
+``dfn2b`` resolve through open_clip as usual.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from pipeline.models import copydetect
+from pipeline.core.errors import UserError
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+TINY_VITAMIN = "winnow_vitamin_tiny"
+
+
+@functools.lru_cache(maxsize=1)
+def register() -> None:
+    """Register Winnow's tiny configs with open_clip and the tiny ViTamin tower with timm (idempotent)."""
+    import open_clip
+    from timm.models import register_model
+    from timm.models._registry import is_model
+    from timm.models.vitamin import GeGluMlp, VitCfg, VitConvCfg, _create_vitamin
+
+    if not is_model(TINY_VITAMIN):
+        # timm's ViTamin builder is private API (timm pins it); the shape follows ViTamin-S scaled down.
+        def winnow_vitamin_tiny(pretrained: bool = False, **kwargs):
+            embed_cfg = VitCfg(embed_dim=(32, 64, 192), depths=(1, 1, 1), stem_width=32,
+                               conv_cfg=VitConvCfg(norm_layer="layernorm2d", norm_eps=1e-6), head_type="1d")
+            args = dict(img_size=64, embed_dim=192, depth=2, num_heads=3, mlp_layer=GeGluMlp, mlp_ratio=2.0, class_token=False,
+                        global_pool="avg", embed_cfg=embed_cfg)
+            return _create_vitamin(TINY_VITAMIN, pretrained=pretrained, **dict(args, **kwargs))
+
+        winnow_vitamin_tiny.__name__ = TINY_VITAMIN
+        register_model(winnow_vitamin_tiny)
+    open_clip.add_model_config(CONFIG_DIR)
+
+
+def load(model: str, pretrained: str = "", device: str = "cpu", seed: int = 0):
+    """Return ``(model, preprocess, tokenizer)`` in eval mode.
+
+    ``pretrained`` is an open_clip tag (``openai``, ``datacomp1b``, ``dfn2b``...), a checkpoint path
+    (``.../checkpoints/epoch_5.pt`` from open_clip_train, or a raw state dict), or empty for a seeded random init.
+    Checkpoints are read with ``torch.load(weights_only=True)``.
+    """
+    import open_clip
+    import torch
+
+    if model == copydetect.MODEL_NAME:  # the copy-detection descriptor: images only
+        return copydetect.load(pretrained, device), copydetect.preprocess, None
+    register()
+    if model not in open_clip.list_models():
+        raise UserError(f"unknown open_clip model {model!r}; e.g. ViT-B-32, ViTamin-S, winnow-tiny-clip "
+                        "(open_clip.list_models() lists all)")
+    is_file = bool(pretrained) and os.path.isfile(pretrained)
+    if pretrained and not is_file and (os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
+        raise UserError(f"checkpoint not found: {pretrained}")
+    torch.manual_seed(seed)
+    net, _, preprocess = open_clip.create_model_and_transforms(
+        model, pretrained=None if (is_file or not pretrained) else pretrained, device=device)
+    if is_file:
+        state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        net.load_state_dict(state)
+    net.eval()
+    return net, preprocess, open_clip.get_tokenizer(model)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,164 @@
+"""Embeddings: pixels are read once; every later stage uses the stored vectors.
+
+``embed`` runs ``embed_shard`` once per pool shard. For shard ``{id}`` it writes, in the output folder
+(default ``<pool>/embeddings/<tag>/``):
+
+- ``{id}.npz``: ``<tag>_img`` and ``<tag>_txt``, float16, L2-normalised, **row-aligned with the shard's parquet**
+  (DataComp's layout: row i belongs to parquet row i). Rows without an image (failed downloads, undecodable
+  files) have NaN image vectors; rows without a caption have NaN text vectors.
+- ``{id}.parquet``: the stage's ledger: uid, key, ``state`` (``ok``, ``not_downloaded``, ``decode_error``)
+  and ``error_message``.
+- ``{id}_stats.json`` last, as the commit marker.
+
+The model is built once per worker process and kept; images are decoded and preprocessed by a thread pool while
+the model runs on the previous batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core import fsio
+from pipeline.data import manifest, shards
+from pipeline.core.errors import UserError
+from pipeline.data.pool import require_finished
+from pipeline.data.images import input_side
+from pipeline.models.encode import cached_model, encode_images, encode_texts
+from pipeline.data.ledger import OK
+
+
+
+@dataclass
+class EmbedConfig:
+    """Which model embeds the pool, and how.
+
+    Args:
+        model: open_clip architecture (``ViT-B-32``, ``ViT-L-14``, ``ViTamin-S``, ``winnow-tiny-clip``...).
+        pretrained: open_clip tag (``openai``, ``datacomp1b``, ``dfn2b``), a checkpoint path, or empty for a
+            seeded random init (tests only).
+        tag: short name; arrays are stored as ``<tag>_img`` / ``<tag>_txt`` (DataComp uses b32 and l14).
+        batch_size: images per forward pass.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        precision: ``fp32``, or ``fp16``/``bf16`` autocast on CUDA.
+        decode_threads: threads decoding and preprocessing images ahead of the model.
+    """
+
+    model: str = "ViT-B-32"
+    pretrained: str = "openai"
+    tag: str = "b32"
+    batch_size: int = 256
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    decode_threads: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.tag.replace("_", "").isalnum():
+            raise UserError(f"embed.tag {self.tag!r}: use letters, digits and _ only (it prefixes npz keys)")
+        if self.batch_size < 1 or self.decode_threads < 1:
+            raise UserError("embed: batch_size and decode_threads must be >= 1")
+
+
+@dataclass(frozen=True)
+class EmbedTask:
+    pool: str
+    out: str
+    shard_id: int
+    config: dict
+
+
+def _device(cfg: EmbedConfig) -> str:
+    from pipeline.models.registry import default_device
+
+    return default_device() if cfg.device == "auto" else cfg.device
+
+
+def embed_shard(task: EmbedTask) -> dict:
+    cfg = EmbedConfig(**task.config)
+    name = shards.shard_name(task.shard_id)
+    stats_path = fsio.join(task.out, f"{name}_stats.json")
+    if fsio.exists(stats_path):
+        return fsio.read_json(stats_path)
+    start = time.time()
+    device = _device(cfg)
+    model, preprocess, tokenizer = cached_model(cfg.model, cfg.pretrained, device, cfg.seed)
+    table = shards.read_table(task.pool, task.shard_id, columns=["uid", "key", "caption", "state"])
+    row_of = {k: i for i, k in enumerate(table["key"].astype(str))}
+    import torch
+
+    if tokenizer is None:  # an image-only model (the copy-detection descriptor)
+        dim = int(model.output_dim)
+    else:
+        with torch.inference_mode():
+            dim = int(model.encode_text(tokenizer(["x"]).to(device)).shape[1])
+    img = np.full((len(table), dim), np.nan, np.float32)
+    txt = np.full((len(table), dim), np.nan, np.float32)
+    samples = ((row_of[s["__key__"]], shards.image_bytes(s) or b"")
+               for s in shards.iter_tar(shards.paths(task.pool, task.shard_id)["tar"]) if s["__key__"] in row_of)
+    failures = encode_images(model, preprocess, samples, device, img, cfg.batch_size, 2 * input_side(model),
+                             cfg.decode_threads, cfg.precision)
+    if tokenizer is not None:
+        rows = [i for i, t in enumerate(table["caption"]) if isinstance(t, str)]
+        if rows:
+            txt[rows] = encode_texts(model, tokenizer, [table["caption"].iloc[i] for i in rows], device,
+                                     cfg.batch_size, cfg.precision)
+
+    ok_rows = (table["state"] == OK).to_numpy()
+    state = np.where(ok_rows, OK, "not_downloaded").astype(object)
+    errors = np.full(len(table), None, dtype=object)
+    missing = ok_rows & ~np.isfinite(img[:, 0])
+    for row in np.flatnonzero(missing):
+        failures.setdefault(int(row), "decode_error: sample missing from the tar")
+    for row, message in failures.items():
+        state[row], errors[row] = "decode_error", message
+    ledger = pd.DataFrame({"uid": table["uid"], "key": table["key"], "state": state, "error_message": errors})
+    with fsio.atomic_open(fsio.join(task.out, f"{name}.npz"), "wb") as f:
+        arrays = {f"{cfg.tag}_img": img.astype(np.float16)}
+        if tokenizer is not None:
+            arrays[f"{cfg.tag}_txt"] = txt.astype(np.float16)
+        np.savez(f, **arrays)
+    shards.write_table(fsio.join(task.out, f"{name}.parquet"), ledger)
+    stats = {"count": len(table), "embedded_images": int((state == OK).sum()), "decode_errors": len(failures),
+             "texts": int(np.isfinite(txt[:, 0]).sum()), "duration": time.time() - start, "dim": int(dim)}
+    fsio.write_json(stats_path, stats)
+    return stats
+
+
+def default_out(pool: str, tag: str) -> str:
+    return fsio.join(pool, "embeddings", tag)
+
+
+def embed(pool: str, cfg: EmbedConfig, runner, out: str | None = None, overwrite: bool = False,
+          allow_partial: bool = False, log=print) -> dict:
+    """Embed every ok sample of ``pool`` with ``cfg.model``; return the stage manifest."""
+    require_finished(pool, allow_partial, "embed", log)
+    ids = shards.list_shards(pool)
+    if not ids:
+        raise UserError(f"{pool} holds no shards; pass a pool folder (the output of `winnow ingest`)")
+    if cfg.pretrained and os.sep in cfg.pretrained and not os.path.isfile(cfg.pretrained):
+        raise UserError(f"checkpoint not found: {cfg.pretrained}")
+    out = out or default_out(pool, cfg.tag)
+    inputs = [fsio.join(pool, manifest.MANIFEST)] if fsio.exists(fsio.join(pool, manifest.MANIFEST)) else \
+        [shards.paths(pool, i)["parquet"] for i in ids]
+    if cfg.pretrained and os.path.isfile(cfg.pretrained):
+        inputs.append(cfg.pretrained)
+    run = manifest.StageRun("embed", out, params=asdict(cfg), inputs=manifest.describe_inputs(inputs))
+    if run.open(overwrite=overwrite, protect=[pool]) == "skip":
+        log(f"embed: {out} is up to date; nothing to do")
+        return manifest.read_manifest(out)
+    todo = [i for i in ids if not fsio.exists(fsio.join(out, f"{shards.shard_name(i)}_stats.json"))]
+    log(f"embed: {cfg.model} ({cfg.pretrained or 'random init'}) as '{cfg.tag}' over {len(ids)} shards "
+        f"({len(ids) - len(todo)} already done) -> {out}")
+    runner.map(embed_shard, [EmbedTask(pool, out, i, asdict(cfg)) for i in todo], label="embed")
+    totals: dict[str, int] = {}
+    for i in ids:
+        for k, v in fsio.read_json(fsio.join(out, f"{shards.shard_name(i)}_stats.json")).items():
+            if k not in ("duration", "dim"):
+                totals[k] = totals.get(k, 0) + int(v)
+    return run.finish(rows=totals, tag=cfg.tag, pool=str(pool))

@@ -1,0 +1,199 @@
+"""Resharding: materialise a subset (``uids.npy``) into new WebDataset shards by copying tar members' bytes.
+
+Like DataComp's resharder, and readable by its ``train.py`` and by ``open_clip_train --dataset-type webdataset``:
+
+- output ``{j:08d}.tar`` of ``shard_size`` samples (the last one partial), each with ``{j:08d}_stats.json``
+  (``successes``), plus ``sizes.json`` (``{"00000000.tar": n, ...}``, read by open_clip for the epoch length),
+  ``meta.json`` (``output_shard_count``, ``output_shard_format``) and ``sample_ids.npy`` (the subset);
+- a uid listed k times is written k times, with keys ``<uid>-0`` ... ``<uid>-(k-1)``; a uid held by several
+  pool rows is taken from the first of them (pool order), so no key is ever written twice;
+- members (jpg, txt, json) are copied byte for byte, never decoded or re-encoded.
+
+Unlike it, the output is deterministic: the plan (which sample goes to which output shard, in pool order) is
+fixed before any copying, so output shard j has the same content whatever the number of workers, and a killed
+run resumes by redoing only the output shards without a ``_stats.json``. Planning reads only the parquet uid
+columns; copying seeks to the selected members of each input tar instead of reading it whole.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core import fsio
+from pipeline.data import manifest, shards
+from pipeline.core.errors import UserError
+from pipeline.data.pool import require_finished
+from pipeline.data.uid import UID_DTYPE, sort_uids, uids_to_array
+
+
+@dataclass(frozen=True)
+class PlanTask:
+    pool: str
+    shard_id: int
+    digits: int
+    subset: str
+
+
+def load_subset(path: str) -> np.ndarray:
+    if not fsio.exists(path):
+        raise UserError(f"subset file not found: {path} (write one with `winnow subset`)")
+    arr = fsio.load_npy(path, f"subset {path}")
+    if arr.dtype != UID_DTYPE:
+        raise UserError(f"{path}: subset arrays must have dtype {UID_DTYPE} (DataComp's format), got {arr.dtype}")
+    return arr
+
+
+def plan_shard(task: PlanTask) -> pd.DataFrame:
+    """Rows of one input shard that the subset selects: key, uid, count (times listed in the subset)."""
+    subset = sort_uids(load_subset(task.subset))  # DataComp silently drops matches of unsorted subsets
+    table = shards.read_table(task.pool, task.shard_id, columns=["uid", "key", "status"], digits=task.digits)
+    ok = table[(table["status"] == "success").to_numpy()]
+    if ok.empty or not len(subset):
+        return pd.DataFrame({"shard": [], "key": [], "uid": [], "count": []})
+    query = uids_to_array(ok["uid"], sort=False)
+    counts = np.searchsorted(subset, query, side="right") - np.searchsorted(subset, query, side="left")
+    keep = counts > 0
+    return pd.DataFrame({"shard": task.shard_id, "key": ok["key"].astype(str).to_numpy()[keep],
+                         "uid": ok["uid"].to_numpy()[keep], "count": counts[keep]})
+
+
+@dataclass(frozen=True)
+class CopyTask:
+    pool: str
+    digits: int
+    out: str
+    out_id: int
+    sources: tuple  # ((input shard id, ((key, (new_key, ...)), ...)), ...)
+
+
+def copy_shard(task: CopyTask) -> int:
+    """Write output shard ``out_id`` from the planned members of its input shards."""
+    target = fsio.join(task.out, f"{task.out_id:08d}.tar")
+    stats = fsio.join(task.out, f"{task.out_id:08d}_stats.json")
+    if fsio.exists(stats):
+        return fsio.read_json(stats)["successes"]
+    written, keys = 0, set()
+    start = time.time()
+    with fsio.atomic_open(target, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as out:
+        for shard_id, wanted in task.sources:
+            new_keys = dict(wanted)
+            path = shards.paths(task.pool, shard_id, task.digits)["tar"]
+            for key, members in _members(path, new_keys):
+                for new_key in new_keys[key]:
+                    if new_key in keys:  # a key repeated inside an input tar: copied once
+                        continue
+                    keys.add(new_key)
+                    for ext, info, data in members:
+                        copy = tarfile.TarInfo(f"{new_key}.{ext}")
+                        copy.size, copy.mtime, copy.mode = len(data), info.mtime, info.mode
+                        out.addfile(copy, _Bytes(data))
+                    written += 1
+    fsio.write_json(stats, {"successes": written, "count": written, "duration": time.time() - start})
+    return written
+
+
+class _Bytes:
+    """Minimal file object over bytes for ``TarFile.addfile`` (avoids a BytesIO copy)."""
+
+    def __init__(self, data: bytes):
+        self.view, self.pos = memoryview(data), 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.view) if n < 0 else min(len(self.view), self.pos + n)
+        chunk = self.view[self.pos: end]
+        self.pos = end
+        return chunk
+
+
+def _members(tar_path: str, wanted: dict):
+    """Yield ``(key, [(ext, info, bytes), ...])`` for the wanted keys in tar order, seeking past the rest.
+
+    A sample's members are adjacent in a WebDataset tar, so each group is yielded as soon as the key changes.
+    """
+    fs, p = fsio.get_fs(tar_path)
+    with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        key, group = None, []
+        for info in tar:  # headers only; the data of unwanted members is skipped by seeking
+            if not info.isfile():
+                continue
+            name_key, _, ext = info.name.rpartition("/")[2].partition(".")
+            if name_key != key:
+                if group:
+                    yield key, group
+                key, group = name_key, []
+            if name_key in wanted:
+                group.append((ext, info, tar.extractfile(info).read()))
+        if group:
+            yield key, group
+
+
+def reshard(pool: str, subset_path: str, out: str, runner, shard_size: int = 10_000, overwrite: bool = False,
+            allow_partial: bool = False, log=print) -> dict:
+    """Materialise ``subset_path`` from ``pool`` into ``out``; return the manifest."""
+    if shard_size < 1:
+        raise UserError("reshard: shard_size must be >= 1")
+    require_finished(pool, allow_partial, "reshard", log)
+    ids = shards.list_shards(pool)
+    if not ids:
+        raise UserError(f"{pool} holds no shards to reshard from")
+    subset = load_subset(subset_path)
+    digits = shards.name_digits(pool)
+    run = manifest.StageRun("reshard", out, params={"shard_size": shard_size, "pool": str(pool)},
+                            inputs=manifest.describe_inputs([subset_path]))
+    if run.open(overwrite=overwrite, protect=[pool, subset_path], enclosing=[pool]) == "skip":
+        log(f"reshard: {out} is up to date; nothing to do")
+        return manifest.read_manifest(out)
+    plans = runner.map(plan_shard, [PlanTask(pool, i, digits, subset_path) for i in ids], label="reshard plan")
+    plan = pd.concat(plans, ignore_index=True) if plans else pd.DataFrame(columns=["shard", "key", "uid", "count"])
+    repeated = int(plan["uid"].duplicated().sum())
+    if repeated:  # pool rows sharing a uid: the first in pool order is the sample, as ingest's duplicate_uid
+        log(f"reshard: {repeated:,} pool rows repeat the uid of an earlier row; the first of each is used")
+        plan = plan.drop_duplicates("uid", keep="first").reset_index(drop=True)
+    total = int(plan["count"].sum()) if len(plan) else 0
+    missing = len(np.unique(subset)) - plan["uid"].nunique() if len(plan) else len(np.unique(subset))
+    if total == 0:
+        raise UserError(f"no sample of {subset_path} is in {pool}; check that the subset was made from this pool")
+    tasks = _copy_tasks(plan, pool, digits, out, shard_size)
+    log(f"reshard: {total:,} samples ({len(plan):,} unique, {missing:,} subset uids not in the pool) "
+        f"into {len(tasks)} shards of {shard_size:,} -> {out}")
+    todo = [t for t in tasks if not fsio.exists(fsio.join(out, f"{t.out_id:08d}_stats.json"))]
+    runner.map(copy_shard, todo, label="reshard copy")
+    sizes = {f"{t.out_id:08d}.tar": fsio.read_json(fsio.join(out, f"{t.out_id:08d}_stats.json"))["successes"]
+             for t in tasks}
+    fsio.write_json(fsio.join(out, "sizes.json"), sizes)
+    fsio.write_json(fsio.join(out, "meta.json"), {"output_shard_count": len(tasks), "output_count": total,
+                                                   "output_shard_format": "{:08d}.tar", "input_dir": str(pool),
+                                                   "subset_file": str(subset_path), "missing_uids": int(missing)})
+    with fsio.atomic_open(fsio.join(out, "sample_ids.npy"), "wb") as f:
+        np.save(f, subset)
+    return run.finish(rows={"samples": total, "unique": len(plan), "missing_uids": int(missing),
+                            "repeated_pool_uids": repeated},
+                      shards=len(tasks))
+
+
+def _copy_tasks(plan: pd.DataFrame, pool: str, digits: int, out: str, shard_size: int) -> list[CopyTask]:
+    """Cut the expanded plan (pool order, repeats adjacent) into output shards of ``shard_size`` samples."""
+    tasks, current, filled = [], defaultdict(lambda: defaultdict(list)), 0
+
+    def close():
+        nonlocal current, filled
+        sources = tuple((sid, tuple((k, tuple(v)) for k, v in keys.items())) for sid, keys in current.items())
+        tasks.append(CopyTask(pool, digits, out, len(tasks), sources))
+        current, filled = defaultdict(lambda: defaultdict(list)), 0
+
+    for shard_id, key, uid, count in plan[["shard", "key", "uid", "count"]].itertuples(index=False):
+        for j in range(int(count)):
+            current[int(shard_id)][key].append(f"{uid}-{j}")
+            filled += 1
+            if filled == shard_size:
+                close()
+    if filled:
+        close()
+    return tasks
+

@@ -1,0 +1,117 @@
+"""Scoring: run filters over every part of a pool and store one score column per filter.
+
+A *part* is a parquet table with its row-aligned embeddings: the shards of a Winnow/img2dataset pool
+(``{id:08d}.parquet``, embeddings in ``<pool>/embeddings/<tag>/``), or the files of DataComp's metadata folder
+(``<hex>.parquet`` beside ``<hex>.npz``). Each filter's scores are cached in
+``<pool>/scores/<column>-<hash of params>/`` (one parquet per part: uid + the column, plus a manifest), so
+choosing another subset from the same scores re-reads no image and recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from pipeline.core import fsio
+from pipeline.data import manifest, shards
+from pipeline.data.parts import Part, arrow_strings, list_parts, load_embeddings, read_part
+
+
+def spec_hash(filt) -> str:
+    blob = json.dumps({"key": filt.key, "params": filt.params()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def cache_dir(pool: str, filt) -> str:
+    return fsio.join(pool, "scores", f"{filt.column}-{spec_hash(filt)}")
+
+
+class PoolContext:
+    """What ``Filter.prepare`` may use: the pool's embeddings, a place to save state, the log."""
+
+    def __init__(self, pool: str, parts: list[Part], dirs: dict[str, str] | None, out: str, log):
+        self.pool, self.parts, self.dirs, self.out, self.log = pool, parts, dirs, out, log
+
+    def embeddings(self, tag: str, kind: str) -> np.ndarray:
+        arrays = [load_embeddings(self.pool, p, (tag,), self.dirs)[tag][kind] for p in self.parts]
+        return np.concatenate(arrays) if arrays else np.zeros((0, 0), np.float32)
+
+    def save(self, name: str, array: np.ndarray) -> str:
+        path = fsio.join(self.out, name)
+        with fsio.atomic_open(path, "wb") as f:
+            np.save(f, array)
+        return path
+
+
+@dataclass(frozen=True)
+class ScoreTask:
+    pool: str
+    part: Part
+    spec: dict  # {"key", "params"} including any state set by prepare
+    out: str
+    dirs: dict | None
+
+
+def score_part(task: ScoreTask) -> int:
+    from filters import REGISTRY
+
+    filt = REGISTRY[task.spec["key"]](**task.spec["params"])
+    target = fsio.join(task.out, f"{task.part.stem}.parquet")
+    if fsio.exists(target):
+        return -1
+    table = read_part(task.part, list(filt.columns()))
+    embeddings = load_embeddings(task.pool, task.part, filt.tags_for(table.columns), task.dirs)
+    scored = filt(table, embeddings)
+    shards.write_table(target, scored[["uid", filt.column]])
+    return len(scored)
+
+
+def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = None, log=print) -> dict[str, str]:
+    """Compute (or reuse) each filter's scores over the pool; return ``{column: cache folder}``."""
+    from dataclasses import asdict
+
+    from filters import build
+
+    parts = list_parts(pool)
+    done: dict[str, str] = {}
+    for spec in specs:
+        filt = build(spec)
+        out = cache_dir(pool, filt)
+        upstream = [fsio.join(pool, manifest.MANIFEST)] + [
+            fsio.join((dirs or {}).get(tag) or fsio.join(pool, "embeddings", tag), manifest.MANIFEST)
+            for tag in filt.tags()]
+        run = manifest.StageRun("score", out, params={"key": filt.key, "params": filt.params()},
+                                inputs=manifest.describe_inputs([u for u in upstream if fsio.exists(u)]))
+        if run.open(overwrite=True) == "skip":  # a cache: recomputed whenever its inputs changed
+            done[filt.column] = out
+            continue
+        filt.prepare(PoolContext(pool, parts, dirs, out, log))
+        full = {"key": filt.key, "params": asdict(filt)}
+        todo = [p for p in parts if not fsio.exists(fsio.join(out, f"{p.stem}.parquet"))]
+        runner.map(score_part, [ScoreTask(pool, p, full, out, dirs) for p in todo], label=f"score {filt.column}")
+        run.finish(rows={"parts": len(parts)}, column=filt.column)
+        done[filt.column] = out
+    return done
+
+
+def read_scores(pool: str, columns: dict[str, str]) -> pd.DataFrame:
+    """One frame over the whole pool: uid, state, and every requested score column (row order = pool order)."""
+    parts = list_parts(pool)
+    frames = []
+    for part in parts:
+        base = read_part(part, [])[["uid", "state"]]
+        for column, folder in columns.items():
+            fs, p = fsio.get_fs(fsio.join(folder, f"{part.stem}.parquet"))
+            with fs.open(p, "rb") as f:
+                col = pq.read_table(f, columns=["uid", column]).to_pandas(types_mapper=arrow_strings)
+            if not col["uid"].equals(base["uid"]):
+                raise RuntimeError(f"scores in {folder} are not row-aligned with {part.parquet}; delete the folder")
+            base[column] = col[column].to_numpy()
+        frames.append(base)
+    return pd.concat(frames, ignore_index=True)
+

@@ -1,0 +1,224 @@
+"""Declarative selection: a recipe (YAML) names filters and rules; the result is a DataComp subset file.
+
+Recipe::
+
+    name: clip_l14_30pct
+    filters: [{key: clip, params: {tag: l14}}]
+    select:
+      - top_fraction: {column: clip_l14_score, fraction: 0.3}
+
+Rules apply in order, each narrowing the set (the manifest records the count after each):
+
+- ``threshold: {column, min, max}``: keep ``min <= score <= max`` (either bound optional); NaN scores fail.
+- ``top_fraction: {column, fraction}``: DataComp's ``--fraction``: over the **whole pool** (every row with a
+  score, not the rows left by earlier rules), ``n = int(len * fraction)``, ``T`` = the (n+1)-th largest score,
+  keep ``score >= T`` (ties at T are kept).
+- ``exclude_uids: PATH``: drop the uids of a ``.npy`` subset file (``u8,u8``) or a parquet with a ``uid`` column.
+- ``exclude_duplicates: {table, kinds, eps}``: drop the samples that ``winnow dedup`` marks as not kept in a
+  duplicate group of one of ``kinds`` (``exact_image``, ``exact_pair``, ``near``, ``semantic``,
+  ``contaminated``); ``table`` is its ``duplicates.parquet``; ``eps`` picks the SemDeDup eps (default: the
+  first one computed).
+- ``intersect: [RECIPE, ...]`` / ``union: [RECIPE, ...]``: combine other recipes, given by name (a file in
+  ``manifests/subsets/``), path, or inline mapping with their own ``filters`` and ``select``.
+
+The starting set is every row whose ledger state is ``ok`` (for DataComp metadata: every row).
+Recipes may use ``${name}`` placeholders (``${name:-default}`` with a default), filled from ``--var name=value``
+(and ``${pool}``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core import fsio
+from pipeline.data import manifest
+from pipeline.core.config import parse_yaml, substitute
+from pipeline.core.errors import UserError
+from pipeline.data.ledger import OK
+from pipeline.data.pool import require_finished
+from pipeline.data.uid import UID_DTYPE, array_to_uids, uids_to_array
+
+RULES = ("threshold", "top_fraction", "exclude_uids", "exclude_duplicates", "intersect", "union")
+
+
+def recipes_dir() -> Path:
+    import manifests
+
+    return Path(manifests.__file__).parent / "subsets"
+
+
+@dataclass
+class Recipe:
+    name: str
+    filters: list[dict] = field(default_factory=list)
+    select: list[dict] = field(default_factory=list)
+    description: str = ""
+
+    def all_filters(self) -> list[dict]:
+        """Filters of this recipe and of every recipe it combines (deduplicated, in order)."""
+        out: list[dict] = []
+        for spec in self.filters + [s for rule in self.select for sub in _subrecipes(rule) for s in sub.all_filters()]:
+            if spec not in out:
+                out.append(spec)
+        return out
+
+
+def load_recipe(ref: str | dict | Recipe, variables: dict[str, str] | None = None) -> Recipe:
+    """A recipe from a name in manifests/subsets, a YAML path, an inline mapping, or a Recipe."""
+    if isinstance(ref, Recipe):
+        return ref
+    if isinstance(ref, dict):
+        doc = ref
+    else:
+        path = Path(ref)
+        if not path.suffix:
+            path = recipes_dir() / f"{ref}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.yaml")))
+            raise UserError(f"recipe {ref!r} not found; give a YAML path or one of: {known}")
+        doc = parse_yaml(substitute(path.read_text(), variables or {}, path.name), f"recipe {path}") or {}
+        if not isinstance(doc, dict):
+            raise UserError(f"recipe {path} must hold a mapping (name, filters, select)")
+        doc.setdefault("name", path.stem)
+    unknown = set(doc) - {"name", "filters", "select", "description", "pool"}
+    if unknown:
+        raise UserError(f"recipe {doc.get('name', ref)!r}: unknown key {sorted(unknown)[0]!r}; "
+                        "use name, description, filters, select")
+    name = str(doc.get("name", "inline"))
+    return Recipe(name=name, filters=list(doc.get("filters") or []),
+                  select=[_check_rule(rule, name, variables) for rule in doc.get("select") or []],
+                  description=str(doc.get("description", "")))
+
+
+def _check_rule(rule: dict, name: str, variables) -> dict:
+    """A validated copy of one rule (sub-recipes of intersect/union loaded as Recipe objects)."""
+    if not isinstance(rule, dict) or len(rule) != 1 or next(iter(rule)) not in RULES:
+        raise UserError(f"recipe {name!r}: each select rule is one of {', '.join(RULES)}; got {rule!r}")
+    kind, arg = next(iter(rule.items()))
+    if kind in ("intersect", "union"):
+        if not isinstance(arg, list) or not arg:
+            raise UserError(f"recipe {name!r}: {kind} takes a non-empty list of recipes")
+        return {kind: [load_recipe(r, variables) for r in arg]}
+    elif kind == "threshold" and (not isinstance(arg, dict) or "column" not in arg or
+                                  not ({"min", "max"} & set(arg)) or set(arg) - {"column", "min", "max"}):
+        raise UserError(f"recipe {name!r}: threshold takes column and min and/or max; got {arg!r}")
+    elif kind == "top_fraction" and (not isinstance(arg, dict) or set(arg) != {"column", "fraction"} or
+                                     not 0 < float(arg["fraction"]) <= 1):
+        raise UserError(f"recipe {name!r}: top_fraction takes column and a fraction in (0, 1]; got {arg!r}")
+    elif kind == "exclude_duplicates" and (not isinstance(arg, dict) or not {"table", "kinds"} <= set(arg) or
+                                           set(arg) - {"table", "kinds", "eps"} or not isinstance(arg["kinds"], list)):
+        raise UserError(f"recipe {name!r}: exclude_duplicates takes table, kinds (a list) and optional eps; "
+                        f"got {arg!r}")
+    return dict(rule)
+
+
+def _subrecipes(rule: dict) -> list[Recipe]:
+    kind, arg = next(iter(rule.items()))
+    return arg if kind in ("intersect", "union") else []
+
+
+def top_fraction_threshold(scores: np.ndarray, fraction: float) -> float:
+    """DataComp's rule: n = int(len * fraction); T = the (n+1)-th largest finite score (last one if n >= len)."""
+    finite = scores[np.isfinite(scores)]
+    if not len(finite):
+        return float("inf")
+    n = int(len(finite) * fraction)
+    ordered = -np.sort(-finite)
+    return float(ordered[min(n, len(ordered) - 1)])
+
+
+def read_uid_list(path: str) -> set[str]:
+    if path.endswith(".npy"):
+        arr = fsio.load_npy(path, f"exclude_uids {path}")
+        if arr.dtype != UID_DTYPE:
+            raise UserError(f"exclude_uids {path}: a uid array has dtype {UID_DTYPE} (DataComp's), not {arr.dtype}")
+        return set(array_to_uids(arr))
+    if path.endswith(".parquet"):
+        return set(pd.read_parquet(path, columns=["uid"])["uid"])
+    raise UserError(f"exclude_uids {path!r}: give a .npy subset file or a parquet with a uid column")
+
+
+def apply(recipe: Recipe, frame: pd.DataFrame, log: list[dict] | None = None) -> np.ndarray:
+    """Boolean mask of the rows ``recipe`` keeps; appends ``{rule, kept}`` entries to ``log``."""
+    mask = (frame["state"] == OK).to_numpy(dtype=bool, na_value=False)
+    if log is not None:
+        log.append({"rule": "downloaded (state ok)", "kept": int(mask.sum())})
+    for rule in recipe.select:
+        kind, arg = next(iter(rule.items()))
+        detail: dict = {}
+        if kind == "threshold":
+            values = _column(frame, arg["column"])
+            keep = np.isfinite(values)
+            if "min" in arg:
+                keep &= values >= float(arg["min"])
+            if "max" in arg:
+                keep &= values <= float(arg["max"])
+            text = f"{arg.get('min', '-inf')} <= {arg['column']} <= {arg.get('max', 'inf')}"
+        elif kind == "top_fraction":
+            values = _column(frame, arg["column"])
+            threshold = top_fraction_threshold(values, float(arg["fraction"]))
+            keep = np.isfinite(values) & (values >= threshold)
+            text = f"top {float(arg['fraction']):.0%} of the pool by {arg['column']}"
+            detail = {"threshold": threshold}
+        elif kind == "exclude_uids":
+            drop = read_uid_list(str(arg))
+            keep = ~frame["uid"].isin(drop).to_numpy(dtype=bool, na_value=False)
+            text = f"exclude uids in {arg}"
+        elif kind == "exclude_duplicates":
+            from pipeline.stages.dedup import dropped_uids, read_table
+
+            drop = dropped_uids(read_table(str(arg["table"])), list(arg["kinds"]), arg.get("eps"))
+            keep = ~frame["uid"].isin(drop).to_numpy(dtype=bool, na_value=False)
+            text = f"exclude {', '.join(arg['kinds'])} duplicates ({arg['table']})"
+        else:
+            masks = [apply(sub, frame) for sub in arg]
+            keep = np.logical_and.reduce(masks) if kind == "intersect" else np.logical_or.reduce(masks)
+            text = f"{kind} of {', '.join(sub.name for sub in arg)}"
+        mask &= keep
+        if log is not None:
+            log.append({"rule": text, "kept": int(mask.sum()), **detail})
+    return mask
+
+
+def _column(frame: pd.DataFrame, column: str) -> np.ndarray:
+    if column not in frame.columns:
+        raise UserError(f"no score column {column!r}; the recipe's filters produce: "
+                        f"{', '.join(c for c in frame.columns if c not in ('uid', 'state'))}")
+    return frame[column].to_numpy(dtype=float)
+
+
+def write_subset(out: str, uids, doc: dict) -> np.ndarray:
+    """Write ``uids.npy`` (sorted ``u8,u8``, DataComp's format) and ``subset.json``."""
+    arr = uids_to_array(uids)
+    assert arr.dtype == UID_DTYPE
+    with fsio.atomic_open(fsio.join(out, "uids.npy"), "wb") as f:
+        np.save(f, arr)
+    fsio.write_json(fsio.join(out, "subset.json"), doc)
+    return arr
+
+
+def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variables: dict[str, str] | None = None,
+           embeddings: dict[str, str] | None = None, allow_partial: bool = False, log=print) -> dict:
+    """Score what the recipe needs (reusing cached scores), apply its rules, write the subset."""
+    from pipeline.stages.score import read_scores, score
+
+    require_finished(pool, allow_partial, "subset", log)
+    variables = {"pool": str(pool), **(variables or {})}
+    recipe = load_recipe(recipe_ref, variables)
+    columns = score(pool, recipe.all_filters(), runner, dirs=embeddings, log=log)
+    frame = read_scores(pool, columns)
+    steps: list[dict] = []
+    mask = apply(recipe, frame, steps)
+    uids = frame.loc[mask, "uid"]
+    doc = {"recipe": recipe.name, "description": recipe.description, "pool": str(pool), "rows": len(frame),
+           "kept": len(uids), "steps": steps, "scores": {c: f for c, f in columns.items()},
+           "filters": recipe.all_filters(), "code_version": manifest.code_version()}
+    write_subset(out, uids, doc)
+    log(f"subset {recipe.name}: {len(uids):,} of {len(frame):,} rows -> {fsio.join(out, 'uids.npy')}")
+    for step in steps:
+        log(f"  {step['kept']:>9,}  {step['rule']}")
+    return doc

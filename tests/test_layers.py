@@ -1,0 +1,125 @@
+"""The layout: every import points down the layers, and no module imports itself back through others.
+
+Layers, bottom to top (a module may import its own layer and the ones below, never above):
+
+    core -> data -> run -> models -> tasks -> evalsets -> synth -> filters -> stages -> workflows
+
+Every import counts, also those inside functions (they hide cycles, they do not remove them).
+"""
+
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAYERS = ["pipeline.core", "pipeline.data", "pipeline.run", "pipeline.models", "pipeline.tasks", "pipeline.evalsets",
+          "pipeline.synth", "filters", "pipeline.stages", "workflows"]
+PACKAGES = ("pipeline", "filters", "workflows", "manifests")
+
+
+def modules() -> dict[str, str]:
+    """Module name -> file, for every module of the project's packages."""
+    out = {}
+    for package in PACKAGES:
+        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+            for f in files:
+                if f.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(folder, f), ROOT)[:-3].replace(os.sep, ".")
+                    out[rel.removesuffix(".__init__")] = os.path.join(folder, f)
+    return out
+
+
+def layer(module: str) -> int:
+    """Index of the module's layer; the bare packages (``pipeline``: the version; ``manifests``: data) are 0."""
+    for i, prefix in reversed(list(enumerate(LAYERS))):
+        if module == prefix or module.startswith(prefix + "."):
+            return i
+    return 0
+
+
+def imports(known: dict[str, str]) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (anywhere in its body)."""
+    edges: dict[str, set[str]] = {}
+    for module, path in known.items():
+        package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+            else:
+                continue
+            for name in names:
+                while name and name not in known:  # a name inside a module: the module
+                    name = name.rpartition(".")[0]
+                if name and name != module:
+                    targets.add(name)
+        edges[module] = targets
+    return edges
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+@pytest.fixture(scope="module")
+def graph():
+    known = modules()
+    return known, imports(known)
+
+
+def test_every_import_points_down_the_layers(graph):
+    _, edges = graph
+    upward = sorted(f"{m} (layer {LAYERS[layer(m)]}) imports {t} (layer {LAYERS[layer(t)]})"
+                    for m, targets in edges.items() for t in targets if layer(t) > layer(m))
+    assert not upward, "\n".join(upward)
+
+
+def test_there_is_no_import_cycle(graph):
+    _, edges = graph
+    found = cycles(edges)
+    assert not found, "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_the_checks_catch_what_they_are_for():
+    """The graph code itself: an upward edge and a cycle in a made-up graph are found."""
+    edges = {"pipeline.core.a": {"pipeline.stages.b"}, "pipeline.stages.b": {"pipeline.stages.c"},
+             "pipeline.stages.c": {"pipeline.stages.b"}}
+    assert layer("pipeline.stages.b") > layer("pipeline.core.a")
+    assert cycles(edges) == [["pipeline.stages.b", "pipeline.stages.c"]]
+    known = modules()
+    assert "pipeline.stages.ingest" in known and "workflows.cli" in known and "filters.clip" in known
