@@ -54,3 +54,24 @@ def test_missing_and_invalid_yaml_files(tmp_path):
     bad.write_text("ingest: [1, 2\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load(RunConfig, bad)
+
+
+def test_a_nested_set_changes_only_the_key_it_names():
+    """``--set demo.dist.steps=50`` keeps the demo's own DiST settings (32 px, 5 per class) for the other keys."""
+    cfg = load(RunConfig, demo_config_path(), ["demo.dist.steps=50"])
+    assert cfg.demo.dist.steps == 50
+    assert (cfg.demo.dist.size, cfg.demo.dist.per_class, cfg.demo.dist.batch) == (32, 5, 64)
+    assert load(RunConfig, None, ["demo.patchmix.size=48"]).demo.patchmix.per_class == 12
+    assert load(RunConfig, None, []).dist.size == 128  # the command's own section keeps the class default
+
+
+def test_every_flag_names_a_config_key_with_a_default():
+    """The CLI's flags are short names for config keys; each key exists, so its default comes from the config."""
+    from pipeline.core.config import default_of
+    from workflows.cli import COMMANDS
+
+    for command in COMMANDS:
+        for flag in command.flags:
+            if flag.key:
+                for kind in ("dist", "patchmix"):
+                    default_of(RunConfig, flag.key.replace("{kind}", kind))

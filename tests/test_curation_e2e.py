@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import tarfile
 
 import numpy as np
 import pandas as pd
@@ -65,12 +64,12 @@ def test_corrupt_image_found_at_embed_time_becomes_a_ledger_entry(embedded, loca
     tar_path = shards.paths(pool, 0)["tar"]
     samples = list(shards.iter_tar(tar_path))
     broken_key = samples[0]["__key__"]
-    with tarfile.open(tar_path, "w") as tar:
+    with shards.TarWriter(tar_path) as tar:
         for s in samples:
             for ext, data in s.items():
                 if ext != "__key__":
-                    shards.add_tar_member(tar, f"{s['__key__']}.{ext}",
-                                          b"\xff\xd8\xff garbage" if (s["__key__"], ext) == (broken_key, "jpg") else data)
+                    tar.add(f"{s['__key__']}.{ext}",
+                            b"\xff\xd8\xff garbage" if (s["__key__"], ext) == (broken_key, "jpg") else data)
     doc = embed(pool, TINY, local_cluster, log=lambda m: None)
     ledger = pd.read_parquet(os.path.join(pool, "embeddings", "tiny", "00000000.parquet")).set_index("key")
     assert ledger.loc[broken_key, "state"] == "decode_error" and doc["rows"]["decode_errors"] == 1

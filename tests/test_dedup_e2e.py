@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from pipeline.models.copydetect import MODEL_NAME
-from pipeline.stages.copy_descriptor import train_descriptor
+from pipeline.stages.copy_descriptor import CopyDescriptorConfig, train_descriptor
 from pipeline.stages.dedup import DedupConfig, dedup, read_table
 from pipeline.stages.embed import EmbedConfig, embed
 from pipeline.run.runner import ClusterConfig, Runner
@@ -23,7 +23,8 @@ CFG = DedupConfig(tag="copy", near_threshold=0.97, contamination_threshold=0.97)
 @pytest.fixture(scope="module")
 def deduped(tiny_pool, local_cluster, tmp_path_factory):
     pool, world = tiny_pool["pool"], tiny_pool["world"]
-    desc = train_descriptor(pool, str(tmp_path_factory.mktemp("copy")), steps=60, log=lambda m: None)
+    desc = train_descriptor(pool, str(tmp_path_factory.mktemp("copy")), CopyDescriptorConfig(steps=60),
+                            log=lambda m: None)
     embed(pool, EmbedConfig(model=MODEL_NAME, pretrained=desc, tag="copy", batch_size=64), local_cluster,
           log=lambda m: None)
     cfg = DedupConfig(**{**CFG.__dict__, "decontaminate": [os.path.join(world, "eval")]})

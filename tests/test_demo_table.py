@@ -2,7 +2,7 @@
 
 import pytest
 
-from workflows.demo import format_table, results_table, robustness_table
+from workflows.report import format_table, results_table, robustness_table
 
 
 TASKS = ["shapes", "retrieval"]

@@ -71,10 +71,10 @@ def test_patchmix_evalset_from_the_tiny_world(tiny_world, tmp_path):
 
     from pipeline.stages.evaluate import evaluate
     from pipeline.tasks import load_tasklist
-    from pipeline.evalsets.patchmix import build_patchmix
+    from pipeline.evalsets.patchmix import PatchmixConfig, build_patchmix
 
     source = os.path.join(tiny_world["path"], "eval")
-    tasks = build_patchmix(source, str(tmp_path / "pm"), seed=3, size=56, log=lambda m: None)
+    tasks = build_patchmix(source, str(tmp_path / "pm"), PatchmixConfig(seed=3, size=56), log=lambda m: None)
     assert len(tasks) == 2 * 6 + 5 + 2 * 6 + 4
     manifest = pd.read_parquet(tmp_path / "pm" / "manifest.parquet")
     labels = dict(zip(manifest["key"], manifest["label"]))
@@ -83,7 +83,7 @@ def test_patchmix_evalset_from_the_tiny_world(tiny_world, tmp_path):
     mix = manifest[manifest["condition"] == "mix-g7-r0.3"]
     assert (mix["cells"].str.split().map(len) == round(0.3 * 49)).all()
     assert all(labels[p] != lab for p, lab in zip(mix["partner"], mix["label"]))  # partner of another class
-    again = build_patchmix(source, str(tmp_path / "pm2"), seed=3, size=56, log=lambda m: None)
+    again = build_patchmix(source, str(tmp_path / "pm2"), PatchmixConfig(seed=3, size=56), log=lambda m: None)
     assert [t["name"] for t in again] == [t["name"] for t in tasks]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "pm2" / "manifest.parquet"), manifest)
     occ = manifest[manifest["condition"] == "occlude-0.4"]["occluded"]

@@ -6,12 +6,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.core import config
+from pipeline.evalsets.patchmix import PatchmixConfig
+from pipeline.stages.copy_descriptor import CopyDescriptorConfig
 from pipeline.stages.dedup import DedupConfig
+from pipeline.stages.embed import EmbedConfig
+from pipeline.stages.evaluate import EvaluateConfig
+from pipeline.stages.reshard import ReshardConfig
 from pipeline.evalsets.dist import DistConfig
 from pipeline.stages.ingest import IngestConfig
 from pipeline.run.runner import ClusterConfig
 from pipeline.synth.world import SynthConfig
-from pipeline.stages.train import TrainConfig
+from pipeline.stages.train import TrainConfig, TrainSpec
 
 DEMO_RECIPES = ["no_filter", "basic", "demo_text", "demo_clip30", "demo_image", "demo_image_and_clip",
                 "demo_basic_and_clip", "dfn_30pct", "dfn_and_basic", "basic_dedup", "demo_basic_and_clip_dedup",
@@ -33,15 +38,16 @@ class DemoConfig:
             ``seeds[0]``) is the CLIP scorer, standing in for OpenAI's CLIP: a CLIP trained on uncurated web data.
         dfn: fine-tuning of that scorer on the world's clean set into the data filtering network (the DFN paper
             fine-tunes a pretrained CLIP on high-quality data); its model, pretrained and epochs are set here.
-        copy_steps: training steps of the copy-detection descriptor (pipeline/copydetect.py) that dedup uses.
+        copy_descriptor: training of the copy-detection descriptor (pipeline/models/copydetect.py) dedup uses.
         dedup: dedup settings (tag ``copy``: the descriptor; keep order by the CLIP scorer's score, tag
             ``demo``); the world's evaluation set is always added to ``decontaminate``.
-        dist: the DiST triplet set built from the world's evaluation set (pipeline/dist.py); the demo's models
-            see 32 px, so it is synthesised at 32 px from 5 images per class.
-        patchmix_size / patchmix_per_class: the Patch Mixing conditions built from the same evaluation set.
+        dist: the DiST triplet set built from the world's evaluation set (pipeline/evalsets/dist.py); the demo's
+            models see 32 px, so it is synthesised at 32 px from 5 images per class.
+        patchmix: the Patch Mixing conditions built from the same evaluation set.
         patch_mixing: trained subsets also trained with the Patch Mixing augmentation (the paper's training-side
             experiment; reported as ``<subset>+patchmix``).
         recipes: subset recipes made and measured against the planted truth (trained or not).
+        filters: one-filter recipes measured alone beside them (``manifests/subsets/filter_*.yaml``).
         shard_size: samples per resharded training shard.
     """
 
@@ -51,25 +57,36 @@ class DemoConfig:
     train: list[str] = field(default_factory=lambda: list(DEMO_TRAINED))
     dfn: TrainConfig = field(default_factory=lambda: TrainConfig(samples_seen=6_400, batch_size=64, lr=5e-4,
                                                                  warmup=10))
-    copy_steps: int = 100
+    copy_descriptor: CopyDescriptorConfig = field(default_factory=lambda: CopyDescriptorConfig(steps=100))
     dedup: DedupConfig = field(default_factory=lambda: DedupConfig(tag="copy", keep_tag="demo", near_threshold=0.97,
                                                                    contamination_threshold=0.97))
     dist: DistConfig = field(default_factory=lambda: DistConfig(size=32, per_class=5, steps=200, batch=64))
-    patchmix_size: int = 64
-    patchmix_per_class: int = 12
+    patchmix: PatchmixConfig = field(default_factory=lambda: PatchmixConfig(size=64, per_class=12))
     patch_mixing: list[str] = field(default_factory=list)
     recipes: list[str] = field(default_factory=lambda: list(DEMO_RECIPES))
+    filters: list[str] = field(default_factory=lambda: ["filter_english", "filter_caption_words",
+                                                        "filter_caption_chars", "filter_min_side",
+                                                        "filter_aspect_ratio"])
     shard_size: int = 500
 
 
 @dataclass
 class RunConfig:
-    """Sections: ``synth`` (the synthetic world), ``ingest`` (downloading), ``cluster`` (where stages run),
-    ``demo`` (the demo's later stages)."""
+    """The run configuration: one section per concern, each a strict dataclass holding its own defaults. Every
+    command reads it (``--config FILE``, ``--set section.key=value``; a command's flags set keys of its section)."""
 
     synth: SynthConfig = field(default_factory=SynthConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    copy_descriptor: CopyDescriptorConfig = field(default_factory=CopyDescriptorConfig)
+    reshard: ReshardConfig = field(default_factory=ReshardConfig)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    dfn: TrainSpec = field(default_factory=TrainSpec)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    patchmix: PatchmixConfig = field(default_factory=PatchmixConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
@@ -79,14 +96,9 @@ def demo_config_path() -> Path:
     return Path(manifests.__file__).parent / "demo.yaml"
 
 
-def load(path: str | None, overrides: list[str] | None, scheduler: str | None = None,
-         workers: int | None = None) -> RunConfig:
-    extra = list(overrides or [])
-    if scheduler:
-        extra.append(f"cluster.scheduler={scheduler}")
-    if workers:
-        extra.append(f"cluster.n_workers={workers}")
-    return config.load(RunConfig, path, extra)
+def load(path: str | None, overrides: list[str] | None = None, flags: dict | None = None) -> RunConfig:
+    """The run config: defaults, then the YAML file, then ``--set`` overrides, then a command's flags."""
+    return config.load(RunConfig, path, overrides, flags)
 
 
 def tasks_path() -> Path:

@@ -80,11 +80,31 @@ def from_dict(cls: type[T], data: dict | None, where: str | None = None) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise UserError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(fields))}")
+    for name, value in data.items():  # a nested section given in part keeps its own defaults for the rest
+        default = _default(fields[name])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            data[name] = deep_merge(dataclasses.asdict(default), value)
     kwargs = {name: _check_value(value, hints[name], f"{where}.{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
         raise UserError(f"{where}: {exc}") from None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def default_of(cls: type, key: str) -> Any:
+    """The default of a dotted key (``"demo.dist.steps"``) of dataclass ``cls``, nested defaults included."""
+    obj: Any = cls()
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def to_dict(obj: Any) -> dict:
@@ -158,7 +178,8 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Load ``cls`` from an optional YAML file plus ``--set`` overrides."""
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+         extra: dict | None = None) -> T:
+    """Load ``cls`` from an optional YAML file, then ``--set`` overrides, then ``extra`` (a nested dict)."""
     data = read_yaml(path) if path else {}
-    return from_dict(cls, deep_merge(data, parse_overrides(overrides)))
+    return from_dict(cls, deep_merge(deep_merge(data, parse_overrides(overrides)), extra or {}))

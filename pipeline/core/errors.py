@@ -12,6 +12,11 @@ class UserError(Exception):
     """
 
 
+class RunFailed(Exception):
+    """A run that finished but produced nothing usable (e.g. no row downloaded); the CLI prints one line and
+    exits 1."""
+
+
 def describe(exc: BaseException) -> str:
     """One line naming the cause of ``exc`` and, for the common system failures, the fix."""
     if isinstance(exc, UserError):

@@ -103,7 +103,7 @@ class StageRun:
             if refusal:
                 raise UserError(f"output folder {self.out_dir} {refusal}; choose another output folder")
             if not overwrite:
-                raise UserError(f"output folder {self.out_dir} holds a different run ({self.stage}: other parameters "
+                raise UserError(f"output folder {self.out_dir} exists with a different run ({self.stage}: other parameters "
                                 "or inputs); choose another output folder, or pass --overwrite to replace it")
             fsio.remove(self.out_dir)
         fsio.makedirs(self.out_dir)

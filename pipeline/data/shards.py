@@ -102,12 +102,37 @@ def iter_tar(tar_path: str) -> Iterator[dict]:
             yield current
 
 
-def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float = 0.0) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = mtime
-    info.mode = 0o444
-    tar.addfile(info, io.BytesIO(data))
+class TarWriter:
+    """The one tar writer (WebDataset layout: a sample is its members ``<key>.<ext>``, adjacent).
+
+    The tar appears at ``path`` only when the block ends without an error (:func:`pipeline.core.fsio.atomic_open`).
+    Members are USTAR entries with mode 0444 and mtime 0 unless given, so a tar's bytes depend only on what is
+    written into it.
+    """
+
+    def __init__(self, path: str):
+        self._file_ctx = fsio.atomic_open(path, "wb")
+        self._file = self._file_ctx.__enter__()
+        self.tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, name: str, data: bytes, mtime: float = 0.0, mode: int = 0o444) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), mtime, mode
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def sample(self, key: str, members: dict[str, bytes]) -> None:
+        """One sample: ``{ext: bytes}`` members, in the order given."""
+        for ext, data in members.items():
+            self.add(f"{key}.{ext}", data)
+
+    def __enter__(self) -> TarWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.tar.close()
+        finally:
+            self._file_ctx.__exit__(*exc)
 
 
 def write_shard(pool: str, shard_id: int, rows: list[dict], images: dict[str, bytes], captions_key: str = "caption",
@@ -119,15 +144,13 @@ def write_shard(pool: str, shard_id: int, rows: list[dict], images: dict[str, by
     """
     p = paths(pool, shard_id)
     start = time.time()
-    with fsio.atomic_open(p["tar"], "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with TarWriter(p["tar"]) as tar:
         for row in rows:
             if row["state"] != OK:
                 continue
-            key = row["key"]
-            add_tar_member(tar, f"{key}.jpg", images[key])
-            add_tar_member(tar, f"{key}.txt", str(row.get(captions_key) or "").encode())
             meta = {k: v for k, v in row.items() if k != "state"}
-            add_tar_member(tar, f"{key}.json", json.dumps(meta, indent=4, default=str).encode())
+            tar.sample(row["key"], {"jpg": images[row["key"]], "txt": str(row.get(captions_key) or "").encode(),
+                                    "json": json.dumps(meta, indent=4, default=str).encode()})
     write_table(p["parquet"], pd.DataFrame(rows))
     stats = shard_stats(pd.DataFrame(rows), start, time.time()) | (extra_stats or {})
     fsio.write_json(p["stats"], stats)

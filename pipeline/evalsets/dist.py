@@ -312,16 +312,29 @@ def channel_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(vals))
 
 
-def build_dist(source: str, out: str, cfg: DistConfig, log=print) -> dict:
-    """Write the DiST triplets of a labeled source (eval set folder or class folders) under ``out``.
+def build_dist(source: str, out: str, cfg: DistConfig, overwrite: bool = False, log=print) -> dict:
+    """Write the DiST triplets of a labeled source (eval set folder or class folders) under ``out`` (a stage:
+    the same source and config is reused); returns the gates summary (``gates.json``).
 
     ``out/test/0.tar``: per kept source ``<key>.original.png``, ``<key>.synth_a.png``, ``<key>.synth_b.png``
     (all PNG at ``cfg.size``: the same lossless encoding for the three, so no codec cue) and ``<key>.cls``;
     ``classnames.txt``; ``manifest.parquet`` (per source: label, status kept/dropped, attempts, seeds, every
     gate measurement, the failed gates); ``gates.json`` (counts, config, the reference models' scores);
-    ``tasks.yaml`` (one odd-one-out task). Returns the gates summary.
+    ``tasks.yaml`` (one odd-one-out task).
     """
-    import tarfile
+    from pipeline.core import fsio
+    from pipeline.data.evalsets import labeled_files
+    from pipeline.run.stage import Stage
+
+    stage = Stage("dist", out, asdict(cfg), inputs=labeled_files(source), overwrite=overwrite, protect=[source],
+                  log=log)
+    if not stage.done:
+        summary = _build(source, out, cfg, log)
+        stage.finish(rows={"sources": summary["sources"], "kept": summary["kept"]})
+    return fsio.read_json(os.path.join(out, "gates.json"))
+
+
+def _build(source: str, out: str, cfg: DistConfig, log) -> dict:
     import time
 
     import pandas as pd
@@ -383,12 +396,10 @@ def build_dist(source: str, out: str, cfg: DistConfig, log=print) -> dict:
         Image.fromarray(arr).save(buf, format="PNG")
         return buf.getvalue()
 
-    with fsio.atomic_open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with shards.TarWriter(path) as tar:
         for t, i in enumerate(kept):
-            key = f"{i:06d}"
-            for member, img in zip(MEMBERS, triplets[t]):
-                shards.add_tar_member(tar, f"{key}.{member}.png", png(img))
-            shards.add_tar_member(tar, f"{key}.cls", str(int(labels[i])).encode())
+            members = {f"{member}.png": png(img) for member, img in zip(MEMBERS, triplets[t])}
+            tar.sample(f"{i:06d}", members | {"cls": str(int(labels[i])).encode()})
     fsio.write_bytes(os.path.join(out, "test", "nshards.txt"), b"1\n")
     write_evalset_meta(out, data["classnames"], data["templates"])
     manifest = pd.DataFrame([{"key": f"{i:06d}", "source_index": int(chosen[i]), "label": int(labels[i]),

@@ -17,7 +17,11 @@ records per image.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import numpy as np
+
+from pipeline.core.errors import UserError
 
 
 def _check(img: np.ndarray, grid: int) -> int:
@@ -133,7 +137,22 @@ TILES = (1, 4, 16, 64, 196)
 OCCLUSION = (0.0, 0.2, 0.4, 0.6)
 
 
-def build_patchmix(source: str, out: str, seed: int = 0, size: int = 224, per_class: int = 0,
+@dataclass
+class PatchmixConfig:
+    """Which Patch Mixing eval sets are built: images of ``size`` px (centre square), the first ``per_class``
+    images of each class (0: all), partners and patch positions fixed by ``seed``."""
+
+    size: int = 224
+    per_class: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size < 16:
+            raise UserError(f"patchmix.size {self.size} is too small; use 16 px or more (224 for ImageNet-scale "
+                            "models)")
+
+
+def build_patchmix(source: str, out: str, cfg: PatchmixConfig | None = None, overwrite: bool = False,
                    log=print) -> list[dict]:
     """Write the Patch Mixing conditions of a labeled source and their task list.
 
@@ -144,10 +163,28 @@ def build_patchmix(source: str, out: str, seed: int = 0, size: int = 224, per_cl
     ``drop-g14-r0.2``...), each with the source's class names and templates; ``out/manifest.parquet`` records per
     image the condition, key, label, the partner image (another class, fixed per image by the seed) and the changed
     cells; ``out/tasks.yaml`` lists one zero-shot task per condition, grouped into curves (``winnow evaluate``
-    reports each curve's normalised area). Returns the task entries.
+    reports each curve's normalised area). A stage: the same source and config is reused. Returns the task
+    entries.
     """
     import os
-    import tarfile
+
+    from pipeline.core import fsio
+    from pipeline.data.evalsets import labeled_files
+    from pipeline.run.stage import Stage
+
+    cfg = cfg or PatchmixConfig()
+    stage = Stage("patchmix", out, asdict(cfg), inputs=labeled_files(source), overwrite=overwrite, protect=[source],
+                  log=log)
+    if not stage.done:
+        tasks = _build(source, out, cfg.seed, cfg.size, cfg.per_class, log)
+        stage.finish(rows={"conditions": len(tasks)})
+    import yaml
+
+    return yaml.safe_load(fsio.read_bytes(os.path.join(out, "tasks.yaml")))["tasks"]
+
+
+def _build(source: str, out: str, seed: int, size: int, per_class: int, log) -> list[dict]:
+    import os
 
     import pandas as pd
     import yaml
@@ -175,7 +212,7 @@ def build_patchmix(source: str, out: str, seed: int = 0, size: int = 224, per_cl
         name = {"shuffle": f"shuffle-{param}", "occlude": f"occlude-{r:.1f}"}.get(kind, f"{kind}-g{param}-r{r:.1f}")
         folder = os.path.join(out, name)
         path = os.path.join(folder, "test", "0.tar")
-        with fsio.atomic_open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        with shards.TarWriter(path) as tar:
             for i, img in enumerate(images):
                 rng = np.random.default_rng([seed, c, i])
                 if kind == "mix":
@@ -188,8 +225,7 @@ def build_patchmix(source: str, out: str, seed: int = 0, size: int = 224, per_cl
                     new, real = occlude(img, images[partners[i]], r, rng)
                     cells = np.array([], int)
                 key = f"{i:06d}"
-                shards.add_tar_member(tar, f"{key}.jpg", encode_jpeg(Image.fromarray(new), 95))
-                shards.add_tar_member(tar, f"{key}.cls", str(int(labels[i])).encode())
+                tar.sample(key, {"jpg": encode_jpeg(Image.fromarray(new), 95), "cls": str(int(labels[i])).encode()})
                 rows.append({"condition": name, "key": key, "label": int(labels[i]),
                              "partner": f"{partners[i]:06d}" if kind in ("mix", "occlude") else "",
                              "cells": " ".join(str(int(c)) for c in cells),

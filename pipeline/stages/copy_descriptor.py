@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict, dataclass
 
 from pipeline.core import fsio
 from pipeline.core.errors import UserError
 from pipeline.data import shards
 from pipeline.data.images import open_rgb
+from pipeline.data.manifest import MANIFEST
+from pipeline.run.stage import Stage
 from pipeline.models.copydetect import SIDE, colour_key, framed, augment, build
 
 
@@ -32,16 +35,43 @@ def pool_images(pool: str, limit: int, side: int = 2 * SIDE) -> list:
     return images
 
 
-def train_descriptor(pool: str, out: str, steps: int = 300, batch_size: int = 128, lr: float = 2e-3,
-                     temperature: float = 0.05, max_images: int = 50_000, seed: int = 0, log=print) -> str:
-    """Train the descriptor on the pool's images (InfoNCE between two views); return the checkpoint path."""
+@dataclass
+class CopyDescriptorConfig:
+    """Training of the copy descriptor: ``steps`` of ``batch_size`` pairs of views, AdamW at ``lr`` (one-cycle),
+    InfoNCE at ``temperature``, on up to ``max_images`` of the pool's images."""
+
+    steps: int = 300
+    batch_size: int = 128
+    lr: float = 2e-3
+    temperature: float = 0.05
+    max_images: int = 50_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.batch_size, self.max_images) < 1 or self.lr <= 0 or self.temperature <= 0:
+            raise UserError("copy_descriptor: steps, batch_size, max_images, lr and temperature must be positive")
+
+
+def train_descriptor(pool: str, out: str, cfg: CopyDescriptorConfig | None = None, overwrite: bool = False,
+                     log=print) -> str:
+    """Train the descriptor on the pool's images (InfoNCE between two views); return the checkpoint path (a
+    stage: the same config on the same pool is reused)."""
+    cfg = cfg or CopyDescriptorConfig()
+    path = fsio.join(out, "descriptor.pt")
+    pool_manifest = fsio.join(pool, MANIFEST)
+    stage = Stage("copy-descriptor", out, asdict(cfg), inputs=[pool_manifest] if fsio.exists(pool_manifest) else [],
+                  overwrite=overwrite, protect=[pool], log=log)
+    if not stage.done:
+        _train(pool, path, cfg, log)
+        stage.finish(rows={"steps": cfg.steps}, outputs=["descriptor.pt"])
+    return path
+
+
+def _train(pool: str, path: str, cfg: CopyDescriptorConfig, log) -> None:
     import torch
 
-    path = fsio.join(out, "descriptor.pt")
-    if fsio.exists(path):
-        log(f"copy descriptor: {path} exists; reusing it")
-        return path
-    images = pool_images(pool, max_images)
+    steps, batch_size, lr, temperature, seed = cfg.steps, cfg.batch_size, cfg.lr, cfg.temperature, cfg.seed
+    images = pool_images(pool, cfg.max_images)
     if len(images) < 2:
         raise UserError(f"{pool} has fewer than 2 decodable images; nothing to train a copy descriptor on")
     torch.manual_seed(seed)
@@ -75,8 +105,7 @@ def train_descriptor(pool: str, out: str, steps: int = 300, batch_size: int = 12
         if (step + 1) % 50 == 0 or step + 1 == steps:
             log(f"copy descriptor: step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - start:.0f} s)")
     net.eval()
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     torch.save(net.state_dict(), tmp)
     os.replace(tmp, path)
-    return path

@@ -37,6 +37,7 @@ from pipeline.core import fsio
 from pipeline.data import manifest, shards
 from pipeline.core.errors import UserError
 from pipeline.data.pool import require_finished
+from pipeline.run.stage import Stage
 
 K_FACTOR = 4  # IVF-PQ candidates re-ranked exactly per neighbour kept
 KINDS = ("exact_image", "exact_pair", "near", "semantic", "contaminated")
@@ -215,16 +216,18 @@ class QueryTask:
     index_path: str
     embeddings: str  # .npy of this part's normalised query rows
     offset: int
-    out: str
+    out: str  # .npy of its edges
     config: dict
 
+    @property
+    def marker(self) -> str:
+        return self.out.removesuffix(".npy") + "_stats.json"
 
-def query_part(task: QueryTask) -> int:
+
+def query_part(task: QueryTask) -> dict:
     """Search one part's images against the whole index; write its >= threshold edges (a shard-sized task)."""
     import faiss
 
-    if fsio.exists(task.out):
-        return -1
     cfg = DedupConfig(**task.config)
     index = faiss.read_index(task.index_path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     _tune(index, cfg)
@@ -233,7 +236,9 @@ def query_part(task: QueryTask) -> int:
     edges = search_edges(index, queries, task.offset, cfg)
     with fsio.atomic_open(task.out, "wb") as f:
         np.save(f, edges.astype(np.float64))
-    return len(edges)
+    stats = {"edges": int(len(edges))}
+    fsio.write_json(task.marker, stats)  # the commit marker, written last
+    return stats
 
 
 def load_pool(pool: str, tag: str, keep_tag: str = "") -> dict:
@@ -272,11 +277,10 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
     out = out or default_out(pool, cfg.tag)
     inputs = [fsio.join(pool, manifest.MANIFEST)] + [fsio.join(pool, "embeddings", t, manifest.MANIFEST)
                                                      for t in dict.fromkeys((cfg.tag, cfg.keep_tag or cfg.tag))]
-    run = manifest.StageRun("dedup", out, params=asdict(cfg),
-                            inputs=manifest.describe_inputs([p for p in inputs if fsio.exists(p)]))
-    if run.open(overwrite=overwrite, protect=[pool, *cfg.decontaminate]) == "skip":
-        log(f"dedup: {out} is up to date; nothing to do")
-        return manifest.read_manifest(out)
+    stage = Stage("dedup", out, asdict(cfg), inputs=[p for p in inputs if fsio.exists(p)], runner=runner,
+                  overwrite=overwrite, protect=[pool, *cfg.decontaminate], log=log)
+    if stage.done:
+        return stage.manifest
     data = load_pool(pool, cfg.tag, cfg.keep_tag)
     frame = data["frame"]
     uids = frame["uid"].astype(str).to_numpy()
@@ -302,7 +306,7 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
         with fsio.atomic_open(emb_path, "wb") as f:
             np.save(f, x[offset: offset + len(local)])
         tasks.append(QueryTask(index_path, emb_path, offset, fsio.join(out, "edges", f"{stem}.npy"), asdict(cfg)))
-    runner.map(query_part, tasks, label="dedup search")
+    stage.map(query_part, tasks, label="dedup search", unit="parts")
     edges = np.concatenate([np.load(t.out, allow_pickle=False) for t in tasks] or [np.zeros((0, 3))])
     edges = edges[np.unique(edges[:, :2], axis=0, return_index=True)[1]]  # each pair is found from both ends
     labels = components(len(rows), edges[:, :2].astype(np.int64))
@@ -332,8 +336,8 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
     for k in cfg.semantic_eps:
         counts[f"semantic@{k:g}"] = int(((table["kind"] == "semantic") & (table["similarity"] > 1 - k)).sum())
     log("dedup: dropped per kind: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
-    return run.finish(rows={"images": int(len(rows)), "table_rows": int(len(table))}, dropped=counts,
-                      index=type(index).__name__)
+    return stage.finish(rows={"images": int(len(rows)), "table_rows": int(len(table))}, dropped=counts,
+                        index=type(index).__name__)
 
 
 def _write_index(index, path: str) -> None:

@@ -30,6 +30,7 @@ from pipeline.core.errors import UserError
 from pipeline.data.pool import require_finished
 from pipeline.data.images import input_side
 from pipeline.models.encode import cached_model, encode_images, encode_texts
+from pipeline.run.stage import Stage, sum_counts
 from pipeline.data.ledger import OK
 
 
@@ -72,6 +73,10 @@ class EmbedTask:
     shard_id: int
     config: dict
 
+    @property
+    def marker(self) -> str:
+        return fsio.join(self.out, f"{shards.shard_name(self.shard_id)}_stats.json")
+
 
 def _device(cfg: EmbedConfig) -> str:
     from pipeline.models.registry import default_device
@@ -82,9 +87,6 @@ def _device(cfg: EmbedConfig) -> str:
 def embed_shard(task: EmbedTask) -> dict:
     cfg = EmbedConfig(**task.config)
     name = shards.shard_name(task.shard_id)
-    stats_path = fsio.join(task.out, f"{name}_stats.json")
-    if fsio.exists(stats_path):
-        return fsio.read_json(stats_path)
     start = time.time()
     device = _device(cfg)
     model, preprocess, tokenizer = cached_model(cfg.model, cfg.pretrained, device, cfg.seed)
@@ -126,7 +128,7 @@ def embed_shard(task: EmbedTask) -> dict:
     shards.write_table(fsio.join(task.out, f"{name}.parquet"), ledger)
     stats = {"count": len(table), "embedded_images": int((state == OK).sum()), "decode_errors": len(failures),
              "texts": int(np.isfinite(txt[:, 0]).sum()), "duration": time.time() - start, "dim": int(dim)}
-    fsio.write_json(stats_path, stats)
+    fsio.write_json(task.marker, stats)  # the commit marker, written last
     return stats
 
 
@@ -148,17 +150,10 @@ def embed(pool: str, cfg: EmbedConfig, runner, out: str | None = None, overwrite
         [shards.paths(pool, i)["parquet"] for i in ids]
     if cfg.pretrained and os.path.isfile(cfg.pretrained):
         inputs.append(cfg.pretrained)
-    run = manifest.StageRun("embed", out, params=asdict(cfg), inputs=manifest.describe_inputs(inputs))
-    if run.open(overwrite=overwrite, protect=[pool]) == "skip":
-        log(f"embed: {out} is up to date; nothing to do")
-        return manifest.read_manifest(out)
-    todo = [i for i in ids if not fsio.exists(fsio.join(out, f"{shards.shard_name(i)}_stats.json"))]
-    log(f"embed: {cfg.model} ({cfg.pretrained or 'random init'}) as '{cfg.tag}' over {len(ids)} shards "
-        f"({len(ids) - len(todo)} already done) -> {out}")
-    runner.map(embed_shard, [EmbedTask(pool, out, i, asdict(cfg)) for i in todo], label="embed")
-    totals: dict[str, int] = {}
-    for i in ids:
-        for k, v in fsio.read_json(fsio.join(out, f"{shards.shard_name(i)}_stats.json")).items():
-            if k not in ("duration", "dim"):
-                totals[k] = totals.get(k, 0) + int(v)
-    return run.finish(rows=totals, tag=cfg.tag, pool=str(pool))
+    stage = Stage("embed", out, asdict(cfg), inputs=inputs, runner=runner, overwrite=overwrite, protect=[pool],
+                  log=log)
+    if stage.done:
+        return stage.manifest
+    log(f"embed: {cfg.model} ({cfg.pretrained or 'random init'}) as '{cfg.tag}' over {len(ids)} shards -> {out}")
+    stats = stage.map(embed_shard, [EmbedTask(pool, out, i, asdict(cfg)) for i in ids], label="embed", unit="shards")
+    return stage.finish(rows=sum_counts(stats, skip=("duration", "dim")), tag=cfg.tag, pool=str(pool))

@@ -44,11 +44,12 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from pipeline.core import fsio
-from pipeline.data import manifest, shards
+from pipeline.data import shards
 from pipeline.core.errors import UserError
 from pipeline.data.ledger import OK, classify
 from pipeline.data.pool import ledger
 from pipeline.data.uid import DuplicateFinder, derive_uid, normalize_uid, uids_to_array
+from pipeline.run.stage import Stage
 
 INPUTS = shards.INPUTS
 TMP = "_tmp"
@@ -420,6 +421,10 @@ class ShardTask:
     shard_id: int
     config: dict
 
+    @property
+    def marker(self) -> str:  # the shard's _stats.json, written last
+        return shards.paths(self.pool, self.shard_id)["stats"]
+
 
 def _work_dir(pool: str, shard_id: int) -> str:
     """A private scratch folder: inside the pool when it is local (so the final moves are renames)."""
@@ -446,8 +451,6 @@ def _duplicates(pool: str, shard_id: int, shard_size: int) -> dict[int, str]:
 def ingest_shard(task: ShardTask) -> dict:
     """Download one input shard into the pool. Pure in the sense the runner needs: same task, same shard."""
     cfg = IngestConfig(**task.config)
-    if shards.is_complete(task.pool, task.shard_id):
-        return shards.read_stats(task.pool, task.shard_id)
     start = time.time()
     name = shards.shard_name(task.shard_id)
     rows = feather.read_feather(fsio.join(task.pool, INPUTS, f"{name}.feather"))
@@ -533,27 +536,22 @@ def _commit(task: ShardTask, rows: pd.DataFrame, blocked: dict[int, str], work: 
 def ingest(urls: str, pool: str, cfg: IngestConfig, runner, overwrite: bool = False, log=print) -> dict:
     """Turn the URL list ``urls`` into the pool folder ``pool``; return its manifest."""
     files, cfg = check_input(urls, cfg)
-    run = manifest.StageRun("ingest", pool, params=asdict(cfg), inputs=manifest.describe_inputs(files))
-    mode = run.open(overwrite=overwrite, protect=[urls, *files], enclosing=[urls])
-    if mode == "skip":
-        log(f"ingest: {pool} is up to date with {urls}; nothing to do")
-        return manifest.read_manifest(pool)
+    stage = Stage("ingest", pool, asdict(cfg), inputs=files, runner=runner, overwrite=overwrite,
+                  protect=[urls, *files], enclosing=[urls], log=log)
+    if stage.done:
+        return stage.manifest
     fsio.remove(fsio.join(pool, TMP))
     split = split_input(files, pool, cfg)
-    all_ids = list(range(split["shards"]))
-    todo = [i for i in all_ids if not shards.is_complete(pool, i)]
-    if mode == "resume":
-        log(f"ingest: resuming: {len(all_ids) - len(todo)} of {len(all_ids)} shards already done")
     dups = f", {split['duplicate_uids']:,} repeat an earlier uid" if split.get("duplicate_uids") else ""
     log(f"ingest: {split['rows']:,} input rows{dups}, in {split['shards']} shards of {cfg.shard_size:,} -> {pool}")
-    tasks = [ShardTask(pool, i, asdict(cfg)) for i in todo]
-    runner.map(ingest_shard, tasks, label="ingest")
+    stage.map(ingest_shard, [ShardTask(pool, i, asdict(cfg)) for i in range(split["shards"])], label="ingest",
+              unit="shards")
     states, _ = ledger(pool)
     if sum(states.values()) != split["rows"]:
         raise RuntimeError(f"ledger invariant broken: {split['rows']} input rows, {sum(states.values())} recorded")
     fsio.remove(fsio.join(pool, INPUTS))
     fsio.remove(fsio.join(pool, TMP))
     ok = states.get(OK, 0)
-    return run.finish(rows={"input": split["rows"], "ok": ok, "failed": split["rows"] - ok, **states},
-                      shards=split["shards"], source=str(urls))
+    return stage.finish(rows={"input": split["rows"], "ok": ok, "failed": split["rows"] - ok, **states},
+                        shards=split["shards"], source=str(urls))
 

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import sys
-import tarfile
 import threading
 import types
 
@@ -69,11 +68,10 @@ class ShardWriter:
     ``{shard}.parquet`` (one row per input row), both in the job's scratch folder."""
 
     def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
-        from pipeline.data.shards import add_tar_member
+        from pipeline.data.shards import TarWriter
 
         name = f"{shard_id:0{oom_shard_count}d}"
-        self._add = add_tar_member
-        self.tar = tarfile.open(os.path.join(output_folder, f"{name}.tar"), "w", format=tarfile.USTAR_FORMAT)
+        self.tar = TarWriter(os.path.join(output_folder, f"{name}.tar"))
         self.parquet = os.path.join(output_folder, f"{name}.parquet")
         self.schema, self.rows = schema, []
         self.save_caption, self.ext = save_caption, encode_format
@@ -85,15 +83,14 @@ class ShardWriter:
             members = {self.ext: img_str, "json": json.dumps(meta_json, indent=4).encode()}
             if self.save_caption:
                 members["txt"] = ("" if caption is None else str(caption)).encode()
-            for ext in sorted(members):
-                self._add(self.tar, f"{key}.{ext}", members[ext])
+            self.tar.sample(key, {ext: members[ext] for ext in sorted(members)})
         self.rows.append(meta)
 
     def close(self):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.tar.close()
+        self.tar.__exit__(None, None, None)
         pq.write_table(pa.Table.from_pylist(self.rows, schema=self.schema), self.parquet)
 
 

@@ -26,10 +26,22 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import fsio
-from pipeline.data import manifest, shards
+from pipeline.data import shards
 from pipeline.core.errors import UserError
 from pipeline.data.pool import require_finished
 from pipeline.data.uid import UID_DTYPE, sort_uids, uids_to_array
+from pipeline.run.stage import Stage
+
+
+@dataclass
+class ReshardConfig:
+    """``shard_size``: samples per output shard (DataComp's resharder: 10,000)."""
+
+    shard_size: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise UserError("reshard.shard_size must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -71,16 +83,16 @@ class CopyTask:
     out_id: int
     sources: tuple  # ((input shard id, ((key, (new_key, ...)), ...)), ...)
 
+    @property
+    def marker(self) -> str:
+        return fsio.join(self.out, f"{self.out_id:08d}_stats.json")
+
 
 def copy_shard(task: CopyTask) -> int:
     """Write output shard ``out_id`` from the planned members of its input shards."""
-    target = fsio.join(task.out, f"{task.out_id:08d}.tar")
-    stats = fsio.join(task.out, f"{task.out_id:08d}_stats.json")
-    if fsio.exists(stats):
-        return fsio.read_json(stats)["successes"]
     written, keys = 0, set()
     start = time.time()
-    with fsio.atomic_open(target, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as out:
+    with shards.TarWriter(fsio.join(task.out, f"{task.out_id:08d}.tar")) as out:
         for shard_id, wanted in task.sources:
             new_keys = dict(wanted)
             path = shards.paths(task.pool, shard_id, task.digits)["tar"]
@@ -90,25 +102,11 @@ def copy_shard(task: CopyTask) -> int:
                         continue
                     keys.add(new_key)
                     for ext, info, data in members:
-                        copy = tarfile.TarInfo(f"{new_key}.{ext}")
-                        copy.size, copy.mtime, copy.mode = len(data), info.mtime, info.mode
-                        out.addfile(copy, _Bytes(data))
+                        out.add(f"{new_key}.{ext}", data, mtime=info.mtime, mode=info.mode)
                     written += 1
-    fsio.write_json(stats, {"successes": written, "count": written, "duration": time.time() - start})
-    return written
-
-
-class _Bytes:
-    """Minimal file object over bytes for ``TarFile.addfile`` (avoids a BytesIO copy)."""
-
-    def __init__(self, data: bytes):
-        self.view, self.pos = memoryview(data), 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self.view) if n < 0 else min(len(self.view), self.pos + n)
-        chunk = self.view[self.pos: end]
-        self.pos = end
-        return chunk
+    stats = {"successes": written, "count": written, "duration": time.time() - start}
+    fsio.write_json(task.marker, stats)  # the commit marker, written last
+    return stats
 
 
 def _members(tar_path: str, wanted: dict):
@@ -133,22 +131,20 @@ def _members(tar_path: str, wanted: dict):
             yield key, group
 
 
-def reshard(pool: str, subset_path: str, out: str, runner, shard_size: int = 10_000, overwrite: bool = False,
-            allow_partial: bool = False, log=print) -> dict:
+def reshard(pool: str, subset_path: str, out: str, runner, shard_size: int = ReshardConfig.shard_size,
+            overwrite: bool = False, allow_partial: bool = False, log=print) -> dict:
     """Materialise ``subset_path`` from ``pool`` into ``out``; return the manifest."""
-    if shard_size < 1:
-        raise UserError("reshard: shard_size must be >= 1")
+    shard_size = ReshardConfig(shard_size).shard_size
     require_finished(pool, allow_partial, "reshard", log)
     ids = shards.list_shards(pool)
     if not ids:
         raise UserError(f"{pool} holds no shards to reshard from")
     subset = load_subset(subset_path)
     digits = shards.name_digits(pool)
-    run = manifest.StageRun("reshard", out, params={"shard_size": shard_size, "pool": str(pool)},
-                            inputs=manifest.describe_inputs([subset_path]))
-    if run.open(overwrite=overwrite, protect=[pool, subset_path], enclosing=[pool]) == "skip":
-        log(f"reshard: {out} is up to date; nothing to do")
-        return manifest.read_manifest(out)
+    stage = Stage("reshard", out, {"shard_size": shard_size, "pool": str(pool)}, inputs=[subset_path], runner=runner,
+                  overwrite=overwrite, protect=[pool, subset_path], enclosing=[pool], log=log)
+    if stage.done:
+        return stage.manifest
     plans = runner.map(plan_shard, [PlanTask(pool, i, digits, subset_path) for i in ids], label="reshard plan")
     plan = pd.concat(plans, ignore_index=True) if plans else pd.DataFrame(columns=["shard", "key", "uid", "count"])
     repeated = int(plan["uid"].duplicated().sum())
@@ -162,17 +158,15 @@ def reshard(pool: str, subset_path: str, out: str, runner, shard_size: int = 10_
     tasks = _copy_tasks(plan, pool, digits, out, shard_size)
     log(f"reshard: {total:,} samples ({len(plan):,} unique, {missing:,} subset uids not in the pool) "
         f"into {len(tasks)} shards of {shard_size:,} -> {out}")
-    todo = [t for t in tasks if not fsio.exists(fsio.join(out, f"{t.out_id:08d}_stats.json"))]
-    runner.map(copy_shard, todo, label="reshard copy")
-    sizes = {f"{t.out_id:08d}.tar": fsio.read_json(fsio.join(out, f"{t.out_id:08d}_stats.json"))["successes"]
-             for t in tasks}
+    stats = stage.map(copy_shard, tasks, label="reshard copy", unit="output shards")
+    sizes = {f"{t.out_id:08d}.tar": s["successes"] for t, s in zip(tasks, stats)}
     fsio.write_json(fsio.join(out, "sizes.json"), sizes)
     fsio.write_json(fsio.join(out, "meta.json"), {"output_shard_count": len(tasks), "output_count": total,
                                                    "output_shard_format": "{:08d}.tar", "input_dir": str(pool),
                                                    "subset_file": str(subset_path), "missing_uids": int(missing)})
     with fsio.atomic_open(fsio.join(out, "sample_ids.npy"), "wb") as f:
         np.save(f, subset)
-    return run.finish(rows={"samples": total, "unique": len(plan), "missing_uids": int(missing),
+    return stage.finish(rows={"samples": total, "unique": len(plan), "missing_uids": int(missing),
                             "repeated_pool_uids": repeated},
                       shards=len(tasks))
 

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from pipeline.core import fsio
 from pipeline.data import manifest, shards
 from pipeline.data.parts import Part, arrow_strings, list_parts, load_embeddings, read_part
+from pipeline.run.stage import Stage
 
 
 def spec_hash(filt) -> str:
@@ -56,19 +57,22 @@ class ScoreTask:
     out: str
     dirs: dict | None
 
+    @property
+    def marker(self) -> str:
+        return fsio.join(self.out, f"{self.part.stem}_stats.json")
 
-def score_part(task: ScoreTask) -> int:
+
+def score_part(task: ScoreTask) -> dict:
     from filters import REGISTRY
 
     filt = REGISTRY[task.spec["key"]](**task.spec["params"])
-    target = fsio.join(task.out, f"{task.part.stem}.parquet")
-    if fsio.exists(target):
-        return -1
     table = read_part(task.part, list(filt.columns()))
     embeddings = load_embeddings(task.pool, task.part, filt.tags_for(table.columns), task.dirs)
     scored = filt(table, embeddings)
-    shards.write_table(target, scored[["uid", filt.column]])
-    return len(scored)
+    shards.write_table(fsio.join(task.out, f"{task.part.stem}.parquet"), scored[["uid", filt.column]])
+    stats = {"rows": int(len(scored))}
+    fsio.write_json(task.marker, stats)  # the commit marker, written last
+    return stats
 
 
 def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = None, log=print) -> dict[str, str]:
@@ -85,16 +89,15 @@ def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = No
         upstream = [fsio.join(pool, manifest.MANIFEST)] + [
             fsio.join((dirs or {}).get(tag) or fsio.join(pool, "embeddings", tag), manifest.MANIFEST)
             for tag in filt.tags()]
-        run = manifest.StageRun("score", out, params={"key": filt.key, "params": filt.params()},
-                                inputs=manifest.describe_inputs([u for u in upstream if fsio.exists(u)]))
-        if run.open(overwrite=True) == "skip":  # a cache: recomputed whenever its inputs changed
-            done[filt.column] = out
-            continue
-        filt.prepare(PoolContext(pool, parts, dirs, out, log))
-        full = {"key": filt.key, "params": asdict(filt)}
-        todo = [p for p in parts if not fsio.exists(fsio.join(out, f"{p.stem}.parquet"))]
-        runner.map(score_part, [ScoreTask(pool, p, full, out, dirs) for p in todo], label=f"score {filt.column}")
-        run.finish(rows={"parts": len(parts)}, column=filt.column)
+        # a cache: replaced whenever its parameters or inputs changed
+        stage = Stage("score", out, {"key": filt.key, "params": filt.params()},
+                      inputs=[u for u in upstream if fsio.exists(u)], runner=runner, overwrite=True, log=lambda m: None)
+        if not stage.done:
+            filt.prepare(PoolContext(pool, parts, dirs, out, log))
+            full = {"key": filt.key, "params": asdict(filt)}
+            stats = stage.map(score_part, [ScoreTask(pool, p, full, out, dirs) for p in parts],
+                              label=f"score {filt.column}", unit="parts")
+            stage.finish(rows={"parts": len(parts), "rows": sum(s["rows"] for s in stats)}, column=filt.column)
         done[filt.column] = out
     return done
 

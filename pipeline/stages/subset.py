@@ -41,6 +41,7 @@ from pipeline.core.errors import UserError
 from pipeline.data.ledger import OK
 from pipeline.data.pool import require_finished
 from pipeline.data.uid import UID_DTYPE, array_to_uids, uids_to_array
+from pipeline.run.stage import Stage
 
 RULES = ("threshold", "top_fraction", "exclude_uids", "exclude_duplicates", "intersect", "union")
 
@@ -57,6 +58,25 @@ class Recipe:
     filters: list[dict] = field(default_factory=list)
     select: list[dict] = field(default_factory=list)
     description: str = ""
+
+    def to_dict(self) -> dict:
+        """Plain data (sub-recipes of intersect/union included), as recorded in the subset's manifest."""
+        select = [{k: [r.to_dict() for r in v] if k in ("intersect", "union") else v for k, v in rule.items()}
+                  for rule in self.select]
+        return {"name": self.name, "filters": self.filters, "select": select}
+
+    def files(self) -> list[str]:
+        """The files the rules read (uid lists, duplicate tables), this recipe's and its sub-recipes'."""
+        out = []
+        for rule in self.select:
+            kind, arg = next(iter(rule.items()))
+            if kind == "exclude_uids":
+                out.append(str(arg))
+            elif kind == "exclude_duplicates":
+                out.append(str(arg["table"]))
+            for sub in _subrecipes(rule):
+                out += sub.files()
+        return out
 
     def all_filters(self) -> list[dict]:
         """Filters of this recipe and of every recipe it combines (deduplicated, in order)."""
@@ -202,14 +222,22 @@ def write_subset(out: str, uids, doc: dict) -> np.ndarray:
 
 
 def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variables: dict[str, str] | None = None,
-           embeddings: dict[str, str] | None = None, allow_partial: bool = False, log=print) -> dict:
-    """Score what the recipe needs (reusing cached scores), apply its rules, write the subset."""
+           embeddings: dict[str, str] | None = None, allow_partial: bool = False, overwrite: bool = False,
+           log=print) -> dict:
+    """Score what the recipe needs (reusing cached scores), apply its rules, write the subset (a stage: the same
+    recipe over the same scores is reused; another recipe is not written over an existing subset unless
+    ``overwrite``)."""
     from pipeline.stages.score import read_scores, score
 
     require_finished(pool, allow_partial, "subset", log)
     variables = {"pool": str(pool), **(variables or {})}
     recipe = load_recipe(recipe_ref, variables)
     columns = score(pool, recipe.all_filters(), runner, dirs=embeddings, log=log)
+    inputs = [fsio.join(folder, manifest.MANIFEST) for folder in columns.values()] + recipe.files()
+    stage = Stage("subset", out, {"recipe": recipe.to_dict(), "pool": str(pool)},
+                  inputs=[p for p in inputs if fsio.exists(p)], overwrite=overwrite, protect=[pool], log=log)
+    if stage.done:
+        return fsio.read_json(fsio.join(out, "subset.json"))
     frame = read_scores(pool, columns)
     steps: list[dict] = []
     mask = apply(recipe, frame, steps)
@@ -218,6 +246,7 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
            "kept": len(uids), "steps": steps, "scores": {c: f for c, f in columns.items()},
            "filters": recipe.all_filters(), "code_version": manifest.code_version()}
     write_subset(out, uids, doc)
+    stage.finish(rows={"rows": len(frame), "kept": len(uids)}, outputs=["uids.npy", "subset.json"])
     log(f"subset {recipe.name}: {len(uids):,} of {len(frame):,} rows -> {fsio.join(out, 'uids.npy')}")
     for step in steps:
         log(f"  {step['kept']:>9,}  {step['rule']}")

@@ -1,20 +1,27 @@
-"""Training with OpenCLIP's own trainer (``open_clip_train.main``) on resharded WebDataset shards.
+"""``winnow train``: OpenCLIP's own trainer (``open_clip_train.main``) on resharded WebDataset shards.
 
-Guards for open_clip_train's sharp edges: a reused ``--name`` exits 0 without training (refused here unless
-``resume``); shards with no ``.txt`` caption make its loader hang (checked here first); on CPU it needs
+A training run is a stage (:class:`pipeline.run.stage.Stage`) whose folder is open_clip_train's run folder
+(``<logs>/<name>``): the same config on the same shards (their reshard manifest) is reused, another config
+under the same name is refused unless ``overwrite``, and an interrupted run restarts (from its latest checkpoint
+when it wrote one). Guards for open_clip_train's sharp edges: a reused ``--name`` would exit 0 without training,
+shards with no ``.txt`` caption make its loader hang (checked here first), and on CPU it needs
 ``--precision fp32``.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 import sys
 import tarfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
 
 from pipeline.core import fsio
 from pipeline.core.errors import UserError
+from pipeline.data.manifest import MANIFEST
+from pipeline.run.stage import Stage
 
 
 @dataclass
@@ -38,6 +45,35 @@ class TrainConfig:
     patch_mixing_r_max: float = 0.5
     patch_mixing_grid: int = 7
     patch_mixing_smoothing: float = 0.0
+
+
+@dataclass
+class TrainSpec:
+    """What ``winnow train`` (and ``winnow dfn train``) is asked for; the scale fixes every hyper-parameter.
+
+    Args:
+        scale: ``tiny`` (CPU) or DataComp's ``small``/``medium``/``large``/``xlarge`` (:mod:`pipeline.models.scales`).
+        arch: ``clip`` (the scale's CLIP; ``vit`` is an alias) or ``vitamin`` (a ViTamin of matching size).
+        seed: training seed.
+        pretrained: start from an open_clip tag or checkpoint (DFN fine-tuning); empty: from scratch.
+        patch_mixing: share of images given Patch Mixing (0: off; the paper's training experiment: 0.5).
+        logs: parent folder of the training runs.
+    """
+
+    scale: str = "tiny"
+    arch: Literal["clip", "vit", "vitamin"] = "clip"
+    seed: int = 0
+    pretrained: str = ""
+    patch_mixing: float = 0.0
+    logs: str = "runs/train"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.patch_mixing <= 1:
+            raise UserError(f"train.patch_mixing {self.patch_mixing} must be a share between 0 and 1")
+
+    def config(self) -> TrainConfig:
+        return replace(from_scale(self.scale, self.arch, seed=self.seed, pretrained=self.pretrained),
+                       patch_mixing=self.patch_mixing)
 
 
 def from_scale(scale_name: str, arch: str = "vit", seed: int = 0, pretrained: str = "") -> TrainConfig:
@@ -90,14 +126,38 @@ def check_shards(data_dir: str) -> tuple[str, int]:
     return os.path.join(data_dir, f"{{{0:08d}..{n - 1:08d}}}.tar"), count
 
 
-def train(data_dir: str, logs: str, name: str, cfg: TrainConfig, resume: bool = False, log=print) -> str:
-    """Train; return the path of the last checkpoint."""
-    import torch
-
+def train(data_dir: str, logs: str, name: str, cfg: TrainConfig, overwrite: bool = False, log=print) -> str:
+    """Train (or reuse the finished run of the same config on the same data); return the last checkpoint."""
     pattern, count = check_shards(data_dir)
     run_dir = os.path.join(logs, name)
-    if os.path.exists(os.path.join(run_dir, "out.log")) and not resume:
-        raise UserError(f"training run {run_dir} exists; choose another name or resume it")
+    ckpt = os.path.join(run_dir, "checkpoints", f"epoch_{cfg.epochs}.pt")
+    data_manifest = fsio.join(data_dir, MANIFEST)
+    stage = Stage("train", run_dir, asdict(cfg), inputs=[data_manifest] if fsio.exists(data_manifest) else [],
+                  overwrite=overwrite, protect=[data_dir], log=log)
+    if stage.done:
+        return ckpt
+    resume = _restart(run_dir)
+    _run_open_clip(pattern, count, data_dir, logs, name, cfg, resume, log)
+    return stage.finish(rows={"samples": count, "samples_seen": cfg.samples_seen}, checkpoint=ckpt,
+                        data=str(data_dir))["checkpoint"]
+
+
+def _restart(run_dir: str) -> bool:
+    """Prepare an interrupted run folder: True to resume from its latest checkpoint, else its partial log is
+    removed (open_clip_train refuses a run folder that has one)."""
+    if glob.glob(os.path.join(run_dir, "checkpoints", "epoch_*.pt")):
+        return True
+    for name in ("out.log", "params.txt"):
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.remove(os.path.join(run_dir, name))
+    return False
+
+
+def _run_open_clip(pattern: str, count: int, data_dir: str, logs: str, name: str, cfg: TrainConfig, resume: bool,
+                   log) -> None:
+    import torch
+
+    run_dir = os.path.join(logs, name)
     cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
     precision = cfg.precision if cfg.precision != "auto" else ("amp_bf16" if cuda else "fp32")
     per_epoch = max(cfg.batch_size, cfg.samples_seen // cfg.epochs)
@@ -123,8 +183,6 @@ def train(data_dir: str, logs: str, name: str, cfg: TrainConfig, resume: bool = 
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) - cfg.workers))
     result = subprocess.run([sys.executable, "-m", "pipeline.stages.train_entry", *argv], env=env,
                             capture_output=True, text=True)
-    ckpt = os.path.join(run_dir, "checkpoints", f"epoch_{cfg.epochs}.pt")
-    if result.returncode != 0 or not os.path.isfile(ckpt):
+    if result.returncode != 0 or not os.path.isfile(os.path.join(run_dir, "checkpoints", f"epoch_{cfg.epochs}.pt")):
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"open_clip_train failed (exit {result.returncode}); last lines:\n{tail}")
-    return ckpt

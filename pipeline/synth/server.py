@@ -85,7 +85,8 @@ class WebPoolServer(ThreadingHTTPServer):
             super().__init__((host, port), _Handler)
         except OSError as exc:
             raise UserError(f"cannot serve on {host}:{port} ({exc.strerror}); stop what uses the port or pick "
-                            f"another with --set synth.base_url=http://127.0.0.1:PORT") from None
+                            f"another (`winnow serve WORLD --port PORT`; for the demo, "
+                            f"--set synth.base_url=http://127.0.0.1:PORT)") from None
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -107,3 +108,22 @@ class WebPoolServer(ThreadingHTTPServer):
         self.closing.set()
         self.shutdown()
         self.server_close()
+
+
+def serve_world(world: str, port: int | None = None) -> None:
+    """``winnow serve``: serve a world in the foreground on its base_url's host (and ``port``) until Ctrl-C."""
+    import json
+    from urllib.parse import urlparse
+
+    manifest_path = os.path.join(world, "_manifest.json")
+    if not os.path.isfile(manifest_path):
+        raise UserError(f"{world} is not a synthetic world (no _manifest.json); run `winnow synth` first")
+    with open(manifest_path) as f:
+        base = urlparse(json.load(f)["params"]["base_url"])
+    with WebPoolServer(world, base.hostname or "127.0.0.1", port or base.port or 80) as server:
+        print(f"serving {world}/site at {server.url} (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass

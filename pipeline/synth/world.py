@@ -27,11 +27,12 @@ import pandas as pd
 from PIL import Image
 
 from pipeline.core import fsio
-from pipeline.data import manifest, shards
+from pipeline.data import shards
 from pipeline.core.errors import UserError
 from pipeline.data.uid import derive_uid
 from pipeline.synth import captions as cap
 from pipeline.data.images import encode_jpeg
+from pipeline.run.stage import Stage
 from pipeline.synth.render import CLASSES, COLORS, TEXTURES, bomb_png, decode, render
 
 POOL, CLEAN, EVAL = 1, 2, 3  # seed streams
@@ -264,9 +265,20 @@ class RenderTask:
     rows: list  # plan rows (pool) or indices (clean, eval)
     config: dict
 
+    @property
+    def marker(self) -> str:
+        return os.path.join(self.world, "_chunks", f"{self.part}-{self.chunk:05d}.json")
 
-def render_chunk(task: RenderTask) -> int:
-    """Render one chunk of a set and write it: site files (pool), a shard (clean) or an eval tar."""
+
+def render_chunk(task: RenderTask) -> dict:
+    """Render one chunk of a set, write it (site files for the pool, a shard for the clean set, an eval tar),
+    then its marker."""
+    stats = {"rows": _render(task)}
+    fsio.write_json(task.marker, stats)
+    return stats
+
+
+def _render(task: RenderTask) -> int:
     cfg = config_from_dict(task.config)
     if task.part == "pool":
         for row in task.rows:
@@ -287,16 +299,11 @@ def render_chunk(task: RenderTask) -> int:
                             "state": "ok"})
         shards.write_shard(os.path.join(task.world, "clean"), task.chunk, records, images)
         return len(task.rows)
-    import tarfile
-
-    path = os.path.join(task.world, "eval", "test", f"{task.chunk}.tar")
-    with fsio.atomic_open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with shards.TarWriter(os.path.join(task.world, "eval", "test", f"{task.chunk}.tar")) as tar:
         for i in task.rows:
             spec = _spec_for(cfg, EVAL, i)
-            key = f"{i:06d}"
-            shards.add_tar_member(tar, f"{key}.jpg", _jpeg(spec))
-            shards.add_tar_member(tar, f"{key}.cls", str(cfg.classes.index(spec["cls"])).encode())
-            shards.add_tar_member(tar, f"{key}.txt", _caption_for(cfg, EVAL, i, spec).encode())
+            tar.sample(f"{i:06d}", {"jpg": _jpeg(spec), "cls": str(cfg.classes.index(spec["cls"])).encode(),
+                                    "txt": _caption_for(cfg, EVAL, i, spec).encode()})
     return len(task.rows)
 
 
@@ -314,10 +321,9 @@ def build_world(cfg: SynthConfig, world: str, runner, overwrite: bool = False, l
     """Write the whole synthetic world into ``world`` (skipped when an identical one is already there)."""
     if not fsio.is_local(world):
         raise UserError(f"synth writes a local folder (the server serves it); got {world}")
-    run = manifest.StageRun("synth", world, params=asdict(cfg))
-    if run.open(overwrite=overwrite) == "skip":
-        log(f"synth: {world} is up to date; nothing to do")
-        return manifest.read_manifest(world)
+    stage = Stage("synth", world, asdict(cfg), runner=runner, overwrite=overwrite, log=log)
+    if stage.done:
+        return stage.manifest
     plan = plan_pool(cfg)
     n_eval = cfg.n_eval_per_class * cfg.n_classes
     params = asdict(cfg)
@@ -329,11 +335,11 @@ def build_world(cfg: SynthConfig, world: str, runner, overwrite: bool = False, l
               for c, rows in enumerate(_chunks(list(range(n_eval)), cfg.chunk_size))]
     log(f"synth: rendering {cfg.n_pool:,} pool + {cfg.n_clean:,} clean + {n_eval:,} eval images "
         f"in {len(tasks)} chunks")
-    runner.map(render_chunk, tasks, label="synth")
+    stage.map(render_chunk, tasks, label="synth", unit="chunks")
     _write_tables(cfg, world, plan, n_eval, len([t for t in tasks if t.part == "eval"]))
     counts = plan["defect"].value_counts().to_dict()
-    return run.finish(rows={"pool": cfg.n_pool, "clean": cfg.n_clean, "eval": n_eval},
-                      defects=dict(sorted(counts.items())))
+    return stage.finish(rows={"pool": cfg.n_pool, "clean": cfg.n_clean, "eval": n_eval},
+                        defects=dict(sorted(counts.items())))
 
 
 def _write_tables(cfg: SynthConfig, world: str, plan: pd.DataFrame, n_eval: int, eval_shards: int) -> None:

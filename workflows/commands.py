@@ -1,0 +1,168 @@
+"""What each ``winnow`` subcommand does with its arguments and the run config: call its stage, print the result.
+
+One function per subcommand (the table in :mod:`workflows.cli` names it); the work itself is in the stage module
+that ``pipeline/README.md`` maps the command to.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pipeline.core.errors import RunFailed, UserError
+
+
+def _runner(cfg):
+    from pipeline.run.runner import Runner
+
+    return Runner(cfg.cluster)
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for value in values:
+        if "=" not in value:
+            raise UserError(f"{flag} {value!r}: expected NAME=VALUE")
+        k, v = value.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def synth(args, cfg) -> None:
+    from pipeline.synth.world import build_world
+
+    with _runner(cfg) as runner:
+        doc = build_world(cfg.synth, args.world, runner, overwrite=args.overwrite)
+    print(f"synth: wrote {args.world}: {doc['rows']} (urls.parquet is the pool's input; "
+          f"serve it with `winnow serve {args.world}`)")
+
+
+def serve(args, cfg) -> None:
+    from pipeline.synth.server import serve_world
+
+    serve_world(args.world, int(args.port) if args.port else None)
+
+
+def ingest(args, cfg) -> None:
+    from pipeline.data.ledger import format_counts
+    from pipeline.data.pool import ledger
+    from pipeline.stages.ingest import ingest as run_ingest
+
+    with _runner(cfg) as runner:
+        run_ingest(args.urls, args.pool, cfg.ingest, runner, overwrite=args.overwrite)
+    counts, total = ledger(args.pool)
+    print(format_counts(counts, total))
+    if total and not counts.get("ok"):
+        top = ", ".join(f"{s} {n:,}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
+        raise RunFailed(f"no row of {total:,} was downloaded ({top}); is the server reachable? "
+                        f"`winnow ledger {args.pool}` and the parquet's error_message say why each failed")
+
+
+def register(args, cfg) -> None:
+    from pipeline.stages.register import register as run_register
+
+    with _runner(cfg) as runner:
+        doc = run_register(args.pool, runner)
+    print(f"register: {args.pool} is a valid pool: {doc['shards']} shards, {doc['rows']['input']:,} rows, "
+          f"{doc['rows']['ok']:,} ok; manifest written")
+
+
+def ledger(args, cfg) -> None:
+    from pipeline.stages.ledger import report
+
+    print(report(args.pool, args.truth))
+
+
+def embed(args, cfg) -> None:
+    from pipeline.stages.embed import embed as run_embed
+
+    with _runner(cfg) as runner:
+        doc = run_embed(args.pool, cfg.embed, runner, out=args.out, overwrite=args.overwrite,
+                        allow_partial=args.allow_partial)
+    print(f"embed: {doc['rows']}")
+
+
+def dedup(args, cfg) -> None:
+    from pipeline.stages.dedup import dedup as run_dedup
+
+    with _runner(cfg) as runner:
+        doc = run_dedup(args.pool, cfg.dedup, runner, out=args.out, overwrite=args.overwrite,
+                        allow_partial=args.allow_partial)
+    print(f"dedup: {doc['dropped']}")
+
+
+def copy_descriptor(args, cfg) -> None:
+    from pipeline.models.copydetect import MODEL_NAME
+    from pipeline.stages.copy_descriptor import train_descriptor
+
+    path = train_descriptor(args.pool, args.out, cfg.copy_descriptor, overwrite=args.overwrite)
+    print(f"copy-descriptor: {path}\nnext: winnow embed {args.pool} --model {MODEL_NAME} --pretrained {path} "
+          "--tag copy; winnow dedup POOL --tag copy")
+
+
+def evalset(args, cfg) -> None:
+    if args.kind == "patchmix":
+        from pipeline.evalsets.patchmix import build_patchmix
+
+        what = f"{len(build_patchmix(args.source, args.out, cfg.patchmix, overwrite=args.overwrite))} conditions"
+    elif args.kind == "dist":
+        from pipeline.evalsets.dist import build_dist
+
+        what = f"{build_dist(args.source, args.out, cfg.dist, overwrite=args.overwrite)['kept']} triplets"
+    else:
+        raise UserError(f"evalset {args.kind!r}: choose patchmix or dist")
+    print(f"evalset: {what} -> {args.out}; evaluate with --tasks {os.path.join(args.out, 'tasks.yaml')}")
+
+
+def subset(args, cfg) -> None:
+    from pipeline.stages.subset import subset as run_subset
+
+    with _runner(cfg) as runner:
+        run_subset(args.recipe, args.pool, args.out, runner, variables=_pairs(args.var, "--var"),
+                   embeddings=_pairs(args.embeddings, "--embeddings") or None, allow_partial=args.allow_partial,
+                   overwrite=args.overwrite)
+
+
+def reshard(args, cfg) -> None:
+    from pipeline.stages.reshard import reshard as run_reshard
+
+    with _runner(cfg) as runner:
+        doc = run_reshard(args.pool, args.subset, args.out, runner, shard_size=cfg.reshard.shard_size,
+                          overwrite=args.overwrite, allow_partial=args.allow_partial)
+    print(f"reshard: {doc['rows']['samples']:,} samples in {doc['shards']} shards -> {args.out}")
+
+
+def train(args, cfg) -> None:
+    from pipeline.stages.train import train as run_train
+
+    tcfg = cfg.train.config()
+    ckpt = run_train(args.data, cfg.train.logs, args.name, tcfg, overwrite=args.overwrite)
+    print(f"train: {ckpt}")
+    if args.tasks:
+        from pipeline.stages.evaluate import evaluate
+        from pipeline.tasks import load_tasklist
+
+        tasks = load_tasklist(args.tasks, _pairs(args.var, "--var"))
+        out = os.path.join(cfg.train.logs, args.name, "eval")
+        summary = evaluate(tcfg.model, ckpt, tasks, out, overwrite=args.overwrite)
+        print(f"train: average of main metrics {summary['average']:.4f} ({out}/eval_results.jsonl)")
+
+
+def dfn(args, cfg) -> None:
+    from pipeline.stages.dfn import train_dfn
+
+    if args.action != "train":
+        raise UserError(f"dfn {args.action!r}: the dfn command has one action, `winnow dfn train HQ_POOL --out DIR`")
+    tcfg = cfg.dfn.config()
+    with _runner(cfg) as runner:
+        ckpt = train_dfn(args.hq_pool, args.out, args.name, tcfg, runner)
+    print(f"dfn train: {ckpt}\nnext: winnow embed POOL --model {tcfg.model} --pretrained {ckpt} --tag dfn; "
+          "winnow subset dfn_30pct --pool POOL --out ...")
+
+
+def evaluate(args, cfg) -> None:
+    from pipeline.stages.evaluate import evaluate as run_evaluate
+    from pipeline.tasks import load_tasklist
+
+    tasks = load_tasklist(args.tasks, _pairs(args.var, "--var"))
+    run_evaluate(cfg.evaluate.model, args.checkpoint, tasks, args.out, device=cfg.evaluate.device,
+                 overwrite=args.overwrite)
