@@ -16,16 +16,17 @@ def free_port() -> int:
 
 
 def tiny_synth_config(port: int, n_pool: int = 240) -> SynthConfig:
-    """Every defect kind planted several times (rates boosted), short delays so tests stay quick; images up to
-    600 px so that ingest's resize to 512 px is exercised."""
+    """Every defect kind planted several times (rates boosted); images up to 600 px so that ingest's resize to
+    512 px is exercised. A slow URL answers 10 s after ingest's timeout (tiny_ingest_config), a hanging one
+    trickles 20 s past its deadline: margins no smaller than the timeouts they test."""
     boosted = {f.name: 0.035 for f in fields(DefectRates) if f.name not in ("bomb", "hang")}
     return SynthConfig(seed=7, n_pool=n_pool, n_clean=24, n_eval_per_class=2, base_url=f"http://127.0.0.1:{port}",
-                       slow_seconds=3.0, hang_seconds=30.0, chunk_size=60, size_max=600,
+                       slow_seconds=15.0, hang_seconds=30.0, chunk_size=60, size_max=600,
                        rates=DefectRates(**boosted, bomb=1, hang=1))
 
 
 def tiny_ingest_config(**kw) -> IngestConfig:
-    base = dict(shard_size=60, timeout=1.0, deadline=2.0, retries=0, stall_seconds=4.0, thread_count=16,
+    base = dict(shard_size=60, timeout=5.0, deadline=10.0, retries=0, stall_seconds=30.0, thread_count=16,
                 min_image_size=8, allow_hosts=["127.0.0.1"])
     return IngestConfig(**(base | kw))
 

@@ -1,6 +1,7 @@
 """The evaluation harness: exact metrics with a model whose embeddings are fixed, and a real tiny model."""
 
 import io
+import json
 import os
 import tarfile
 
@@ -125,6 +126,11 @@ def test_evaluate_a_tiny_checkpoint_on_the_synthetic_eval_set(tiny_world, tmp_pa
     tasks = load_tasklist(str(demo_config_path().parent / "tasks" / "demo.yaml"), {"world": tiny_world["path"]})
     summary = evaluate("winnow-tiny-clip", str(ckpt), tasks, str(tmp_path / "eval"), device="cpu", log=lambda m: None)
     assert set(summary["tasks"]) == {"synthetic-shapes", "synthetic-shapes-retrieval"}
-    assert 0 <= summary["average"] <= 1
-    lines = (tmp_path / "eval" / "eval_results.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and '"main_metric"' in lines[0]
+    lines = [json.loads(line) for line in (tmp_path / "eval" / "eval_results.jsonl").read_text().splitlines()]
+    assert [line["key"] for line in lines] == ["synthetic-shapes", "synthetic-shapes-retrieval"]
+    mains = [line["metrics"][task.main_metric] for line, task in zip(lines, tasks)]
+    assert mains == [line["metrics"]["main_metric"] for line in lines] == list(summary["tasks"].values())
+    assert summary["average"] == pytest.approx(sum(mains) / 2)
+    # the results are this checkpoint's: the same tasks computed directly give the same numbers
+    direct = [run_task(t, Context(*load("winnow-tiny-clip", str(ckpt)), device="cpu")) for t in tasks]
+    assert [d[t.main_metric] for d, t in zip(direct, tasks)] == pytest.approx(mains, abs=1e-9)

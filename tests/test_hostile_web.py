@@ -23,7 +23,7 @@ from pipeline.synth.hostile import SECRET, Canary, HostileServer, hostile_rows
 
 pytestmark = pytest.mark.e2e
 
-CONFIG = dict(shard_size=16, timeout=2.0, deadline=4.0, retries=1, stall_seconds=30.0, thread_count=16,
+CONFIG = dict(shard_size=16, timeout=5.0, deadline=10.0, retries=1, stall_seconds=60.0, thread_count=16,
               min_image_size=0)
 
 
@@ -109,7 +109,7 @@ def test_images_in_odd_modes_arrive_as_correct_8bit_rgb(hostile):
 
 
 def test_run_time_is_bounded_by_the_deadline_not_by_the_server(hostile):
-    # trickles last 150 s and endless bodies 1 GiB on the server side; the per-URL deadline is 4 s
+    # trickles last 150 s and endless bodies 1 GiB on the server side; the per-URL deadline is 10 s
     assert hostile["elapsed"] < 100
 
 

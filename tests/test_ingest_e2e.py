@@ -134,8 +134,8 @@ def test_same_command_runs_on_an_existing_scheduler(tmp_path, tiny_world):
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             WebPoolServer(tiny_world["path"], port=tiny_world["port"]):
         result = subprocess.run([sys.executable, "-m", "workflows.cli", "ingest", str(tmp_path / "urls.parquet"),
-                                 str(pool), "--scheduler", cluster.scheduler_address, "--set", "ingest.timeout=2",
-                                 "--set", "ingest.deadline=4", "--set", "ingest.stall_seconds=10",
+                                 str(pool), "--scheduler", cluster.scheduler_address, "--set", "ingest.timeout=5",
+                                 "--set", "ingest.deadline=10", "--set", "ingest.stall_seconds=30",
                                  "--set", "ingest.allow_hosts=[127.0.0.1]"], capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr
     assert f"connected to Dask scheduler {cluster.scheduler_address}" in result.stderr

@@ -1,21 +1,30 @@
-"""A run killed in the middle of ingest, then rerun, yields the same shards as an uninterrupted run."""
+"""A run killed in the middle of ingest, then rerun, yields the same shards as an uninterrupted run.
+
+The kill lands at a chosen point: one row of shard 3 points at a loopback URL that answers only when released.
+With one worker the shards run in order, so when that request arrives shards 0-2 are committed and 3-7 are not;
+the whole command (its Dask workers and download processes too) is then killed with SIGKILL.
+"""
 
 import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 
+import pandas as pd
 import pytest
 import yaml
 from helpers import tiny_ingest_config
 
 from pipeline.data import shards
 from pipeline.stages.ingest import ingest
+from pipeline.synth.hostile import HostileServer
 from pipeline.synth.server import WebPoolServer
+from pipeline.synth.world import read_truth
 
 pytestmark = pytest.mark.e2e
+
+SHARD, HELD = 25, 3  # rows per shard; the shard whose first row is held
 
 
 def _samples(pool):
@@ -32,36 +41,37 @@ def _samples(pool):
 
 
 def test_killed_ingest_resumes_without_redoing_finished_shards(tiny_world, local_cluster, tmp_path):
-    urls = os.path.join(tiny_world["path"], "urls.parquet")
-    cfg = tiny_ingest_config(shard_size=30)  # 8 shards
+    truth = read_truth(tiny_world["path"])
+    rows = pd.read_parquet(os.path.join(tiny_world["path"], "urls.parquet"))
+    rows = rows[~truth["defect"].isin(["hang", "slow"]).to_numpy()].iloc[:8 * SHARD].reset_index(drop=True)
+    cfg = tiny_ingest_config(shard_size=SHARD)
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump({"ingest": asdict(cfg)}))
     killed, reference = str(tmp_path / "killed"), str(tmp_path / "reference")
-    with WebPoolServer(tiny_world["path"], port=tiny_world["port"]):
-        ingest(urls, reference, cfg, local_cluster, log=lambda m: None)
-
+    with WebPoolServer(tiny_world["path"], port=tiny_world["port"]), HostileServer() as hold:
+        rows.loc[HELD * SHARD, "url"] = f"{hold.url}/hold"
+        rows.to_parquet(tmp_path / "urls.parquet")
+        urls = str(tmp_path / "urls.parquet")
         proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "ingest", urls, killed, "--config",
-                                 str(config_file), "--workers", "2"], start_new_session=True,
+                                 str(config_file), "--workers", "1"], start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            done = [n for n in os.listdir(killed)] if os.path.isdir(killed) else []
-            if any(n.endswith("_stats.json") for n in done):
-                break
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # the command, its Dask workers and their download processes
-        proc.wait()
-
+        try:
+            assert hold.held.wait(180), "the held row was never requested"
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the command, its Dask worker and its download process
+            proc.wait()
         committed = [i for i in range(8) if os.path.exists(shards.paths(killed, i)["stats"])]
-        assert 1 <= len(committed) < 8, "the kill should land in the middle of the run"
+        assert committed == list(range(HELD))
         assert not os.path.exists(os.path.join(killed, "_manifest.json"))
         before = {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns)
                   for i in committed for p in shards.paths(killed, i).values()}
 
+        hold.release.set()
+        ingest(urls, reference, cfg, local_cluster, log=lambda m: None)
         messages = []
         ingest(urls, killed, cfg, local_cluster, log=messages.append)
 
-    assert any(f"resuming: {len(committed)} of 8 shards already done" in m for m in messages)
+    assert any(f"resuming: {HELD} of 8 shards already done" in m for m in messages)
     after = {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in before}
     assert after == before, "finished shards were rewritten"
     assert _samples(killed) == _samples(reference)

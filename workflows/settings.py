@@ -31,7 +31,7 @@ class DemoConfig:
     """What the demo does after ingest.
 
     Args:
-        scale / arch: the fixed training recipe every trained subset gets (pipeline/scales.py); the same
+        scale / arch: the fixed training recipe every trained subset gets (pipeline/models/scales.py); the same
             samples seen, batch, schedule and model for all, so only the data differs.
         seeds: training seeds per subset; with several, the table shows mean and spread.
         train: subsets trained and evaluated; ``no_filter`` is always trained first, and its model (seed
