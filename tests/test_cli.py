@@ -73,6 +73,7 @@ def test_ledger_and_register_on_wrong_folders(tmp_path):
     assert_user_error(winnow("serve", str(tmp_path)), "not a synthetic world")
 
 
+@pytest.mark.e2e
 def test_busy_port_is_reported(tiny_world):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

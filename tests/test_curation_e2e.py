@@ -126,6 +126,11 @@ def test_subset_reshard_and_train_with_open_clip_train(embedded, local_cluster, 
 
         direct = run_task(tasks[0], Context(model, *load(arch, ckpt)[1:], device="cpu"))  # the same model, by hand
         assert summary["tasks"]["synthetic-shapes"] == pytest.approx(direct["acc1"], abs=1e-9)
+    # the same shards, config and seed give the same weights
+    again = train(shard_dir, str(tmp_path / "logs2"), arch, TrainConfig(model=arch, samples_seen=64, batch_size=16,
+                                                                        warmup=1), log=lambda m: None)
+    first, second = (load(arch, c)[0].state_dict() for c in (ckpt, again))
+    assert all(first[k].equal(second[k]) for k in first)
     # the Patch Mixing augmentation runs inside the same trainer
     train(shard_dir, str(tmp_path / "logs"), "pm", TrainConfig(samples_seen=64, batch_size=16, warmup=1,
                                                               patch_mixing=1.0), log=lambda m: None)

@@ -66,6 +66,7 @@ def demo_dist(tmp_path_factory):
     return {"world": world, "out": out, "summary": summary, "cfg": cfg.demo.dist}
 
 
+@pytest.mark.e2e
 def test_demo_set_is_written_with_its_manifest_and_passes_its_gates(demo_dist):
     out, summary, cfg = demo_dist["out"], demo_dist["summary"], demo_dist["cfg"]
     manifest = pd.read_parquet(os.path.join(out, "manifest.parquet"))
@@ -92,6 +93,7 @@ def test_demo_set_is_written_with_its_manifest_and_passes_its_gates(demo_dist):
     assert {Image.open(io.BytesIO(b)).size for t in triplets[:5] for b in t} == {(cfg.size, cfg.size)}
 
 
+@pytest.mark.e2e
 def test_reference_models_score_near_chance_on_the_demo_set(demo_dist):
     """Raw pixels and another network's texture statistics cannot find the original: the syntheses leak no
     low-level or texture cue (95% interval contains chance, and the accuracy stays within 0.12 of it)."""
@@ -113,6 +115,7 @@ def test_reference_models_score_near_chance_on_the_demo_set(demo_dist):
         assert m["acc_ci_low"] > 0.6, (kind, m)
 
 
+@pytest.mark.e2e
 def test_build_is_deterministic_and_evaluates_as_a_task(demo_dist, tmp_path):
     from pipeline.stages.evaluate import evaluate
     from pipeline.tasks import load_tasklist

@@ -141,3 +141,11 @@ def test_same_command_runs_on_an_existing_scheduler(tmp_path, tiny_world):
     assert f"connected to Dask scheduler {cluster.scheduler_address}" in result.stderr
     assert "Dask dashboard at http" in result.stderr
     assert "ok + failed" in result.stdout and shards.read_stats(str(pool), 0)["successes"] == 10
+
+
+def test_tar_samples_are_in_key_order_whatever_order_downloads_finished(ingested):
+    """Downloads finish in any order; the pool's tars do not depend on it (so resharding and training on them
+    are repeatable)."""
+    for i in shards.list_shards(ingested["pool"]):
+        keys = [s["__key__"] for s in shards.iter_tar(shards.paths(ingested["pool"], i)["tar"])]
+        assert keys == sorted(keys) and len(keys) == shards.read_stats(ingested["pool"], i)["successes"]

@@ -64,6 +64,7 @@ def test_area_under_curve_is_normalised():
         patch_count(1.5, 7)
 
 
+@pytest.mark.e2e
 def test_patchmix_evalset_from_the_tiny_world(tiny_world, tmp_path):
     import os
 

@@ -16,6 +16,8 @@ from pipeline.stages.register import register
 from pipeline.run.runner import ClusterConfig, Runner
 from pipeline.data.uid import uids_to_array
 
+pytestmark = pytest.mark.e2e  # real CLI processes, loopback servers, a Dask cluster, mounted disks
+
 UIDS = [f"{i:032x}" for i in range(1, 7)]
 
 

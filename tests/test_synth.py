@@ -15,6 +15,7 @@ def test_plan_is_deterministic_per_seed():
     assert not a["uid"].equals(c["uid"])
 
 
+@pytest.mark.e2e  # a statistical check over a 20,000-row plan: too slow for the fast tier
 def test_defect_rates_match_the_documented_rates():
     cfg = SynthConfig(seed=0, n_pool=20_000)
     counts = plan_pool(cfg)["defect"].value_counts()
@@ -69,6 +70,7 @@ def test_bad_synth_configs_are_user_errors():
         SynthConfig(rates=DefectRates(mismatch=0.9, non_english=0.1))
 
 
+@pytest.mark.e2e
 def test_world_layout_and_disjoint_sets(tiny_world):
     import os
     world = tiny_world["path"]

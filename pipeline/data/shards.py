@@ -135,6 +135,18 @@ class TarWriter:
             self._file_ctx.__exit__(*exc)
 
 
+def sort_tar(path: str) -> None:
+    """Rewrite a local WebDataset tar with its samples in key order (a sample's members stay together, in their
+    order). Downloads finish in any order; a pool's tars should not depend on it."""
+    with tarfile.open(path, "r:") as src:
+        members = [m for m in src.getmembers() if m.isfile()]
+        order = sorted(range(len(members)), key=lambda i: (members[i].name.partition(".")[0], i))
+        with TarWriter(path) as out:  # replaces the file when done; the open source stays readable meanwhile
+            for i in order:
+                m = members[i]
+                out.add(m.name, src.extractfile(m).read(), mtime=m.mtime, mode=m.mode)
+
+
 def write_shard(pool: str, shard_id: int, rows: list[dict], images: dict[str, bytes], captions_key: str = "caption",
                 extra_stats: dict | None = None) -> dict:
     """Write one complete shard (tar, parquet, then stats last), each file atomically.

@@ -12,7 +12,8 @@ resizer), and answers one JSON line. Four things are Winnow's:
 - the resizer first runs :func:`pipeline.data.images.inspect_image` (non-images, truncation, decompression bombs) and
   converts 16-bit images to 8 bits, which OpenCV would clip;
 - the sample writer (:class:`ShardWriter`): the tar webdataset's ``TarWriter`` would write (members in extension
-  order, mode 0444) with a fixed mtime, so a shard's bytes depend only on its samples, and one parquet.
+  order, mode 0444) with a fixed mtime and the samples in key order, so a shard's bytes depend only on its
+  samples, not on the order the downloads finished in; and one parquet.
 
 A write that fails with an OS error (disk full, read-only folder) ends the shard at once with one message,
 instead of one traceback per remaining sample. img2dataset's package ``__init__`` imports its command line and,
@@ -71,7 +72,8 @@ class ShardWriter:
         from pipeline.data.shards import TarWriter
 
         name = f"{shard_id:0{oom_shard_count}d}"
-        self.tar = TarWriter(os.path.join(output_folder, f"{name}.tar"))
+        self.tar_path = os.path.join(output_folder, f"{name}.tar")
+        self.tar = TarWriter(self.tar_path)
         self.parquet = os.path.join(output_folder, f"{name}.parquet")
         self.schema, self.rows = schema, []
         self.save_caption, self.ext = save_caption, encode_format
@@ -90,7 +92,10 @@ class ShardWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        from pipeline.data.shards import sort_tar
+
         self.tar.__exit__(None, None, None)
+        sort_tar(self.tar_path)  # samples in key order, whatever order the downloads finished in
         pq.write_table(pa.Table.from_pylist(self.rows, schema=self.schema), self.parquet)
 
 

@@ -33,6 +33,21 @@ def use_draft_decoding(side: int) -> None:
     ImageHandler.__call__ = decode
 
 
+def use_seeded_shuffle(seed: int) -> None:
+    """webdataset's sample shuffle seeds itself from the clock and the process id; give it the run's seed, so the
+    same shards, config and seed give the same batches and the same weights (on the CPU)."""
+    import random
+
+    import webdataset
+
+    clocked = webdataset.shuffle
+
+    def shuffle(bufsize=1000, initial=100, rng=None, handler=None):
+        return clocked(bufsize, initial, rng=rng or random.Random(seed), handler=handler)
+
+    webdataset.shuffle = shuffle  # open_clip_train.data calls wds.shuffle(...) when it builds its pipeline
+
+
 def use_patch_mixing(prob: float, r_max: float, grid: int, smoothing: float) -> None:
     """Wrap open_clip_train's ``train_one_epoch``: the model mixes each batch, the loss uses soft targets."""
     import torch
@@ -70,6 +85,8 @@ def use_patch_mixing(prob: float, r_max: float, grid: int, smoothing: float) -> 
 
 if __name__ == "__main__":
     register()
+    args = sys.argv[1:]
+    use_seeded_shuffle(int(args[args.index("--seed") + 1]) if "--seed" in args else 0)
     if os.environ.get("WINNOW_DRAFT_SIDE"):
         use_draft_decoding(int(os.environ["WINNOW_DRAFT_SIDE"]))
     if os.environ.get("WINNOW_PATCH_MIXING"):
