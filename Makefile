@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/winnow demo --out $(OUT)
 
-test: $(STAMP)  # the fast tier (unit tests, under a minute), then the end-to-end tier
-	$(BIN)/python -m pytest -q -ra -m "not e2e and not gpu"
-	$(BIN)/python -m pytest -q -ra -m "e2e and not gpu"
+test: $(STAMP)  # the fast tier (unit tests, under a minute), then the end-to-end tier; two processes each
+	$(BIN)/python -m pytest -q -ra -n 2 -m "not e2e and not gpu"
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile -m "e2e and not gpu"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ingest.py

@@ -248,11 +248,11 @@ def test_a_full_disk_is_one_line_and_keeps_finished_shards(tmp_path, tiny_world,
 
     urls = _quick_urls(tiny_world).iloc[:60]
     urls.to_parquet(tmp_path / "u.parquet")
-    disk = mounted("size=400k")
+    disk = mounted("size=1500k")
     pool = disk / "pool"
     with WebPoolServer(tiny_world["path"], port=tiny_world["port"]):
         result = winnow("ingest", str(tmp_path / "u.parquet"), str(pool), "--scheduler", "sync",
-                        "--set", "ingest.shard_size=10", "--set", "ingest.allow_hosts=[127.0.0.1]",
+                        "--set", "ingest.shard_size=5", "--set", "ingest.allow_hosts=[127.0.0.1]",
                         "--set", "ingest.timeout=5", "--set", "ingest.deadline=10", "--set", "ingest.stall_seconds=30")
     one_line(result, 1, "disk full", "No space left on device", "finished shards are kept", "rerun")
     finished = [n for n in os.listdir(pool) if n.endswith("_stats.json")]
