@@ -50,7 +50,7 @@ def test_texture_network_is_fixed_by_its_seed_and_sized_to_the_image():
 
 
 @pytest.fixture(scope="module")
-def demo_dist(tmp_path_factory):
+def demo_dist(tmp_path_factory):  # minutes of L-BFGS on 2 cores: its tests get a long hang guard (900 s)
     """The demo's DiST set: the demo world's evaluation images (rendered alone) through the demo's settings."""
     from pipeline.run.runner import ClusterConfig, Runner
     from pipeline.synth.world import build_world
@@ -67,6 +67,7 @@ def demo_dist(tmp_path_factory):
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(900)
 def test_demo_set_is_written_with_its_manifest_and_passes_its_gates(demo_dist):
     out, summary, cfg = demo_dist["out"], demo_dist["summary"], demo_dist["cfg"]
     manifest = pd.read_parquet(os.path.join(out, "manifest.parquet"))
@@ -94,6 +95,7 @@ def test_demo_set_is_written_with_its_manifest_and_passes_its_gates(demo_dist):
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(900)
 def test_reference_models_score_near_chance_on_the_demo_set(demo_dist):
     """Raw pixels and another network's texture statistics cannot find the original: the syntheses leak no
     low-level or texture cue (95% interval contains chance, and the accuracy stays within 0.12 of it)."""
@@ -116,6 +118,7 @@ def test_reference_models_score_near_chance_on_the_demo_set(demo_dist):
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(900)
 def test_build_is_deterministic_and_evaluates_as_a_task(demo_dist, tmp_path):
     from pipeline.stages.evaluate import evaluate
     from pipeline.tasks import load_tasklist
