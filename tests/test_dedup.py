@@ -1,11 +1,13 @@
-"""Dedup building blocks on planted embeddings: exact search vs IVF, groups, keep order, selection rule."""
+"""Dedup on planted embeddings: the cluster search against exact search, groups, keep order, SemDeDup, the
+selection rule; on a DataComp-shaped metadata folder, in-process."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.stages.dedup import DedupConfig, build_index, components, dropped_uids, group_rows, keep_order, normalize, search_edges, semantic
 from pipeline.core.errors import UserError
+from pipeline.stages.dedup import DedupConfig, dedup, dropped_uids, read_table
+from pipeline.stages.dedup_tasks import best_earlier, components, group_rows, keep_order, normalize
 
 
 def planted(n=3000, d=64, copies=200, seed=0):
@@ -18,21 +20,48 @@ def planted(n=3000, d=64, copies=200, seed=0):
     return normalize(np.concatenate([x, dup])), src, np.arange(n, n + copies)
 
 
-def pairs(index, x, cfg):
-    edges = search_edges(index, x, 0, cfg)
-    return {(int(a), int(b)) for a, b, _ in edges}
+def metadata_folder(path, x, files=3, seed=0):
+    """A DataComp-shaped metadata folder: <hex>.parquet (uid, text, sha256, clip score) beside <hex>.npz."""
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    uid = np.array([f"{i:032x}" for i in rng.permutation(n)])
+    sha = np.array([f"{i:064x}" for i in range(n)])
+    sha[5], sha[9] = sha[3], sha[3]  # three rows with identical image bytes
+    score = rng.uniform(0.1, 0.4, n).astype(np.float32)
+    for j, rows in enumerate(np.array_split(np.arange(n), files)):
+        stem = f"{j:032x}"
+        pd.DataFrame({"uid": uid[rows], "text": [f"photo {i}" for i in rows], "sha256": sha[rows],
+                      "clip_l14_similarity_score": score[rows]}).to_parquet(path / f"{stem}.parquet")
+        np.savez(path / f"{stem}.npz", l14_img=x[rows].astype(np.float16), l14_txt=x[rows].astype(np.float16))
+    return {"uid": uid, "score": score}
 
 
-def test_planted_copies_are_found_and_ivf_agrees_with_exact_search():
+def near_pairs(table, uid):
+    """Planted pairs (as uid sets) that the table puts in one near-duplicate group."""
+    near = table[table["kind"] == "near"].set_index("uid")["group"]
+    return lambda a, b: uid[a] in near.index and uid[b] in near.index and near[uid[a]] == near[uid[b]]
+
+
+def test_planted_copies_are_found_and_the_cluster_search_agrees_with_exact_search(tmp_path):
     x, src, dup = planted()
-    cfg = DedupConfig(near_threshold=0.95)
-    exact = pairs(build_index(x, cfg), x, cfg)
-    assert {(int(a), int(b)) for a, b in zip(src, dup)} <= exact  # every planted copy at the threshold
-    ivf_cfg = DedupConfig(near_threshold=0.95, flat_max=100, nlist=32, nprobe=8)
-    index = build_index(x, ivf_cfg)
-    assert type(index).__name__ == "IndexRefine"  # IVF-PQ candidates, re-ranked
-    approx = pairs(index, x, ivf_cfg)
-    assert len(approx & exact) / len(exact) >= 0.95 and approx <= exact | approx
+    (tmp_path / "meta").mkdir()
+    meta = metadata_folder(tmp_path / "meta", x)
+    exact_doc = dedup(str(tmp_path / "meta"), DedupConfig(), None, out=str(tmp_path / "exact"), log=lambda m: None)
+    exact = read_table(str(tmp_path / "exact" / "duplicates.parquet"))
+    same = near_pairs(exact, meta["uid"])
+    assert exact_doc["search"] == "exact" and all(same(a, b) for a, b in zip(src, dup))
+    cfg = DedupConfig(flat_max=100, semantic_clusters=300, worker_memory_gib=0.002)  # two levels, many buckets
+    doc = dedup(str(tmp_path / "meta"), cfg, None, out=str(tmp_path / "clusters"), log=lambda m: None)
+    assert doc["clusters"] > 256 and "nprobe 3" in doc["search"]
+    approx = read_table(str(tmp_path / "clusters" / "duplicates.parquet"))
+    found = near_pairs(approx, meta["uid"])
+    assert np.mean([found(a, b) for a, b in zip(src, dup)]) >= 0.95
+    e, a = (set(t.loc[t["kind"] == "near", "uid"]) for t in (exact, approx))
+    assert len(a & e) / len(e) >= 0.95 and a <= e  # near members: most of exact search's, nothing it lacks
+    for kind in ("exact_image", "exact_pair"):  # exact groups do not depend on the search
+        assert set(exact.loc[exact["kind"] == kind, "uid"]) == set(approx.loc[approx["kind"] == kind, "uid"])
+    assert set(exact.loc[exact["kind"] == "exact_image", "uid"]) == set(meta["uid"][[3, 5, 9]])
+    assert not (tmp_path / "clusters" / "_work").exists()  # the tasks' files are gone once the table is written
 
 
 def test_components_and_keep_order_are_deterministic():
@@ -46,12 +75,13 @@ def test_components_and_keep_order_are_deterministic():
     assert (table["group"] == "a" * 32).all() and table["kept"].sum() == 1
 
 
-def test_semantic_dedup_marks_copies_at_every_eps_in_one_pass():
+def test_semdedup_similarity_is_the_largest_cosine_to_an_earlier_row():
     x, src, dup = planted(n=1000, copies=50)
-    rank = np.arange(len(x))  # sources rank before their copies
-    _, sim = semantic(x, rank, n_clusters=8)
-    assert (sim[dup] > 1 - 0.02).all()  # each copy is within eps 0.02 of its (better-ranked) source
-    assert (sim[src] < sim[dup]).mean() > 0.9
+    best = best_earlier(x, chunk=97)  # blocks smaller than the rows: the block edges must not matter
+    sims = x @ x.T
+    ref = np.array([sims[:j, j].max() if j else -1.0 for j in range(len(x))])
+    assert np.allclose(best, ref, atol=1e-5)
+    assert (best[dup] > 1 - 0.02).all()  # each copy is within eps 0.02 of its (earlier) source
 
 
 def test_exclude_duplicates_rule_drops_the_non_kept_members():

@@ -2,7 +2,9 @@
 
 Writes are atomic. On a local file system a file is written under a temporary name in the same folder and then
 renamed over the target (``os.replace``), so a killed process never leaves a truncated file at the final name.
-On object stores an upload only becomes visible when it completes, which gives the same guarantee.
+On an object store a file is written to a local temporary file first and uploaded only when the block completed
+(an upload, single or multipart, becomes visible only when it completes): an exception or a kill mid-write
+leaves nothing under the final name.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
@@ -22,7 +25,11 @@ TMP_MARK = ".tmp-"
 
 
 def get_fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The file system and its path for ``path``. Object-store listings are never taken from a cache: other
+    processes (the workers) write while this one reads."""
     fs, p = fsspec.core.url_to_fs(str(path))
+    if not isinstance(fs, LocalFileSystem):
+        fs.invalidate_cache()
     return fs, p
 
 
@@ -88,8 +95,13 @@ def atomic_open(path: str, mode: str = "wb", fsync: bool = True) -> Iterator[IO[
             if os.path.exists(tmp):
                 os.remove(tmp)
     else:
-        with fs.open(p, mode) as f:
-            yield f
+        fd, tmp = tempfile.mkstemp(prefix="winnow-upload-")
+        try:
+            with os.fdopen(fd, mode) as f:
+                yield f
+            fs.put_file(tmp, p)
+        finally:
+            os.remove(tmp)
 
 
 def atomic_move(src_local: str, dst: str) -> None:
@@ -116,6 +128,14 @@ def read_json(path: str) -> Any:
     fs, p = get_fs(path)
     with fs.open(p, "rb") as f:
         return json.load(f)
+
+
+@contextlib.contextmanager
+def open_read(path: str, mode: str = "rb") -> Iterator[IO[Any]]:
+    """A file object for reading ``path``, local or remote (for readers such as pyarrow's that take one)."""
+    fs, p = get_fs(path)
+    with fs.open(p, mode) as f:
+        yield f
 
 
 def read_bytes(path: str) -> bytes:

@@ -5,18 +5,22 @@
 
 - ``exact_image``: identical image bytes (the pool's ``sha256`` column, computed by img2dataset).
 - ``exact_pair``: identical image bytes and identical normalised caption (lower case, collapsed spaces).
-- ``near``: image-embedding cosine >= ``near_threshold`` (connected components of the >= threshold graph).
-  Search: exact ``IndexFlatIP`` up to ``flat_max`` images; above, IVF with 4-bit PQ fast-scan codes and an fp16
-  re-ranking stage (``nlist`` lists, ``nprobe`` probed; recall against exact search is measured by
-  ``benchmarks/bench_dedup.py``);
-  ``faiss-gpu`` is used when faiss sees a GPU. The index is built once; queries run as one Dask task per shard
-  (each loads the index and its own shard's embeddings), so memory per worker is the index plus one shard.
-- ``semantic``: SemDeDup: faiss k-means over the embeddings; within each cluster, ``similarity`` is a sample's
+- ``near``: image-embedding cosine >= ``near_threshold`` (connected components of the >= threshold graph; each
+  image's ``k`` most similar count). Search: exact over all images up to ``flat_max`` of them (one task holding
+  them); above, within clusters: each image is compared, exactly, with the images of its nearest cluster and of
+  up to ``nprobe`` - 1 more clusters whose centroid is within ``probe_margin`` of the nearest one's (recall
+  against exact search is measured by ``benchmarks/bench_dedup.py``).
+- ``semantic``: SemDeDup: spherical k-means trained on a sample; within each cluster, ``similarity`` is a sample's
   largest cosine to any member ranked before it (by the keep order below). It is a duplicate at ``eps`` when
   ``similarity > 1 - eps``: rows are kept for the largest of ``semantic_eps`` so that any of them (or any
   smaller eps) can be chosen at selection time without recomputing; ``kept`` is for the first eps listed.
 - ``contaminated``: the image is a near duplicate (cosine >= ``contamination_threshold``) of an image of an
   evaluation set (``decontaminate``: eval set folders); ``group`` names the eval image, ``kept`` is False.
+
+Memory is bounded per process, whatever the pool's size: every pass is a task of one part (its rows and
+embeddings) or of one bucket of clusters or of exact-duplicate hashes, sized from ``worker_memory_gib``; the
+driver holds the training sample (also sized from it) and, at the end, the duplicates themselves. The steps
+are in :mod:`pipeline.stages.dedup_tasks`. Any fsspec URL works for the pool and the output.
 
 Keep order, deterministic whatever the worker count: the highest image-text cosine (the CLIP score under
 ``keep_tag``, by default ``tag``; samples without a caption embedding rank last), then the smallest uid. In each
@@ -27,21 +31,46 @@ group the first sample in that order is kept. Selection drops the rest with the 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from pipeline.core import fsio
-from pipeline.data import manifest, shards
 from pipeline.core.errors import UserError
+from pipeline.data import manifest, shards
+from pipeline.data.parts import list_parts
 from pipeline.data.pool import require_finished
 from pipeline.run.stage import Stage
+from pipeline.stages.dedup_tasks import (
+    TABLE_COLUMNS,
+    AssignTask,
+    BucketTask,
+    ExactTask,
+    FlatTask,
+    ScanTask,
+    assign_part,
+    cluster_bucket,
+    components,
+    exact_bucket,
+    group_rows,
+    keep_order,
+    load_npz_arrays,
+    near_flat,
+    normalize,
+    read_frame,
+    save_npz,
+    scan_part,
+    train_clusters,
+)
 
-K_FACTOR = 4  # IVF-PQ candidates re-ranked exactly per neighbour kept
 KINDS = ("exact_image", "exact_pair", "near", "semantic", "contaminated")
 TABLE = "duplicates.parquet"
+WORK = "_work"  # the tasks' intermediate files, removed when the table is written
+CLUSTER_ROWS = 2_000  # default clusters: sqrt(n) / 3, or more so that a cluster holds about this many rows
+EXACT_ROW_BYTES = 160  # an exact-duplicate record in memory (uid, score, two hashes, pandas overhead)
+SAMPLE_ROW_BYTES = 4 * 768 * 3  # a training-sample row (float32 up to 768-d, with k-means' working copies)
+BUCKET_ROW_BYTES_PER_DIM = 12  # a bucket row per dimension: float16 copy, float32 normalised, search buffers
 
 
 @dataclass
@@ -51,12 +80,19 @@ class DedupConfig:
         keep_tag: embeddings whose image-text cosine orders the keep policy (default: ``tag``; set it when
             ``tag`` is an image-only descriptor such as ``copy``).
         near_threshold: cosine at or above which two images are near duplicates.
-        flat_max: exact search up to this many images; IVF-PQ with exact re-ranking above.
-        nlist / nprobe: IVF lists (0: about 2 x sqrt(n)) and lists probed per query.
+        flat_max: exact search over all images up to this many of them (one task holds them: 200,000 x 512-d
+            is 0.4 GB); above, search within clusters.
+        nprobe: clusters an image is compared within, at most (above ``flat_max``).
+        probe_margin: a cluster beyond the nearest is searched when its centroid's cosine to the image is within
+            this margin of the nearest centroid's (two copies at cosine 0.95 differ by about 0.014 per centroid
+            cosine at 512-d, so 0.05 misses few; a larger margin copies more rows).
         k: neighbours retrieved per query (groups larger than k are still joined through their members).
-        semantic_clusters: k-means clusters for SemDeDup (0: sqrt(n) / 3, which balances the k-means cost against
-            the pairwise cost within clusters: 333 clusters of 3,000 at 1M; SemDeDup used 50,000 clusters of
-            about 8,800 for LAION-440M).
+        semantic_clusters: k-means clusters for SemDeDup and the search (0: sqrt(n) / 3, or n / 2,000 when that
+            is more, which bounds the pairwise work within clusters: 24 clusters at 5,000 images, 667 at 1M,
+            6,400 at 12.8M; SemDeDup used 50,000 clusters of about 8,800 for LAION-440M). Above 256 clusters,
+            two levels: sqrt(k) coarse clusters, each split by its share of the sample.
+        worker_memory_gib: memory each task may use; sizes the buckets and the training sample (see the
+            README's dedup figures).
         semantic_eps: SemDeDup eps values computed in one pass (duplicate when cosine > 1 - eps).
         decontaminate: evaluation set folders (clip_benchmark layout) whose images the pool must not contain.
         contamination_threshold: cosine at or above which a pool image copies an eval image.
@@ -67,14 +103,15 @@ class DedupConfig:
     keep_tag: str = ""
     near_threshold: float = 0.95
     flat_max: int = 200_000
-    nlist: int = 0
-    nprobe: int = 16
+    nprobe: int = 3
+    probe_margin: float = 0.05
     k: int = 16
     semantic_clusters: int = 0
     semantic_eps: list[float] = field(default_factory=lambda: [0.05, 0.02, 0.01])
     decontaminate: list[str] = field(default_factory=list)
     contamination_threshold: float = 0.9
     device: str = "auto"
+    worker_memory_gib: float = 2.0
 
     def __post_init__(self) -> None:
         if not -1 <= self.near_threshold <= 1 or not -1 <= self.contamination_threshold <= 1:
@@ -83,187 +120,8 @@ class DedupConfig:
             raise UserError("dedup.semantic_eps: give one or more values in (0, 1)")
         if self.k < 2 or self.nprobe < 1:
             raise UserError("dedup: k must be >= 2 and nprobe >= 1")
-
-
-# ------------------------------------------------------------------------------------------------ building blocks
-def normalize_caption(text) -> str:
-    return re.sub(r"\s+", " ", str(text or "")).strip().lower()
-
-
-def keep_order(uids: np.ndarray, clip_score: np.ndarray) -> np.ndarray:
-    """Rank of every row in the keep order (0 = kept first): highest clip score, then smallest uid."""
-    score = np.where(np.isfinite(clip_score), clip_score, -np.inf)
-    order = np.lexsort((uids.astype(str), -score))
-    rank = np.empty(len(order), np.int64)
-    rank[order] = np.arange(len(order))
-    return rank
-
-
-def components(n: int, edges: np.ndarray) -> np.ndarray:
-    """Connected-component label (the smallest member index) of each of ``n`` nodes, given (m, 2) edges."""
-    parent = np.arange(n)
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in edges:
-        ra, rb = find(int(a)), find(int(b))
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.array([find(i) for i in range(n)])
-
-
-def group_rows(labels: np.ndarray, rows: np.ndarray, rank: np.ndarray, uids: np.ndarray, kind: str,
-               similarity: np.ndarray | None = None) -> pd.DataFrame:
-    """Table rows for every member of a group of two or more: the best-ranked member is kept and names it."""
-    frame = pd.DataFrame({"row": rows, "label": labels})
-    sizes = frame.groupby("label")["row"].transform("size")
-    frame = frame[sizes > 1].copy()
-    if frame.empty:
-        return pd.DataFrame(columns=["uid", "kind", "group", "kept", "similarity"])
-    frame["rank"] = rank[frame["row"].to_numpy()]
-    best = frame.loc[frame.groupby("label")["rank"].idxmin(), ["label", "row"]].set_index("label")["row"]
-    keeper = best.reindex(frame["label"]).to_numpy()
-    return pd.DataFrame({"uid": uids[frame["row"].to_numpy()], "kind": kind, "group": uids[keeper],
-                         "kept": frame["row"].to_numpy() == keeper,
-                         "similarity": similarity[frame["row"].to_numpy()] if similarity is not None else 1.0})
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1)
-
-
-def build_index(x: np.ndarray, cfg: DedupConfig, seed: int = 0):
-    """An inner-product faiss index over normalised rows: exact Flat up to ``flat_max`` rows; above, IVF with
-    4-bit PQ fast-scan codes (d/8 sub-quantisers) whose candidates (``k_factor`` x k) are re-ranked with fp16
-    copies of the vectors, so the cosines compared with the threshold are (nearly) exact."""
-    import faiss
-
-    d = x.shape[1]
-    if len(x) <= cfg.flat_max:
-        index = faiss.IndexFlatIP(d)
-    else:
-        nlist = cfg.nlist or int(2 * np.sqrt(len(x)))
-        m = next(m for m in (d // 8, d // 4, d // 2, d) if d % m == 0 and m % 2 == 0) if d % 2 == 0 else d
-        index = faiss.index_factory(d, f"IVF{nlist},PQ{m}x4fs,Refine(SQfp16)", faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(seed)
-        index.train(x[np.sort(rng.choice(len(x), min(len(x), nlist * 40), replace=False))])
-        _tune(index, cfg)
-    index.add(x)
-    return index
-
-
-def _tune(index, cfg: DedupConfig) -> None:
-    import faiss
-
-    if hasattr(index, "k_factor"):
-        index.k_factor = K_FACTOR
-        faiss.extract_index_ivf(index).nprobe = cfg.nprobe
-
-
-def on_gpu(index):
-    """The index moved to every GPU faiss sees (``faiss-gpu`` installed and a GPU present), else unchanged."""
-    import faiss
-
-    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
-        return faiss.index_cpu_to_all_gpus(index)
-    return index
-
-
-def search_edges(index, queries: np.ndarray, offset: int, cfg: DedupConfig) -> np.ndarray:
-    """(m, 3) array of (query row, neighbour row, cosine) with cosine >= near_threshold, query row < neighbour."""
-    sims, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(cfg.k, index.ntotal))
-    q = np.repeat(np.arange(offset, offset + len(queries)), sims.shape[1]).reshape(sims.shape)
-    hit = (sims >= cfg.near_threshold) & (ids >= 0) & (ids != q)
-    a, b = q[hit], ids[hit]
-    out = np.stack([np.minimum(a, b), np.maximum(a, b), sims[hit]], axis=1) if hit.any() else np.zeros((0, 3))
-    return out
-
-
-def semantic(x: np.ndarray, rank: np.ndarray, n_clusters: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """SemDeDup over normalised rows: (cluster of each row, largest cosine to a better-ranked row of its cluster)."""
-    import faiss
-
-    k = max(1, min(len(x), n_clusters))
-    if k > 1:
-        kmeans = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True)  # trains on <= 256 per centroid
-        kmeans.train(x)
-        _, assign = kmeans.index.search(x, 1)
-        assign = assign[:, 0]
-    else:
-        assign = np.zeros(len(x), np.int64)
-    best = np.full(len(x), -1.0, np.float32)
-    for c in np.unique(assign):
-        members = np.flatnonzero(assign == c)
-        members = members[np.argsort(rank[members])]
-        if len(members) < 2:
-            continue
-        block = x[members]
-        sims = block @ block.T
-        sims[np.tril_indices(len(members))] = -1.0  # only better-ranked (earlier) members count
-        best[members] = sims.max(axis=0)
-    return assign, best
-
-
-# ------------------------------------------------------------------------------------------------ the stage
-@dataclass(frozen=True)
-class QueryTask:
-    index_path: str
-    embeddings: str  # .npy of this part's normalised query rows
-    offset: int
-    out: str  # .npy of its edges
-    config: dict
-
-    @property
-    def marker(self) -> str:
-        return self.out.removesuffix(".npy") + "_stats.json"
-
-
-def query_part(task: QueryTask) -> dict:
-    """Search one part's images against the whole index; write its >= threshold edges (a shard-sized task)."""
-    import faiss
-
-    cfg = DedupConfig(**task.config)
-    index = faiss.read_index(task.index_path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    _tune(index, cfg)
-    index = on_gpu(index)
-    queries = np.load(task.embeddings, allow_pickle=False)
-    edges = search_edges(index, queries, task.offset, cfg)
-    with fsio.atomic_open(task.out, "wb") as f:
-        np.save(f, edges.astype(np.float64))
-    stats = {"edges": int(len(edges))}
-    fsio.write_json(task.marker, stats)  # the commit marker, written last
-    return stats
-
-
-def load_pool(pool: str, tag: str, keep_tag: str = "") -> dict:
-    """uid, sha256, caption, state, image embeddings (``tag``) and clip score (``keep_tag``) of every row."""
-    from pipeline.data.parts import list_parts, load_embeddings, read_part
-
-    from filters.clip import ClipFilter
-
-    scorer = ClipFilter(tag=keep_tag or tag)
-    tables, img, clip, bounds = [], [], [], []
-    for part in list_parts(pool):
-        table = read_part(part, ["uid", "caption", "sha256", scorer.precomputed])
-        emb = load_embeddings(pool, part, tuple(dict.fromkeys((tag, scorer.tag))), None)
-        if "img" not in emb[tag]:
-            raise UserError(f"dedup: embeddings of tag {tag!r} have no images ({tag}_img)")
-        if len(emb[tag]["img"]) != len(table):
-            raise UserError(f"dedup: {part.stem}: {len(emb[tag]['img'])} embeddings for {len(table)} rows; re-embed")
-        bounds.append((part.stem, sum(len(t) for t in tables), len(table)))
-        tables.append(table)
-        img.append(emb[tag]["img"].astype(np.float16))
-        # the clip filter's score (DataComp's precomputed column when there is one); NaN without captions
-        has_txt = scorer.precomputed in table.columns or "txt" in emb[scorer.tag]
-        clip.append(scorer.score(table, emb).to_numpy() if has_txt else np.full(len(table), np.nan))
-    frame = pd.concat(tables, ignore_index=True)
-    return {"frame": frame, "img": np.concatenate(img), "clip": np.concatenate(clip), "parts": bounds}
+        if self.worker_memory_gib <= 0 or self.probe_margin < 0:
+            raise UserError("dedup: worker_memory_gib must be > 0 and probe_margin >= 0")
 
 
 def default_out(pool: str, tag: str) -> str:
@@ -281,107 +139,100 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
                   overwrite=overwrite, protect=[pool, *cfg.decontaminate], log=log)
     if stage.done:
         return stage.manifest
-    data = load_pool(pool, cfg.tag, cfg.keep_tag)
-    frame = data["frame"]
-    uids = frame["uid"].astype(str).to_numpy()
-    ok = (frame["state"] == "ok").to_numpy(dtype=bool, na_value=False) & _finite_rows(data["img"])
-    rank = keep_order(uids, data["clip"])
-    rows = np.flatnonzero(ok)
-    x = _normalized_rows(data["img"], rows)  # float32, one copy: the only full-size array besides the index
-    del data["img"]
-    log(f"dedup: {len(rows):,} images of {len(frame):,} rows, tag {cfg.tag}")
-    tables = [_exact(frame, rows, rank, uids)]
-
-    # near duplicates: one index, queries sharded per part
-    index = build_index(x, cfg)
-    index_path = fsio.join(out, "index.faiss")
-    _write_index(index, index_path)
-    tasks = []
-    for stem, start, count in data["parts"]:
-        local = np.flatnonzero(ok[start: start + count]) + start  # pool rows of this part
-        if not len(local):
-            continue
-        offset = int(np.searchsorted(rows, local[0]))
-        emb_path = fsio.join(out, "queries", f"{stem}.npy")
-        with fsio.atomic_open(emb_path, "wb") as f:
-            np.save(f, x[offset: offset + len(local)])
-        tasks.append(QueryTask(index_path, emb_path, offset, fsio.join(out, "edges", f"{stem}.npy"), asdict(cfg)))
-    stage.map(query_part, tasks, label="dedup search", unit="parts")
-    edges = np.concatenate([np.load(t.out, allow_pickle=False) for t in tasks] or [np.zeros((0, 3))])
-    edges = edges[np.unique(edges[:, :2], axis=0, return_index=True)[1]]  # each pair is found from both ends
-    labels = components(len(rows), edges[:, :2].astype(np.int64))
-    best_sim = np.zeros(len(rows))
-    np.maximum.at(best_sim, edges[:, 0].astype(np.int64), edges[:, 2])
-    np.maximum.at(best_sim, edges[:, 1].astype(np.int64), edges[:, 2])
-    tables.append(group_rows(labels, rows, rank, uids, "near", _spread(best_sim, rows, len(frame))))
-    log(f"dedup: {len(edges):,} near-duplicate pairs (cosine >= {cfg.near_threshold})")
-
-    # semantic (SemDeDup)
-    n_clusters = cfg.semantic_clusters or max(1, round(np.sqrt(len(rows)) / 3))
-    assign, sim = semantic(x, rank[rows], n_clusters)
-    eps_max, eps_kept = max(cfg.semantic_eps), cfg.semantic_eps[0]
-    hit = sim > 1 - eps_max
-    tables.append(pd.DataFrame({"uid": uids[rows[hit]], "kind": "semantic",
-                                "group": [f"cluster-{c}" for c in assign[hit]],
-                                "kept": sim[hit] <= 1 - eps_kept, "similarity": sim[hit].astype(float)}))
-
-    if cfg.decontaminate:
-        tables.append(_contamination(pool, cfg, x, uids[rows], log))
-    table = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) else \
-        pd.DataFrame(columns=["uid", "kind", "group", "kept", "similarity"])
-    table = table.astype({"uid": str, "kind": str, "group": str, "kept": bool, "similarity": float})
-    table = table.sort_values(["kind", "group", "uid"], ignore_index=True)
+    work = fsio.join(out, WORK)
+    parts = list_parts(pool)
+    sizes = [part_rows(p) for p in parts]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+    budget = int(cfg.worker_memory_gib * 2**30)
+    exact_buckets = max(1, -(-sum(sizes) * EXACT_ROW_BYTES // budget))
+    sample_rows = max(1, budget // SAMPLE_ROW_BYTES)
+    evalsets = _embed_evalsets(pool, cfg, work, log) if cfg.decontaminate else ()
+    scans = stage.map(scan_part, [ScanTask(pool, p, o, work, cfg.tag, cfg.keep_tag, min(1.0, sample_rows / max(n, 1)),
+                                           exact_buckets, evalsets, cfg.contamination_threshold)
+                                  for p, o, n in zip(parts, offsets, sizes)], label="dedup scan", unit="parts")
+    n_ok, dim = sum(s["ok"] for s in scans), max([s["dim"] for s in scans] or [1])
+    log(f"dedup: {n_ok:,} images of {sum(sizes):,} rows, tag {cfg.tag}")
+    n_clusters = cfg.semantic_clusters or max(1, round(np.sqrt(n_ok) / 3), -(-n_ok // CLUSTER_ROWS))
+    clusters_path = fsio.join(work, "clusters.npz")
+    if not fsio.exists(clusters_path):
+        sample = [load_npz_arrays(fsio.join(work, "scan", f"{p.stem}.npz"))["sample"] for p in parts]
+        sample = normalize(np.concatenate(sample) if sample else np.zeros((0, dim), np.float16))
+        clusters = train_clusters(sample, n_clusters) if len(sample) else \
+            {"leaves": np.zeros((1, dim), np.float32), "top": np.zeros((0, dim), np.float32), "leaf_top": np.zeros(1)}
+        save_npz(clusters_path, **clusters)
+        del sample
+    n_leaves = len(load_npz_arrays(clusters_path)["leaves"])
+    flat = n_ok <= cfg.flat_max
+    copies = 1 if flat else 1 + 0.5 * (cfg.nprobe - 1)  # expected copies per row, for sizing buckets
+    leaves_per_bucket = max(1, int(budget // BUCKET_ROW_BYTES_PER_DIM // dim / max(1.0, n_ok * copies / n_leaves)))
+    stage.map(assign_part, [AssignTask(pool, p, o, work, cfg.tag, leaves_per_bucket, 1 if flat else cfg.nprobe,
+                                       cfg.probe_margin) for p, o in zip(parts, offsets)],
+              label="dedup assign", unit="parts")
+    stems = tuple(p.stem for p in parts)
+    buckets = [BucketTask(work, b, stems, not flat, cfg.k, cfg.near_threshold, max(cfg.semantic_eps))
+               for b in range(-(-n_leaves // leaves_per_bucket))]
+    if flat:
+        stage.map(near_flat, [FlatTask(pool, tuple(zip(parts, offsets)), work, cfg.tag, cfg.k, cfg.near_threshold)],
+                  label="dedup near (exact search)")
+    stage.map(cluster_bucket, buckets, label="dedup clusters", unit="buckets")
+    stage.map(exact_bucket, [ExactTask(work, b, stems) for b in range(exact_buckets)], label="dedup exact",
+              unit="buckets")
+    names = [f"b{t.bucket}" for t in buckets]
+    table = _table(work, parts, ["flat"] if flat else names, names, exact_buckets, cfg, log)
     shards.write_table(fsio.join(out, TABLE), table)
+    fsio.remove(work)
     counts = {k: int(((table["kind"] == k) & ~table["kept"]).sum()) for k in KINDS}
     for k in cfg.semantic_eps:
         counts[f"semantic@{k:g}"] = int(((table["kind"] == "semantic") & (table["similarity"] > 1 - k)).sum())
     log("dedup: dropped per kind: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
-    return stage.finish(rows={"images": int(len(rows)), "table_rows": int(len(table))}, dropped=counts,
-                        index=type(index).__name__)
+    return stage.finish(rows={"images": int(n_ok), "table_rows": len(table)}, dropped=counts,
+                        search="exact" if flat else f"{n_leaves} clusters, nprobe {cfg.nprobe}",
+                        clusters=int(n_leaves))
 
 
-def _write_index(index, path: str) -> None:
-    import faiss
+def part_rows(part) -> int:
+    import pyarrow.parquet as pq
 
-    tmp = path + ".tmp"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    faiss.write_index(index, tmp)
-    os.replace(tmp, path)
+    with fsio.open_read(part.parquet) as f:
+        return int(pq.ParquetFile(f).metadata.num_rows)
 
 
-def _finite_rows(a: np.ndarray, chunk: int = 262_144) -> np.ndarray:
-    return np.concatenate([np.isfinite(a[s: s + chunk]).all(axis=1) for s in range(0, len(a), chunk)] or
-                          [np.zeros(0, bool)])
+def _table(work: str, parts, near_outputs: list[str], buckets: list[str], exact_buckets: int, cfg: DedupConfig,
+           log) -> pd.DataFrame:
+    """The duplicates table from the tasks' outputs (its size is the number of duplicates, not of the pool)."""
+    groups = fsio.join(work, "groups")
+    tables = [read_frame(fsio.join(work, "exact", f"e{b}.parquet")) for b in range(exact_buckets)]
+    edges = np.concatenate([load_npz_arrays(fsio.join(groups, f"{n}_edges.npz"))["edges"] for n in near_outputs])
+    edges = edges[np.unique(edges[:, :2], axis=0, return_index=True)[1]]  # each pair may be found from both ends
+    members = pd.concat([read_frame(fsio.join(groups, f"{n}_members.parquet")) for n in near_outputs])
+    members = members.drop_duplicates("row").sort_values("row", ignore_index=True)
+    if len(edges):
+        rows = members["row"].to_numpy(np.int64)
+        ends = np.searchsorted(rows, edges[:, :2].astype(np.int64))
+        best = np.zeros(len(rows))
+        np.maximum.at(best, ends[:, 0], edges[:, 2])
+        np.maximum.at(best, ends[:, 1], edges[:, 2])
+        uid = members["uid"].astype(str).to_numpy()
+        tables.append(group_rows(components(len(rows), ends), np.arange(len(rows)),
+                                 keep_order(uid, members["score"].to_numpy(float)), uid, "near", best))
+    log(f"dedup: {len(edges):,} near-duplicate pairs (cosine >= {cfg.near_threshold})")
+    semantic = pd.concat([read_frame(fsio.join(groups, f"{b}_semantic.parquet")) for b in buckets])
+    tables.append(pd.DataFrame({"uid": semantic["uid"], "kind": "semantic", "group": semantic["group"],
+                                "kept": semantic["similarity"] <= 1 - cfg.semantic_eps[0],
+                                "similarity": semantic["similarity"]}))
+    for p in parts:
+        path = fsio.join(work, "contaminated", f"{p.stem}.parquet")
+        if fsio.exists(path):
+            tables.append(read_frame(path))
+    tables = [t for t in tables if len(t)]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=TABLE_COLUMNS)
+    table = table.astype({"uid": str, "kind": str, "group": str, "kept": bool, "similarity": float})
+    return table.sort_values(["kind", "group", "uid"], ignore_index=True)
 
 
-def _normalized_rows(a: np.ndarray, rows: np.ndarray, chunk: int = 262_144) -> np.ndarray:
-    out = np.empty((len(rows), a.shape[1]), np.float32)
-    for s in range(0, len(rows), chunk):
-        out[s: s + chunk] = normalize(a[rows[s: s + chunk]])
-    return out
-
-
-def _spread(values: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
-    full = np.zeros(n)
-    full[rows] = values
-    return full
-
-
-def _exact(frame: pd.DataFrame, rows: np.ndarray, rank: np.ndarray, uids: np.ndarray) -> pd.DataFrame:
-    if "sha256" not in frame.columns:
-        return pd.DataFrame()
-    sha = frame["sha256"].astype(str).to_numpy()[rows]
-    caption = np.array([normalize_caption(c) for c in frame["caption"].to_numpy()[rows]], dtype=object)
-    by_image = pd.factorize(sha)[0]
-    by_pair = pd.factorize(pd.Series(sha) + "\n" + pd.Series(caption))[0]
-    return pd.concat([group_rows(by_image, rows, rank, uids, "exact_image"),
-                      group_rows(by_pair, rows, rank, uids, "exact_pair")], ignore_index=True)
-
-
-def _contamination(pool: str, cfg: DedupConfig, x: np.ndarray, uids: np.ndarray, log) -> pd.DataFrame:
-    """Pool images whose nearest eval image (same model as the pool's embeddings) is within the threshold."""
-    import faiss
-
+def _embed_evalsets(pool: str, cfg: DedupConfig, work: str, log) -> tuple:
+    """Each eval set's images embedded by the model of the pool's tag, through the pool's decoding path
+    (:mod:`pipeline.stages.embed`); ``(name, .npy path)`` pairs for the scan tasks."""
     from pipeline.data.evalsets import read_evalset
     from pipeline.data.images import input_side
     from pipeline.models.encode import cached_model, embed_images
@@ -393,21 +244,18 @@ def _contamination(pool: str, cfg: DedupConfig, x: np.ndarray, uids: np.ndarray,
                         "`winnow embed` (its manifest names the model) first")
     device = default_device() if cfg.device == "auto" else cfg.device
     model, preprocess, _ = cached_model(params["model"], params.get("pretrained", ""), device)
-    frames = []
-    for folder in cfg.decontaminate:  # the eval images through the same decoding as the pool's (pipeline.stages.embed)
-        data = read_evalset(folder)
-        emb = embed_images(model, preprocess, data["images"], device, draft_side=2 * input_side(model))
-        index = faiss.IndexFlatIP(emb.shape[1])
-        index.add(emb)
-        sims, ids = index.search(x, 1)
-        hit = sims[:, 0] >= cfg.contamination_threshold
+    out = []
+    for i, folder in enumerate(cfg.decontaminate):
         name = os.path.basename(os.path.normpath(folder))
-        frames.append(pd.DataFrame({"uid": uids[hit], "kind": "contaminated",
-                                    "group": [f"{name}/{i}" for i in ids[hit, 0]], "kept": False,
-                                    "similarity": sims[hit, 0].astype(float)}))
-        log(f"dedup: {int(hit.sum()):,} pool images copy an image of {folder} (cosine >= "
-            f"{cfg.contamination_threshold})")
-    return pd.concat(frames, ignore_index=True)
+        path = fsio.join(work, "eval", f"{i}.npy")
+        if not fsio.exists(path):
+            data = read_evalset(folder)
+            emb = embed_images(model, preprocess, data["images"], device, draft_side=2 * input_side(model))
+            with fsio.atomic_open(path, "wb") as f:
+                np.save(f, np.ascontiguousarray(emb, dtype=np.float32))
+            log(f"dedup: embedded {len(emb):,} images of {folder} to find their copies")
+        out.append((name, path))
+    return tuple(out)
 
 
 def read_table(path: str) -> pd.DataFrame:

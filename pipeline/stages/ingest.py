@@ -453,7 +453,8 @@ def ingest_shard(task: ShardTask) -> dict:
     cfg = IngestConfig(**task.config)
     start = time.time()
     name = shards.shard_name(task.shard_id)
-    rows = feather.read_feather(fsio.join(task.pool, INPUTS, f"{name}.feather"))
+    with fsio.open_read(fsio.join(task.pool, INPUTS, f"{name}.feather")) as f:
+        rows = feather.read_feather(f)
     blocked = {i: msg for i, msg in enumerate(rows["_bad_uid"]) if isinstance(msg, str)}
     for i, msg in _duplicates(task.pool, task.shard_id, cfg.shard_size).items():
         blocked.setdefault(i, msg)
