@@ -11,6 +11,10 @@ from pipeline.run.runner import ClusterConfig, Runner
 from pipeline.synth.world import build_world
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# The object-store tests' S3 API server (moto, started by tests/test_object_store.py) on a port chosen now, so that
+# every Dask worker started in this session inherits the endpoint and the test credentials.
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_ACCESS_KEY_ID="winnow-test",
+                  AWS_SECRET_ACCESS_KEY="winnow-test", AWS_DEFAULT_REGION="us-east-1")
 
 
 @pytest.fixture(scope="session")

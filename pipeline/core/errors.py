@@ -30,6 +30,9 @@ def describe(exc: BaseException) -> str:
         if exc.errno == errno.ENOENT:
             return f"not found:{where} ({exc.strerror})"
         return f"{exc.strerror or type(exc).__name__}{where}"
+    if type(exc).__name__ == "KilledWorker":  # Dask: the task's worker process died each time it ran it
+        return ("a worker process died each time it ran this task (out of memory, or killed): lower the memory "
+                "this stage needs (batch size, worker_memory_gib) or give the workers more")
     text = " ".join(str(exc).split())
     if len(text) > 300:
         text = text[:300] + " ..."

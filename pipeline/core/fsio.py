@@ -33,6 +33,18 @@ def get_fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, p
 
 
+def absolute(path: str, only_existing: bool = False) -> str:
+    """``path`` made absolute when it is a local path (URLs and "" unchanged): workers started in another folder,
+    or on another machine, must see the same file. ``only_existing``: for values that may also be a name (an
+    open_clip tag, a recipe name), only a path that exists here is changed."""
+    path = str(path)
+    if not path or "://" in path or os.path.isabs(path):
+        return path
+    if only_existing and not os.path.exists(os.path.expanduser(path)):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def is_local(path: str) -> bool:
     return isinstance(get_fs(path)[0], LocalFileSystem)
 

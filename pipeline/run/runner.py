@@ -132,11 +132,13 @@ class Runner:
             self.client = Client(self._cluster)
             self.log(f"runner: local Dask cluster, {n} worker processes x {cfg.threads_per_worker} thread(s)")
         self.client.register_worker_callbacks(setup=_quiet_worker_logs)  # also on workers that join later
+        for name in ("distributed.client", "distributed.utils"):  # a lost scheduler: one line from map, no tracebacks
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         self.log(f"runner: Dask dashboard at {self.client.dashboard_link}")
 
     def __exit__(self, *exc: Any) -> None:
         if self.client is not None:
-            self.client.close()
+            self.client.close(timeout=10)
         if self._cluster is not None:
             self._cluster.close()
         self.client = self._cluster = None
@@ -175,6 +177,11 @@ class Runner:
             try:
                 results[i] = future.result()
             except Exception as exc:  # noqa: BLE001 - reported below with the item it belongs to
+                if self._lost(exc):
+                    raise TaskFailed(f"{label}: lost the connection to the Dask scheduler "
+                                     f"{self.config.scheduler or '(local cluster)'} with {progress.total - progress.done}"
+                                     f" of {progress.total} tasks unfinished (the scheduler stopped, or the network "
+                                     "dropped)") from None
                 failures.append((i, exc))
                 progress.tick(failed=True)
                 continue
@@ -190,6 +197,12 @@ class Runner:
             raise TaskFailed(f"{label}: {len(failures)} of {len(items)} tasks failed; first, "
                              f"{_name(items[first], first)}: {describe(exc)}")
         return results
+
+
+    def _lost(self, exc: BaseException) -> bool:
+        """True when ``exc`` says the client lost its scheduler (rather than a task failing)."""
+        return "scheduler-connection-lost" in str(exc) or (
+            type(exc).__name__ in ("CancelledError", "FutureCancelledError") and self.client.status != "running")
 
 
 class _Progress:
