@@ -192,6 +192,12 @@ def load_npz_arrays(path: str, prefix: str = "") -> dict[str, np.ndarray]:
         return {n[len(prefix):]: z[n] for n in z.files if n.startswith(prefix)}
 
 
+def commit(marker: str, stats: dict) -> dict:
+    """Write a task's marker (its stats), last: the task is then finished."""
+    fsio.write_json(marker, stats)
+    return stats
+
+
 def write_frame(path: str, frame: pd.DataFrame) -> None:
     with fsio.atomic_open(path, "wb") as f:
         frame.to_parquet(f, index=False)
@@ -256,10 +262,9 @@ def scan_part(task: ScanTask) -> dict:
     contaminated = _contamination(task, normalize(img[local]), uid)
     if contaminated is not None:
         write_frame(fsio.join(task.work, "contaminated", f"{task.part.stem}.parquet"), contaminated)
-    stats = {"rows": len(table), "ok": len(local), "sampled": int(pick.sum()), "dim": int(img.shape[1]),
-             "contaminated": 0 if contaminated is None else len(contaminated)}
-    fsio.write_json(task.marker, stats)
-    return stats
+    return commit(task.marker, {"rows": len(table), "ok": len(local), "sampled": int(pick.sum()),
+                                "dim": int(img.shape[1]), "contaminated": 0 if contaminated is None else
+                                len(contaminated)})
 
 
 def _contamination(task: ScanTask, x: np.ndarray, uid: np.ndarray) -> pd.DataFrame | None:
@@ -317,9 +322,7 @@ def assign_part(task: AssignTask) -> dict:
                 f"b{b}_vec": img[scan["rows"][r[sel]] - task.offset].astype(np.float16),
                 f"b{b}_score": scan["score"][r[sel]], f"b{b}_uid": scan["uid"][r[sel]]}
     save_npz(fsio.join(task.work, "assign", f"{task.part.stem}.npz"), **out)
-    stats = {"rows": len(x), "copies": int((~primary).sum())}
-    fsio.write_json(task.marker, stats)
-    return stats
+    return commit(task.marker, {"rows": len(x), "copies": int((~primary).sum())})
 
 
 # ------------------------------------------------------------------------------------------------ 3. clusters
@@ -376,9 +379,7 @@ def cluster_bucket(task: BucketTask) -> dict:
     save_npz(out + "_edges.npz", edges=edges.astype(np.float64))
     write_frame(out + "_members.parquet", pd.concat(members) if members else
                 pd.DataFrame({"row": np.zeros(0, np.int64), "uid": [], "score": np.zeros(0, np.float32)}))
-    stats = {"rows": int(data["primary"].sum()) if data else 0, "edges": len(edges)}
-    fsio.write_json(task.marker, stats)
-    return stats
+    return commit(task.marker, {"rows": int(data["primary"].sum()) if data else 0, "edges": len(edges)})
 
 
 @dataclass(frozen=True)
@@ -423,9 +424,7 @@ def near_flat(task: FlatTask) -> dict:
     out = fsio.join(task.work, "groups", "flat")
     save_npz(out + "_edges.npz", edges=edges.astype(np.float64))
     write_frame(out + "_members.parquet", members)
-    stats = {"rows": len(x), "edges": len(edges)}
-    fsio.write_json(task.marker, stats)
-    return stats
+    return commit(task.marker, {"rows": len(x), "edges": len(edges)})
 
 
 # ------------------------------------------------------------------------------------------------ 4. exact
@@ -453,6 +452,4 @@ def exact_bucket(task: ExactTask) -> dict:
                                                                              ("pair", "exact_pair"))]
         table = pd.concat([t for t in found if len(t)] or [table], ignore_index=True)
     write_frame(fsio.join(task.work, "exact", f"e{task.bucket}.parquet"), table)
-    stats = {"rows": len(table)}
-    fsio.write_json(task.marker, stats)
-    return stats
+    return commit(task.marker, {"rows": len(table)})
