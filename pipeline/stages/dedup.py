@@ -67,9 +67,10 @@ from pipeline.stages.dedup_tasks import (
 KINDS = ("exact_image", "exact_pair", "near", "semantic", "contaminated")
 TABLE = "duplicates.parquet"
 WORK = "_work"  # the tasks' intermediate files, removed when the table is written
-CLUSTER_ROWS = 2_000  # default clusters: sqrt(n) / 3, or more so that a cluster holds about this many rows
-EXACT_ROW_BYTES = 160  # an exact-duplicate record in memory (uid, score, two hashes, pandas overhead)
-SAMPLE_ROW_BYTES = 4 * 768 * 3  # a training-sample row (float32 up to 768-d, with k-means' working copies)
+CLUSTER_ROWS = 1_000  # default clusters: sqrt(n) / 3, or more so that a cluster holds about this many rows
+EXACT_ROW_BYTES = 400  # an exact-duplicate record in memory (uid, score, two hashes, pandas' grouping)
+SAMPLE_BYTES_PER_DIM = 6  # a training-sample row per dimension: float16 as read, float32 normalised
+SAMPLE_PER_CLUSTER = 40  # k-means wants at least 39 sample rows per centroid
 BUCKET_ROW_BYTES_PER_DIM = 12  # a bucket row per dimension: float16 copy, float32 normalised, search buffers
 
 
@@ -87,10 +88,11 @@ class DedupConfig:
             this margin of the nearest centroid's (two copies at cosine 0.95 differ by about 0.014 per centroid
             cosine at 512-d, so 0.05 misses few; a larger margin copies more rows).
         k: neighbours retrieved per query (groups larger than k are still joined through their members).
-        semantic_clusters: k-means clusters for SemDeDup and the search (0: sqrt(n) / 3, or n / 2,000 when that
-            is more, which bounds the pairwise work within clusters: 24 clusters at 5,000 images, 667 at 1M,
-            6,400 at 12.8M; SemDeDup used 50,000 clusters of about 8,800 for LAION-440M). Above 256 clusters,
-            two levels: sqrt(k) coarse clusters, each split by its share of the sample.
+        semantic_clusters: k-means clusters for SemDeDup and the search (0: sqrt(n) / 3, or n / 1,000 when that
+            is more, which bounds the pairwise work within clusters: 24 clusters at 5,000 images, 1,000 at 1M,
+            12,800 at 12.8M; SemDeDup used 50,000 clusters of about 8,800 for LAION-440M), and at most one per 40
+            rows of the training sample (17,476 at 512-d with 2 GiB). Above 256 clusters, two levels: sqrt(k)
+            coarse clusters, each split by its share of the sample.
         worker_memory_gib: memory each task may use; sizes the buckets and the training sample (see the
             README's dedup figures).
         semantic_eps: SemDeDup eps values computed in one pass (duplicate when cosine > 1 - eps).
@@ -145,18 +147,24 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
     budget = int(cfg.worker_memory_gib * 2**30)
     exact_buckets = max(1, -(-sum(sizes) * EXACT_ROW_BYTES // budget))
-    sample_rows = max(1, budget // SAMPLE_ROW_BYTES)
+    dim = embedding_dim(pool, parts[0], cfg.tag) if parts else 1
+    sample_rows = max(1, budget // (SAMPLE_BYTES_PER_DIM * dim))
     evalsets = _embed_evalsets(pool, cfg, work, log) if cfg.decontaminate else ()
     scans = stage.map(scan_part, [ScanTask(pool, p, o, work, cfg.tag, cfg.keep_tag, min(1.0, sample_rows / max(n, 1)),
                                            exact_buckets, evalsets, cfg.contamination_threshold)
                                   for p, o, n in zip(parts, offsets, sizes)], label="dedup scan", unit="parts")
-    n_ok, dim = sum(s["ok"] for s in scans), max([s["dim"] for s in scans] or [1])
+    n_ok = sum(s["ok"] for s in scans)
     log(f"dedup: {n_ok:,} images of {sum(sizes):,} rows, tag {cfg.tag}")
     n_clusters = cfg.semantic_clusters or max(1, round(np.sqrt(n_ok) / 3), -(-n_ok // CLUSTER_ROWS))
+    if n_ok > sample_rows:  # the sample bounds the clusters it can train
+        n_clusters = max(1, min(n_clusters, sample_rows // SAMPLE_PER_CLUSTER))
     clusters_path = fsio.join(work, "clusters.npz")
     if not fsio.exists(clusters_path):
-        sample = [load_npz_arrays(fsio.join(work, "scan", f"{p.stem}.npz"))["sample"] for p in parts]
-        sample = normalize(np.concatenate(sample) if sample else np.zeros((0, dim), np.float16))
+        sample, at = np.empty((sum(s["sampled"] for s in scans), dim), np.float32), 0
+        for p in parts:  # normalised part by part into one array: the driver's largest allocation
+            rows = load_npz_arrays(fsio.join(work, "scan", f"{p.stem}.npz"), "sample")[""]
+            sample[at: at + len(rows)] = normalize(rows)
+            at += len(rows)
         clusters = train_clusters(sample, n_clusters) if len(sample) else \
             {"leaves": np.zeros((1, dim), np.float32), "top": np.zeros((0, dim), np.float32), "leaf_top": np.zeros(1)}
         save_npz(clusters_path, **clusters)
@@ -188,6 +196,23 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
     return stage.finish(rows={"images": int(n_ok), "table_rows": len(table)}, dropped=counts,
                         search="exact" if flat else f"{n_leaves} clusters, nprobe {cfg.nprobe}",
                         clusters=int(n_leaves))
+
+
+def embedding_dim(pool: str, part, tag: str) -> int:
+    """The width of ``tag``'s image embeddings, from the first part's ``.npz`` header (no array is read)."""
+    import zipfile
+
+    from pipeline.data.parts import embedding_path
+
+    with fsio.open_read(embedding_path(pool, part, tag, None)) as f, zipfile.ZipFile(f) as z:
+        name = f"{tag}_img.npy"
+        if name not in z.namelist():
+            raise UserError(f"dedup: embeddings of tag {tag!r} have no images ({tag}_img)")
+        with z.open(name) as member:
+            major, _ = np.lib.format.read_magic(member)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape = read(member)[0]
+    return int(shape[1]) if len(shape) == 2 else 1
 
 
 def part_rows(part) -> int:

@@ -342,31 +342,31 @@ class BucketTask:
 
 
 def cluster_bucket(task: BucketTask) -> dict:
-    """SemDeDup within each cluster of the bucket; near-duplicate edges of each row against the cluster's own
-    rows (its primary members)."""
-    import faiss
-
+    """SemDeDup within each cluster of the bucket; near-duplicate edges of each row (and of each copy placed
+    here by ``assign_part``) against the cluster's own rows."""
     parts = [load_npz_arrays(fsio.join(task.work, "assign", f"{s}.npz"), f"b{task.bucket}_") for s in task.stems]
     parts = [p for p in parts if p]
     data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    del parts
     semantic, edges, members = [], [], []
-    for leaf in np.unique(data.get("leaf", [])):
-        at = np.flatnonzero(data["leaf"] == leaf)
-        prim = at[data["primary"][at]]
+    order = np.argsort(data["leaf"], kind="stable") if data else np.zeros(0, np.int64)
+    leaves, starts = np.unique(data["leaf"][order], return_index=True) if data else ([], [])
+    for leaf, at in zip(leaves, np.split(order, starts[1:])):
+        prim, copies = at[data["primary"][at]], at[~data["primary"][at]]
         if not len(prim):
             continue
-        prim = prim[np.lexsort((data["uid"][prim], -np.where(np.isfinite(data["score"][prim]),
-                                                              data["score"][prim], -np.inf)))]
-        x = normalize(data["vec"][prim])
-        best = best_earlier(x)
+        score = data["score"][prim]
+        prim = prim[np.lexsort((data["uid"][prim], -np.where(np.isfinite(score), score, -np.inf)))]
+        best, near = within_cluster(normalize(data["vec"][prim]), normalize(data["vec"][copies]) if task.near else
+                                    None, task.k, task.near_threshold)
         hit = best > 1 - task.semantic_eps
         semantic.append(pd.DataFrame({"uid": data["uid"][prim[hit]].astype(str), "group": f"cluster-{leaf}",
                                       "similarity": best[hit].astype(float)}))
-        if task.near:
-            index = faiss.IndexFlatIP(x.shape[1])
-            index.add(x)
-            edges.append(search_edges(index, normalize(data["vec"][at]), data["row"][at], data["row"][prim],
-                                      task.k, task.near_threshold))
+        if len(near):  # local indices: primaries 0..m-1, then the copies
+            rows = data["row"][np.concatenate([prim, copies])]
+            a, b = rows[near[:, 0].astype(np.int64)], rows[near[:, 1].astype(np.int64)]
+            keep = a != b  # a copy meets its own row's primary entry in no cluster, but be sure
+            edges.append(np.stack([np.minimum(a, b), np.maximum(a, b), near[:, 2]], axis=1)[keep])
     edges = np.concatenate(edges) if edges else np.zeros((0, 3))
     if len(edges):
         rows = np.unique(edges[:, :2].astype(np.int64))
@@ -380,6 +380,46 @@ def cluster_bucket(task: BucketTask) -> dict:
     write_frame(out + "_members.parquet", pd.concat(members) if members else
                 pd.DataFrame({"row": np.zeros(0, np.int64), "uid": [], "score": np.zeros(0, np.float32)}))
     return commit(task.marker, {"rows": int(data["primary"].sum()) if data else 0, "edges": len(edges)})
+
+
+FULL_MAX = 4096  # clusters up to this many rows use one full similarity matrix (64 MB); larger ones, blocks
+
+
+def within_cluster(x: np.ndarray, copies: np.ndarray | None, k: int, threshold: float) -> tuple[np.ndarray,
+                                                                                                 np.ndarray]:
+    """For a cluster's rows ``x`` in keep order: each row's largest cosine to an earlier row (SemDeDup), and,
+    when ``copies`` is given, near-duplicate edges (i, j, cosine) of every row and copy (index m + c) against
+    its top-``k`` rows (itself included, then dropped) at or above ``threshold``."""
+    m = len(x)
+    if m > FULL_MAX:
+        import faiss
+
+        best = best_earlier(x)
+        if copies is None:
+            return best, np.zeros((0, 3))
+        index = faiss.IndexFlatIP(x.shape[1])
+        index.add(x)
+        ids = np.arange(m)
+        return best, search_edges(index, np.concatenate([x, copies]), np.arange(m + len(copies)), ids, k, threshold)
+    s = x @ x.T
+    best = np.where(np.tri(m, dtype=bool), np.float32(-1), s).max(axis=0)
+    if copies is None:
+        return best, np.zeros((0, 3))
+    edges = [_top_k_edges(s, np.arange(m), k, threshold)]
+    if len(copies):
+        edges.append(_top_k_edges(copies @ x.T, np.arange(m, m + len(copies)), k, threshold))
+    return best, np.concatenate(edges)
+
+
+def _top_k_edges(sims: np.ndarray, query: np.ndarray, k: int, threshold: float) -> np.ndarray:
+    """(i, j, cosine) for each query row's ``k`` most similar columns (the query itself dropped) >= threshold."""
+    k = min(k, sims.shape[1])
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else \
+        np.broadcast_to(np.arange(sims.shape[1]), sims.shape)
+    val = np.take_along_axis(sims, top, axis=1)
+    q = np.broadcast_to(query[:, None], top.shape)
+    hit = (val >= threshold) & (top != q)
+    return np.stack([q[hit], top[hit], val[hit]], axis=1).astype(np.float64)
 
 
 @dataclass(frozen=True)
