@@ -16,8 +16,9 @@ class FakeContext:
     def __init__(self, emb, tmp_path):
         self.emb, self.tmp = emb, tmp_path
 
-    def embeddings(self, tag, kind):
-        return self.emb[tag][kind]
+    def sample(self, tag, kind, max_rows, seed=0):
+        x = self.emb[tag][kind]
+        return x[np.isfinite(x).all(axis=1)][:max_rows]
 
     def save(self, name, array):
         path = str(self.tmp / name)
@@ -140,3 +141,25 @@ def test_text_match_counts_vocabulary_words():
     imagenet = build({"key": "text_match", "params": {"vocab": "imagenet21k"}})
     assert imagenet(pd.DataFrame({"caption": ["a goldfish in a bowl", "qwzx"]}))["text_match_score"].tolist()[1] == 0
     assert imagenet(pd.DataFrame({"caption": ["a goldfish in a bowl"]}))["text_match_score"].iloc[0] >= 1
+
+
+def test_pool_context_samples_part_by_part_with_a_bound(tmp_path):
+    """prepare() sees at most about max_rows embeddings, drawn from a seed; all finite rows when the pool is small."""
+    from pipeline.data.parts import list_parts
+    from pipeline.stages.score import PoolContext
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for j in range(4):
+        x = rng.normal(size=(500, 8)).astype(np.float16)
+        x[::50] = np.nan  # rows without an image
+        rows.append(x)
+        pd.DataFrame({"uid": [f"{j:08x}{i:024x}" for i in range(500)]}).to_parquet(tmp_path / f"{j:032x}.parquet")
+        np.savez(tmp_path / f"{j:032x}.npz", t_img=x)
+    ctx = PoolContext(str(tmp_path), list_parts(str(tmp_path)), None, str(tmp_path / "out"), print)
+    everything = np.concatenate(rows).astype(np.float32)
+    assert np.array_equal(ctx.sample(TAG, "img", 2000), everything[np.isfinite(everything).all(axis=1)])
+    small = ctx.sample(TAG, "img", 400, seed=3)
+    assert 300 < len(small) < 500 and np.isfinite(small).all()
+    assert np.array_equal(small, ctx.sample(TAG, "img", 400, seed=3))
+    assert not np.array_equal(small[:50], ctx.sample(TAG, "img", 400, seed=4)[:50])

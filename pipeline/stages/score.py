@@ -38,9 +38,25 @@ class PoolContext:
     def __init__(self, pool: str, parts: list[Part], dirs: dict[str, str] | None, out: str, log):
         self.pool, self.parts, self.dirs, self.out, self.log = pool, parts, dirs, out, log
 
-    def embeddings(self, tag: str, kind: str) -> np.ndarray:
-        arrays = [load_embeddings(self.pool, p, (tag,), self.dirs)[tag][kind] for p in self.parts]
-        return np.concatenate(arrays) if arrays else np.zeros((0, 0), np.float32)
+    def sample(self, tag: str, kind: str, max_rows: int, seed: int = 0) -> np.ndarray:
+        """At most about ``max_rows`` finite embeddings of the pool, float32, read part by part (memory: the sample
+        and one part): every finite row when the pool has no more rows than that, else each row with
+        probability max_rows / rows, drawn from ``seed`` and the part's position."""
+        import pyarrow.parquet as pq
+
+        def rows(part: Part) -> int:
+            with fsio.open_read(part.parquet) as f:
+                return pq.ParquetFile(f).metadata.num_rows
+
+        rate = max_rows / max(1, sum(rows(p) for p in self.parts))
+        out = []
+        for i, part in enumerate(self.parts):
+            x = load_embeddings(self.pool, part, (tag,), self.dirs)[tag][kind]
+            x = x[np.isfinite(x).all(axis=1)]
+            if rate < 1:
+                x = x[np.random.default_rng([seed, i]).random(len(x)) < rate]
+            out.append(np.ascontiguousarray(x, dtype=np.float32))
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def save(self, name: str, array: np.ndarray) -> str:
         path = fsio.join(self.out, name)
