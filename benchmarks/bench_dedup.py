@@ -149,7 +149,7 @@ def main() -> None:
     big = rows[-1]
     per_worker = big["rows"] / (big["wall_s"] * 2)  # rows per worker-second; every pass is linear in rows
     print(f"\nextrapolation from {per_worker:,.0f} rows per worker-second at {big['rows']:,} rows (clusters of about "
-          "2,000 rows keep every pass linear; memory per worker stays at worker_memory_gib; the driver holds the "
+          "1,000 rows keep every pass linear; memory per worker stays at worker_memory_gib; the driver holds the "
           "training sample and the duplicates found):")
     print(f"{'rows':>14} " + " ".join(f"{w:>10} workers" for w in (2, 32, 256)))
     for n in (128_000_000, 1_280_000_000):

@@ -69,7 +69,7 @@ TABLE = "duplicates.parquet"
 WORK = "_work"  # the tasks' intermediate files, removed when the table is written
 CLUSTER_ROWS = 1_000  # default clusters: sqrt(n) / 3, or more so that a cluster holds about this many rows
 EXACT_ROW_BYTES = 400  # an exact-duplicate record in memory (uid, score, two hashes, pandas' grouping)
-SAMPLE_BYTES_PER_DIM = 6  # a training-sample row per dimension: float16 as read, float32 normalised
+SAMPLE_BYTES_PER_DIM = 8  # a training-sample row per dimension: float32, and room for k-means' own copies
 SAMPLE_PER_CLUSTER = 40  # k-means wants at least 39 sample rows per centroid
 BUCKET_ROW_BYTES_PER_DIM = 12  # a bucket row per dimension: float16 copy, float32 normalised, search buffers
 
@@ -91,7 +91,7 @@ class DedupConfig:
         semantic_clusters: k-means clusters for SemDeDup and the search (0: sqrt(n) / 3, or n / 1,000 when that
             is more, which bounds the pairwise work within clusters: 24 clusters at 5,000 images, 1,000 at 1M,
             12,800 at 12.8M; SemDeDup used 50,000 clusters of about 8,800 for LAION-440M), and at most one per 40
-            rows of the training sample (17,476 at 512-d with 2 GiB). Above 256 clusters, two levels: sqrt(k)
+            rows of the training sample (13,107 at 512-d with 2 GiB). Above 256 clusters, two levels: sqrt(k)
             coarse clusters, each split by its share of the sample.
         worker_memory_gib: memory each task may use; sizes the buckets and the training sample (see the
             README's dedup figures).

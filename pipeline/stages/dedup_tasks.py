@@ -27,6 +27,7 @@ from pipeline.core.errors import UserError
 from pipeline.data.parts import Part, load_embeddings, read_part
 
 FLAT_CLUSTERS = 256  # up to this many clusters, one flat k-means; above, two levels (sqrt(K) coarse clusters)
+COARSE_PROBE = 16  # two levels: a row's nearest clusters are looked for within its 16 nearest coarse clusters
 TABLE_COLUMNS = ["uid", "kind", "group", "kept", "similarity"]
 
 
@@ -150,14 +151,14 @@ def nearest(centroids: np.ndarray, x: np.ndarray, p: int) -> tuple[np.ndarray, n
 
 
 def assign_leaves(clusters: dict, x: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``p`` leaves of each row (sims, ids; -1 where fewer): flat search, or within the two best coarse
-    clusters."""
+    """Top-``p`` leaves of each row (sims, ids; -1 where fewer): flat search, or within the ``COARSE_PROBE``
+    nearest coarse clusters."""
     top, leaves, leaf_top = clusters["top"], clusters["leaves"], clusters["leaf_top"]
     if not len(top):
         sims, ids = nearest(leaves, x, p)
     else:
         sims, ids = np.full((len(x), p), -np.inf, np.float32), np.full((len(x), p), -1, np.int64)
-        _, coarse = nearest(top, x, 2)
+        _, coarse = nearest(top, x, COARSE_PROBE)
         for c in np.unique(coarse):
             rows = np.flatnonzero((coarse == c).any(axis=1))
             members = np.flatnonzero(leaf_top == c)
