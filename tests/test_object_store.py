@@ -172,3 +172,30 @@ def test_workers_started_in_another_folder_read_and_write_the_commands_paths(tin
         [fsio.read_bytes(str(home / "ref_out" / t)) for t in tars]
     assert np.array_equal(np.load(home / "sub" / "uids.npy"), np.load(home / "ref_sub" / "uids.npy"))
     assert shards.list_shards(str(home / "out"))
+
+
+def test_eval_sets_and_checkpoints_are_read_from_the_object_store(tiny_world, bucket, tmp_path):
+    """What `evaluate`, dedup's decontamination and the eval-set builders read may live on the object store."""
+    import s3fs
+    import torch
+
+    from pipeline.data.evalsets import labeled_files, read_evalset, read_labeled
+    from pipeline.models.registry import load
+
+    local = os.path.join(tiny_world["path"], "eval")
+    s3fs.S3FileSystem().put(local, f"{bucket[5:]}/eval", recursive=True)
+    a, b = read_evalset(local), read_evalset(f"{bucket}/eval")
+    assert a["images"] == b["images"] and np.array_equal(a["labels"], b["labels"])
+    assert a["classnames"] == b["classnames"] and a["templates"] == b["templates"] and a["classnames"]
+    assert np.array_equal(read_labeled(f"{bucket}/eval")["labels"], a["labels"])
+    assert len(labeled_files(f"{bucket}/eval")) == len(labeled_files(local))
+
+    model, _, _ = load("winnow-tiny-clip", "", seed=5)
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    fsio.write_bytes(f"{bucket}/ckpt/epoch_1.pt", (tmp_path / "ckpt.pt").read_bytes())
+    remote, _, _ = load("winnow-tiny-clip", f"{bucket}/ckpt/epoch_1.pt")
+    assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), remote.state_dict().values()))
+    from pipeline.core.errors import UserError
+
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load("winnow-tiny-clip", f"{bucket}/ckpt/missing.pt")

@@ -77,6 +77,34 @@ def listdir(path: str) -> list[str]:
     return sorted(os.path.basename(e.rstrip("/")) for e in fs.ls(p, detail=False))
 
 
+def glob(pattern: str) -> list[str]:
+    """Sorted matches of ``pattern``, as URLs when it is one."""
+    fs, p = get_fs(pattern)
+    found = sorted(fs.glob(p))
+    return found if isinstance(fs, LocalFileSystem) else [fs.unstrip_protocol(f) for f in found]
+
+
+def isdir(path: str) -> bool:
+    fs, p = get_fs(path)
+    return fs.isdir(p)
+
+
+def local_copy(path: str) -> str:
+    """A local file with ``path``'s bytes: ``path`` itself when local, else a download cached in the temporary
+    folder under the URL's hash and the object's size (for readers that need a file name, such as torch.load)."""
+    if is_local(path):
+        return path
+    fs, p = get_fs(path)
+    info = fs.info(p)
+    key = hashlib.sha256(f"{path}\n{info.get('size')}\n{info.get('ETag', info.get('mtime', ''))}".encode())
+    local = os.path.join(tempfile.gettempdir(), "winnow-cache", key.hexdigest()[:24] + os.path.splitext(p)[1])
+    if not os.path.exists(local):
+        with atomic_open(local, "wb") as f, fs.open(p, "rb") as src:
+            while chunk := src.read(1 << 24):
+                f.write(chunk)
+    return local
+
+
 def remove(path: str) -> None:
     fs, p = get_fs(path)
     if fs.exists(p):

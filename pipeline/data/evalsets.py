@@ -9,7 +9,6 @@ folders (ImageNet's val layout).
 
 from __future__ import annotations
 
-import glob
 import os
 
 import numpy as np
@@ -24,7 +23,7 @@ MEMBERS = ("original", "synth_a", "synth_b")
 
 
 def _tars(folder: str, what: str) -> list[str]:
-    tars = sorted(glob.glob(os.path.join(folder, "test", "*.tar")))
+    tars = fsio.glob(fsio.join(folder, "test", "*.tar"))
     if not tars:
         raise UserError(f"{what} {folder} has no test/*.tar shards")
     return tars
@@ -41,10 +40,13 @@ def read_evalset(folder: str) -> dict:
             images.append(data)
             labels.append(int(s["cls"]) if "cls" in s else -1)
             captions.append(s["txt"].decode() if "txt" in s else None)
-    read = lambda name: [ln.strip() for ln in open(os.path.join(folder, name)) if ln.strip()]  # noqa: E731
-    classnames = read("classnames.txt") if os.path.exists(os.path.join(folder, "classnames.txt")) else []
-    templates = read("zeroshot_classification_templates.txt") if os.path.exists(
-        os.path.join(folder, "zeroshot_classification_templates.txt")) else ["a photo of a {c}."]
+    def read(name: str) -> list[str] | None:
+        path = fsio.join(folder, name)
+        return [ln.strip() for ln in fsio.read_bytes(path).decode().splitlines() if ln.strip()] \
+            if fsio.exists(path) else None
+
+    classnames = read("classnames.txt") or []
+    templates = read("zeroshot_classification_templates.txt") or ["a photo of a {c}."]
     return {"images": images, "labels": np.array(labels), "captions": captions, "classnames": classnames,
             "templates": templates}
 
@@ -53,17 +55,17 @@ def read_labeled(source: str) -> dict:
     """A labeled image source for building eval sets: an eval set folder or a folder with one sub-folder of
     images per class (class names are the sub-folder names). Returns :func:`read_evalset`'s dict; every image
     must have a label."""
-    if not os.path.isdir(source):
+    if not fsio.isdir(source):
         raise UserError(f"labeled source not found: {source} (an eval set folder or a folder of class folders)")
-    if glob.glob(os.path.join(source, "test", "*.tar")):
+    if fsio.glob(fsio.join(source, "test", "*.tar")):
         data = read_evalset(source)
     else:
-        classes = sorted(d for d in os.listdir(source) if os.path.isdir(os.path.join(source, d)))
+        classes = [d for d in fsio.listdir(source) if fsio.isdir(fsio.join(source, d))]
         images, labels = [], []
         for label, name in enumerate(classes):
-            for f in sorted(os.listdir(os.path.join(source, name))):
+            for f in fsio.listdir(fsio.join(source, name)):
                 if f.lower().endswith(IMAGE_SUFFIXES):
-                    images.append(open(os.path.join(source, name, f), "rb").read())
+                    images.append(fsio.read_bytes(fsio.join(source, name, f)))
                     labels.append(label)
         if not images:
             raise UserError(f"{source} has neither test/*.tar shards nor class folders of images")
@@ -76,12 +78,11 @@ def read_labeled(source: str) -> dict:
 
 def labeled_files(source: str) -> list[str]:
     """The files that make up a labeled source (its fingerprint for stage manifests)."""
-    tars = sorted(glob.glob(os.path.join(source, "test", "*.tar")))
+    tars = fsio.glob(fsio.join(source, "test", "*.tar"))
     if tars:
-        return tars + [p for p in (os.path.join(source, "classnames.txt"),
-                                   os.path.join(source, "zeroshot_classification_templates.txt")) if os.path.exists(p)]
-    return sorted(os.path.join(d, f) for d, _, files in os.walk(source) for f in files
-                  if f.lower().endswith(IMAGE_SUFFIXES))
+        return tars + [p for p in (fsio.join(source, "classnames.txt"),
+                                   fsio.join(source, "zeroshot_classification_templates.txt")) if fsio.exists(p)]
+    return [f for f in fsio.glob(fsio.join(source, "*", "*")) if f.lower().endswith(IMAGE_SUFFIXES)]
 
 
 def per_class(labels: np.ndarray, n: int) -> np.ndarray:

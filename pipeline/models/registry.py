@@ -62,6 +62,12 @@ def load(model: str, pretrained: str = "", device: str = "cpu", seed: int = 0):
     if model not in open_clip.list_models():
         raise UserError(f"unknown open_clip model {model!r}; e.g. ViT-B-32, ViTamin-S, winnow-tiny-clip "
                         "(open_clip.list_models() lists all)")
+    if "://" in pretrained:  # a checkpoint on an object store: read through a local copy
+        from pipeline.core import fsio
+
+        if not fsio.exists(pretrained):
+            raise UserError(f"checkpoint not found: {pretrained}")
+        pretrained = fsio.local_copy(pretrained)
     is_file = bool(pretrained) and os.path.isfile(pretrained)
     if pretrained and not is_file and (os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
         raise UserError(f"checkpoint not found: {pretrained}")
