@@ -62,6 +62,10 @@ def test_planted_copies_are_found_and_the_cluster_search_agrees_with_exact_searc
         assert set(exact.loc[exact["kind"] == kind, "uid"]) == set(approx.loc[approx["kind"] == kind, "uid"])
     assert set(exact.loc[exact["kind"] == "exact_image", "uid"]) == set(meta["uid"][[3, 5, 9]])
     assert not (tmp_path / "clusters" / "_work").exists()  # the tasks' files are gone once the table is written
+    # a budget below the pool's size bounds the training sample (1,024 rows at 64-d), and the clusters with it
+    small = dedup(str(tmp_path / "meta"), DedupConfig(flat_max=100, worker_memory_gib=2**-11), None,
+                  out=str(tmp_path / "small"), log=lambda m: None)
+    assert 900 < small["sample"] < 1150 and small["clusters"] <= 1024 // 40
 
 
 def test_components_and_keep_order_are_deterministic():

@@ -97,6 +97,10 @@ def test_the_chain_on_s3_gives_the_local_outputs(tiny_world, tiny_pool, local_cl
         rs = str(tmp_path / "shards") if where == "local" else f"{bucket}/shards"
         reshard(pool, fsio.join(sub, "uids.npy"), rs, local_cluster, shard_size=50, log=quiet)
         outs[where] = {"sub": sub, "dedup": dd, "shards": rs}
+    from pipeline.stages.ledger import report
+
+    mine = lambda text: [ln for ln in text.splitlines() if not ln.startswith("embed '") or "objstore" in ln]  # noqa: E731
+    assert "embed 'objstore'" in report(remote) and mine(report(remote)) == mine(report(local))
     emb = [n for n in os.listdir(os.path.join(local, "embeddings", "objstore")) if n.endswith((".npz", ".parquet"))]
     same_files(os.path.join(local, "embeddings", "objstore"), f"{remote}/embeddings/objstore", emb)
     same_files(outs["local"]["sub"], outs["s3"]["sub"], ["uids.npy"])

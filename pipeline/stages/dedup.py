@@ -150,9 +150,10 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
     dim = embedding_dim(pool, parts[0], cfg.tag) if parts else 1
     sample_rows = max(1, budget // (SAMPLE_BYTES_PER_DIM * dim))
     evalsets = _embed_evalsets(pool, cfg, work, log) if cfg.decontaminate else ()
-    scans = stage.map(scan_part, [ScanTask(pool, p, o, work, cfg.tag, cfg.keep_tag, min(1.0, sample_rows / max(n, 1)),
-                                           exact_buckets, evalsets, cfg.contamination_threshold)
-                                  for p, o, n in zip(parts, offsets, sizes)], label="dedup scan", unit="parts")
+    rate = min(1.0, sample_rows / max(1, sum(sizes)))  # each row's chance to be in the training sample
+    scans = stage.map(scan_part, [ScanTask(pool, p, o, work, cfg.tag, cfg.keep_tag, rate, exact_buckets, evalsets,
+                                           cfg.contamination_threshold) for p, o in zip(parts, offsets)],
+                      label="dedup scan", unit="parts")
     n_ok = sum(s["ok"] for s in scans)
     log(f"dedup: {n_ok:,} images of {sum(sizes):,} rows, tag {cfg.tag}")
     n_clusters = cfg.semantic_clusters or max(1, round(np.sqrt(n_ok) / 3), -(-n_ok // CLUSTER_ROWS))
@@ -195,7 +196,7 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
     log("dedup: dropped per kind: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     return stage.finish(rows={"images": int(n_ok), "table_rows": len(table)}, dropped=counts,
                         search="exact" if flat else f"{n_leaves} clusters, nprobe {cfg.nprobe}",
-                        clusters=int(n_leaves))
+                        clusters=int(n_leaves), sample=int(sum(s["sampled"] for s in scans)))
 
 
 def embedding_dim(pool: str, part, tag: str) -> int:
