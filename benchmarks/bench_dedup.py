@@ -153,7 +153,7 @@ def main() -> None:
           "training sample and the duplicates found):")
     print(f"{'rows':>14} " + " ".join(f"{w:>10} workers" for w in (2, 32, 256)))
     for n in (128_000_000, 1_280_000_000):
-        print(f"{n:>14,} " + " ".join(f"{n / (per_worker * w) / 3600:>16.1f} h" for w in (2, 32, 256)))
+        print(f"{n:>14,} " + " ".join(f"{n / (per_worker * w) / 3600:>16.2f} h" for w in (2, 32, 256)))
     print(pd.DataFrame(rows).to_json(orient="records"))
 
 
