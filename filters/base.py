@@ -5,7 +5,8 @@ returns one float score per row. ``__call__`` returns a copy of the table with e
 ``filter.column``, the same index, and the input untouched. Selection is a separate step over the scores.
 
 Filters that need the whole pool first (k-means centroids for ``image_cluster``) implement ``prepare``; the
-score stage calls it once on the driver and ships only small state (or a path) to the shard tasks.
+score stage calls it once on the driver (its context offers ``sample(tag, kind, max_rows)``: a bounded, seeded
+sample of the pool's embeddings) and ships only small state (or a path) to the shard tasks.
 """
 
 from __future__ import annotations
