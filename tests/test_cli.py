@@ -91,3 +91,11 @@ def test_output_folder_with_other_files_is_not_clobbered(tmp_path):
         assert_user_error(winnow("ingest", str(tmp_path / "u.parquet"), str(out), "--workers", "1", *extra),
                           "did not write", "choose another output folder")
         assert os.listdir(out) == ["thesis.pdf"]
+
+
+def test_recipe_variables_are_checked_before_any_work(tmp_path):
+    assert_user_error(winnow("subset", "clip_l14_30pct", "--pool", str(tmp_path), "--out", str(tmp_path / "o"),
+                             "--var", "threshold=0.3"), "no variable 'threshold'", "its variables: fraction, tag")
+    assert_user_error(winnow("subset", "clip_l14_30pct", "--pool", str(tmp_path), "--out", str(tmp_path / "o"),
+                             "--var", "fraction=most"), "fraction must be a number")
+    assert not (tmp_path / "o").exists()

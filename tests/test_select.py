@@ -89,3 +89,21 @@ def test_unknown_score_column_names_what_exists():
     with pytest.raises(UserError, match="no score column 'clip_b32_score'.*s"):
         apply(load_recipe({"name": "x", "select": [{"threshold": {"column": "clip_b32_score", "min": 0}}]}),
               _frame([1]))
+
+
+def test_shipped_recipes_take_their_knobs_as_variables_with_datacomp_defaults():
+    from pipeline.stages.subset import check_variables, load_recipe
+
+    rule = lambda name, **v: load_recipe(name, v).select[-1]  # noqa: E731
+    assert rule("clip_l14_30pct") == {"top_fraction": {"column": "clip_l14_score", "fraction": 0.3}}
+    assert rule("clip_l14_30pct", fraction="0.2", tag="b32") == {"top_fraction": {"column": "clip_b32_score",
+                                                                                   "fraction": 0.2}}
+    assert load_recipe("clip_l14_30pct", {"tag": "b32"}).filters == [{"key": "clip", "params": {"tag": "b32"}}]
+    assert rule("clip_b32_threshold") == {"threshold": {"column": "clip_b32_score", "min": 0.25}}
+    assert rule("clip_b32_threshold", threshold="0.3") == {"threshold": {"column": "clip_b32_score", "min": 0.3}}
+    assert rule("laion2b", threshold="0.3")["threshold"]["min"] == 0.3
+    assert rule("dfn_30pct", fraction="0.1")["top_fraction"]["fraction"] == 0.1
+    # a sub-recipe's variables count as the recipe's own
+    check_variables("image_based_and_clip", {"imagenet1k": "x.npy", "fraction": "0.2"})
+    with pytest.raises(UserError, match="its variables: fasttext_model, fraction, imagenet1k, tag"):
+        check_variables("image_based_and_clip", {"imagenet1k": "x.npy", "threshold": "0.2"})

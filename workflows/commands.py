@@ -114,8 +114,10 @@ def evalset(args, cfg) -> None:
 
 
 def subset(args, cfg) -> None:
+    from pipeline.stages.subset import check_variables
     from pipeline.stages.subset import subset as run_subset
 
+    check_variables(args.recipe, _pairs(args.var, "--var"))
     with _runner(cfg) as runner:
         run_subset(args.recipe, args.pool, args.out, runner, variables=_pairs(args.var, "--var"),
                    embeddings=_pairs(args.embeddings, "--embeddings") or None, allow_partial=args.allow_partial,

@@ -153,10 +153,13 @@ def parse_yaml(text: str, where: str) -> Any:
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
-def substitute(text: str, variables: dict[str, str], where: str) -> str:
-    """Fill ``${name}`` (required) and ``${name:-default}`` placeholders of a recipe or task list."""
+def substitute(text: str, variables: dict[str, str], where: str, used: set | None = None) -> str:
+    """Fill ``${name}`` (required) and ``${name:-default}`` placeholders of a recipe or task list (the names met
+    are added to ``used``)."""
     def fill(match: re.Match) -> str:
         name, default = match.group(1), match.group(2)
+        if used is not None:
+            used.add(name)
         if name in variables:
             return str(variables[name])
         if default is not None:

@@ -87,8 +87,9 @@ class Recipe:
         return out
 
 
-def load_recipe(ref: str | dict | Recipe, variables: dict[str, str] | None = None) -> Recipe:
-    """A recipe from a name in manifests/subsets, a YAML path, an inline mapping, or a Recipe."""
+def load_recipe(ref: str | dict | Recipe, variables: dict[str, str] | None = None, used: set | None = None) -> Recipe:
+    """A recipe from a name in manifests/subsets, a YAML path, an inline mapping, or a Recipe (the variable names
+    it and its sub-recipes use are added to ``used``)."""
     if isinstance(ref, Recipe):
         return ref
     if isinstance(ref, dict):
@@ -100,7 +101,7 @@ def load_recipe(ref: str | dict | Recipe, variables: dict[str, str] | None = Non
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.yaml")))
             raise UserError(f"recipe {ref!r} not found; give a YAML path or one of: {known}")
-        doc = parse_yaml(substitute(path.read_text(), variables or {}, path.name), f"recipe {path}") or {}
+        doc = parse_yaml(substitute(path.read_text(), variables or {}, path.name, used), f"recipe {path}") or {}
         if not isinstance(doc, dict):
             raise UserError(f"recipe {path} must hold a mapping (name, filters, select)")
         doc.setdefault("name", path.stem)
@@ -110,11 +111,28 @@ def load_recipe(ref: str | dict | Recipe, variables: dict[str, str] | None = Non
                         "use name, description, filters, select")
     name = str(doc.get("name", "inline"))
     return Recipe(name=name, filters=list(doc.get("filters") or []),
-                  select=[_check_rule(rule, name, variables) for rule in doc.get("select") or []],
+                  select=[_check_rule(rule, name, variables, used) for rule in doc.get("select") or []],
                   description=str(doc.get("description", "")))
 
 
-def _check_rule(rule: dict, name: str, variables) -> dict:
+def check_variables(ref: str | dict, given: dict[str, str]) -> None:
+    """Refuse a ``--var`` that the recipe (and its sub-recipes) does not use, naming the ones it takes."""
+    used: set = set()
+    recipe = load_recipe(ref, {"pool": "", **given}, used)
+    unknown = sorted(set(given) - used)
+    if unknown:
+        takes = ", ".join(sorted(used - {"pool"})) or "none"
+        raise UserError(f"recipe {recipe.name!r} has no variable {unknown[0]!r}; its variables: {takes}")
+
+
+def _number(value, what: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a number; got {value!r}") from None
+
+
+def _check_rule(rule: dict, name: str, variables, used: set | None = None) -> dict:
     """A validated copy of one rule (sub-recipes of intersect/union loaded as Recipe objects)."""
     if not isinstance(rule, dict) or len(rule) != 1 or next(iter(rule)) not in RULES:
         raise UserError(f"recipe {name!r}: each select rule is one of {', '.join(RULES)}; got {rule!r}")
@@ -122,12 +140,15 @@ def _check_rule(rule: dict, name: str, variables) -> dict:
     if kind in ("intersect", "union"):
         if not isinstance(arg, list) or not arg:
             raise UserError(f"recipe {name!r}: {kind} takes a non-empty list of recipes")
-        return {kind: [load_recipe(r, variables) for r in arg]}
+        return {kind: [load_recipe(r, variables, used) for r in arg]}
     elif kind == "threshold" and (not isinstance(arg, dict) or "column" not in arg or
                                   not ({"min", "max"} & set(arg)) or set(arg) - {"column", "min", "max"}):
         raise UserError(f"recipe {name!r}: threshold takes column and min and/or max; got {arg!r}")
+    elif kind == "threshold":
+        for bound in {"min", "max"} & set(arg):
+            _number(arg[bound], f"recipe {name!r}: threshold {bound}")
     elif kind == "top_fraction" and (not isinstance(arg, dict) or set(arg) != {"column", "fraction"} or
-                                     not 0 < float(arg["fraction"]) <= 1):
+                                     not 0 < _number(arg["fraction"], f"recipe {name!r}: fraction") <= 1):
         raise UserError(f"recipe {name!r}: top_fraction takes column and a fraction in (0, 1]; got {arg!r}")
     elif kind == "exclude_duplicates" and (not isinstance(arg, dict) or not {"table", "kinds"} <= set(arg) or
                                            set(arg) - {"table", "kinds", "eps"} or not isinstance(arg["kinds"], list)):
