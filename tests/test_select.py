@@ -19,7 +19,20 @@ def test_top_fraction_follows_datacomp():
     # n = int(10 * 0.3) = 3; T = the 4th largest = 7; keep >= 7 -> 4 samples (DataComp keeps n + 1)
     assert top_fraction_threshold(scores, 0.3) == 7.0
     assert top_fraction_threshold(scores, 1.0) == 1.0  # n >= len: everything
-    assert top_fraction_threshold(np.array([np.nan, 3.0, 2.0, 1.0, np.nan]), 0.34) == 2.0  # NaN rows not counted
+    # rows without a score count in n, as in DataComp's get_threshold (-np.sort(-x)[int(len(x) * fraction)])
+    with_nan = np.array([np.nan, 9, 3, 8, 2, np.nan, 7, 1, 6, 5], dtype=float)
+    for fraction in (0.1, 0.34, 0.5, 0.7):
+        assert top_fraction_threshold(with_nan, fraction) == -np.sort(-with_nan)[int(len(with_nan) * fraction)]
+    assert top_fraction_threshold(with_nan, 0.5) == 3.0  # n = 5: the 6th largest (not int(8 * 0.5) = 4: 5.0)
+    assert np.isnan(top_fraction_threshold(np.array([np.nan, np.nan, 3.0]), 0.5))  # n = 1 -> NaN -> keeps none
+
+
+def test_top_fraction_counts_candidates_not_failed_downloads():
+    """n counts every candidate row (state ok, with or without a score); rows that failed to download do not."""
+    recipe = load_recipe({"name": "t", "select": [{"top_fraction": {"column": "s", "fraction": 0.5}}]})
+    scores = [np.nan, 9, 3, 8, 2, np.nan, 7, 1, 6, 5, np.nan, np.nan]
+    kept = apply(recipe, _frame(scores, ["ok"] * 10 + ["http_error"] * 2))
+    assert kept.sum() == 6  # n = int(10 * 0.5) = 5 -> the 6th largest, 3.0 -> 9, 8, 7, 6, 5, 3
 
 
 def test_top_fraction_keeps_ties_at_the_threshold():

@@ -163,13 +163,15 @@ def _subrecipes(rule: dict) -> list[Recipe]:
 
 
 def top_fraction_threshold(scores: np.ndarray, fraction: float) -> float:
-    """DataComp's rule: n = int(len * fraction); T = the (n+1)-th largest finite score (last one if n >= len)."""
-    finite = scores[np.isfinite(scores)]
-    if not len(finite):
+    """DataComp's rule (``get_threshold`` in its baselines): n = int(len * fraction), counting the rows without a
+    score (NaN); T = the (n+1)-th largest score with NaNs sorted last, so ties at T are kept and a NaN T keeps
+    nothing, as there. Where DataComp fails (n >= len, fraction 1.0) T is the smallest score: all are kept."""
+    if not len(scores) or not np.isfinite(scores).any():
         return float("inf")
-    n = int(len(finite) * fraction)
-    ordered = -np.sort(-finite)
-    return float(ordered[min(n, len(ordered) - 1)])
+    n = int(len(scores) * fraction)
+    if n >= len(scores):
+        return float(np.nanmin(scores))
+    return float(-np.sort(-scores)[n])
 
 
 def read_uid_list(path: str) -> set[str]:
@@ -201,7 +203,8 @@ def apply(recipe: Recipe, frame: pd.DataFrame, log: list[dict] | None = None) ->
             text = f"{arg.get('min', '-inf')} <= {arg['column']} <= {arg.get('max', 'inf')}"
         elif kind == "top_fraction":
             values = _column(frame, arg["column"])
-            threshold = top_fraction_threshold(values, float(arg["fraction"]))
+            candidates = (frame["state"] == OK).to_numpy(dtype=bool, na_value=False)  # DataComp: every row
+            threshold = top_fraction_threshold(values[candidates], float(arg["fraction"]))
             keep = np.isfinite(values) & (values >= threshold)
             text = f"top {float(arg['fraction']):.0%} of the pool by {arg['column']}"
             detail = {"threshold": threshold}
