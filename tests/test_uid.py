@@ -41,3 +41,16 @@ def test_subset_array_is_sorted_u8_u8_with_upper_and_lower_halves():
     assert list(arr["f1"]) == [1, 2, 1]
     assert array_to_uids(arr) == sorted(uids)
     assert uids_to_array([]).shape == (0,)
+
+
+def test_uids_are_read_as_datacomp_reads_them():
+    """DataComp packs a uid as (int(uid[:16], 16), int(uid[16:32], 16)): upper case and 31-character uids too."""
+    from pipeline.core.errors import UserError
+
+    given = ["0123456789abcdef0123456789abcdef", "FEDCBA9876543210FEDCBA9876543210",
+             "123456789abcdef0123456789abcdef", "abc"]
+    packed = uids_to_array(given, sort=False)
+    assert [tuple(int(v) for v in p) for p in packed] == [(int(u[:16], 16), int(u[16:32] or "0", 16)) for u in given]
+    for bad in (["0123456789abcdef0123456789abcdeg"], ["", "0" * 32], ["ü" * 16]):
+        with pytest.raises(UserError, match="not hexadecimal"):
+            uids_to_array(bad)

@@ -19,8 +19,11 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from pipeline.core.errors import UserError
+
 UID_DTYPE = np.dtype("u8,u8")
 _HEX = re.compile(r"^[0-9a-f]{1,32}$")
+_ANY_HEX = re.compile(r"^[0-9a-fA-F]+$")
 
 
 def derive_uid(url: str | None, text: str | None) -> str:
@@ -40,6 +43,7 @@ def normalize_uid(value: object) -> str | None:
 
 _HEX_VALUE = np.full(256, 255, np.uint8)
 _HEX_VALUE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+_HEX_VALUE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
 
 
 def _hex_matrix(uids) -> np.ndarray:
@@ -56,23 +60,35 @@ def _hex_matrix(uids) -> np.ndarray:
         if arr.null_count == 0 and len(arr) and (np.diff(offsets) == 32).all():
             return data[offsets[0]: offsets[-1]].reshape(-1, 32)
         uids = arr.to_pylist()
-    return np.array(list(uids), dtype="S32").view(np.uint8).reshape(-1, 32)
+    uids = list(uids)
+    try:
+        return np.array(uids, dtype="S32").view(np.uint8).reshape(-1, 32)
+    except UnicodeEncodeError:  # non-ASCII text: kept as bytes, then rejected as not hex
+        encoded = [str(u).encode("utf-8", "surrogatepass") for u in uids]
+        return np.array(encoded, dtype="S32").view(np.uint8).reshape(-1, 32)
 
 
 def uids_to_array(uids: Iterable[str], sort: bool = True) -> np.ndarray:
-    """Pack 32-hex uids into DataComp's ``u8,u8`` structured array (sorted by default, duplicates kept).
+    """Pack hex uids into DataComp's ``u8,u8`` structured array (sorted by default, duplicates kept), read as
+    DataComp reads them: ``(int(uid[:16], 16), int(uid[16:32], 16))``, so upper case and uids of other lengths
+    (a 31-character one, say) give DataComp's numbers; a uid that is not hex raises :class:`UserError`.
 
     Vectorised: hex digits are looked up in a table and folded into two uint64 halves, so millions of uids take
     a fraction of a second; ``uids`` may be a list, a numpy array, a pandas Series or an Arrow array.
     """
-    nibbles = _HEX_VALUE[_hex_matrix(uids)]
-    if nibbles.size and nibbles.max() > 15:
-        bad = next(u for u, row in zip(np.asarray(uids, dtype=object), nibbles) if row.max() > 15)
-        raise ValueError(f"not a 32-char lowercase hex uid: {bad!r}")
+    raw = _hex_matrix(uids)
+    nibbles = _HEX_VALUE[raw]
+    irregular = np.flatnonzero(nibbles.max(axis=1) > 15) if nibbles.size and nibbles.max() > 15 else []
+    nibbles[irregular] = 0
     halves = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).view(">u8")  # (n, 2) big-endian
     arr = np.zeros(len(nibbles), dtype=UID_DTYPE)
     if len(nibbles):
         arr["f0"], arr["f1"] = halves[:, 0], halves[:, 1]
+    for i in irregular:  # rare: shorter than 32 characters (DataComp's halves, digit by digit), or not hex
+        text = bytes(raw[i]).rstrip(b"\0").decode("utf-8", "replace")
+        if not text or not _ANY_HEX.match(text):
+            raise UserError(f"uid {text!r} is not hexadecimal (uids are 128-bit hex, as DataComp reads them)")
+        arr[i] = (int(text[:16], 16), int(text[16:32] or "0", 16))
     return sort_uids(arr) if sort else arr
 
 
