@@ -120,3 +120,48 @@ def test_shipped_recipes_take_their_knobs_as_variables_with_datacomp_defaults():
     check_variables("image_based_and_clip", {"imagenet1k": "x.npy", "fraction": "0.2"})
     with pytest.raises(UserError, match="its variables: fasttext_model, fraction, imagenet1k, tag"):
         check_variables("image_based_and_clip", {"imagenet1k": "x.npy", "threshold": "0.2"})
+
+
+def _metadata(folder, names, rows=20, uid=None, extra=None):
+    rng = np.random.default_rng(len(names))
+    for j, stem in enumerate(names):
+        frame = pd.DataFrame({"uid": [uid or f"{j:016x}{i:016x}" for i in range(rows)],
+                              "text": ["a cat on a mat"] * rows,
+                              "clip_b32_similarity_score": rng.uniform(0.1, 0.4, rows).astype(np.float32),
+                              **(extra or {})})
+        frame.to_parquet(folder / f"{stem}.parquet")
+        v = rng.normal(size=(rows, 4)).astype(np.float16)
+        np.savez(folder / f"{stem}.npz", b32_img=v, b32_txt=v)
+
+
+@pytest.mark.parametrize("problem, fragment", [
+    ("not_parquet", "is not a readable parquet file"), ("empty", "Parquet file size is 0 bytes"),
+    ("missing_column", "has no column 'original_width', which 'min_side' needs"),
+    ("bad_uid", "uid 'xyz' is not hexadecimal")])
+def test_every_metadata_problem_is_one_line_naming_the_file(tmp_path, problem, fragment):
+    from pipeline.stages.subset import subset
+
+    _metadata(tmp_path, ["a" * 32, "b" * 32])
+    bad = tmp_path / f"{'c' * 32}.parquet"
+    recipe = "clip_b32_threshold"
+    if problem == "not_parquet":
+        bad.write_bytes(b"not a parquet file")
+    elif problem == "empty":
+        bad.write_bytes(b"")
+    elif problem == "missing_column":
+        bad, recipe = tmp_path / f"{'a' * 32}.parquet", "basic"
+    else:
+        _metadata(tmp_path, ["c" * 32], uid="xyz")
+    with pytest.raises(UserError, match=fragment) as caught:
+        subset(recipe, str(tmp_path), str(tmp_path / "out"), None, log=lambda m: None)
+    assert str(bad) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_file_added_to_a_metadata_folder_is_scored(tmp_path):
+    from pipeline.stages.subset import subset
+
+    _metadata(tmp_path, ["a" * 32])
+    first = subset("clip_b32_threshold", str(tmp_path), str(tmp_path / "o1"), None, log=lambda m: None)
+    _metadata(tmp_path, ["a" * 32, "b" * 32])
+    second = subset("clip_b32_threshold", str(tmp_path), str(tmp_path / "o2"), None, log=lambda m: None)
+    assert first["rows"] == 20 and second["rows"] == 40

@@ -81,14 +81,42 @@ class ScoreTask:
 def score_part(task: ScoreTask) -> dict:
     from filters import REGISTRY
 
+    from pipeline.core.errors import UserError
+    from pipeline.data.uid import uids_to_array
+
     filt = REGISTRY[task.spec["key"]](**task.spec["params"])
     table = read_part(task.part, list(filt.columns()))
+    try:
+        uids_to_array(table["uid"].array, sort=False)
+    except UserError as exc:
+        raise UserError(f"{task.part.parquet}: {exc}") from None
     embeddings = load_embeddings(task.pool, task.part, filt.tags_for(table.columns), task.dirs)
     scored = filt(table, embeddings)
     shards.write_table(fsio.join(task.out, f"{task.part.stem}.parquet"), scored[["uid", filt.column]])
     stats = {"rows": int(len(scored))}
     fsio.write_json(task.marker, stats)  # the commit marker, written last
     return stats
+
+
+def check_parts(parts: list[Part], filters) -> None:
+    """Every part readable as parquet, with a uid column and the columns the filters need, before any work:
+    each problem is one line naming the file."""
+    from pipeline.core.errors import UserError, describe
+
+    for part in parts:
+        try:
+            with fsio.open_read(part.parquet) as f:
+                names = set(pq.read_schema(f).names)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise UserError(f"{part.parquet} is not a readable parquet file ({describe(exc)}); replace or remove "
+                            "it") from None
+        if "text" in names:
+            names.add("caption")  # DataComp's metadata calls the caption text
+        for filt in filters:
+            missing = [c for c in ("uid", *filt.requires) if c not in names]
+            if missing:
+                raise UserError(f"{part.parquet} has no column {missing[0]!r}, which {filt.key!r} needs (it has: "
+                                f"{', '.join(sorted(names))})")
 
 
 def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = None, log=print) -> dict[str, str]:
@@ -98,6 +126,9 @@ def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = No
     from filters import build
 
     parts = list_parts(pool)
+    check_parts(parts, [build(spec) for spec in specs])
+    layout = "".join(f"{p.stem}:{fsio.size(p.parquet)}\n" for p in parts)
+    layout = hashlib.sha256(layout.encode()).hexdigest()[:16]
     done: dict[str, str] = {}
     for spec in specs:
         filt = build(spec)
@@ -105,8 +136,9 @@ def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = No
         upstream = [fsio.join(pool, manifest.MANIFEST)] + [
             fsio.join((dirs or {}).get(tag) or fsio.join(pool, "embeddings", tag), manifest.MANIFEST)
             for tag in filt.tags()]
-        # a cache: replaced whenever its parameters or inputs changed
-        stage = Stage("score", out, {"key": filt.key, "params": filt.params()},
+        # a cache: replaced whenever its parameters or inputs changed (a metadata folder has no manifest: the
+        # names and sizes of its parts stand for it)
+        stage = Stage("score", out, {"key": filt.key, "params": filt.params(), "parts": layout},
                       inputs=[u for u in upstream if fsio.exists(u)], runner=runner, overwrite=True, log=lambda m: None)
         if not stage.done:
             filt.prepare(PoolContext(pool, parts, dirs, out, log))
