@@ -41,6 +41,12 @@ def list_parts(pool: str) -> list[Part]:
     return [Part(n[: -len(".parquet")], fsio.join(pool, n)) for n in names]
 
 
+def part_rows(part: Part) -> int:
+    """The part's row count, from its parquet footer (no column is read)."""
+    with fsio.open_read(part.parquet) as f:
+        return int(pq.ParquetFile(f).metadata.num_rows)
+
+
 def embedding_path(pool: str, part: Part, tag: str, dirs: dict[str, str] | None) -> str:
     """Where a part's embeddings for ``tag`` live: an explicit folder, ``<pool>/embeddings/<tag>``, or beside it."""
     candidates = [fsio.join(dirs[tag], f"{part.stem}.npz")] if dirs and tag in dirs else []

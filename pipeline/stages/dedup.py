@@ -39,7 +39,7 @@ import pandas as pd
 from pipeline.core import fsio
 from pipeline.core.errors import UserError
 from pipeline.data import manifest, shards
-from pipeline.data.parts import list_parts
+from pipeline.data.parts import list_parts, part_rows
 from pipeline.data.pool import require_finished
 from pipeline.run.stage import Stage
 from pipeline.stages.dedup_tasks import (
@@ -154,16 +154,16 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
     scans = stage.map(scan_part, [ScanTask(pool, p, o, work, cfg.tag, cfg.keep_tag, rate, exact_buckets, evalsets,
                                            cfg.contamination_threshold) for p, o in zip(parts, offsets)],
                       label="dedup scan", unit="parts")
-    n_ok = sum(s["ok"] for s in scans)
+    n_ok, n_sampled = sum(s["ok"] for s in scans), sum(s["sampled"] for s in scans)
     log(f"dedup: {n_ok:,} images of {sum(sizes):,} rows, tag {cfg.tag}")
     n_clusters = cfg.semantic_clusters or max(1, round(np.sqrt(n_ok) / 3), -(-n_ok // CLUSTER_ROWS))
     if n_ok > sample_rows:  # the sample bounds the clusters it can train
         n_clusters = max(1, min(n_clusters, sample_rows // SAMPLE_PER_CLUSTER))
     clusters_path = fsio.join(work, "clusters.npz")
     if not fsio.exists(clusters_path):
-        sample, at = np.empty((sum(s["sampled"] for s in scans), dim), np.float32), 0
+        sample, at = np.empty((n_sampled, dim), np.float32), 0
         for p in parts:  # normalised part by part into one array: the driver's largest allocation
-            rows = load_npz_arrays(fsio.join(work, "scan", f"{p.stem}.npz"), "sample")[""]
+            rows = load_npz_arrays(fsio.join(work, "scan", f"{p.stem}.npz"), names=("sample",))["sample"]
             sample[at: at + len(rows)] = normalize(rows)
             at += len(rows)
         clusters = train_clusters(sample, n_clusters) if len(sample) else \
@@ -187,7 +187,8 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
     stage.map(exact_bucket, [ExactTask(work, b, stems) for b in range(exact_buckets)], label="dedup exact",
               unit="buckets")
     names = [f"b{t.bucket}" for t in buckets]
-    table = _table(work, parts, ["flat"] if flat else names, names, exact_buckets, cfg, log)
+    contaminated = [p for p, s in zip(parts, scans) if s["contaminated"]]
+    table = _table(work, contaminated, ["flat"] if flat else names, names, exact_buckets, cfg, log)
     shards.write_table(fsio.join(out, TABLE), table)
     fsio.remove(work)
     counts = {k: int(((table["kind"] == k) & ~table["kept"]).sum()) for k in KINDS}
@@ -196,7 +197,7 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
     log("dedup: dropped per kind: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     return stage.finish(rows={"images": int(n_ok), "table_rows": len(table)}, dropped=counts,
                         search="exact" if flat else f"{n_leaves} clusters, nprobe {cfg.nprobe}",
-                        clusters=int(n_leaves), sample=int(sum(s["sampled"] for s in scans)))
+                        clusters=int(n_leaves), sample=int(n_sampled))
 
 
 def embedding_dim(pool: str, part, tag: str) -> int:
@@ -216,16 +217,10 @@ def embedding_dim(pool: str, part, tag: str) -> int:
     return int(shape[1]) if len(shape) == 2 else 1
 
 
-def part_rows(part) -> int:
-    import pyarrow.parquet as pq
-
-    with fsio.open_read(part.parquet) as f:
-        return int(pq.ParquetFile(f).metadata.num_rows)
-
-
-def _table(work: str, parts, near_outputs: list[str], buckets: list[str], exact_buckets: int, cfg: DedupConfig,
-           log) -> pd.DataFrame:
-    """The duplicates table from the tasks' outputs (its size is the number of duplicates, not of the pool)."""
+def _table(work: str, contaminated, near_outputs: list[str], buckets: list[str], exact_buckets: int,
+           cfg: DedupConfig, log) -> pd.DataFrame:
+    """The duplicates table from the tasks' outputs (its size is the number of duplicates, not of the pool);
+    ``contaminated``: the parts whose scan found eval-set copies."""
     groups = fsio.join(work, "groups")
     tables = [read_frame(fsio.join(work, "exact", f"e{b}.parquet")) for b in range(exact_buckets)]
     edges = np.concatenate([load_npz_arrays(fsio.join(groups, f"{n}_edges.npz"))["edges"] for n in near_outputs])
@@ -246,10 +241,7 @@ def _table(work: str, parts, near_outputs: list[str], buckets: list[str], exact_
     tables.append(pd.DataFrame({"uid": semantic["uid"], "kind": "semantic", "group": semantic["group"],
                                 "kept": semantic["similarity"] <= 1 - cfg.semantic_eps[0],
                                 "similarity": semantic["similarity"]}))
-    for p in parts:
-        path = fsio.join(work, "contaminated", f"{p.stem}.parquet")
-        if fsio.exists(path):
-            tables.append(read_frame(path))
+    tables += [read_frame(fsio.join(work, "contaminated", f"{p.stem}.parquet")) for p in contaminated]
     tables = [t for t in tables if len(t)]
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=TABLE_COLUMNS)
     table = table.astype({"uid": str, "kind": str, "group": str, "kept": bool, "similarity": float})

@@ -25,6 +25,7 @@ import pandas as pd
 from pipeline.core import fsio
 from pipeline.core.errors import UserError
 from pipeline.data.parts import Part, load_embeddings, read_part
+from pipeline.data.shards import write_table
 
 FLAT_CLUSTERS = 256  # up to this many clusters, one flat k-means; above, two levels (sqrt(K) coarse clusters)
 COARSE_PROBE = 16  # two levels: a row's nearest clusters are looked for within its 16 nearest coarse clusters
@@ -176,32 +177,27 @@ def assign_leaves(clusters: dict, x: np.ndarray, p: int) -> tuple[np.ndarray, np
     return sims, ids
 
 
-def bucket_of(leaf: np.ndarray, leaves_per_bucket: int) -> np.ndarray:
-    return leaf // leaves_per_bucket
-
-
 # ------------------------------------------------------------------------------------------------ file helpers
 def save_npz(path: str, **arrays) -> None:
     with fsio.atomic_open(path, "wb") as f:
         np.savez(f, **arrays)
 
 
-def load_npz_arrays(path: str, prefix: str = "") -> dict[str, np.ndarray]:
-    """The arrays of an ``.npz`` whose names start with ``prefix`` (the prefix removed); never unpickled."""
+def load_npz_arrays(path: str, prefix: str = "", names: tuple = ()) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` whose names start with ``prefix`` (the prefix removed), or only those in
+    ``names``; only those are read, never unpickled."""
     fs, p = fsio.get_fs(path)
     with fs.open(p, "rb") as f, np.load(f, allow_pickle=False) as z:
-        return {n[len(prefix):]: z[n] for n in z.files if n.startswith(prefix)}
+        return {n[len(prefix):]: z[n] for n in z.files if n.startswith(prefix) and (not names or n in names)}
+
+
+SCAN_KEYS = ("rows", "uid", "score")  # of a scan file, what the later passes read
 
 
 def commit(marker: str, stats: dict) -> dict:
     """Write a task's marker (its stats), last: the task is then finished."""
     fsio.write_json(marker, stats)
     return stats
-
-
-def write_frame(path: str, frame: pd.DataFrame) -> None:
-    with fsio.atomic_open(path, "wb") as f:
-        frame.to_parquet(f, index=False)
 
 
 def read_frame(path: str) -> pd.DataFrame:
@@ -249,7 +245,8 @@ def scan_part(task: ScanTask) -> dict:
     rows = local + task.offset
     pick = np.ones(len(local), bool) if task.sample_rate >= 1 else \
         np.random.default_rng([task.seed, task.offset]).random(len(local)) < task.sample_rate
-    out = {"rows": rows, "uid": uid, "score": score[local], "sample": img[local[pick]].astype(np.float16)}
+    score = score[local]
+    out = {"rows": rows, "uid": uid, "score": score, "sample": img[local[pick]].astype(np.float16)}
     if "sha256" in table.columns:  # exact keys, partitioned by hash
         sha = table["sha256"].astype(str).to_numpy()[local].astype(object)
         caption = np.array([normalize_caption(c) for c in table["caption"].to_numpy()[local]], dtype=object)
@@ -257,15 +254,14 @@ def scan_part(task: ScanTask) -> dict:
         h_pair = pd.util.hash_array(np.array([s + "\n" + c for s, c in zip(sha, caption)], dtype=object))
         for b in range(task.exact_buckets):
             sel = (h_img % task.exact_buckets) == b
-            out |= {f"e{b}_uid": uid[sel], f"e{b}_score": score[local][sel], f"e{b}_img": h_img[sel],
+            out |= {f"e{b}_uid": uid[sel], f"e{b}_score": score[sel], f"e{b}_img": h_img[sel],
                     f"e{b}_pair": h_pair[sel]}
     save_npz(fsio.join(task.work, "scan", f"{task.part.stem}.npz"), **out)
     contaminated = _contamination(task, normalize(img[local]), uid)
     if contaminated is not None:
-        write_frame(fsio.join(task.work, "contaminated", f"{task.part.stem}.parquet"), contaminated)
+        write_table(fsio.join(task.work, "contaminated", f"{task.part.stem}.parquet"), contaminated)
     return commit(task.marker, {"rows": len(table), "ok": len(local), "sampled": int(pick.sum()),
-                                "dim": int(img.shape[1]), "contaminated": 0 if contaminated is None else
-                                len(contaminated)})
+                                "contaminated": 0 if contaminated is None else len(contaminated)})
 
 
 def _contamination(task: ScanTask, x: np.ndarray, uid: np.ndarray) -> pd.DataFrame | None:
@@ -304,7 +300,7 @@ class AssignTask:
 
 
 def assign_part(task: AssignTask) -> dict:
-    scan = load_npz_arrays(fsio.join(task.work, "scan", f"{task.part.stem}.npz"))
+    scan = load_npz_arrays(fsio.join(task.work, "scan", f"{task.part.stem}.npz"), names=SCAN_KEYS)
     clusters = load_npz_arrays(fsio.join(task.work, "clusters.npz"))
     img = load_embeddings(task.pool, task.part, (task.tag,), None)[task.tag]["img"]
     x = normalize(img[scan["rows"] - task.offset])
@@ -315,7 +311,7 @@ def assign_part(task: AssignTask) -> dict:
     probe[:, 0] = True
     r, j = np.nonzero(probe)
     leaf, primary = ids[r, j], j == 0
-    bucket = bucket_of(leaf, task.leaves_per_bucket)
+    bucket = leaf // task.leaves_per_bucket
     out = {}
     for b in np.unique(bucket):
         sel = bucket == b
@@ -366,8 +362,7 @@ def cluster_bucket(task: BucketTask) -> dict:
         if len(near):  # local indices: primaries 0..m-1, then the copies
             rows = data["row"][np.concatenate([prim, copies])]
             a, b = rows[near[:, 0].astype(np.int64)], rows[near[:, 1].astype(np.int64)]
-            keep = a != b  # a copy meets its own row's primary entry in no cluster, but be sure
-            edges.append(np.stack([np.minimum(a, b), np.maximum(a, b), near[:, 2]], axis=1)[keep])
+            edges.append(np.stack([np.minimum(a, b), np.maximum(a, b), near[:, 2]], axis=1))
     edges = np.concatenate(edges) if edges else np.zeros((0, 3))
     if len(edges):
         rows = np.unique(edges[:, :2].astype(np.int64))
@@ -375,10 +370,10 @@ def cluster_bucket(task: BucketTask) -> dict:
         pos = first[1][np.searchsorted(first[0], rows)]
         members.append(pd.DataFrame({"row": rows, "uid": data["uid"][pos].astype(str), "score": data["score"][pos]}))
     out = fsio.join(task.work, "groups", f"b{task.bucket}")
-    write_frame(out + "_semantic.parquet", pd.concat(semantic, ignore_index=True) if semantic else
+    write_table(out + "_semantic.parquet", pd.concat(semantic, ignore_index=True) if semantic else
                 pd.DataFrame(columns=["uid", "group", "similarity"]))
     save_npz(out + "_edges.npz", edges=edges.astype(np.float64))
-    write_frame(out + "_members.parquet", pd.concat(members) if members else
+    write_table(out + "_members.parquet", pd.concat(members) if members else
                 pd.DataFrame({"row": np.zeros(0, np.int64), "uid": [], "score": np.zeros(0, np.float32)}))
     return commit(task.marker, {"rows": int(data["primary"].sum()) if data else 0, "edges": len(edges)})
 
@@ -441,7 +436,7 @@ def near_flat(task: FlatTask) -> dict:
     """Exact near-duplicate search of every ok row against all of them (pools up to ``flat_max`` rows)."""
     import faiss
 
-    scans = [load_npz_arrays(fsio.join(task.work, "scan", f"{p.stem}.npz")) for p, _ in task.parts]
+    scans = [load_npz_arrays(fsio.join(task.work, "scan", f"{p.stem}.npz"), names=SCAN_KEYS) for p, _ in task.parts]
     x = np.concatenate([normalize(load_embeddings(task.pool, p, (task.tag,), None)[task.tag]["img"][s["rows"] - o])
                         for (p, o), s in zip(task.parts, scans)] or [np.zeros((0, 1), np.float32)])
     rows = np.concatenate([s["rows"] for s in scans]) if scans else np.zeros(0, np.int64)
@@ -449,6 +444,8 @@ def near_flat(task: FlatTask) -> dict:
     if len(x):
         index = faiss.IndexFlatIP(x.shape[1])
         index.add(x)
+        if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:  # faiss-gpu installed and a GPU present
+            index = faiss.index_cpu_to_all_gpus(index)
         start = 0
         for s in scans:  # queries part by part
             n = len(s["rows"])
@@ -464,7 +461,7 @@ def near_flat(task: FlatTask) -> dict:
         members = pd.DataFrame({"row": rows[pos], "uid": uid[pos].astype(str), "score": score[pos]})
     out = fsio.join(task.work, "groups", "flat")
     save_npz(out + "_edges.npz", edges=edges.astype(np.float64))
-    write_frame(out + "_members.parquet", members)
+    write_table(out + "_members.parquet", members)
     return commit(task.marker, {"rows": len(x), "edges": len(edges)})
 
 
@@ -492,5 +489,5 @@ def exact_bucket(task: ExactTask) -> dict:
         found = [group_rows(data[key], idx, rank, uid, kind) for key, kind in (("img", "exact_image"),
                                                                              ("pair", "exact_pair"))]
         table = pd.concat([t for t in found if len(t)] or [table], ignore_index=True)
-    write_frame(fsio.join(task.work, "exact", f"e{task.bucket}.parquet"), table)
+    write_table(fsio.join(task.work, "exact", f"e{task.bucket}.parquet"), table)
     return commit(task.marker, {"rows": len(table)})

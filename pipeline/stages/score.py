@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core import fsio
 from pipeline.data import manifest, shards
-from pipeline.data.parts import Part, arrow_strings, list_parts, load_embeddings, read_part
+from pipeline.data.parts import Part, arrow_strings, list_parts, load_embeddings, part_rows, read_part
 from pipeline.run.stage import Stage
 
 
@@ -42,13 +42,7 @@ class PoolContext:
         """At most about ``max_rows`` finite embeddings of the pool, float32, read part by part (memory: the sample
         and one part): every finite row when the pool has no more rows than that, else each row with
         probability max_rows / rows, drawn from ``seed`` and the part's position."""
-        import pyarrow.parquet as pq
-
-        def rows(part: Part) -> int:
-            with fsio.open_read(part.parquet) as f:
-                return pq.ParquetFile(f).metadata.num_rows
-
-        rate = max_rows / max(1, sum(rows(p) for p in self.parts))
+        rate = max_rows / max(1, sum(part_rows(p) for p in self.parts))
         out = []
         for i, part in enumerate(self.parts):
             x = load_embeddings(self.pool, part, (tag,), self.dirs)[tag][kind]
@@ -126,12 +120,12 @@ def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = No
     from filters import build
 
     parts = list_parts(pool)
-    check_parts(parts, [build(spec) for spec in specs])
+    filters = [build(spec) for spec in specs]
+    check_parts(parts, filters)
     layout = "".join(f"{p.stem}:{fsio.size(p.parquet)}\n" for p in parts)
     layout = hashlib.sha256(layout.encode()).hexdigest()[:16]
     done: dict[str, str] = {}
-    for spec in specs:
-        filt = build(spec)
+    for filt in filters:
         out = cache_dir(pool, filt)
         upstream = [fsio.join(pool, manifest.MANIFEST)] + [
             fsio.join((dirs or {}).get(tag) or fsio.join(pool, "embeddings", tag), manifest.MANIFEST)
