@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     return run(BY_NAME[args.command], args)
 
 
-NAMES = {"kind", "action"}  # positionals that are never paths
+NAMES = {"kind", "action", "name", "port"}  # arguments that are never paths
 MAYBE_PATHS = {"recipe", "checkpoint", "tasks"}  # a name or a path: changed only when the path exists here
 PATH_KEYS = ("embed.pretrained", "train.pretrained", "dfn.pretrained", "train.logs", "dedup.decontaminate",
              "dist.vgg19")  # config values that may be local paths
@@ -267,14 +267,14 @@ def absolute_paths(command: Command, args: argparse.Namespace, cfg) -> None:
     """Every local path of the command made absolute, in ``args`` and in ``cfg``, before any task is built."""
     from pipeline.core.fsio import absolute
 
-    names = [n for n, _ in command.args if n not in NAMES] + [f.name.lstrip("-").replace("-", "_")
-                                                               for f in command.flags if not f.key]
+    names = [n for n in [a for a, _ in command.args] + [f.name.lstrip("-").replace("-", "_") for f in command.flags
+                                                        if not f.key] if n not in NAMES]
     for name in names:
         value = getattr(args, name, None)
         if name == "var" or name == "embeddings":  # NAME=VALUE pairs: the value when it is a path here
             setattr(args, name, [f"{k}={absolute(v, only_existing=name == 'var')}" if sep else item
                                  for item in value for k, sep, v in [item.partition("=")]])
-        elif isinstance(value, str) and value and name not in ("name", "port"):
+        elif isinstance(value, str) and value:
             setattr(args, name, absolute(value, only_existing=name in MAYBE_PATHS))
     for key in PATH_KEYS:
         section, leaf = key.split(".")
