@@ -1,13 +1,16 @@
 """1.0 when a sample's image falls in a cluster that the target set occupies (DataComp's image-based baseline).
 
-``prepare`` runs faiss k-means (L2, ``niter`` 20, seed 0, no further subsampling, as DataComp) over the pool's
-stored image embeddings, at most ``sample_rows`` of them (a seeded random sample above that, read part by part:
-the k-means' memory is bounded whatever the pool's size, 1.28M x 768-d float32 is 3.9 GB; DataComp clustered all
-12.8M rows of small, 39 GB, on a GPU), then assigns every target embedding to its nearest centroid by inner product; the clusters hit
-form the kept set. Scoring assigns each sample the same way. DataComp used 100,000 centroids for 12.8M samples
-(128 samples per cluster) and ImageNet-1k train images as the target; ``n_clusters: 0`` keeps that ratio for
-any pool size, and ``target`` is a folder of ``.npz`` embeddings (e.g. the clean set's) or an ``.npy`` array.
-Rows without an image embedding score NaN.
+Centroids: DataComp's released ones by path (``centroids: PATH``, ``.npy``, or the ``.pt`` they ship, read with
+``torch.load(weights_only=True)``), or ``prepare`` runs faiss k-means (L2, ``niter`` 20, seed 0) over a seeded
+sample of at most ``sample_rows`` of the pool's stored image embeddings, read part by part (memory bounded
+whatever the pool's size: 1.28M x 768-d float32 is 3.9 GB). With ``caption_filter`` (default) the sample holds
+only rows that pass DataComp's caption filter (fastText English, more than one fastText token, more than 5
+characters), the rows the baseline keeps from. Every target embedding (ImageNet-1k train images for DataComp:
+``target`` is an ``.npy`` array, a ``.pt`` with ``image_features`` as DataComp's, or a folder of ``.npz``
+embeddings) is assigned to its nearest centroid by inner product; the clusters hit form the kept set, and each
+sample scores 1.0 when its nearest centroid is one of them. DataComp used 100,000 centroids for 12.8M samples
+(128 per cluster); ``n_clusters: 0`` keeps that ratio for any pool size. Rows without an image embedding score
+NaN.
 """
 
 from __future__ import annotations
@@ -43,18 +46,65 @@ def nearest(x: np.ndarray, centroids: np.ndarray, cells: int = 2**25) -> np.ndar
     return out
 
 
+def load_matrix(path: str, what: str) -> np.ndarray:
+    """A float32 matrix from ``.npy`` (never unpickled) or a torch ``.pt``/``.pth`` file (``weights_only``: plain
+    arrays and tensors only; a dict is read at ``image_features``, DataComp's key)."""
+    if path.endswith((".pt", ".pth")):
+        import torch
+
+        if not fsio.exists(path):
+            raise UserError(f"{what}: file not found")
+        reconstruct = np._core.multiarray._reconstruct
+        allowed = [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+                   type(np.dtype(np.float32)), type(np.dtype(np.float16))]
+        try:
+            with torch.serialization.safe_globals(allowed):
+                obj = torch.load(fsio.local_copy(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - anything beyond arrays and tensors is refused
+            raise UserError(f"{what}: not a plain array or tensor file ({str(exc).splitlines()[0][:120]})") from None
+        if isinstance(obj, dict):
+            obj = obj.get("image_features")
+        if isinstance(obj, torch.Tensor):
+            obj = obj.float().numpy()
+        if not isinstance(obj, np.ndarray) or obj.ndim != 2:
+            raise UserError(f"{what}: expected a 2-d array (or a dict with image_features)")
+        return obj.astype(np.float32)
+    arr = fsio.load_npy(path, what)
+    if arr.ndim != 2:
+        raise UserError(f"{what}: expected a 2-d array, got shape {arr.shape}")
+    return arr.astype(np.float32)
+
+
 def load_target(path: str, tag: str) -> np.ndarray:
     from pipeline.data.parts import load_npz
 
-    if path.endswith(".npy") and os.path.isfile(path):
-        return fsio.load_npy(path, f"image_cluster.target {path}").astype(np.float32)
+    if path.endswith((".npy", ".pt", ".pth")):
+        target = load_matrix(path, f"image_cluster.target {path}")
+        return target[np.isfinite(target).all(axis=1)]
     if not os.path.isdir(path):
-        raise UserError(f"image_cluster.target {path!r}: give a folder of .npz embeddings or an .npy array")
+        raise UserError(f"image_cluster.target {path!r}: give a folder of .npz embeddings, an .npy array or "
+                        "DataComp's .pt embeddings")
     arrays = [load_npz(os.path.join(path, n), tag)["img"] for n in sorted(os.listdir(path)) if n.endswith(".npz")]
     if not arrays:
         raise UserError(f"image_cluster.target {path!r} holds no .npz files with '{tag}_img'")
     target = np.concatenate(arrays)
     return target[np.isfinite(target).all(axis=1)]
+
+
+def caption_mask(part, fasttext_model: str = "") -> np.ndarray:
+    """DataComp's caption filter for the image-based baseline: fastText English, more than one fastText token,
+    more than 5 characters."""
+    from pipeline.data.parts import read_part
+
+    from .caption_chars import CaptionCharsFilter
+    from .caption_words import CaptionWordsFilter
+    from .english import EnglishFilter
+
+    table = read_part(part, ["caption"])
+    english = EnglishFilter(fasttext_model=fasttext_model).score(table, {}).to_numpy()
+    words = CaptionWordsFilter(tokenizer="fasttext").score(table, {}).to_numpy()
+    chars = CaptionCharsFilter().score(table, {}).to_numpy()
+    return (english == 1) & (words > 1) & (chars > 5)
 
 
 @dataclass
@@ -66,6 +116,9 @@ class ImageClusterFilter(Filter):
     niter: int = 20
     seed: int = 0
     sample_rows: int = 1_280_000
+    centroids: str = ""  # released centroids (.npy or .pt); empty: k-means over the pool
+    caption_filter: bool = True  # k-means sample: only rows passing DataComp's caption filter
+    fasttext_model: str = ""  # the caption filter's language id model (empty: the shipped lid.176.ftz)
     centroids_path: str = ""  # set by prepare
     kept_clusters: tuple = ()  # set by prepare
 
@@ -80,19 +133,28 @@ class ImageClusterFilter(Filter):
         return {k: v for k, v in super().params().items() if k not in ("centroids_path", "kept_clusters")}
 
     def prepare(self, context: Any) -> None:
-        import faiss
-
-        x = context.sample(self.tag, "img", self.sample_rows, self.seed)
-        k = self.n_clusters or max(2, min(100_000, round(len(x) / SAMPLES_PER_CLUSTER)))
-        if len(x) < k:
-            raise UserError(f"image_cluster: {len(x)} embeddings cannot make {k} clusters; lower n_clusters")
-        kmeans = faiss.Kmeans(x.shape[1], k, niter=self.niter, seed=self.seed, max_points_per_centroid=10_000_000)
-        kmeans.train(x)
-        self.centroids_path = context.save("centroids.npy", kmeans.centroids.astype(np.float32))
         target = load_target(self.target, self.tag)
-        self.kept_clusters = tuple(sorted(int(c) for c in np.unique(nearest(target, kmeans.centroids))))
-        context.log(f"image_cluster: {k} clusters over {len(x):,} pool images; the {len(target):,} target images "
-                    f"occupy {len(self.kept_clusters)}")
+        if self.centroids:
+            centroids = load_matrix(self.centroids, f"image_cluster.centroids {self.centroids}")
+            what = f"{len(centroids):,} centroids from {self.centroids}"
+        else:
+            import faiss
+
+            keep = functools.partial(caption_mask, fasttext_model=self.fasttext_model) if self.caption_filter else None
+            x = context.sample(self.tag, "img", self.sample_rows, self.seed, keep=keep)
+            k = self.n_clusters or max(2, min(100_000, round(len(x) / SAMPLES_PER_CLUSTER)))
+            if len(x) < k:
+                raise UserError(f"image_cluster: {len(x)} embeddings cannot make {k} clusters; lower n_clusters")
+            kmeans = faiss.Kmeans(x.shape[1], k, niter=self.niter, seed=self.seed, max_points_per_centroid=10_000_000)
+            kmeans.train(x)
+            centroids = kmeans.centroids.astype(np.float32)
+            what = f"{k} clusters over {len(x):,} pool images"
+        if centroids.shape[1] != target.shape[1]:
+            raise UserError(f"image_cluster: centroids have {centroids.shape[1]} dimensions, the target embeddings "
+                            f"{target.shape[1]}; use the same embedding model for both")
+        self.centroids_path = context.save("centroids.npy", centroids)
+        self.kept_clusters = tuple(sorted(int(c) for c in np.unique(nearest(target, centroids))))
+        context.log(f"image_cluster: {what}; the {len(target):,} target images occupy {len(self.kept_clusters)}")
 
     def score(self, part, embeddings):
         img = embedding(embeddings, self.tag, "img", len(part))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 from helpers import free_port, tiny_ingest_config, tiny_synth_config
@@ -15,6 +16,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # every Dask worker started in this session inherits the endpoint and the test credentials.
 os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_ACCESS_KEY_ID="winnow-test",
                   AWS_SECRET_ACCESS_KEY="winnow-test", AWS_DEFAULT_REGION="us-east-1")
+# Score caches of this session's pools go to a folder of their own, not the user's ~/.cache/winnow.
+os.environ["WINNOW_CACHE"] = tempfile.mkdtemp(prefix="winnow-test-cache-")
 
 
 @pytest.fixture(scope="session")

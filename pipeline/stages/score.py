@@ -1,25 +1,38 @@
-"""Scoring: run filters over every part of a pool and store one score column per filter.
+"""Scoring: run filters over every part of a pool and cache one compact score array per filter and part.
 
 A *part* is a parquet table with its row-aligned embeddings: the shards of a Winnow/img2dataset pool
 (``{id:08d}.parquet``, embeddings in ``<pool>/embeddings/<tag>/``), or the files of DataComp's metadata folder
-(``<hex>.parquet`` beside ``<hex>.npz``). Each filter's scores are cached in
-``<pool>/scores/<column>-<hash of params>/`` (one parquet per part: uid + the column, plus a manifest), so
-choosing another subset from the same scores re-reads no image and recomputes nothing.
+(``<hex>.parquet`` beside ``<hex>.npz``).
+
+The cache lives outside the pool: ``<cache>/scores/<pool key>/`` where ``<cache>`` is ``--cache``,
+``$WINNOW_CACHE`` or ``~/.cache/winnow`` and the key is a digest of the pool's absolute path. In it:
+
+- ``rows/<part>.npz``: the part's uids packed as DataComp's ``u8,u8`` (``uid``) and which rows are candidates
+  (``ok``: ledger state ok; every row of a metadata file);
+- ``<column>-<hash of the filter's params>/<part>.npy``: the filter's scores, row-aligned, float32 where that
+  holds every value exactly, else float64.
+
+Each folder is a stage: replaced when its parameters, the pool's manifest, or the parts' names and sizes change.
+Every part is read once by one worker task that writes the rows and every missing filter's scores; choosing
+another subset from the same filters reads only these arrays (no parquet, no string).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 
 from pipeline.core import fsio
-from pipeline.data import manifest, shards
-from pipeline.data.parts import Part, arrow_strings, list_parts, load_embeddings, part_rows, read_part
+from pipeline.core.errors import UserError
+from pipeline.data import manifest
+from pipeline.data.ledger import OK
+from pipeline.data.parts import Part, list_parts, load_embeddings, part_rows, read_part
 from pipeline.run.stage import Stage
 
 
@@ -28,8 +41,11 @@ def spec_hash(filt) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
-def cache_dir(pool: str, filt) -> str:
-    return fsio.join(pool, "scores", f"{filt.column}-{spec_hash(filt)}")
+def cache_root(pool: str, cache: str = "") -> str:
+    """Where the score cache of ``pool`` lives (never inside the pool unless ``cache`` says so)."""
+    base = cache or os.environ.get("WINNOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "winnow")
+    key = hashlib.sha256(fsio.absolute(str(pool)).rstrip("/").encode()).hexdigest()[:16]
+    return fsio.join(fsio.absolute(base), "scores", key)
 
 
 class PoolContext:
@@ -38,18 +54,21 @@ class PoolContext:
     def __init__(self, pool: str, parts: list[Part], dirs: dict[str, str] | None, out: str, log):
         self.pool, self.parts, self.dirs, self.out, self.log = pool, parts, dirs, out, log
 
-    def sample(self, tag: str, kind: str, max_rows: int, seed: int = 0) -> np.ndarray:
+    def sample(self, tag: str, kind: str, max_rows: int, seed: int = 0, keep=None) -> np.ndarray:
         """At most about ``max_rows`` finite embeddings of the pool, float32, read part by part (memory: the sample
         and one part): every finite row when the pool has no more rows than that, else each row with
-        probability max_rows / rows, drawn from ``seed`` and the part's position."""
+        probability max_rows / rows, drawn from ``seed`` and the part's position. ``keep(part)``, when given,
+        returns a boolean row mask of the part: only those rows are sampled (the rate is computed over all
+        rows, so the sample is smaller when the mask drops many)."""
         rate = max_rows / max(1, sum(part_rows(p) for p in self.parts))
         out = []
         for i, part in enumerate(self.parts):
             x = load_embeddings(self.pool, part, (tag,), self.dirs)[tag][kind]
-            x = x[np.isfinite(x).all(axis=1)]
-            if rate < 1:
-                x = x[np.random.default_rng([seed, i]).random(len(x)) < rate]
-            out.append(np.ascontiguousarray(x, dtype=np.float32))
+            draw = np.random.default_rng([seed, i]).random(len(x)) < rate if rate < 1 else np.ones(len(x), bool)
+            mask = np.isfinite(x).all(axis=1) & draw
+            if keep is not None:
+                mask &= keep(part)
+            out.append(np.ascontiguousarray(x[mask], dtype=np.float32))
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def save(self, name: str, array: np.ndarray) -> str:
@@ -59,43 +78,74 @@ class PoolContext:
         return path
 
 
+def compact(values: np.ndarray) -> np.ndarray:
+    """float32 when it holds every value exactly (NaN included), else float64."""
+    values = np.asarray(values, dtype=np.float64)
+    narrow = values.astype(np.float32)
+    return narrow if np.array_equal(narrow.astype(np.float64), values, equal_nan=True) else values
+
+
+def save_array(path: str, **arrays: np.ndarray) -> None:
+    """One ``.npy`` (one array) or uncompressed ``.npz`` (several), written atomically (a regenerable cache file:
+    no fsync)."""
+    buf = io.BytesIO()
+    if len(arrays) == 1 and path.endswith(".npy"):
+        np.save(buf, next(iter(arrays.values())))
+    else:
+        np.savez(buf, **arrays)
+    fsio.write_bytes(path, buf.getvalue(), fsync=False)
+
+
+def load_array(path: str) -> np.ndarray | dict[str, np.ndarray]:
+    fs, p = fsio.get_fs(path)
+    with fs.open(p, "rb") as f:
+        data = f.read()
+    loaded = np.load(io.BytesIO(data), allow_pickle=False)
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded as z:
+        return {k: z[k] for k in z.files}
+
+
 @dataclass(frozen=True)
 class ScoreTask:
+    """One part: the rows file to write (or "") and the filters (spec, cache folder) whose scores it lacks."""
+
     pool: str
     part: Part
-    spec: dict  # {"key", "params"} including any state set by prepare
-    out: str
+    rows_out: str
+    filters: tuple  # ((spec, out), ...), spec = {"key", "params"} including any state set by prepare
     dirs: dict | None
 
-    @property
-    def marker(self) -> str:
-        return fsio.join(self.out, f"{self.part.stem}_stats.json")
 
-
-def score_part(task: ScoreTask) -> dict:
+def score_part(task: ScoreTask) -> int:
+    """Read the part once, write its rows file and each filter's scores; return its row count."""
     from filters import REGISTRY
 
-    from pipeline.core.errors import UserError
     from pipeline.data.uid import uids_to_array
 
-    filt = REGISTRY[task.spec["key"]](**task.spec["params"])
-    table = read_part(task.part, list(filt.columns()))
-    try:
-        uids_to_array(table["uid"].array, sort=False)
-    except UserError as exc:
-        raise UserError(f"{task.part.parquet}: {exc}") from None
-    embeddings = load_embeddings(task.pool, task.part, filt.tags_for(table.columns), task.dirs)
-    scored = filt(table, embeddings)
-    shards.write_table(fsio.join(task.out, f"{task.part.stem}.parquet"), scored[["uid", filt.column]])
-    stats = {"rows": int(len(scored))}
-    fsio.write_json(task.marker, stats)  # the commit marker, written last
-    return stats
+    filters = [(REGISTRY[spec["key"]](**spec["params"]), out) for spec, out in task.filters]
+    wanted = sorted({c for filt, _ in filters for c in filt.columns()})
+    table = read_part(task.part, wanted)
+    if task.rows_out:
+        try:
+            uids = uids_to_array(table["uid"].array, sort=False)
+        except UserError as exc:
+            raise UserError(f"{task.part.parquet}: {exc}") from None
+        save_array(fsio.join(task.rows_out, f"{task.part.stem}.npz"), uid=uids,
+                   ok=(table["state"] == OK).to_numpy(dtype=bool, na_value=False))
+    tags = tuple(sorted({t for filt, _ in filters for t in filt.tags_for(table.columns)}))
+    embeddings = load_embeddings(task.pool, task.part, tags, task.dirs)
+    for filt, out in filters:
+        values = filt(table, embeddings)[filt.column].to_numpy(dtype=np.float64)
+        save_array(fsio.join(out, f"{task.part.stem}.npy"), scores=compact(values))
+    return len(table)
 
 
 def check_parts(parts: list[Part], filters) -> None:
     """Every part readable as parquet, with a uid column and the columns the filters need, before any work:
     each problem is one line naming the file."""
-    from pipeline.core.errors import UserError, describe
+    from pipeline.core.errors import describe
 
     for part in parts:
         try:
@@ -113,50 +163,77 @@ def check_parts(parts: list[Part], filters) -> None:
                                 f"{', '.join(sorted(names))})")
 
 
-def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = None, log=print) -> dict[str, str]:
-    """Compute (or reuse) each filter's scores over the pool; return ``{column: cache folder}``."""
-    from dataclasses import asdict
+@dataclass
+class Scores:
+    """Where the cached arrays of a pool are: ``rows(part)`` -> (uid, ok) and ``column(name, part)``."""
 
+    parts: list[Part]
+    rows_dir: str
+    folders: dict[str, str]  # column -> cache folder
+
+    def rows(self, part: Part) -> tuple[np.ndarray, np.ndarray]:
+        z = load_array(fsio.join(self.rows_dir, f"{part.stem}.npz"))
+        return z["uid"], z["ok"]
+
+    def column(self, name: str, part: Part) -> np.ndarray:
+        if name not in self.folders:
+            raise UserError(f"no score column {name!r}; the recipe's filters produce: {', '.join(self.folders)}")
+        return load_array(fsio.join(self.folders[name], f"{part.stem}.npy"))
+
+
+def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = None, cache: str = "",
+          log=print) -> Scores:
+    """Compute (or reuse) the rows and each filter's scores over the pool, in one pass over its parts."""
     from filters import build
 
     parts = list_parts(pool)
     filters = [build(spec) for spec in specs]
     check_parts(parts, filters)
+    root = cache_root(pool, cache)
     layout = "".join(f"{p.stem}:{fsio.size(p.parquet)}\n" for p in parts)
     layout = hashlib.sha256(layout.encode()).hexdigest()[:16]
-    done: dict[str, str] = {}
+    pool_manifest = [m for m in [fsio.join(pool, manifest.MANIFEST)] if fsio.exists(m)]
+    quiet = lambda m: None  # noqa: E731 - a cache's stages say nothing
+
+    # a cache: replaced whenever its parameters or inputs changed (a metadata folder has no manifest: the names
+    # and sizes of its parts stand for it)
+    rows = Stage("rows", fsio.join(root, "rows"), {"pool": fsio.absolute(str(pool)), "parts": layout},
+                 inputs=pool_manifest, overwrite=True, log=quiet)
+    todo: list[tuple] = []  # (filter, stage, spec) still to compute
+    folders: dict[str, str] = {}
     for filt in filters:
-        out = cache_dir(pool, filt)
-        upstream = [fsio.join(pool, manifest.MANIFEST)] + [
-            fsio.join((dirs or {}).get(tag) or fsio.join(pool, "embeddings", tag), manifest.MANIFEST)
-            for tag in filt.tags()]
-        # a cache: replaced whenever its parameters or inputs changed (a metadata folder has no manifest: the
-        # names and sizes of its parts stand for it)
+        out = fsio.join(root, f"{filt.column}-{spec_hash(filt)}")
+        upstream = [fsio.join((dirs or {}).get(tag) or fsio.join(pool, "embeddings", tag), manifest.MANIFEST)
+                    for tag in filt.tags()]
         stage = Stage("score", out, {"key": filt.key, "params": filt.params(), "parts": layout},
-                      inputs=[u for u in upstream if fsio.exists(u)], runner=runner, overwrite=True, log=lambda m: None)
+                      inputs=pool_manifest + [u for u in upstream if fsio.exists(u)], overwrite=True, log=quiet)
+        folders[filt.column] = out
         if not stage.done:
             filt.prepare(PoolContext(pool, parts, dirs, out, log))
-            full = {"key": filt.key, "params": asdict(filt)}
-            stats = stage.map(score_part, [ScoreTask(pool, p, full, out, dirs) for p in parts],
-                              label=f"score {filt.column}", unit="parts")
-            stage.finish(rows={"parts": len(parts), "rows": sum(s["rows"] for s in stats)}, column=filt.column)
-        done[filt.column] = out
-    return done
-
-
-def read_scores(pool: str, columns: dict[str, str]) -> pd.DataFrame:
-    """One frame over the whole pool: uid, state, and every requested score column (row order = pool order)."""
-    parts = list_parts(pool)
-    frames = []
+            todo.append((filt, stage, {"key": filt.key, "params": asdict(filt)}))
+    tasks = []
     for part in parts:
-        base = read_part(part, [])[["uid", "state"]]
-        for column, folder in columns.items():
-            fs, p = fsio.get_fs(fsio.join(folder, f"{part.stem}.parquet"))
-            with fs.open(p, "rb") as f:
-                col = pq.read_table(f, columns=["uid", column]).to_pandas(types_mapper=arrow_strings)
-            if not col["uid"].equals(base["uid"]):
-                raise RuntimeError(f"scores in {folder} are not row-aligned with {part.parquet}; delete the folder")
-            base[column] = col[column].to_numpy()
-        frames.append(base)
-    return pd.concat(frames, ignore_index=True)
-
+        missing = tuple((spec, stage.out) for filt, stage, spec in todo
+                        if not fsio.exists(fsio.join(stage.out, f"{part.stem}.npy")))
+        rows_out = "" if rows.done or fsio.exists(fsio.join(rows.out, f"{part.stem}.npz")) else rows.out
+        if missing or rows_out:
+            tasks.append(ScoreTask(pool, part, rows_out, missing, dirs))
+    if tasks:
+        names = ", ".join(filt.column for filt, _, _ in todo) or "uids"
+        if runner is None:
+            for task in tasks:
+                score_part(task)
+        else:
+            runner.map(score_part, tasks, label=f"score {names}")
+        lost = [t.part.stem for t in tasks if not fsio.exists(fsio.join(rows.out, f"{t.part.stem}.npz"))]
+        if lost:
+            raise UserError(f"the workers' score cache files are not in {root} ({lost[0]}...): they wrote them on "
+                            "their own machines; pass --cache a folder (or object-store URL) every machine sees")
+    n = None
+    if not rows.done:
+        n = sum(part_rows(p) for p in parts)
+        rows.finish(rows={"parts": len(parts), "rows": n})
+    for filt, stage, _ in todo:
+        n = n if n is not None else sum(part_rows(p) for p in parts)
+        stage.finish(rows={"parts": len(parts), "rows": n}, column=filt.column)
+    return Scores(parts, rows.out, folders)

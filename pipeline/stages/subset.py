@@ -28,6 +28,8 @@ Recipes may use ``${name}`` placeholders (``${name:-default}`` with a default), 
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +41,9 @@ from pipeline.data import manifest
 from pipeline.core.config import parse_yaml, substitute
 from pipeline.core.errors import UserError
 from pipeline.data.ledger import OK
+from pipeline.data.parts import Part
 from pipeline.data.pool import require_finished
-from pipeline.data.uid import UID_DTYPE, array_to_uids, uids_to_array
+from pipeline.data.uid import UID_DTYPE, sort_uids, uids_to_array
 from pipeline.run.stage import Stage
 
 RULES = ("threshold", "top_fraction", "exclude_uids", "exclude_duplicates", "intersect", "union")
@@ -171,30 +174,79 @@ def top_fraction_threshold(scores: np.ndarray, fraction: float) -> float:
     n = int(len(scores) * fraction)
     if n >= len(scores):
         return float(np.nanmin(scores))
-    return float(-np.sort(-scores)[n])
+    return float(-np.partition(-scores, n)[n])  # = -np.sort(-scores)[n] (NaN last in both), in O(len)
 
 
-def read_uid_list(path: str) -> set[str]:
+def read_uid_list(path: str) -> np.ndarray:
+    """A uid list as a sorted ``u8,u8`` array: a ``.npy`` subset file or a parquet with a ``uid`` column."""
     if path.endswith(".npy"):
         arr = fsio.load_npy(path, f"exclude_uids {path}")
         if arr.dtype != UID_DTYPE:
             raise UserError(f"exclude_uids {path}: a uid array has dtype {UID_DTYPE} (DataComp's), not {arr.dtype}")
-        return set(array_to_uids(arr))
+        return arr
     if path.endswith(".parquet"):
-        return set(pd.read_parquet(path, columns=["uid"])["uid"])
+        import pyarrow.parquet as pq
+
+        with fsio.open_read(path) as f:
+            return uids_to_array(pq.read_table(f, columns=["uid"])["uid"])
     raise UserError(f"exclude_uids {path!r}: give a .npy subset file or a parquet with a uid column")
 
 
-def apply(recipe: Recipe, frame: pd.DataFrame, log: list[dict] | None = None) -> np.ndarray:
+def isin_uids(uids: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Boolean mask: which of ``uids`` (``u8,u8``) are in ``members`` (``u8,u8``), compared as 16-byte values."""
+    if not len(members):
+        return np.zeros(len(uids), bool)
+    return np.isin(np.ascontiguousarray(uids).view("V16"), np.ascontiguousarray(members).view("V16"))
+
+
+@dataclass
+class Rows:
+    """The rows a recipe is applied to (one part of the pool, or a whole small pool): packed uids, which rows are
+    candidates, and a score column by name. ``thresholds`` holds the whole pool's top-fraction thresholds,
+    ``{(column, fraction): T}``; rules missing from it are computed over these rows (then they are the pool)."""
+
+    uid: np.ndarray
+    ok: np.ndarray
+    get: Callable[[str], np.ndarray]
+    thresholds: dict = field(default_factory=dict)
+    lists: dict = field(default_factory=dict)  # exclusion lists by rule, loaded once per subset
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> Rows:
+        """Rows of a frame with uid, state and score columns (for small pools and tests)."""
+        columns = {c: frame[c].to_numpy(dtype=float) for c in frame.columns if c not in ("uid", "state")}
+
+        def get(name: str) -> np.ndarray:
+            if name not in columns:
+                raise UserError(f"no score column {name!r}; the recipe's filters produce: {', '.join(columns)}")
+            return columns[name]
+
+        ok = (frame["state"] == OK).to_numpy(dtype=bool, na_value=False)
+        return cls(uids_to_array(frame["uid"].to_numpy(), sort=False), ok, get)
+
+
+def top_fractions(recipe: Recipe) -> set[tuple[str, float]]:
+    """Every (column, fraction) of a top_fraction rule in the recipe and its sub-recipes."""
+    out = set()
+    for rule in recipe.select:
+        kind, arg = next(iter(rule.items()))
+        if kind == "top_fraction":
+            out.add((arg["column"], float(arg["fraction"])))
+        for sub in _subrecipes(rule):
+            out |= top_fractions(sub)
+    return out
+
+
+def apply(recipe: Recipe, rows: Rows, log: list[dict] | None = None) -> np.ndarray:
     """Boolean mask of the rows ``recipe`` keeps; appends ``{rule, kept}`` entries to ``log``."""
-    mask = (frame["state"] == OK).to_numpy(dtype=bool, na_value=False)
+    mask = rows.ok.copy()
     if log is not None:
         log.append({"rule": "downloaded (state ok)", "kept": int(mask.sum())})
-    for rule in recipe.select:
+    for i, rule in enumerate(recipe.select):
         kind, arg = next(iter(rule.items()))
         detail: dict = {}
         if kind == "threshold":
-            values = _column(frame, arg["column"])
+            values = np.asarray(rows.get(arg["column"]), dtype=float)
             keep = np.isfinite(values)
             if "min" in arg:
                 keep &= values >= float(arg["min"])
@@ -202,24 +254,23 @@ def apply(recipe: Recipe, frame: pd.DataFrame, log: list[dict] | None = None) ->
                 keep &= values <= float(arg["max"])
             text = f"{arg.get('min', '-inf')} <= {arg['column']} <= {arg.get('max', 'inf')}"
         elif kind == "top_fraction":
-            values = _column(frame, arg["column"])
-            candidates = (frame["state"] == OK).to_numpy(dtype=bool, na_value=False)  # DataComp: every row
-            threshold = top_fraction_threshold(values[candidates], float(arg["fraction"]))
+            values = np.asarray(rows.get(arg["column"]), dtype=float)
+            key = (arg["column"], float(arg["fraction"]))
+            if key not in rows.thresholds:  # DataComp: over every candidate row, with or without a score
+                rows.thresholds[key] = top_fraction_threshold(values[rows.ok], key[1])
+            threshold = rows.thresholds[key]
             keep = np.isfinite(values) & (values >= threshold)
-            text = f"top {float(arg['fraction']):.0%} of the pool by {arg['column']}"
+            text = f"top {key[1]:.0%} of the pool by {arg['column']}"
             detail = {"threshold": threshold}
-        elif kind == "exclude_uids":
-            drop = read_uid_list(str(arg))
-            keep = ~frame["uid"].isin(drop).to_numpy(dtype=bool, na_value=False)
-            text = f"exclude uids in {arg}"
-        elif kind == "exclude_duplicates":
-            from pipeline.stages.dedup import dropped_uids, read_table
-
-            drop = dropped_uids(read_table(str(arg["table"])), list(arg["kinds"]), arg.get("eps"))
-            keep = ~frame["uid"].isin(drop).to_numpy(dtype=bool, na_value=False)
-            text = f"exclude {', '.join(arg['kinds'])} duplicates ({arg['table']})"
+        elif kind in ("exclude_uids", "exclude_duplicates"):
+            key = json.dumps(arg, sort_keys=True, default=str)
+            if key not in rows.lists:
+                rows.lists[key] = _exclusion_list(kind, arg)
+            keep = ~isin_uids(rows.uid, rows.lists[key])
+            text = f"exclude uids in {arg}" if kind == "exclude_uids" else \
+                f"exclude {', '.join(arg['kinds'])} duplicates ({arg['table']})"
         else:
-            masks = [apply(sub, frame) for sub in arg]
+            masks = [apply(sub, rows) for sub in arg]
             keep = np.logical_and.reduce(masks) if kind == "intersect" else np.logical_or.reduce(masks)
             text = f"{kind} of {', '.join(sub.name for sub in arg)}"
         mask &= keep
@@ -228,17 +279,17 @@ def apply(recipe: Recipe, frame: pd.DataFrame, log: list[dict] | None = None) ->
     return mask
 
 
-def _column(frame: pd.DataFrame, column: str) -> np.ndarray:
-    if column not in frame.columns:
-        raise UserError(f"no score column {column!r}; the recipe's filters produce: "
-                        f"{', '.join(c for c in frame.columns if c not in ('uid', 'state'))}")
-    return frame[column].to_numpy(dtype=float)
+def _exclusion_list(kind: str, arg) -> np.ndarray:
+    if kind == "exclude_uids":
+        return read_uid_list(str(arg))
+    from pipeline.stages.dedup import dropped_uids, read_table
+
+    return uids_to_array(sorted(dropped_uids(read_table(str(arg["table"])), list(arg["kinds"]), arg.get("eps"))))
 
 
 def write_subset(out: str, uids, doc: dict) -> np.ndarray:
     """Write ``uids.npy`` (sorted ``u8,u8``, DataComp's format) and ``subset.json``."""
-    arr = uids_to_array(uids)
-    assert arr.dtype == UID_DTYPE
+    arr = sort_uids(uids) if isinstance(uids, np.ndarray) and uids.dtype == UID_DTYPE else uids_to_array(uids)
     with fsio.atomic_open(fsio.join(out, "uids.npy"), "wb") as f:
         np.save(f, arr)
     fsio.write_json(fsio.join(out, "subset.json"), doc)
@@ -247,31 +298,51 @@ def write_subset(out: str, uids, doc: dict) -> np.ndarray:
 
 def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variables: dict[str, str] | None = None,
            embeddings: dict[str, str] | None = None, allow_partial: bool = False, overwrite: bool = False,
-           log=print) -> dict:
+           cache: str = "", log=print) -> dict:
     """Score what the recipe needs (reusing cached scores), apply its rules, write the subset (a stage: the same
     recipe over the same scores is reused; another recipe is not written over an existing subset unless
-    ``overwrite``)."""
-    from pipeline.stages.score import read_scores, score
+    ``overwrite``).
+
+    Memory: the whole pool's values of each top-fraction column (to find its threshold), one part's arrays, and
+    the kept uids (16 bytes each); no frame and no uid string."""
+    from pipeline.stages.score import score
 
     require_finished(pool, allow_partial, "subset", log)
     variables = {"pool": str(pool), **(variables or {})}
     recipe = load_recipe(recipe_ref, variables)
-    columns = score(pool, recipe.all_filters(), runner, dirs=embeddings, log=log)
-    inputs = [fsio.join(folder, manifest.MANIFEST) for folder in columns.values()] + recipe.files()
+    scores = score(pool, recipe.all_filters(), runner, dirs=embeddings, cache=cache, log=log)
+    inputs = [fsio.join(folder, manifest.MANIFEST) for folder in scores.folders.values()] + recipe.files()
     stage = Stage("subset", out, {"recipe": recipe.to_dict(), "pool": str(pool)},
                   inputs=[p for p in inputs if fsio.exists(p)], overwrite=overwrite, protect=[pool], log=log)
     if stage.done:
         return fsio.read_json(fsio.join(out, "subset.json"))
-    frame = read_scores(pool, columns)
-    steps: list[dict] = []
-    mask = apply(recipe, frame, steps)
-    uids = frame.loc[mask, "uid"]
-    doc = {"recipe": recipe.name, "description": recipe.description, "pool": str(pool), "rows": len(frame),
-           "kept": len(uids), "steps": steps, "scores": {c: f for c, f in columns.items()},
+    thresholds = {}
+    for column, fraction in sorted(top_fractions(recipe)):  # DataComp's rule over every candidate of the pool
+        values = np.concatenate([scores.column(column, p)[scores.rows(p)[1]] for p in scores.parts])
+        thresholds[column, fraction] = top_fraction_threshold(values, fraction)
+        del values
+    kept, steps, lists, total = [], [], {}, 0
+    for part in scores.parts:
+        uid, ok = scores.rows(part)
+        columns: dict[str, np.ndarray] = {}  # each column read once per part
+
+        def get(name: str, part: Part = part, columns: dict = columns) -> np.ndarray:
+            if name not in columns:
+                columns[name] = scores.column(name, part)
+            return columns[name]
+
+        rows = Rows(uid, ok, get, thresholds, lists)
+        part_steps: list[dict] = []
+        kept.append(uid[apply(recipe, rows, part_steps)])
+        steps = part_steps if not steps else [{**a, "kept": a["kept"] + b["kept"]} for a, b in zip(steps, part_steps)]
+        total += len(uid)
+    uids = np.concatenate(kept) if kept else np.zeros(0, UID_DTYPE)
+    doc = {"recipe": recipe.name, "description": recipe.description, "pool": str(pool), "rows": total,
+           "kept": len(uids), "steps": steps, "scores": dict(scores.folders),
            "filters": recipe.all_filters(), "code_version": manifest.code_version()}
     write_subset(out, uids, doc)
-    stage.finish(rows={"rows": len(frame), "kept": len(uids)}, outputs=["uids.npy", "subset.json"])
-    log(f"subset {recipe.name}: {len(uids):,} of {len(frame):,} rows -> {fsio.join(out, 'uids.npy')}")
+    stage.finish(rows={"rows": total, "kept": len(uids)}, outputs=["uids.npy", "subset.json"])
+    log(f"subset {recipe.name}: {len(uids):,} of {total:,} rows -> {fsio.join(out, 'uids.npy')}")
     for step in steps:
         log(f"  {step['kept']:>9,}  {step['rule']}")
     return doc
