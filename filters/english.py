@@ -63,8 +63,12 @@ class EnglishFilter(Filter):
     requires = ("caption",)
     fasttext_model: str = ""
 
-    def score(self, part, embeddings):
+    def score(self, part, embeddings, batch: int = 16_384):
         text = captions(part)
-        present = ~np.asarray(pc.is_null(text).to_numpy(zero_copy_only=False), dtype=bool)
-        labels = languages(pc.fill_null(text, "").to_pylist(), self.fasttext_model)
-        return pd.Series(present & (np.asarray(labels, dtype=object) == "en"), index=part.index, dtype=float)
+        english = np.zeros(len(text), bool)
+        for s in range(0, len(text), batch):  # Python strings for one batch at a time
+            chunk = text.slice(s, batch)
+            labels = languages(pc.fill_null(chunk, "").to_pylist(), self.fasttext_model)
+            english[s: s + len(chunk)] = (np.asarray(labels, dtype=object) == "en") & \
+                ~pc.is_null(chunk).to_numpy(zero_copy_only=False)
+        return pd.Series(english, index=part.index, dtype=float)

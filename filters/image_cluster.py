@@ -76,18 +76,24 @@ def load_matrix(path: str, what: str) -> np.ndarray:
 
 
 def load_target(path: str, tag: str) -> np.ndarray:
+    """The target image embeddings: one ``.npy``/``.pt`` file, or a folder of them and/or of ``.npz`` files with
+    ``<tag>_img`` (DataComp ships ImageNet-1k's as five ``in1k_clip_vit_l14_<i>.pt``), rows without a value
+    dropped."""
     from pipeline.data.parts import load_npz
 
-    if path.endswith((".npy", ".pt", ".pth")):
-        target = load_matrix(path, f"image_cluster.target {path}")
-        return target[np.isfinite(target).all(axis=1)]
-    if not os.path.isdir(path):
-        raise UserError(f"image_cluster.target {path!r}: give a folder of .npz embeddings, an .npy array or "
-                        "DataComp's .pt embeddings")
-    arrays = [load_npz(os.path.join(path, n), tag)["img"] for n in sorted(os.listdir(path)) if n.endswith(".npz")]
-    if not arrays:
-        raise UserError(f"image_cluster.target {path!r} holds no .npz files with '{tag}_img'")
-    target = np.concatenate(arrays)
+    matrices = (".npy", ".pt", ".pth")
+    if path.endswith(matrices) and fsio.exists(path):
+        files = [path]
+    elif fsio.isdir(path):
+        files = [fsio.join(path, n) for n in sorted(fsio.listdir(path)) if n.endswith((*matrices, ".npz"))]
+    else:
+        files = []
+    if not files:
+        raise UserError(f"image_cluster.target {path!r}: give an .npy or .pt file of embeddings, or a folder of "
+                        f".npy/.pt files or of .npz files with '{tag}_img'")
+    arrays = [load_npz(f, tag)["img"] if f.endswith(".npz") else load_matrix(f, f"image_cluster.target {f}")
+              for f in files]
+    target = np.concatenate(arrays).astype(np.float32)
     return target[np.isfinite(target).all(axis=1)]
 
 

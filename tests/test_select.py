@@ -166,3 +166,25 @@ def test_a_file_added_to_a_metadata_folder_is_scored(tmp_path):
     _metadata(tmp_path, ["a" * 32, "b" * 32])
     second = subset("clip_b32_threshold", str(tmp_path), str(tmp_path / "o2"), None, log=lambda m: None)
     assert first["rows"] == 20 and second["rows"] == 40
+
+
+def test_sorted_runs_are_written_as_one_sorted_uid_file(tmp_path):
+    """write_runs merges each part's sorted uids a bucket of upper halves at a time; uids sharing an upper half
+    (and repeats) land in one bucket and come out in numeric order, as a whole-array lexsort gives."""
+    from pipeline.data.uid import sort_order, sort_uids
+    from pipeline.stages.subset import write_runs
+
+    rng = np.random.default_rng(3)
+    runs = []
+    for n in (0, 1, 50, 400, 1000):
+        arr = np.zeros(n, UID_DTYPE)
+        arr["f0"] = rng.integers(0, 40, n)  # many equal upper halves, in and across runs
+        arr["f1"] = rng.integers(0, 2**63, n)
+        if n > 10:
+            arr[-3:] = arr[:3]  # repeats
+        runs.append(arr[sort_order(arr)])
+    assert all(np.array_equal(r, sort_uids(r)) for r in runs)
+    written = write_runs(str(tmp_path / "u.npy"), [r["f0"] for r in runs], [r["f1"] for r in runs], buckets=7)
+    got = np.load(tmp_path / "u.npy", allow_pickle=False)
+    assert written == len(got) == 1451 and got.dtype == UID_DTYPE
+    assert np.array_equal(got, sort_uids(np.concatenate(runs)))

@@ -8,6 +8,7 @@ folder (``<hex>.parquet`` beside ``<hex>.npz``). Embeddings are DataComp's ``.np
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,18 +66,22 @@ def arrow_strings(dtype: pa.DataType):
     return None
 
 
-def read_part(part: Part, columns: list[str] | None = None) -> pd.DataFrame:
-    """The part's table with ``caption`` (DataComp metadata calls it ``text``) and ``state`` columns."""
+def read_part(part: Part, columns: list[str] | None = None, uid: bool = True) -> pd.DataFrame:
+    """The part's table with ``caption`` (DataComp metadata calls it ``text``) and ``state`` columns (and
+    ``uid`` unless ``uid=False`` with ``columns`` given)."""
     fs, p = fsio.get_fs(part.parquet)
-    with fs.open(p, "rb") as f:
+    local = fsio.is_local(part.parquet)
+    with contextlib.nullcontext(p) if local else fs.open(p, "rb") as f:
         names = pq.read_schema(f).names
         wanted = None
         if columns is not None:
             extra = {"caption": "text"} if "caption" not in names else {}
             status = ["state"] if "state" in names else [c for c in ("status", "error_message") if c in names]
             wanted = sorted({c if c in names else extra.get(c, c) for c in columns if
-                             c in names or extra.get(c) in names} | {"uid", *status})
-        table = pq.read_table(f, columns=wanted).to_pandas(types_mapper=arrow_strings)
+                             c in names or extra.get(c) in names} | {*(["uid"] if uid else []), *status}) or ["uid"]
+        # one thread: a worker process is one of several on the machine (Arrow's pool would oversubscribe it)
+        table = pq.read_table(f, columns=wanted, use_threads=False, memory_map=local)
+        table = table.to_pandas(types_mapper=arrow_strings)
     if "caption" not in table.columns and "text" in table.columns:
         table = table.rename(columns={"text": "caption"})
     if "state" not in table.columns:

@@ -77,6 +77,16 @@ def uids_to_array(uids: Iterable[str], sort: bool = True) -> np.ndarray:
     a fraction of a second; ``uids`` may be a list, a numpy array, a pandas Series or an Arrow array.
     """
     raw = _hex_matrix(uids)
+    if raw.size:
+        try:  # the common case, 32 hex digits each: decoded in C, 3x faster than the lookup table
+            decoded = bytes.fromhex(raw.tobytes().decode("ascii"))
+        except (ValueError, UnicodeDecodeError):  # a short, padded or non-hex uid: the general path below
+            decoded = b""
+        if len(decoded) == 16 * len(raw):  # fromhex skips spaces: any space makes it shorter
+            halves = np.frombuffer(decoded, ">u8").reshape(-1, 2)
+            arr = np.zeros(len(raw), dtype=UID_DTYPE)
+            arr["f0"], arr["f1"] = halves[:, 0], halves[:, 1]
+            return sort_uids(arr) if sort else arr
     nibbles = _HEX_VALUE[raw]
     irregular = np.flatnonzero(nibbles.max(axis=1) > 15) if nibbles.size and nibbles.max() > 15 else []
     nibbles[irregular] = 0
@@ -95,6 +105,29 @@ def uids_to_array(uids: Iterable[str], sort: bool = True) -> np.ndarray:
 def sort_uids(arr: np.ndarray) -> np.ndarray:
     """Sorted copy of a ``u8,u8`` array (numeric 128-bit order); lexsort is ~50x faster than a structured sort."""
     return arr[np.lexsort((arr["f1"], arr["f0"]))]
+
+
+def sort_order(arr: np.ndarray) -> np.ndarray:
+    """The permutation that sorts a ``u8,u8`` array: a sort on the upper halves, and a lexsort only if two
+    different uids share an upper half in the wrong order (about twice as fast as a lexsort)."""
+    order = np.argsort(arr["f0"])
+    hi, lo = arr["f0"][order], arr["f1"][order]
+    if len(hi) > 1 and ((hi[1:] == hi[:-1]) & (lo[1:] < lo[:-1])).any():
+        order = np.lexsort((arr["f1"], arr["f0"]))
+    return order
+
+
+def sort_halves(hi: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The uids ``(hi, lo)`` in numeric 128-bit order, as two uint64 arrays. A stable sort on the upper halves
+    (fast on concatenated sorted runs, which it merges), then, only if two different uids share an upper half
+    in the wrong order, a full lexsort."""
+    order = np.argsort(hi, kind="stable")
+    hi, lo = hi[order], lo[order]
+    del order
+    if len(hi) > 1 and ((hi[1:] == hi[:-1]) & (lo[1:] < lo[:-1])).any():
+        order = np.lexsort((lo, hi))
+        hi, lo = hi[order], lo[order]
+    return hi, lo
 
 
 def array_to_uids(arr: np.ndarray) -> list[str]:

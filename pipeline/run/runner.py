@@ -86,6 +86,8 @@ class Runner:
         self.client = None
         self._cluster = None
         self._started = False
+        self._closing = None  # a release()'s shutdown thread
+        self._starting = None  # a prestart()'s start thread
 
     @property
     def n_workers(self) -> int:
@@ -136,12 +138,62 @@ class Runner:
             logging.getLogger(name).setLevel(logging.CRITICAL)
         self.log(f"runner: Dask dashboard at {self.client.dashboard_link}")
 
-    def __exit__(self, *exc: Any) -> None:
-        if self.client is not None:
-            self.client.close(timeout=10)
-        if self._cluster is not None:
-            self._cluster.close()
+    def prestart(self) -> None:
+        """Start the cluster in a background thread now, so that it starts while the driver works; the next
+        :meth:`map` waits for it (and raises what the start raised)."""
+        import threading
+
+        if self._started or self._starting is not None:
+            return
+
+        def start() -> None:
+            try:
+                self.start()
+            except BaseException as exc:  # noqa: BLE001 - handed to the next map()
+                self._start_error = exc
+
+        self._start_error = None
+        self._starting = threading.Thread(target=start, daemon=True)
+        self._starting.start()
+
+    def _wait_started(self) -> None:
+        if self._starting is not None:
+            self._starting.join()
+            self._starting, error = None, self._start_error
+            if error is not None:
+                self._started = False
+                raise error
+        self.start()
+
+    def release(self) -> None:
+        """No more work for now: close the cluster in a background thread (joined on exit), so that its shutdown
+        overlaps the driver's remaining work. A later :meth:`map` starts it again."""
+        import threading
+
+        client, cluster = self.client, self._cluster
         self.client = self._cluster = None
+        self._started = False
+        if client is not None or cluster is not None:
+            if self._closing is not None:
+                self._closing.join()
+            self._closing = threading.Thread(target=self._close, args=(client, cluster), daemon=True)
+            self._closing.start()
+
+    @staticmethod
+    def _close(client, cluster) -> None:
+        if client is not None:
+            client.close(timeout=10)
+        if cluster is not None:
+            cluster.close()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+        self._close(self.client, self._cluster)
+        if self._closing is not None:
+            self._closing.join()
+        self.client = self._cluster = self._closing = None
         self._started = False
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], label: str,
@@ -153,7 +205,7 @@ class Runner:
         outputs are committed) and :class:`TaskFailed` names the failed items.
         """
         items = list(items)
-        self.start()
+        self._wait_started()
         results: list[Any] = [None] * len(items)
         failures: list[tuple[int, BaseException]] = []
         progress = _Progress(label, len(items), self.log)

@@ -7,8 +7,9 @@ A *part* is a parquet table with its row-aligned embeddings: the shards of a Win
 The cache lives outside the pool: ``<cache>/scores/<pool key>/`` where ``<cache>`` is ``--cache``,
 ``$WINNOW_CACHE`` or ``~/.cache/winnow`` and the key is a digest of the pool's absolute path. In it:
 
-- ``rows/<part>.npz``: the part's uids packed as DataComp's ``u8,u8`` (``uid``) and which rows are candidates
-  (``ok``: ledger state ok; every row of a metadata file);
+- ``rows/<part>.uid.npy``: the part's uids packed as DataComp's ``u8,u8``, sorted; ``<part>.order.npy``: the
+  row of each (int32), so a row mask selects sorted uids as ``uid[mask[order]]``; ``<part>.ok.npy``: which rows
+  are candidates (ledger state ok; every row of a metadata file);
 - ``<column>-<hash of the filter's params>/<part>.npy``: the filter's scores, row-aligned, float32 where that
   holds every value exactly, else float64.
 
@@ -85,26 +86,19 @@ def compact(values: np.ndarray) -> np.ndarray:
     return narrow if np.array_equal(narrow.astype(np.float64), values, equal_nan=True) else values
 
 
-def save_array(path: str, **arrays: np.ndarray) -> None:
-    """One ``.npy`` (one array) or uncompressed ``.npz`` (several), written atomically (a regenerable cache file:
-    no fsync)."""
-    buf = io.BytesIO()
-    if len(arrays) == 1 and path.endswith(".npy"):
-        np.save(buf, next(iter(arrays.values())))
-    else:
-        np.savez(buf, **arrays)
-    fsio.write_bytes(path, buf.getvalue(), fsync=False)
+def save_array(path: str, array: np.ndarray) -> None:
+    """One ``.npy``, written atomically (a regenerable cache file: no fsync)."""
+    with fsio.atomic_open(path, "wb", fsync=False) as f:
+        np.save(f, array)
 
 
-def load_array(path: str) -> np.ndarray | dict[str, np.ndarray]:
+def load_array(path: str) -> np.ndarray:
+    """A cached ``.npy`` (read straight from a local disk; fetched whole from an object store)."""
+    if "://" not in path or path.startswith("file://"):
+        return np.load(path.removeprefix("file://"), allow_pickle=False)
     fs, p = fsio.get_fs(path)
     with fs.open(p, "rb") as f:
-        data = f.read()
-    loaded = np.load(io.BytesIO(data), allow_pickle=False)
-    if isinstance(loaded, np.ndarray):
-        return loaded
-    with loaded as z:
-        return {k: z[k] for k in z.files}
+        return np.load(io.BytesIO(f.read()), allow_pickle=False)
 
 
 @dataclass(frozen=True)
@@ -122,23 +116,26 @@ def score_part(task: ScoreTask) -> int:
     """Read the part once, write its rows file and each filter's scores; return its row count."""
     from filters import REGISTRY
 
-    from pipeline.data.uid import uids_to_array
+    from pipeline.data.uid import sort_order, uids_to_array
 
     filters = [(REGISTRY[spec["key"]](**spec["params"]), out) for spec, out in task.filters]
     wanted = sorted({c for filt, _ in filters for c in filt.columns()})
-    table = read_part(task.part, wanted)
+    table = read_part(task.part, wanted, uid=bool(task.rows_out))
     if task.rows_out:
         try:
             uids = uids_to_array(table["uid"].array, sort=False)
         except UserError as exc:
             raise UserError(f"{task.part.parquet}: {exc}") from None
-        save_array(fsio.join(task.rows_out, f"{task.part.stem}.npz"), uid=uids,
-                   ok=(table["state"] == OK).to_numpy(dtype=bool, na_value=False))
+        order = sort_order(uids).astype(np.int32)
+        stem = fsio.join(task.rows_out, task.part.stem)
+        save_array(f"{stem}.ok.npy", np.asarray(table["state"].to_numpy() == OK, bool))
+        save_array(f"{stem}.order.npy", order)
+        save_array(f"{stem}.uid.npy", uids[order])  # written last: the part's rows are cached
     tags = tuple(sorted({t for filt, _ in filters for t in filt.tags_for(table.columns)}))
     embeddings = load_embeddings(task.pool, task.part, tags, task.dirs)
     for filt, out in filters:
         values = filt(table, embeddings)[filt.column].to_numpy(dtype=np.float64)
-        save_array(fsio.join(out, f"{task.part.stem}.npy"), scores=compact(values))
+        save_array(fsio.join(out, f"{task.part.stem}.npy"), compact(values))
     return len(table)
 
 
@@ -165,15 +162,19 @@ def check_parts(parts: list[Part], filters) -> None:
 
 @dataclass
 class Scores:
-    """Where the cached arrays of a pool are: ``rows(part)`` -> (uid, ok) and ``column(name, part)``."""
+    """Where the cached arrays of a pool are: ``ok(part)``, ``sorted_uids(part)`` and ``column(name, part)``."""
 
     parts: list[Part]
     rows_dir: str
     folders: dict[str, str]  # column -> cache folder
 
-    def rows(self, part: Part) -> tuple[np.ndarray, np.ndarray]:
-        z = load_array(fsio.join(self.rows_dir, f"{part.stem}.npz"))
-        return z["uid"], z["ok"]
+    def ok(self, part: Part) -> np.ndarray:
+        return load_array(fsio.join(self.rows_dir, f"{part.stem}.ok.npy"))
+
+    def sorted_uids(self, part: Part) -> tuple[np.ndarray, np.ndarray]:
+        """The part's uids in sorted order and the row of each."""
+        stem = fsio.join(self.rows_dir, part.stem)
+        return load_array(f"{stem}.uid.npy"), load_array(f"{stem}.order.npy")
 
     def column(self, name: str, part: Part) -> np.ndarray:
         if name not in self.folders:
@@ -188,7 +189,6 @@ def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = No
 
     parts = list_parts(pool)
     filters = [build(spec) for spec in specs]
-    check_parts(parts, filters)
     root = cache_root(pool, cache)
     layout = "".join(f"{p.stem}:{fsio.size(p.parquet)}\n" for p in parts)
     layout = hashlib.sha256(layout.encode()).hexdigest()[:16]
@@ -199,7 +199,7 @@ def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = No
     # and sizes of its parts stand for it)
     rows = Stage("rows", fsio.join(root, "rows"), {"pool": fsio.absolute(str(pool)), "parts": layout},
                  inputs=pool_manifest, overwrite=True, log=quiet)
-    todo: list[tuple] = []  # (filter, stage, spec) still to compute
+    todo: list[tuple] = []  # (filter, stage) still to compute
     folders: dict[str, str] = {}
     for filt in filters:
         out = fsio.join(root, f"{filt.column}-{spec_hash(filt)}")
@@ -209,29 +209,34 @@ def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = No
                       inputs=pool_manifest + [u for u in upstream if fsio.exists(u)], overwrite=True, log=quiet)
         folders[filt.column] = out
         if not stage.done:
-            filt.prepare(PoolContext(pool, parts, dirs, out, log))
-            todo.append((filt, stage, {"key": filt.key, "params": asdict(filt)}))
+            todo.append((filt, stage))
+    if todo or not rows.done:  # parts will be read: start the workers while the driver checks and prepares
+        if runner is not None:
+            runner.prestart()
+        check_parts(parts, filters)
+        for filt, stage in todo:
+            filt.prepare(PoolContext(pool, parts, dirs, stage.out, log))
+    todo = [(filt, stage, {"key": filt.key, "params": asdict(filt)}) for filt, stage in todo]
     tasks = []
     for part in parts:
         missing = tuple((spec, stage.out) for filt, stage, spec in todo
                         if not fsio.exists(fsio.join(stage.out, f"{part.stem}.npy")))
-        rows_out = "" if rows.done or fsio.exists(fsio.join(rows.out, f"{part.stem}.npz")) else rows.out
+        rows_out = "" if rows.done or fsio.exists(fsio.join(rows.out, f"{part.stem}.uid.npy")) else rows.out
         if missing or rows_out:
             tasks.append(ScoreTask(pool, part, rows_out, missing, dirs))
     if tasks:
         names = ", ".join(filt.column for filt, _, _ in todo) or "uids"
         if runner is None:
-            for task in tasks:
-                score_part(task)
+            counts = [score_part(task) for task in tasks]
         else:
-            runner.map(score_part, tasks, label=f"score {names}")
-        lost = [t.part.stem for t in tasks if not fsio.exists(fsio.join(rows.out, f"{t.part.stem}.npz"))]
+            counts = runner.map(score_part, tasks, label=f"score {names}")
+        lost = [t.part.stem for t in tasks if not fsio.exists(fsio.join(rows.out, f"{t.part.stem}.uid.npy"))]
         if lost:
             raise UserError(f"the workers' score cache files are not in {root} ({lost[0]}...): they wrote them on "
                             "their own machines; pass --cache a folder (or object-store URL) every machine sees")
-    n = None
+    n = sum(counts) if tasks and len(tasks) == len(parts) else None
     if not rows.done:
-        n = sum(part_rows(p) for p in parts)
+        n = n if n is not None else sum(part_rows(p) for p in parts)
         rows.finish(rows={"parts": len(parts), "rows": n})
     for filt, stage, _ in todo:
         n = n if n is not None else sum(part_rows(p) for p in parts)

@@ -43,7 +43,7 @@ from pipeline.core.errors import UserError
 from pipeline.data.ledger import OK
 from pipeline.data.parts import Part
 from pipeline.data.pool import require_finished
-from pipeline.data.uid import UID_DTYPE, sort_uids, uids_to_array
+from pipeline.data.uid import UID_DTYPE, sort_halves, sort_uids, uids_to_array
 from pipeline.run.stage import Stage
 
 RULES = ("threshold", "top_fraction", "exclude_uids", "exclude_duplicates", "intersect", "union")
@@ -165,16 +165,22 @@ def _subrecipes(rule: dict) -> list[Recipe]:
     return arg if kind in ("intersect", "union") else []
 
 
-def top_fraction_threshold(scores: np.ndarray, fraction: float) -> float:
+def top_fraction_threshold(scores: np.ndarray, fraction: float, in_place: bool = False) -> float:
     """DataComp's rule (``get_threshold`` in its baselines): n = int(len * fraction), counting the rows without a
     score (NaN); T = the (n+1)-th largest score with NaNs sorted last, so ties at T are kept and a NaN T keeps
-    nothing, as there. Where DataComp fails (n >= len, fraction 1.0) T is the smallest score: all are kept."""
+    nothing, as there. Where DataComp fails (n >= len, fraction 1.0) T is the smallest score: all are kept.
+    Computed by a partition, O(len), not a sort (``in_place``: the caller's array may be reordered)."""
     if not len(scores) or not np.isfinite(scores).any():
         return float("inf")
     n = int(len(scores) * fraction)
     if n >= len(scores):
         return float(np.nanmin(scores))
-    return float(-np.partition(-scores, n)[n])  # = -np.sort(-scores)[n] (NaN last in both), in O(len)
+    valid = len(scores) - int(np.isnan(scores).sum())  # -np.sort(-x) puts the NaNs last: position n is NaN
+    if n >= valid:
+        return float("nan")
+    values = scores if in_place else scores.copy()
+    values.partition(valid - 1 - n)  # ascending, NaNs last: the (n+1)-th largest number
+    return float(values[valid - 1 - n])
 
 
 def read_uid_list(path: str) -> np.ndarray:
@@ -201,15 +207,28 @@ def isin_uids(uids: np.ndarray, members: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Rows:
-    """The rows a recipe is applied to (one part of the pool, or a whole small pool): packed uids, which rows are
-    candidates, and a score column by name. ``thresholds`` holds the whole pool's top-fraction thresholds,
-    ``{(column, fraction): T}``; rules missing from it are computed over these rows (then they are the pool)."""
+    """The rows a recipe is applied to (one part of the pool, or a whole small pool): the uids sorted
+    (``sorted_uid``, ``u8,u8``) with the row of each (``order``), which rows are candidates (``ok``), and a score
+    column by name (``get``). ``thresholds`` holds the whole pool's top-fraction thresholds, ``{(column,
+    fraction): T}``; rules missing from it are computed over these rows (then they are the pool)."""
 
-    uid: np.ndarray
+    sorted_uid: np.ndarray
+    order: np.ndarray
     ok: np.ndarray
     get: Callable[[str], np.ndarray]
     thresholds: dict = field(default_factory=dict)
     lists: dict = field(default_factory=dict)  # exclusion lists by rule, loaded once per subset
+
+    @property
+    def uid(self) -> np.ndarray:
+        """The uids in row order (for the exclusion rules)."""
+        out = np.empty_like(self.sorted_uid)
+        out[self.order] = self.sorted_uid
+        return out
+
+    def kept(self, mask: np.ndarray) -> np.ndarray:
+        """The sorted uids of the rows ``mask`` keeps."""
+        return self.sorted_uid[mask[self.order]]
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> Rows:
@@ -221,8 +240,9 @@ class Rows:
                 raise UserError(f"no score column {name!r}; the recipe's filters produce: {', '.join(columns)}")
             return columns[name]
 
-        ok = (frame["state"] == OK).to_numpy(dtype=bool, na_value=False)
-        return cls(uids_to_array(frame["uid"].to_numpy(), sort=False), ok, get)
+        uids = uids_to_array(frame["uid"].to_numpy(), sort=False)
+        order = np.lexsort((uids["f1"], uids["f0"]))
+        return cls(uids[order], order, (frame["state"] == OK).to_numpy(dtype=bool, na_value=False), get)
 
 
 def top_fractions(recipe: Recipe) -> set[tuple[str, float]]:
@@ -296,12 +316,34 @@ def write_subset(out: str, uids, doc: dict) -> np.ndarray:
     return arr
 
 
+def write_runs(path: str, his: list[np.ndarray], los: list[np.ndarray], buckets: int = 64) -> int:
+    """Write sorted runs of uids (upper and lower halves, each run sorted) as one sorted ``u8,u8`` ``.npy``, one
+    range of upper halves at a time: memory is the runs plus about 1/``buckets`` of them, never a whole-size
+    concatenation and sort. Returns the number of uids."""
+    total = sum(len(h) for h in his)
+    sample = np.sort(np.concatenate([h[:: max(1, len(h) // 256)] for h in his] or [np.zeros(0, np.uint64)]))
+    edges = np.unique(sample[(np.arange(1, buckets) * len(sample)) // buckets]) if len(sample) else sample
+    cuts = [np.concatenate([[0], np.searchsorted(h, edges, side="left"), [len(h)]]) for h in his]
+    with fsio.atomic_open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(UID_DTYPE),
+                                                 "fortran_order": False, "shape": (total,)})
+        for b in range(len(edges) + 1):
+            hi = np.concatenate([h[c[b]: c[b + 1]] for h, c in zip(his, cuts)] or [np.zeros(0, np.uint64)])
+            lo = np.concatenate([x[c[b]: c[b + 1]] for x, c in zip(los, cuts)] or [np.zeros(0, np.uint64)])
+            hi, lo = sort_halves(hi, lo)  # equal upper halves always share a bucket
+            block = np.empty(len(hi), UID_DTYPE)
+            block["f0"], block["f1"] = hi, lo
+            f.write(block.tobytes())
+    return total
+
+
 def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variables: dict[str, str] | None = None,
            embeddings: dict[str, str] | None = None, allow_partial: bool = False, overwrite: bool = False,
-           cache: str = "", log=print) -> dict:
+           cache: str = "", release: bool = False, log=print) -> dict:
     """Score what the recipe needs (reusing cached scores), apply its rules, write the subset (a stage: the same
     recipe over the same scores is reused; another recipe is not written over an existing subset unless
-    ``overwrite``).
+    ``overwrite``). ``release``: the runner has no more work after scoring (its shutdown then overlaps the
+    selection).
 
     Memory: the whole pool's values of each top-fraction column (to find its threshold), one part's arrays, and
     the kept uids (16 bytes each); no frame and no uid string."""
@@ -311,6 +353,8 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
     variables = {"pool": str(pool), **(variables or {})}
     recipe = load_recipe(recipe_ref, variables)
     scores = score(pool, recipe.all_filters(), runner, dirs=embeddings, cache=cache, log=log)
+    if release and runner is not None:
+        runner.release()
     inputs = [fsio.join(folder, manifest.MANIFEST) for folder in scores.folders.values()] + recipe.files()
     stage = Stage("subset", out, {"recipe": recipe.to_dict(), "pool": str(pool)},
                   inputs=[p for p in inputs if fsio.exists(p)], overwrite=overwrite, protect=[pool], log=log)
@@ -318,12 +362,12 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
         return fsio.read_json(fsio.join(out, "subset.json"))
     thresholds = {}
     for column, fraction in sorted(top_fractions(recipe)):  # DataComp's rule over every candidate of the pool
-        values = np.concatenate([scores.column(column, p)[scores.rows(p)[1]] for p in scores.parts])
-        thresholds[column, fraction] = top_fraction_threshold(values, fraction)
+        values = np.concatenate([scores.column(column, p)[scores.ok(p)] for p in scores.parts])
+        thresholds[column, fraction] = top_fraction_threshold(values, fraction, in_place=True)
         del values
-    kept, steps, lists, total = [], [], {}, 0
+    his, los, steps, lists, total = [], [], [], {}, 0
     for part in scores.parts:
-        uid, ok = scores.rows(part)
+        sorted_uid, order = scores.sorted_uids(part)
         columns: dict[str, np.ndarray] = {}  # each column read once per part
 
         def get(name: str, part: Part = part, columns: dict = columns) -> np.ndarray:
@@ -331,18 +375,22 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
                 columns[name] = scores.column(name, part)
             return columns[name]
 
-        rows = Rows(uid, ok, get, thresholds, lists)
+        rows = Rows(sorted_uid, order, scores.ok(part), get, thresholds, lists)
         part_steps: list[dict] = []
-        kept.append(uid[apply(recipe, rows, part_steps)])
+        kept = rows.kept(apply(recipe, rows, part_steps))
+        his.append(kept["f0"].copy())
+        los.append(kept["f1"].copy())
         steps = part_steps if not steps else [{**a, "kept": a["kept"] + b["kept"]} for a, b in zip(steps, part_steps)]
-        total += len(uid)
-    uids = np.concatenate(kept) if kept else np.zeros(0, UID_DTYPE)
+        total += len(order)
+        del rows, kept, columns
+    kept_rows = sum(len(h) for h in his)
     doc = {"recipe": recipe.name, "description": recipe.description, "pool": str(pool), "rows": total,
-           "kept": len(uids), "steps": steps, "scores": dict(scores.folders),
+           "kept": kept_rows, "steps": steps, "scores": dict(scores.folders),
            "filters": recipe.all_filters(), "code_version": manifest.code_version()}
-    write_subset(out, uids, doc)
-    stage.finish(rows={"rows": total, "kept": len(uids)}, outputs=["uids.npy", "subset.json"])
-    log(f"subset {recipe.name}: {len(uids):,} of {total:,} rows -> {fsio.join(out, 'uids.npy')}")
+    write_runs(fsio.join(out, "uids.npy"), his, los)  # each part's kept uids are a sorted run
+    fsio.write_json(fsio.join(out, "subset.json"), doc)
+    stage.finish(rows={"rows": total, "kept": kept_rows}, outputs=["uids.npy", "subset.json"])
+    log(f"subset {recipe.name}: {kept_rows:,} of {total:,} rows -> {fsio.join(out, 'uids.npy')}")
     for step in steps:
         log(f"  {step['kept']:>9,}  {step['rule']}")
     return doc
