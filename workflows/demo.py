@@ -152,7 +152,7 @@ class Demo:
         name = os.path.basename(out)
         variables = {"world": self.paths["world"], "dedup_tag": self.demo.dedup.tag}
         subset(ref, self.paths["pool"], out, self.runner, variables=variables, overwrite=self.overwrite,
-               log=self.log if not folder else (lambda m: None))
+               cache=os.path.join(self.out, "cache"), log=self.log if not folder else (lambda m: None))
         self.made[name] = out
 
     def train(self, name: str, patch_mixing: bool = False) -> list[dict]:
