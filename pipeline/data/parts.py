@@ -86,6 +86,7 @@ def read_part(part: Part, columns: list[str] | None = None, uid: bool = True) ->
         table = table.rename(columns={"text": "caption"})
     if "state" not in table.columns:
         table["state"] = states_of(table) if "status" in table.columns else OK  # metadata rows are candidates
+        table.attrs["all_ok"] = "status" not in table.columns
     return table
 
 

@@ -128,7 +128,9 @@ def score_part(task: ScoreTask) -> int:
             raise UserError(f"{task.part.parquet}: {exc}") from None
         order = sort_order(uids).astype(np.int32)
         stem = fsio.join(task.rows_out, task.part.stem)
-        save_array(f"{stem}.ok.npy", np.asarray(table["state"].to_numpy() == OK, bool))
+        ok = np.ones(len(table), bool) if table.attrs.get("all_ok") else np.asarray(table["state"].to_numpy() == OK,
+                                                                                   bool)
+        save_array(f"{stem}.ok.npy", ok)
         save_array(f"{stem}.order.npy", order)
         save_array(f"{stem}.uid.npy", uids[order])  # written last: the part's rows are cached
     tags = tuple(sorted({t for filt, _ in filters for t in filt.tags_for(table.columns)}))
