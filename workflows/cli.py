@@ -136,7 +136,7 @@ COMMANDS = [
              Flag("--logs", "train.logs", "parent folder of runs"), Flag("--seed", "train.seed"),
              Flag("--pretrained", "train.pretrained", "start from an open_clip tag or checkpoint"),
              Flag("--patch-mixing", "train.patch_mixing", "Patch Mixing augmentation: share of images mixed"),
-             Flag("--tasks", help="task list to evaluate the final checkpoint on"),
+             Flag("--tasks", help="task list to evaluate the final checkpoint on (as evaluate's --tasks)"),
              Flag("--var", help="fill ${NAME} in the task list (NAME=VALUE, repeatable)", many=True)]),
     Command("dfn", "data filtering networks: `winnow dfn train HQ_POOL --out DIR`", "workflows.commands:dfn",
             [("action", "train"), ("hq_pool", "a pool of trusted image-text pairs")],
@@ -147,7 +147,9 @@ COMMANDS = [
     Command("evaluate", "evaluate an open_clip model on a task list", "workflows.commands:evaluate",
             [("checkpoint", "checkpoint path, or an open_clip pretrained tag with --model")],
             [Flag("--model", "evaluate.model", "open_clip architecture"),
-             Flag("--tasks", help="task list YAML (e.g. manifests/tasks/demo.yaml)", required=True),
+             Flag("--tasks", help="task list: a shipped name (manifests/tasks/NAME.yaml, e.g. demo) or a YAML "
+                  "path, Winnow's format or DataComp's tasklist.yml (with --var data_dir=FOLDER of its "
+                  "wds_<task>_test eval sets)", required=True),
              Flag("--var", help="fill ${NAME} in the task list (NAME=VALUE, repeatable)", many=True),
              Flag("--out", help="folder for eval_results.jsonl and summary.json", required=True),
              Flag("--device", "evaluate.device")]),

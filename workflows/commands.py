@@ -137,13 +137,15 @@ def train(args, cfg) -> None:
     from pipeline.stages.train import train as run_train
 
     tcfg = cfg.train.config()
+    if args.tasks:  # read before training: a wrong task list fails now, not after the run
+        from pipeline.tasks import load_tasklist
+
+        tasks = load_tasklist(args.tasks, _pairs(args.var, "--var"))
     ckpt = run_train(args.data, cfg.train.logs, args.name, tcfg, overwrite=args.overwrite)
     print(f"train: {ckpt}")
     if args.tasks:
         from pipeline.stages.evaluate import evaluate
-        from pipeline.tasks import load_tasklist
 
-        tasks = load_tasklist(args.tasks, _pairs(args.var, "--var"))
         out = os.path.join(cfg.train.logs, args.name, "eval")
         summary = evaluate(tcfg.model, ckpt, tasks, out, overwrite=args.overwrite)
         print(f"train: average of main metrics {summary['average']:.4f} ({out}/eval_results.jsonl)")

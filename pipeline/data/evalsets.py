@@ -1,8 +1,9 @@
 """Reading and writing evaluation sets (clip_benchmark's export layout, which DataComp's eval sets use).
 
 An eval set folder holds ``test/*.tar`` (WebDataset: ``<key>.jpg`` or ``.png``/``.webp``, ``<key>.cls`` with the
-integer label, ``<key>.txt`` with a caption for retrieval), ``classnames.txt`` and
-``zeroshot_classification_templates.txt``. A DiST set stores ``<key>.original.png``, ``.synth_a.png`` and
+integer label, ``<key>.txt`` with the image's captions for retrieval), ``classnames.txt`` and
+``zeroshot_classification_templates.txt``. As in clip_benchmark's retrieval sets, a ``.txt`` holding several lines
+is several captions of that image (:func:`split_captions`). A DiST set stores ``<key>.original.png``, ``.synth_a.png`` and
 ``.synth_b.png`` per triplet instead. A labeled source for building eval sets may also be a folder of class
 folders (ImageNet's val layout).
 """
@@ -49,6 +50,13 @@ def read_evalset(folder: str) -> dict:
     templates = read("zeroshot_classification_templates.txt") or ["a photo of a {c}."]
     return {"images": images, "labels": np.array(labels), "captions": captions, "classnames": classnames,
             "templates": templates}
+
+
+def split_captions(captions: list[str]) -> tuple[list[str], np.ndarray]:
+    """Every caption of every image (clip_benchmark's convention: one caption per line of an image's ``.txt``,
+    split as ``str.splitlines``) and, per caption, the index of its image."""
+    lines = [c.splitlines() for c in captions]
+    return [t for ts in lines for t in ts], np.repeat(np.arange(len(lines)), [len(ts) for ts in lines])
 
 
 def read_labeled(source: str) -> dict:

@@ -1,24 +1,28 @@
 """``winnow evaluate``: one open_clip model on a task list (:mod:`pipeline.tasks`).
 
-A stage whose units are the tasks: each task's result is written as ``tasks/<name>.json`` when it is done, so an
+A stage whose units are the tasks: each task's result is written as ``tasks/<stem>.json`` when it is done, so an
 interrupted evaluation resumes at the next task, and the same model on the same task list is not evaluated twice.
-Writes ``eval_results.jsonl`` (one line per task: key, dataset, kind, metrics with ``main_metric``, random score)
-and ``summary.json`` (every task's main metric, the curves with their areas, and the average: plain tasks by
-their main metric, each curve once by its area).
+Writes, per task, ``samples/<stem>.npy`` (:func:`pipeline.tasks.samples_path`: the main metric per eval item, for
+bootstrap intervals and paired tests), and at the end ``eval_results.jsonl``, one line per task exactly as
+DataComp's ``evaluate.py`` writes it (``key``, ``dataset`` = the task's name, ``metrics`` with ``main_metric``;
+its resume logic and ``aggregate_scores.py`` read it), and ``summary.json``: the average
+(:func:`pipeline.tasks.average_of`), every task's main metric, the curves with their areas, and per task what the
+results line leaves out (kind, data, main metric's name, random score, diagnostic, samples file).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+import numpy as np
+
 from pipeline.core import fsio
 from pipeline.run.stage import Stage
-from pipeline.tasks import Context, Task, run_task
-from pipeline.tasks.curves import average, summarize
+from pipeline.tasks import Context, Task, average_of, run_task_samples, samples_path, stem
+from pipeline.tasks.curves import summarize
 
 @dataclass
 class EvaluateConfig:
@@ -41,7 +45,7 @@ class EvalTask:
 
     @property
     def marker(self) -> str:
-        return os.path.join(self.out, "tasks", re.sub(r"[^\w.-]", "_", self.task.name) + ".json")
+        return os.path.join(self.out, "tasks", stem(self.task.name) + ".json")
 
 
 def evaluate_task(t: EvalTask) -> dict:
@@ -52,9 +56,11 @@ def evaluate_task(t: EvalTask) -> dict:
 
         _CONTEXT.clear()
         _CONTEXT[key] = Context(*load(t.model, t.pretrained, device=t.device), device=t.device)
-    metrics = run_task(t.task, _CONTEXT[key])
-    line = {"key": t.task.name, "dataset": t.task.data, "kind": t.task.kind,
-            "metrics": {**metrics, "main_metric": metrics[t.task.main_metric]}, "random_score": t.task.random_score}
+    metrics, samples = run_task_samples(t.task, _CONTEXT[key])
+    with fsio.atomic_open(samples_path(t.out, t.task.name)) as f:
+        np.save(f, samples)
+    line = {"key": t.task.key or t.task.name, "dataset": t.task.name,
+            "metrics": {**metrics, "main_metric": metrics[t.task.main_metric]}}
     fsio.write_json(t.marker, line)
     return line
 
@@ -69,20 +75,35 @@ def evaluate(model_name: str, pretrained: str, tasks: list[Task], out: str, devi
                   inputs=[pretrained] if os.path.isfile(pretrained) else [], overwrite=overwrite, log=log)
     if stage.done:
         return fsio.read_json(os.path.join(out, "summary.json"))
-    lines = stage.map(evaluate_task, [EvalTask(model_name, pretrained, device, t, out) for t in tasks],
-                      label="evaluate", unit="tasks")
+    units = [EvalTask(model_name, pretrained, device, t, out) for t in tasks]
+    done = sum(fsio.exists(u.marker) for u in units)
+
+    def run_one(unit: EvalTask) -> dict:  # progress as tasks finish
+        nonlocal done
+        line = evaluate_task(unit)
+        done += 1
+        log(f"evaluate: {done}/{len(units)} tasks ({unit.task.name} {line['metrics']['main_metric']:.4f})")
+        return line
+
+    lines = stage.map(run_one, units, label="evaluate", unit="tasks")
     _CONTEXT.clear()
     mains = [line["metrics"]["main_metric"] for line in lines]
     for task, main in zip(tasks, mains):
-        log(f"evaluate: {task.name}: {task.main_metric} = {main:.4f} (random {task.random_score:.4f})")
+        log(f"evaluate: {task.name}: {task.main_metric} = {main:.4f} (random {task.random_score:.4f})"
+            + (" [diagnostic]" if task.diagnostic else ""))
     curves = summarize(tasks, mains)
-    summary = {"model": model_name, "pretrained": pretrained, "average": average(tasks, mains, curves),
-               "tasks": {line["key"]: line["metrics"]["main_metric"] for line in lines}}
+    summary = {"model": model_name, "pretrained": pretrained, "average": average_of(tasks, mains),
+               "tasks": {t.name: main for t, main in zip(tasks, mains)}}
     if curves:
         summary["curves"] = curves
+    summary["details"] = {t.name: {"key": t.key or t.name, "kind": t.kind, "data": t.data,
+                                   "main_metric": t.main_metric, "random_score": t.random_score,
+                                   "diagnostic": t.diagnostic,
+                                   "samples": samples_path("", t.name)} for t in tasks}
     fsio.write_bytes(os.path.join(out, "eval_results.jsonl"),
                      "".join(json.dumps(line) + "\n" for line in lines).encode())
     fsio.write_json(os.path.join(out, "summary.json"), summary)
     stage.finish(rows={"tasks": len(tasks)}, average=summary["average"])
-    log(f"evaluate: average of main metrics = {summary['average']:.4f} -> {out}")
+    average = "none (every task is a diagnostic)" if summary["average"] is None else f"{summary['average']:.4f}"
+    log(f"evaluate: average of the main metrics of the non-diagnostic tasks = {average} -> {out}")
     return summary

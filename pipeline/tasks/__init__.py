@@ -1,32 +1,50 @@
-"""Evaluation tasks: a task list (YAML, DataComp's ``tasklist.yml`` style) names tasks, each of a registered kind.
+"""Evaluation tasks: a task list names tasks, each of a registered kind. :func:`load_tasklist` reads a shipped
+name (``manifests/tasks/NAME.yaml``) or a YAML path in either of two formats.
 
-Task list::
+Winnow's own::
 
     tasks:
-      - name: synthetic-shapes            # shown in results
+      - name: synthetic-shapes            # shown in results (their ``dataset``)
         kind: zeroshot_classification     # a key of KINDS
         data: runs/demo/world/eval        # an eval set folder (pipeline.data.evalsets); ${var} placeholders allowed
         main_metric: acc1                 # one of the kind's METRICS
         random_score: 0.0833
         curve: mix-g7                     # optional: tasks sharing a curve are its points (x, main metric)
         x: 0.1
+        key: my/key                       # optional: the results' ``key`` (default: the name)
 
-A kind is one module with ``KIND`` (its name), ``METRICS`` (what it reports) and ``run(task, ctx)``; it is
-registered by one line in :data:`KINDS`. Curves are summarised by their normalised area (:mod:`.curves`); the
-average of a model is the mean of the plain tasks' main metrics and the curves' areas.
+DataComp's ``tasklist.yml``: a mapping of task key -> ``{name, main_metric, tags, random_score, ...}``. A key under
+``retrieval/`` or tagged ``retrieval`` is a retrieval task, any other a zero-shot classification; the main metric
+is the entry's, else ``acc1`` (DataComp's default). The eval set of key K is the folder ``wds_<K with / as ->_test``
+of ``--var data_dir=FOLDER`` (the folder DataComp's ``download_evalsets.py`` fills; DataComp reads its retrieval
+sets from Hugging Face instead, so export those in clip_benchmark's layout under the same names). Keys under
+``wilds/``, ``fairness/`` and ``misc/`` are left out with a note: DataComp scores them with code of its own (group
+metadata, WinoGAViL's Jaccard score).
+
+A kind is one module with ``KIND`` (its name), ``METRICS`` (what it reports) and ``run(task, ctx)`` returning its
+metrics and, per metric it can split, one value per eval item whose mean is that metric; registered by one line
+in :data:`KINDS`. A kind with ``DIAGNOSTIC = True`` (odd-one-out) and any curve point is a diagnostic: reported
+on its own, never in a model's average (:func:`average_of`, the one definition of it).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
+
+from pipeline.core import fsio
 from pipeline.core.config import parse_yaml, substitute
 from pipeline.core.errors import UserError
 from pipeline.tasks import odd_one_out, retrieval, zeroshot
 
 KINDS = {m.KIND: m for m in (zeroshot, retrieval, odd_one_out)}
-FIELDS = ("name", "kind", "data", "main_metric", "random_score", "curve", "x")
+FIELDS = ("name", "kind", "data", "main_metric", "random_score", "curve", "x", "key")
+#: DataComp task keys scored by DataComp's own code, not by clip_benchmark's classification or retrieval
+DATACOMP_OWN = ("wilds/", "fairness/", "misc/")
 
 
 @dataclass
@@ -38,6 +56,12 @@ class Task:
     random_score: float = 0.0
     curve: str = ""  # tasks sharing a curve are points (x, main metric) of one curve, summarised by its area
     x: float = 0.0
+    key: str = ""  # the results' ``key`` (DataComp's task key); the name when empty
+
+    @property
+    def diagnostic(self) -> bool:
+        """Curve points and diagnostic kinds (odd-one-out): reported on their own, not in the average."""
+        return bool(self.curve) or getattr(KINDS[self.kind], "DIAGNOSTIC", False)
 
 
 @dataclass
@@ -51,27 +75,116 @@ class Context:
     cache: dict = field(default_factory=dict)
 
 
-def load_tasklist(path: str, variables: dict[str, str] | None = None) -> list[Task]:
+def average_of(tasks: list[Task], mains: list[float]) -> float | None:
+    """A model's average: the mean of the main metrics of its non-diagnostic tasks (curve points and
+    odd-one-out are diagnostics, reported separately); None when every task is a diagnostic."""
+    plain = [m for t, m in zip(tasks, mains, strict=True) if not t.diagnostic]
+    return float(np.mean(plain)) if plain else None
+
+
+def stem(name: str) -> str:
+    """The file name stem of a task's outputs."""
+    return re.sub(r"[^\w.-]", "_", name)
+
+
+def samples_path(out: str, name: str) -> str:
+    """``<out>/samples/<stem>.npy``: the task's main metric per eval item (float32, 1-D; see the kinds)."""
+    return os.path.join(out, "samples", stem(name) + ".npy")
+
+
+def tasklists_dir() -> Path:
+    import manifests
+
+    return Path(manifests.__file__).parent / "tasks"
+
+
+def load_tasklist(ref: str, variables: dict[str, str] | None = None, log=print) -> list[Task]:
+    """The tasks of a shipped task list's name or a YAML path (Winnow's or DataComp's format, see the module)."""
+    variables = variables or {}
+    path = ref
+    if not os.path.isfile(path) and re.fullmatch(r"[\w-]+", ref):
+        path = str(tasklists_dir() / f"{ref}.yaml")
     if not os.path.isfile(path):
-        raise UserError(f"task list not found: {path}")
-    doc = parse_yaml(substitute(open(path).read(), variables or {}, os.path.basename(path)), f"task list {path}") or {}
-    if not isinstance(doc, dict):
-        raise UserError(f"task list {path} must hold a mapping with a tasks list")
+        known = ", ".join(sorted(p.stem for p in tasklists_dir().glob("*.yaml")))
+        raise UserError(f"task list {ref!r} not found; give a YAML path or a shipped name: {known}")
+    text, name = open(path).read(), os.path.basename(path)
+    for var in re.findall(r"\$\{(\w+)\}", text):
+        if var not in variables:
+            raise UserError(f"task list {name} uses ${{{var}}}; pass --var {var}=VALUE")
+    doc = parse_yaml(substitute(text, variables, name), f"task list {path}") or {}
+    if isinstance(doc, dict) and "tasks" in doc:
+        tasks = _own_tasks(doc["tasks"] or [], path)
+    elif isinstance(doc, dict) and doc and all(isinstance(v, dict) for v in doc.values()):
+        tasks = _datacomp_tasks(doc, path, variables, log)
+    else:
+        raise UserError(f"task list {path} must hold a tasks list (Winnow's format) or a mapping of task key -> "
+                        "{name, main_metric, ...} (DataComp's tasklist.yml)")
+    if not tasks:
+        raise UserError(f"{path} lists no tasks")
+    for i, t in enumerate(tasks):
+        if t.main_metric not in KINDS[t.kind].METRICS:
+            raise UserError(f"{path}: task {t.name!r} main_metric {t.main_metric!r} is not one of "
+                            f"{', '.join(KINDS[t.kind].METRICS)}")
+        if any(stem(t.name) == stem(u.name) for u in tasks[:i]):
+            raise UserError(f"{path}: two tasks are named {t.name!r} (or alike up to punctuation); rename one")
+    return tasks
+
+
+def _own_tasks(entries: list, path: str) -> list[Task]:
     tasks = []
-    for i, entry in enumerate(doc.get("tasks") or []):
+    for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or set(entry) - set(FIELDS) or not set(FIELDS[:4]) <= set(entry):
-            raise UserError(f"{path}: task {i} needs name, kind, data, main_metric (and optional random_score)")
+            raise UserError(f"{path}: task {i} needs name, kind, data, main_metric (and optional random_score, "
+                            "curve, x, key)")
         if entry["kind"] not in KINDS:
             raise UserError(f"{path}: task {entry['name']!r} kind must be one of {', '.join(KINDS)}")
         tasks.append(Task(**entry))
-    if not tasks:
-        raise UserError(f"{path} lists no tasks")
     return tasks
+
+
+def _datacomp_tasks(doc: dict, path: str, variables: dict[str, str], log) -> list[Task]:
+    own = [key for key in doc if key.startswith(DATACOMP_OWN)]
+    if own:
+        log(f"task list {os.path.basename(path)}: leaving out {len(own)} tasks DataComp scores with code of its "
+            f"own: {', '.join(own)}")
+    keys = [key for key in doc if key not in own]
+    if keys and "data_dir" not in variables:
+        raise UserError(f"task list {path} is DataComp's format; pass --var data_dir=FOLDER (the folder of "
+                        "wds_<task>_test eval sets that DataComp's download_evalsets.py fills)")
+    tasks = []
+    for key in keys:
+        info = doc[key]
+        retrieval_task = key.startswith("retrieval/") or "retrieval" in (info.get("tags") or [])
+        tasks.append(Task(name=str(info.get("name", key)), key=key,
+                          kind=retrieval.KIND if retrieval_task else zeroshot.KIND,
+                          data=fsio.join(variables["data_dir"], f"wds_{key.replace('/', '-')}_test"),
+                          main_metric=str(info.get("main_metric", "acc1")),
+                          random_score=float(info.get("random_score", 0.0))))
+    missing = [t.data for t in tasks if not fsio.isdir(t.data)]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"eval set folder not found: {missing[0]}{more}; --var data_dir must hold DataComp's "
+                        "wds_<task key, / as ->_test folders (DataComp's download_evalsets.py)")
+    return tasks
+
+
+def _run(task: Task, ctx: Context) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    metrics, per_item = KINDS[task.kind].run(task, ctx)
+    if task.main_metric not in metrics:
+        raise UserError(f"task {task.name}: main_metric {task.main_metric!r} is not one of {', '.join(metrics)}")
+    return metrics, per_item
 
 
 def run_task(task: Task, ctx: Context) -> dict[str, float]:
     """One task's metrics (its kind's METRICS, and what else the kind reports)."""
-    metrics = KINDS[task.kind].run(task, ctx)
-    if task.main_metric not in metrics:
-        raise UserError(f"task {task.name}: main_metric {task.main_metric!r} is not one of {', '.join(metrics)}")
-    return metrics
+    return _run(task, ctx)[0]
+
+
+def run_task_samples(task: Task, ctx: Context) -> tuple[dict[str, float], np.ndarray]:
+    """One task's metrics and its main metric per eval item (float32; their mean is the main metric: an image
+    for zero-shot and retrieval, a triplet for odd-one-out; see the kinds)."""
+    metrics, per_item = _run(task, ctx)
+    if task.main_metric not in per_item:
+        raise UserError(f"task {task.name}: main_metric {task.main_metric!r} has no per-item values; use one of "
+                        f"{', '.join(per_item)}")
+    return metrics, np.asarray(per_item[task.main_metric], np.float32)

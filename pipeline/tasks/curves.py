@@ -1,5 +1,6 @@
 """Curves: tasks that share a ``curve`` are its points (x, main metric), summarised by the normalised area
-under them (Patch Mixing's summary metric); a curve counts once in a model's average."""
+under them (Patch Mixing's summary metric). Curves are diagnostics: reported beside a model's average
+(:func:`pipeline.tasks.average_of`), never in it."""
 
 from __future__ import annotations
 
@@ -31,9 +32,3 @@ def summarize(tasks: list, mains: list[float]) -> dict[str, dict]:
         c["y"] = [float(c["y"][i]) for i in order]
         c["auc"] = area_under_curve(c["x"], c["y"])
     return curves
-
-
-def average(tasks: list, mains: list[float], curves: dict[str, dict]) -> float:
-    """The model's average: plain tasks by their main metric, each curve once by its area."""
-    plain = [m for t, m in zip(tasks, mains) if not t.curve]
-    return float(np.mean(plain + [c["auc"] for c in curves.values()]))

@@ -1,6 +1,7 @@
 """DiST's odd-one-out test (:mod:`pipeline.evalsets.dist`): embed (original, synth A, synth B), L2-normalise,
 ``odd = argmin_i sum_{j != i} cos(e_i, e_j)``; a trial is right when the odd one is the original (chance 1/3).
-``acc`` comes with a bootstrap 95% interval."""
+``acc`` comes with a bootstrap 95% interval. A diagnostic: reported beside a model's average, never in it; the
+eval item of its per-item outcomes is the triplet (its credit)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pipeline.models.encode import embed_images
 
 KIND = "odd_one_out"
 METRICS = ("acc", "acc_ci_low", "acc_ci_high", "n")
+DIAGNOSTIC = True
 
 
 def odd_one_out(emb: np.ndarray) -> np.ndarray:
@@ -31,7 +33,8 @@ def metrics(emb: np.ndarray, seed: int = 0, n_boot: int = 1000) -> dict[str, flo
             "acc_ci_high": float(np.quantile(boot, 0.975)), "n": int(len(credit))}
 
 
-def run(task, ctx) -> dict[str, float]:
+def run(task, ctx) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     triplets, _ = read_triplets(task.data)
     emb = embed_images(ctx.model, ctx.preprocess, [b for t in triplets for b in t], ctx.device)
-    return metrics(emb.reshape(len(triplets), 3, -1))
+    emb = emb.reshape(len(triplets), 3, -1)
+    return metrics(emb), {"acc": odd_one_out(emb)}

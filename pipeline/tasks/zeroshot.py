@@ -1,6 +1,10 @@
 """Zero-shot classification: one classifier row per class (the mean of the class's normalised template
 embeddings, renormalised: CLIP's recipe); ``acc1``, ``acc5`` (with at least 5 classes) and
-``mean_per_class_recall``."""
+``mean_per_class_recall`` (clip_benchmark's and DataComp's metrics).
+
+Per image (:func:`per_image`): 1.0 when the top-1 (top-5) prediction is right, else 0; for
+``mean_per_class_recall`` that credit weighted by ``n / (classes * n_c)`` (n images, ``classes`` present among
+the labels, ``n_c`` images of the image's class), so the mean over images is the mean of the per-class recalls."""
 
 from __future__ import annotations
 
@@ -32,12 +36,23 @@ def metrics(image_emb: np.ndarray, weights: np.ndarray, labels: np.ndarray) -> d
     return out
 
 
-def run(task, ctx) -> dict[str, float]:
+def per_image(image_emb: np.ndarray, weights: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Per metric, each image's part of it (see the module's docstring): the mean over images is the metric."""
+    order = np.argsort(-(image_emb @ weights.T), axis=1)
+    top1 = (order[:, 0] == labels).astype(float)
+    classes, index, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    out = {"acc1": top1, "mean_per_class_recall": top1 * len(labels) / (len(classes) * counts[index])}
+    if weights.shape[0] >= 5:
+        out["acc5"] = (order[:, :5] == labels[:, None]).any(axis=1).astype(float)
+    return out
+
+
+def run(task, ctx) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     data = read_evalset(task.data)
     if not data["classnames"] or (data["labels"] < 0).any():
         raise UserError(f"task {task.name}: {task.data} needs classnames.txt and a .cls label per image")
     key = (KIND, tuple(data["classnames"]), tuple(data["templates"]))  # shared by sets of one source
     if key not in ctx.cache:
         ctx.cache[key] = classifier(ctx.model, ctx.tokenizer, data["classnames"], data["templates"], ctx.device)
-    return metrics(embed_images(ctx.model, ctx.preprocess, data["images"], ctx.device), ctx.cache[key],
-                   data["labels"])
+    image_emb = embed_images(ctx.model, ctx.preprocess, data["images"], ctx.device)
+    return metrics(image_emb, ctx.cache[key], data["labels"]), per_image(image_emb, ctx.cache[key], data["labels"])
