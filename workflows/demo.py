@@ -20,6 +20,7 @@ from dataclasses import asdict, replace
 import numpy as np
 
 from pipeline.core import fsio
+from pipeline.data.manifest import MANIFEST
 from pipeline.data.pool import ledger
 from pipeline.evalsets.dist import build_dist
 from pipeline.evalsets.patchmix import build_patchmix
@@ -50,11 +51,24 @@ def main(args, cfg: RunConfig) -> None:
 
 
 class Timings(dict):
+    """Per demo step: ``{"s": seconds, "reused": bool}``. A step is reused when none of its stages wrote a
+    manifest (each found its output up to date from an earlier run); the seconds are then the check."""
+
+    def __init__(self, out: str):
+        super().__init__()
+        self.out = out
+
     @contextmanager
     def stage(self, name: str):
-        start = time.monotonic()
+        before, start = _manifests(self.out), time.monotonic()
         yield
-        self[name] = round(time.monotonic() - start, 1)
+        self[name] = {"s": round(time.monotonic() - start, 1), "reused": _manifests(self.out) == before}
+
+
+def _manifests(root: str) -> dict[str, int]:
+    """Every stage manifest under ``root`` with its modification time (ns)."""
+    return {os.path.join(d, MANIFEST): os.stat(os.path.join(d, MANIFEST)).st_mtime_ns
+            for d, _, files in os.walk(root) if MANIFEST in files}
 
 
 def run(out: str, cfg: RunConfig, overwrite: bool = False, log=print) -> dict:
@@ -63,15 +77,15 @@ def run(out: str, cfg: RunConfig, overwrite: bool = False, log=print) -> dict:
         demo = Demo(out, cfg, runner, overwrite, log)
         demo.run()
     results = demo.results()
-    summary = {"timings_s": results.timings, "ledger": results.counts, "input_rows": results.total,
+    summary = {"timings": results.timings, "ledger": results.counts, "input_rows": results.total,
                "ingest_check": results.check.to_dict("records"), "selection_recall": results.recall.to_dict("records"),
                "selection_precision": results.precision.to_dict("records"),
                "training": results.table.to_dict("records"), "dedup_check": results.dedup.to_dict("records"),
                "robustness": results.robust.to_dict("records"),
                "dist_gates": {k: v for k, v in results.dist_gates.items() if k != "config"},
                "runs": demo.trained, "config": asdict(cfg)}
-    report.write(demo.paths["report"], summary, results)
-    report.log_summary(results, demo.paths["pool"], cfg.demo.dedup, demo.paths, log)
+    training = report.write(out, demo.paths["report"], summary, results, log=lambda m: None)
+    report.log_summary(results, training, demo.paths["pool"], cfg.demo.dedup, demo.paths, log)
     return summary
 
 
@@ -82,7 +96,7 @@ class Demo:
         self.cfg, self.demo, self.runner, self.overwrite, self.log = cfg, cfg.demo, runner, overwrite, log
         self.out = out
         self.paths = {name: os.path.join(out, name) for name in ("world", "pool", "subsets", "report")}
-        self.timings = Timings()
+        self.timings = Timings(out)
         self.trained: dict[str, list[dict]] = {}
         self.made: dict[str, str] = {}  # subset name -> its folder
         base = from_scale(self.demo.scale, self.demo.arch)

@@ -1,8 +1,16 @@
-"""The demo's report: the tables it prints and ``report.md`` (with the Patch Mixing plots) it writes."""
+"""Reports: ``winnow report RUNS --out FILE.html`` (one self-contained page, :func:`html_report`) and the demo's
+closing printout, ``report.md`` and tables (:func:`write`), which end with the same page.
+
+The page's sections appear when their data exists: from a demo folder the pool's ledger, each one-filter subset
+(score histogram with its threshold, kept and dropped examples), each recipe (size, planted-defect precision and
+recall on the synthetic world), duplicate groups and the timings; from every evaluated run (demo, training or
+evaluation folders, :mod:`workflows.compare`) the training table with intervals and paired tests, accuracy vs
+subset size, DiST and the Patch Mixing curves.
+"""
 
 from __future__ import annotations
 
-import json
+import glob
 import os
 from dataclasses import dataclass
 
@@ -10,8 +18,18 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import fsio
-from pipeline.data.ledger import format_counts
+from pipeline.core.errors import UserError
+from pipeline.data.ledger import OK, format_counts
+from pipeline.data.manifest import read_manifest
+from workflows import html
+from workflows.compare import (METHOD, Group, ci_text, find_runs, format_text, frame, group_runs, interval,
+                               p_text, paired, table)
 
+EXAMPLES = 6  # thumbnails kept and dropped per filter
+THUMB = 96
+
+
+# ---------------------------------------------------------------------------------------------- the demo's tables
 
 def results_table(trained: dict[str, list[dict]], sizes: dict[str, int], tasks: list[str]) -> pd.DataFrame:
     """One row per subset: size, and per main metric of ``tasks`` (and their average) the mean over seeds with
@@ -55,47 +73,16 @@ def format_table(table: pd.DataFrame) -> str:
     return shown.to_string(index=False)
 
 
-def plot_curves(trained: dict[str, list[dict]], report: str) -> list[str]:
-    """One PNG per Patch Mixing curve: accuracy vs the curve's x for every trained subset (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pipeline.evalsets.patchmix import TILES
-
-    files = []
-    curves = next(iter(trained.values()))[0].get("curves", {})
-    for curve in curves:
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for name, results in trained.items():
-            xs = results[0]["curves"][curve]["x"]
-            ys = np.mean([r["curves"][curve]["y"] for r in results], axis=0)
-            ax.plot(xs, ys, marker="o", label=name)
-        if curve == "shuffle":
-            ax.set_xticks(range(len(TILES)), [str(t) for t in TILES])
-            ax.set_xlabel("tiles shuffled")
-        else:
-            ax.set_xlabel({"occlude": "occluded share"}.get(curve, "share of patches replaced" if curve.startswith(
-                "mix") else "share of patches dropped"))
-        ax.set_ylabel("zero-shot accuracy")
-        ax.set_title(f"Patch Mixing: {curve}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(report, f"patchmix_{curve}.png")
-        os.makedirs(report, exist_ok=True)
-        with fsio.atomic_open(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        plt.close(fig)
-        files.append(os.path.basename(path))
-    return files
-
-
 def dist_line(gates: dict) -> str:
     base = gates.get("baselines", {})
     return (f"{gates['kept']}/{gates['sources']} triplets kept ({gates['redone']} redone, {gates['dropped']} dropped "
             f"by the gates); reference models (must be near chance 0.333): " +
             ", ".join(f"{k} {v['acc']:.3f} [{v['acc_ci_low']:.3f}, {v['acc_ci_high']:.3f}]" for k, v in base.items()))
+
+
+def timing_text(t: dict) -> str:
+    """A step's time: seconds of work, or "reused" (an earlier run's output was up to date)."""
+    return f"reused ({t['s']:.1f} s to check)" if t["reused"] else f"{t['s']:.1f}"
 
 
 def _fmt(table: pd.DataFrame) -> str:
@@ -124,50 +111,43 @@ class Results:
     dedup: pd.DataFrame
     dist_gates: dict
     scale_line: str
-    timings: dict
+    timings: dict  # step -> {"s": seconds, "reused": bool}
 
 
-def write(report: str, summary: dict, r: Results) -> None:
-    """``summary.json``, the CSV tables, the Patch Mixing plots and ``report.md`` in the folder ``report``."""
-    plots = plot_curves(summary["runs"], report)
+def write(out: str, report: str, summary: dict, r: Results, log=print) -> str:
+    """``summary.json``, the CSV tables, the short ``report.md`` and ``report.html`` (:func:`html_report` of the
+    demo folder ``out``) in the folder ``report``; returns the comparison table's text."""
     fsio.write_json(os.path.join(report, "summary.json"), summary)
     r.recall.to_csv(os.path.join(report, "selection_recall.csv"), index=False, float_format="%.4f")
     r.precision.to_csv(os.path.join(report, "selection_precision.csv"), index=False, float_format="%.4f")
     r.table.to_csv(os.path.join(report, "training.csv"), index=False, float_format="%.4f")
     r.robust.to_csv(os.path.join(report, "robustness.csv"), index=False, float_format="%.4f")
+    rows = _training_rows(group_runs(find_runs([out])))
+    training = format_text(rows)
     lines = [
         "# Winnow demo report", "",
+        "The full report, with score histograms, example images, duplicate groups and charts, is `report.html` "
+        "(one self-contained file; `winnow report RUNS --out FILE.html` makes it for any runs).", "",
         "## The fixed model trained on each subset", "",
-        f"Same training for every subset ({r.scale_line}); only the data differs. Columns: subset size, main "
-        "metric of each task (zero-shot top-1 accuracy, retrieval mean recall@1), their average; with several "
-        "seeds, the mean and the spread (max - min).", "",
-        "```", format_table(r.table), "```", "",
+        f"Same training for every subset ({r.scale_line}); only the data differs. Mean over seeds of each main "
+        "metric (zero-shot top-1 accuracy, retrieval mean recall@1) and their average, its 95% interval and a "
+        "paired test against the first subset.", "",
+        "```", training, "```", "",
         "## DiST and Patch Mixing", "",
-        "DiST: odd-one-out accuracy on (original, two texture syntheses) triplets, chance 0.333 "
-        f"({dist_line(r.dist_gates)}). Patch Mixing: normalised area under zero-shot accuracy vs the share "
-        "of foreign patches (7x7, 14x14 grids), tiles shuffled, patches dropped, occluded share.", "",
+        f"DiST: odd-one-out accuracy, chance 0.333 ({dist_line(r.dist_gates)}). Patch Mixing: normalised area under "
+        "zero-shot accuracy vs the share of foreign patches, tiles shuffled, patches dropped, occluded share.", "",
         "```", format_table(r.robust), "```", "",
-        *[f"![{p}]({p})" for p in plots], "",
-        "## Timings (seconds)", "", "| stage | s |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in r.timings.items()], "",
+        "## Timings (seconds; reused: an earlier run's output was up to date)", "", "| step | s |", "|---|---|",
+        *[f"| {k} | {timing_text(v)} |" for k, v in r.timings.items()], "",
         "## Ledger", "", "```", format_counts(r.counts, r.total), "```", "",
-        "## Planted defects vs ledger state", "", "```", r.check.to_string(index=False), "```", "",
-        "## Filters and recipes vs planted defects", "",
-        "Over downloaded samples. `precision`: share of dropped samples that carry a planted defect; each defect "
-        "column: share of the samples with that defect that the subset drops (recall).", "",
-        "```", _fmt(r.recall), "```", "",
-        "Per defect, share of the dropped samples that have it (precision by kind): "
-        "`selection_precision.csv`.", "",
-        "## Deduplication and decontamination vs planted truth", "",
-        "A planted copy is found when it shares an exact or near group with its source; `precision`: share of "
-        "the samples dedup drops that are true duplicates of their group's kept member; contamination: pool "
-        "copies of evaluation images flagged.", "",
-        "```", _fmt_dedup(r.dedup), "```", "",
+        "Filters and recipes against the planted defects: `selection_recall.csv`, `selection_precision.csv`.", "",
     ]
     fsio.write_bytes(os.path.join(report, "report.md"), "\n".join(lines).encode())
+    html_report([out], os.path.join(report, "report.html"), log=log)
+    return training
 
 
-def log_summary(r: Results, pool: str, dedup_cfg, paths: dict, log) -> None:
+def log_summary(r: Results, training: str, pool: str, dedup_cfg, paths: dict, log) -> None:
     """The demo's closing printout: ledger, planted truth, selections, dedup, training, robustness, timings."""
     log("\nLedger of " + pool + ":\n" + format_counts(r.counts, r.total))
     log("\nPlanted defects vs ledger state:")
@@ -181,10 +161,340 @@ def log_summary(r: Results, pool: str, dedup_cfg, paths: dict, log) -> None:
         f"{dedup_cfg.contamination_threshold}) vs planted duplicates and eval copies:")
     log(_fmt_dedup(r.dedup))
     log(f"\nThe fixed model trained on each subset ({r.scale_line}):")
-    log(format_table(r.table))
+    log(training)
     log("\nThe same models on DiST (odd-one-out accuracy, chance 0.333) and Patch Mixing (area under accuracy vs "
-        "share of foreign patches / tiles / dropped patches / occlusion; plots in the report folder):")
+        "share of foreign patches / tiles / dropped patches / occlusion):")
     log(format_table(r.robust))
     log("DiST set: " + dist_line(r.dist_gates))
-    log(f"\ntimings (s): {json.dumps(r.timings)}")
+    log("\ntimings (s): " + ", ".join(f"{k} {timing_text(v)}" for k, v in r.timings.items()))
     log("outputs: " + " | ".join(f"{k} {v}" for k, v in paths.items()))
+
+
+# ------------------------------------------------------------------------------------------------- the HTML page
+
+def html_report(paths: list[str], out: str, log=print) -> str:
+    """Write the report of the runs in ``paths`` to ``out`` (one HTML file); return its path."""
+    demos = [p for p in paths if os.path.isdir(os.path.join(p, "pool")) and os.path.isdir(os.path.join(p, "subsets"))]
+    runs = [p for p in paths if p not in demos or os.path.isdir(os.path.join(p, "train"))]
+    groups = group_runs(find_runs(runs)) if runs else []
+    sections = []
+    if demos:
+        demo = demos[0]
+        images = Images(os.path.join(demo, "pool"))
+        filters = [_filter_data(f, images) for f in sorted(glob.glob(os.path.join(demo, "subsets", "filters", "*")))
+                   if os.path.isfile(os.path.join(f, "subset.json"))]
+        dups = _dedup_data(demo, images)
+        images.load()
+        sections += [("ledger", "Ledger: how every input row ended", _ledger_section(demo))]
+        sections += [("filters", "Filters", "".join(_filter_html(f, images) for f in filters))] if filters else []
+        sections += [("recipes", "Recipes", _recipes_section(demo))]
+        sections += [("dedup", "Duplicates", _dedup_html(demo, dups, images))] if dups is not None else []
+    if groups:
+        sections += _training_sections(groups)
+    if demos and os.path.isfile(os.path.join(demos[0], "report", "summary.json")):
+        timings = fsio.read_json(os.path.join(demos[0], "report", "summary.json")).get("timings") or {}
+        if timings:
+            sections.append(("timings", "Timings", _timings_section(timings)))
+    if not sections:
+        raise UserError(f"nothing to report in {', '.join(paths)}; give a demo folder, training runs or evaluation "
+                        "folders")
+    intro = "Made from " + ", ".join(html.esc(p) for p in paths) + " by <code>winnow report</code>."
+    fsio.write_bytes(out, html.page("Winnow report", intro, sections).encode())
+    log(f"report: {out}")
+    return out
+
+
+class Images:
+    """Thumbnails of pool samples (JPEG data URIs), read from the shard tars in one pass per tar."""
+
+    def __init__(self, pool: str):
+        self.pool, self.want, self.uris = pool, {}, {}
+
+    def ask(self, stem: str, key: str) -> tuple[str, str]:
+        self.want.setdefault(stem, set()).add(key)
+        return stem, key
+
+    def load(self) -> None:
+        from PIL import Image
+
+        from pipeline.data.images import encode_jpeg, open_rgb
+        from pipeline.data.shards import image_bytes, iter_tar
+
+        for stem, keys in self.want.items():
+            tar = os.path.join(self.pool, f"{stem}.tar")
+            if not os.path.isfile(tar):
+                continue
+            for sample in iter_tar(tar):
+                data = image_bytes(sample) if sample["__key__"] in keys else None
+                if data:
+                    img = open_rgb(data, draft_side=THUMB)
+                    img.thumbnail((THUMB, THUMB), Image.BICUBIC)
+                    self.uris[stem, sample["__key__"]] = html.data_uri(encode_jpeg(img, quality=80))
+
+    def uri(self, ref: tuple[str, str]) -> str | None:
+        return self.uris.get(ref)
+
+
+def _ledger_section(demo: str) -> str:
+    from pipeline.data.pool import ledger
+
+    counts, total = ledger(os.path.join(demo, "pool"))
+    rows = sum(counts.values())
+    total = total or rows
+    funnel = [("input rows", total, "")] + [(s, n, "fail" if s != OK else "") for s, n in
+                                             sorted(counts.items(), key=lambda kv: (kv[0] != OK, -kv[1]))]
+    df = pd.DataFrame([{"": name, "rows": f"{n:,}", "share": f"{n / total:.1%}",
+                        " ": html.bar(n / total, fail == "fail")} for name, n, fail in funnel])
+    text = html.note(f"{total:,} input rows &rarr; {counts.get(OK, 0):,} ok ({counts.get(OK, 0) / total:.1%}); every "
+                     "row ends in exactly one state (<code>pipeline/data/ledger.py</code>).")
+    summary = _demo_summary(demo)
+    check = ""
+    if summary.get("ingest_check"):
+        check = "<h3>Planted defects vs ledger state</h3>" + html.table(pd.DataFrame(summary["ingest_check"]))
+    return text + html.table(df, raw={" "}) + check
+
+
+def _demo_summary(demo: str) -> dict:
+    path = os.path.join(demo, "report", "summary.json")
+    return fsio.read_json(path) if os.path.isfile(path) else {}
+
+
+def _subset_lines(folder: str, doc: dict) -> list[tuple[float, str]]:
+    """The thresholds of a one-filter recipe, as (value, label) lines on its score histogram."""
+    recipe = (read_manifest(folder) or {}).get("params", {}).get("recipe", {})
+    lines = []
+    for rule in recipe.get("select", []):
+        kind, arg = next(iter(rule.items()))
+        if kind == "threshold":
+            lines += [(float(arg[k]), f"{k} {arg[k]}") for k in ("min", "max") if k in arg]
+    for step in doc.get("steps", []):
+        if "threshold" in step:
+            lines.append((float(step["threshold"]), f"top {step['rule'].split()[1]}"))
+    return lines
+
+
+def _filter_data(folder: str, images: Images, max_parts: int = 4) -> dict:
+    """A one-filter subset: its score column over the pool's candidates, thresholds, and examples."""
+    from pipeline.data.parts import list_parts, read_part
+    from pipeline.data.uid import uids_to_array
+    from pipeline.stages.score import load_array
+    from pipeline.stages.subset import isin_uids
+
+    doc = fsio.read_json(os.path.join(folder, "subset.json"))
+    column, cache = next(iter(doc["scores"].items()))
+    parts = list_parts(doc["pool"])
+    rows_dir = os.path.join(os.path.dirname(cache), "rows")
+    data = {"name": os.path.basename(folder), "doc": doc, "column": column, "lines": _subset_lines(folder, doc),
+            "values": None, "kept": [], "dropped": []}
+    if all(os.path.isfile(os.path.join(cache, f"{p.stem}.npy")) for p in parts):
+        data["values"] = np.concatenate([load_array(os.path.join(cache, f"{p.stem}.npy"))[
+            load_array(os.path.join(rows_dir, f"{p.stem}.ok.npy"))] for p in parts]).astype(float)
+    kept_uids = np.load(os.path.join(folder, "uids.npy"), allow_pickle=False)
+    frames = []
+    for part in parts[:max_parts]:  # examples come from the first parts
+        t = read_part(part, ["key", "caption"])
+        ok = (t["state"] == OK).to_numpy()
+        t = t[ok]
+        cached = os.path.join(cache, f"{part.stem}.npy")
+        score = load_array(cached)[ok] if os.path.isfile(cached) else np.full(len(t), np.nan)
+        kept = isin_uids(uids_to_array(t["uid"].array, sort=False), kept_uids)
+        frames.append(pd.DataFrame({"stem": part.stem, "key": t["key"].astype(str).to_numpy(),
+                                    "caption": t["caption"].astype(str).to_numpy(), "score": score, "kept": kept}))
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    for side, mask in (("kept", table["kept"]), ("dropped", ~table["kept"])) if len(table) else ():
+        chosen = table[mask.to_numpy()].sort_values(["score", "key"], na_position="last")
+        picks = np.unique(np.linspace(0, len(chosen) - 1, EXAMPLES).round().astype(int)) if len(chosen) else []
+        data[side] = [(images.ask(r.stem, r.key), f"{r.score:.3g} · {r.caption[:40]}") for r in
+                      chosen.iloc[picks].itertuples()]
+    return data
+
+
+def _filter_html(f: dict, images: Images) -> str:
+    doc = f["doc"]
+    ok = doc["steps"][0]["kept"] if doc.get("steps") else doc["rows"]
+    head = (f"<h3>{html.esc(f['name'])}: {html.esc(doc.get('description', ''))}</h3>" +
+            html.note(f"keeps {doc['kept']:,} of {ok:,} downloaded samples ({doc['kept'] / max(ok, 1):.1%}); score "
+                      f"column <code>{html.esc(f['column'])}</code>"))
+    chart = html.histogram(f["values"], f["lines"], f["column"]) if f["values"] is not None else html.note(
+        "score cache not found (it was removed); the histogram needs it")
+    shots = "".join(html.thumbs([(images.uri(ref), cap, side) for ref, cap in f[side]],
+                                f"{side} (score, caption), lowest score first") for side in ("kept", "dropped") if f[side])
+    return head + chart + shots
+
+
+def _recipes_section(demo: str) -> str:
+    pool, world = os.path.join(demo, "pool"), os.path.join(demo, "world")
+    folders = [f for f in sorted(glob.glob(os.path.join(demo, "subsets", "*")) +
+                                 glob.glob(os.path.join(demo, "subsets", "filters", "*")))
+               if os.path.isfile(os.path.join(f, "subset.json"))]
+    rows, arrays = [], {}
+    for f in folders:
+        doc = fsio.read_json(os.path.join(f, "subset.json"))
+        name = ("filter " if os.path.basename(os.path.dirname(f)) == "filters" else "") + os.path.basename(f)
+        ok = doc["steps"][0]["kept"] if doc.get("steps") else doc["rows"]
+        rows.append({"subset": name, "size": doc["kept"], "share of ok": f"{doc['kept'] / max(ok, 1):.1%}"})
+        arrays[name] = np.load(os.path.join(f, "uids.npy"), allow_pickle=False)
+    df = pd.DataFrame(rows)
+    text = html.note("Size: samples a recipe keeps (of the downloaded ones).")
+    if os.path.isfile(os.path.join(world, "truth.parquet")):
+        from pipeline.synth.truth import selection_check
+
+        recall, _ = selection_check(pool, world, arrays)
+        df = df.merge(recall.drop(columns=["kept"]), on="subset")
+        text = html.note("On the synthetic world every sample's planted defect is known. <b>precision</b>: share of "
+                         "the dropped samples that carry a planted defect; each defect column: share of the samples "
+                         "with that defect that the subset drops (recall).")
+    return text + html.table(df)
+
+
+def _dedup_data(demo: str, images: Images, per_kind: int = 3, max_members: int = 6) -> pd.DataFrame | None:
+    """A few duplicate groups per kind (largest first), with each member's image asked for."""
+    from pipeline.data.parts import list_parts, read_part
+
+    found = sorted(glob.glob(os.path.join(demo, "pool", "dedup", "*", "duplicates.parquet")))
+    tag = _demo_summary(demo).get("config", {}).get("demo", {}).get("dedup", {}).get("tag")
+    found = [p for p in found if p.split(os.sep)[-2] == tag] or found
+    if not found:
+        return None
+    table = pd.read_parquet(found[0])
+    picks = []
+    for kind in ("exact_image", "near", "semantic", "contaminated"):
+        rows = table[table["kind"] == kind]
+        if kind == "contaminated":
+            picks.append(rows.sort_values(["similarity", "uid"], ascending=[False, True]).head(max_members)
+                         .assign(members=1))
+            continue
+        sizes = rows.groupby("group").size().sort_values(ascending=False, kind="stable")
+        for group in sizes[sizes > 1].index[:per_kind]:
+            picks.append(rows[rows["group"] == group].sort_values(["kept", "uid"], ascending=[False, True])
+                         .head(max_members).assign(members=sizes[group]))
+    chosen = pd.concat(picks, ignore_index=True) if picks else table.head(0)
+    where, wanted = {}, set(chosen["uid"])
+    for part in list_parts(os.path.join(demo, "pool")):
+        if not wanted - set(where):
+            break
+        t = read_part(part, ["key"])
+        for uid, key in zip(t["uid"].astype(str), t["key"].astype(str)):
+            if uid in wanted:
+                where[uid] = images.ask(part.stem, key)
+    chosen["ref"] = chosen["uid"].map(where)
+    return chosen.assign(path=found[0])
+
+
+def _dedup_html(demo: str, chosen: pd.DataFrame, images: Images) -> str:
+    path = chosen["path"].iloc[0] if len(chosen) else ""
+    out = html.note(f"A few duplicate groups of <code>{html.esc(os.path.relpath(path, demo) if path else '')}"
+                    "</code>, largest first: the kept member (green) and the ones dropped (red); the number is the "
+                    "similarity to the group (semantic) or to the evaluation image (contaminated).")
+    for (kind, group), rows in chosen.groupby(["kind", "group"], sort=False):
+        items = [(images.uri(r.ref) if isinstance(r.ref, tuple) else None,
+                  f"{r.similarity:.3f}" if np.isfinite(r.similarity) else r.uid[:8], "kept" if r.kept else "dropped")
+                 for r in rows.itertuples()]
+        if kind != "contaminated":  # contaminated: one group per pool image, shown together below
+            out += html.thumbs(items, f"{kind}: a group of {rows['members'].iloc[0]}")
+    flagged = chosen[chosen["kind"] == "contaminated"]
+    if len(flagged):
+        out += html.thumbs([(images.uri(r.ref) if isinstance(r.ref, tuple) else None, f"{r.similarity:.3f}", "dropped")
+                            for r in flagged.itertuples()], "contaminated: pool images that copy an evaluation image")
+    check = _demo_summary(demo).get("dedup_check")
+    if check:
+        out += "<h3>Against the planted duplicates</h3>" + html.table(pd.DataFrame(check))
+    return out
+
+
+def _baseline(groups: list[Group]) -> int:
+    return next((i for i, g in enumerate(groups) if g.name == "no_filter"), 0)
+
+
+def _training_rows(groups: list[Group]):
+    order = _baseline(groups)
+    return table([groups[order]] + [g for i, g in enumerate(groups) if i != order])
+
+
+def _training_sections(groups: list[Group]) -> list[tuple[str, str, str]]:
+    rows = _training_rows(groups)
+    tasks = list(rows[0].metrics)
+    base = rows[0].group.name
+    best = sorted(rows, key=lambda r: -r.average)
+    heads = [(f"{r.group.name} vs {base}", r.vs) for r in rows[1:]]
+    if len(best) > 2 and best[1] is not rows[0] and best[0] is not rows[0]:
+        heads.append((f"best {best[0].group.name} vs next {best[1].group.name}",
+                      paired(best[0].group, best[1].group, tasks)))
+    pairs = pd.DataFrame([{"comparison": name, "difference": "n/a" if d is None else f"{d.diff:+.3f}",
+                           "95% interval": ci_text(d, True), "p": p_text(d),
+                           "significant at 5%": "n/a" if d is None else ("yes" if d.significant else "no")}
+                          for name, d in heads])
+    missing = any(r.interval is None for r in rows)
+    text = (html.note(f"Mean over seeds of each main metric ({', '.join(tasks)}) and their average. {METHOD}.") +
+            (html.note("n/a: these evaluations have no per-sample outcomes (<code>samples/*.npy</code>); evaluate "
+                       "again to get intervals and tests.") if missing else "") +
+            html.table(frame(rows).iloc[:, :-4], highlight={0}) + ("<h3>Headline comparisons</h3>" + html.table(pairs)
+                                                     if len(pairs) else ""))
+    out = [("training", "Training: the fixed model on each subset", text)]
+    sized = [(r.group.name, float(r.group.size), r.average, r.interval.low if r.interval else None,
+              r.interval.high if r.interval else None) for r in rows if r.group.size]
+    if sized:
+        out.append(("size", "Average vs subset size", html.points(
+            sized, "training samples in the subset", "average of main metrics", chance=_chance(rows[0].group, tasks))))
+    robust = _robustness_section(groups)
+    if robust:
+        out.append(("robustness", "DiST and Patch Mixing", robust))
+    return out
+
+
+def _chance(group: Group, tasks: list[str]) -> float | None:
+    scores = [t.random_score for t in group.tasks if t.name in tasks]
+    return float(np.mean(scores)) if scores else None
+
+
+def _robustness_section(groups: list[Group]) -> str:
+    from pipeline.evalsets.patchmix import TILES
+
+    out = ""
+    dist = [t for t in groups[0].tasks if t.kind == "odd_one_out"]
+    for task in dist:
+        rows = []
+        for g in groups:
+            values, est = g.values(task.name), interval(g, [task.name])
+            rows.append({"subset": g.name, "seeds": len(g.runs), "odd-one-out accuracy": f"{np.nanmean(values):.3f}",
+                         "95% interval": ci_text(est),
+                         "seed spread": f"{np.ptp(values):.3f}" if len(values) > 1 else ""})
+        out += (f"<h3>DiST: {html.esc(task.name)}</h3>" + html.note(
+            f"Odd-one-out accuracy on (original, two texture syntheses) triplets; chance {task.random_score:.3f}. "
+            "Interval as in the training table.") + html.table(pd.DataFrame(rows)))
+    curves = {c: t.random_score for t in groups[0].tasks if (c := t.curve)}
+    charts, aucs = [], []
+    for curve, chance in curves.items():
+        series = {}
+        for g in groups:
+            got = [r.summary.get("curves", {}).get(curve) for r in g.runs]
+            if all(got):
+                series[g.name] = (got[0]["x"], list(np.mean([c["y"] for c in got], axis=0)))
+        if not series:
+            continue
+        ticks = None
+        if curve == "shuffle":
+            ticks = [(x, str(t)) for x, t in zip(next(iter(series.values()))[0], TILES)]
+        xlabel = {"occlude": "occluded share", "shuffle": "tiles shuffled"}.get(
+            curve, "share of patches replaced" if curve.startswith("mix") else "share of patches dropped")
+        charts.append(html.lines(series, xlabel, "zero-shot accuracy", f"Patch Mixing: {curve}", chance, ticks))
+    for g in groups:
+        got = [r.summary.get("curves", {}) for r in g.runs]
+        if any(got):
+            aucs.append({"subset": g.name, **{f"{c} area": f"{np.mean([x[c]['auc'] for x in got if c in x]):.3f}"
+                                              for c in curves if any(c in x for x in got)}})
+    if charts:
+        out += ("<h3>Patch Mixing</h3>" + html.note(
+            "Zero-shot accuracy as foreign patches replace, tiles shuffle, patches drop or an occluder grows (mean "
+            "over seeds); the dashed line is chance. Area: the normalised area under each curve.") +
+            f'<div class="charts">{"".join(charts)}</div>' + (html.table(pd.DataFrame(aucs)) if aucs else ""))
+    return out
+
+
+def _timings_section(timings: dict) -> str:
+    df = pd.DataFrame([{"step": k, "seconds": f"{v['s']:.1f}", "": "reused" if v["reused"] else "ran"}
+                       for k, v in timings.items()])
+    return html.note("Wall-clock seconds of each demo step. <b>reused</b>: every stage of the step found its "
+                     "output up to date from an earlier run (same parameters and inputs) and did no work; the "
+                     "time is the check.") + html.table(df)
+
