@@ -153,6 +153,12 @@ COMMANDS = [
              Flag("--var", help="fill ${NAME} in the task list (NAME=VALUE, repeatable)", many=True),
              Flag("--out", help="folder for eval_results.jsonl and summary.json", required=True),
              Flag("--device", "evaluate.device")]),
+    Command("report", "one self-contained HTML report of demo, training or evaluation folders",
+            "workflows.commands:report", [("runs...", "demo folders, training run folders, evaluation folders")],
+            [Flag("--out", help="the HTML file to write", default="report.html")], stage=False),
+    Command("compare", "the training table of runs: means, 95% intervals, seed spread, tests vs the first",
+            "workflows.commands:compare", [("runs...", "training run or evaluation folders (<subset>-seed<k> "
+                                                       "are seeds of one subset), or demo folders")], stage=False),
 ]
 BY_NAME = {c.name: c for c in COMMANDS}
 
@@ -175,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
-        for name, text in command.args:
-            p.add_argument(name, help=text)
+        for name, text in command.args:  # "name...": one or more
+            p.add_argument(name.rstrip("."), help=text, nargs="+" if name.endswith("...") else None)
         for flag in command.flags:
             kw = {"action": "store_true"} if flag.switch else {"action": "append" if flag.many else "store"}
             p.add_argument(flag.name, help=_flag_help(flag), required=flag.required,

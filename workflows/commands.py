@@ -170,3 +170,15 @@ def evaluate(args, cfg) -> None:
     tasks = load_tasklist(args.tasks, _pairs(args.var, "--var"))
     run_evaluate(cfg.evaluate.model, args.checkpoint, tasks, args.out, device=cfg.evaluate.device,
                  overwrite=args.overwrite)
+
+
+def report(args, cfg) -> None:
+    from workflows.report import html_report
+
+    html_report(args.runs, args.out)
+
+
+def compare(args, cfg) -> None:
+    from workflows.compare import compare_runs
+
+    print(compare_runs(args.runs))
