@@ -107,7 +107,7 @@ def load_tasklist(ref: str, variables: dict[str, str] | None = None, log=print) 
     if not os.path.isfile(path):
         known = ", ".join(sorted(p.stem for p in tasklists_dir().glob("*.yaml")))
         raise UserError(f"task list {ref!r} not found; give a YAML path or a shipped name: {known}")
-    text, name = open(path).read(), os.path.basename(path)
+    text, name = Path(path).read_text(), os.path.basename(path)
     for var in re.findall(r"\$\{(\w+)\}", text):
         if var not in variables:
             raise UserError(f"task list {name} uses ${{{var}}}; pass --var {var}=VALUE")
