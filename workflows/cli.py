@@ -25,7 +25,7 @@ Typical session:
   winnow demo                               # everything below on a synthetic pool served on 127.0.0.1
   winnow synth runs/w                       # write a synthetic web world (URL list, images, truth)
   winnow serve runs/w                       # serve it on 127.0.0.1 (foreground)
-  winnow ingest runs/w/urls.parquet runs/p --set ingest.allow_hosts=[127.0.0.1]
+  winnow ingest runs/w/urls.parquet runs/p --allow-hosts 127.0.0.1
   winnow ledger runs/p                      # how every input row ended: ok, or why it failed
   winnow register /data/datacomp/shards     # adopt an existing img2dataset/DataComp pool
   winnow embed runs/p --model ViT-B-32 --pretrained openai --tag b32
@@ -75,7 +75,16 @@ COMMANDS = [
             [Flag("--port", help="port (default: the one in the world's base_url)")], stage=False),
     Command("ingest", "download a URL list (parquet/csv/tsv/jsonl) into a pool", "workflows.commands:ingest",
             [("urls", "URL list file or folder; columns url and text/caption, optionally uid"),
-             ("pool", "output pool folder (local path or fsspec URL)")]),
+             ("pool", "output pool folder (local path or fsspec URL)")],
+            [Flag("--shard-size", "ingest.shard_size", "rows per shard (img2dataset's number_sample_per_shard)"),
+             Flag("--thread-count", "ingest.thread_count", "concurrent downloads per shard"),
+             Flag("--timeout", "ingest.timeout", "seconds one network wait may take"),
+             Flag("--retries", "ingest.retries", "extra attempts after a failure that may pass"),
+             Flag("--url-col", "ingest.url_col"), Flag("--caption-col", "ingest.caption_col"),
+             Flag("--min-image-size", "ingest.min_image_size", "a shorter side below this is too_small"),
+             Flag("--image-size", "ingest.image_size"), Flag("--resize-mode", "ingest.resize_mode"),
+             Flag("--allow-hosts", "ingest.allow_hosts", "hosts, addresses or networks fetched although not "
+                  "public, e.g. 127.0.0.1 (repeatable)", many=True)]),
     Command("register", "validate an existing img2dataset/DataComp pool and record its manifest",
             "workflows.commands:register", [("pool", "pool folder")]),
     Command("ledger", "print how every input row of a pool ended (counts per state)", "workflows.commands:ledger",
@@ -156,7 +165,7 @@ COMMANDS = [
     Command("report", "one self-contained HTML report of demo, training or evaluation folders",
             "workflows.commands:report", [("runs...", "demo folders, training run folders, evaluation folders")],
             [Flag("--out", help="the HTML file to write", default="report.html")], stage=False),
-    Command("compare", "the training table of runs: means, 95% intervals, seed spread, tests vs the first",
+    Command("compare", "the training table of runs: means, 95%% intervals, seed spread, tests vs the first",
             "workflows.commands:compare", [("runs...", "training run or evaluation folders (<subset>-seed<k> "
                                                        "are seeds of one subset), or demo folders")], stage=False),
 ]
@@ -199,17 +208,55 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with "did you mean" for a mistyped flag."""
+    """A subcommand's parser (unknown flags are reported by :func:`main`, with "did you mean")."""
 
-    def error(self, message: str):
-        if "unrecognized arguments" in message:
-            known = [o for a in self._actions for o in a.option_strings]
-            words = message.split(":", 1)[1].split()
-            hints = [f"{w} (did you mean {m[0]}?)" for w in words if (m := difflib.get_close_matches(
-                w.split("=")[0], known, n=1))]
-            if hints:
-                message += "; " + ", ".join(hints)
-        super().error(message)
+
+def options(parser: argparse.ArgumentParser, command: str | None = None) -> list[str]:
+    """Every flag ``winnow COMMAND`` accepts (``winnow`` itself when ``command`` is None), read from the parser."""
+    if command:
+        subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = subs.choices[command]
+    return [o for a in parser._actions for o in a.option_strings]
+
+
+def _unknown(parser: argparse.ArgumentParser, command: str | None, extra: list[str]) -> str:
+    """One line for arguments the command does not take, with the nearest flag when one is close."""
+    word = next((w for w in extra if w.startswith("-")), extra[0])
+    where = f"winnow {command}" if command else "winnow"
+    close = difflib.get_close_matches(word.split("=")[0], options(parser, command), n=1) if word[:1] == "-" else []
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"{where} takes no {'flag' if word[:1] == '-' else 'argument'} {word}; {hint}(`{where} --help` lists them)"
+
+
+def config_keys() -> set[str]:
+    """Every dotted key of the run config (sections and nested sections included)."""
+    import dataclasses
+    import typing
+
+    from workflows.settings import RunConfig
+
+    def walk(cls, prefix: str):
+        for name, tp in typing.get_type_hints(cls).items():
+            yield prefix + name
+            if dataclasses.is_dataclass(tp):
+                yield from walk(tp, f"{prefix}{name}.")
+
+    return set(walk(RunConfig, ""))
+
+
+def check_overrides(pairs: list[str]) -> None:
+    """A ``--set`` key that names no config key is one line with the nearest key (did you mean)."""
+    keys = None
+    for pair in pairs:
+        key = pair.split("=", 1)[0].strip()
+        keys = keys or config_keys()
+        if key in keys or any(key.startswith(k + ".") for k in keys):  # a mapping value's own keys: the config checks them
+            continue
+        leaf = key.rsplit(".", 1)[-1]
+        close = difflib.get_close_matches(key, keys, n=1) or sorted(k for k in keys if k.endswith("." + leaf))[:1]
+        sections = sorted(k for k in keys if "." not in k)
+        hint = f"did you mean {close[0]}?" if close else f"keys are section.key, sections: {', '.join(sections)}"
+        raise UserError(f"--set {key}: no such config key; {hint}")
 
 
 def flag_values(command: Command, args: argparse.Namespace) -> dict:
@@ -244,6 +291,7 @@ def load_config(command: Command, args: argparse.Namespace):
     from workflows.settings import demo_config_path, load
 
     path = args.config or (str(demo_config_path()) if command.name == "demo" else None)
+    check_overrides(args.overrides)
     return load(path, args.overrides, flag_values(command, args))
 
 
@@ -255,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; did you mean `winnow {close[0]}`?" if close else f"; commands: {', '.join(BY_NAME)}"
         print(f"winnow: error: unknown command {argv[0]!r}{hint}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        print(f"winnow: error: {_unknown(parser, args.command, extra)}", file=sys.stderr)
+        return 2
     if args.version:
         from pipeline import __version__
 
