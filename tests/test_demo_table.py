@@ -40,3 +40,22 @@ def test_main_table_averages_only_its_tasks_and_robustness_has_its_own():
     assert robust.loc["basic", "dist"] == pytest.approx(0.5) and robust.loc["basic", "dist spread"] == pytest.approx(0.2)
     assert robust.loc["basic", "mix-g7 auc"] == pytest.approx(0.10)
     assert "0.500" in format_table(robust.reset_index())
+
+
+def test_a_step_whose_stages_are_up_to_date_is_marked_reused(tmp_path):
+    from pipeline.run.stage import Stage
+    from workflows.demo import Timings
+    from workflows.report import timing_text
+
+    timings = Timings(str(tmp_path))
+
+    def step():
+        stage = Stage("x", str(tmp_path / "x"), {"a": 1}, log=lambda m: None)
+        if not stage.done:
+            stage.finish(rows={})
+
+    for name in ("first", "again"):
+        with timings.stage(name):
+            step()
+    assert timings["first"]["reused"] is False and timings["again"]["reused"] is True
+    assert timing_text(timings["again"]).startswith("reused") and "reused" not in timing_text(timings["first"])

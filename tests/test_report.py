@@ -247,3 +247,14 @@ def test_report_renders_in_a_browser_without_console_errors(demo_folder, tmp_pat
     for sid in SECTIONS:
         assert f'<section id="{sid}">' in dom
     assert dom.count("<svg") >= 4 and "<table>" in dom
+
+
+def test_report_command_on_training_runs_only(demo_folder, tmp_path):
+    runs = [str(demo_folder / "train" / n) for n in ("no_filter-seed0", "no_filter-seed1", "aspect_ratio-seed0")]
+    out = tmp_path / "only_runs.html"
+    result = subprocess.run([sys.executable, "-m", "workflows.cli", "report", *runs, "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    page = out.read_text()
+    assert '<section id="training">' in page and '<section id="ledger">' not in page  # no pool: no pool sections
+    assert "aspect_ratio vs no_filter" in page
