@@ -224,12 +224,12 @@ def _unknown(parser: argparse.ArgumentParser, command: str | None, extra: list[s
     word = next((w for w in extra if w.startswith("-")), extra[0])
     where = f"winnow {command}" if command else "winnow"
     close = difflib.get_close_matches(word.split("=")[0], options(parser, command), n=1) if word[:1] == "-" else []
-    hint = f"did you mean {close[0]}? " if close else ""
-    return f"{where} takes no {'flag' if word[:1] == '-' else 'argument'} {word}; {hint}(`{where} --help` lists them)"
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"{where} takes no {'flag' if word[:1] == '-' else 'argument'} {word}{hint} (`{where} --help` lists them)"
 
 
-def config_keys() -> set[str]:
-    """Every dotted key of the run config (sections and nested sections included)."""
+def config_keys() -> dict[str, bool]:
+    """Every dotted key of the run config, True for a section (a dataclass, nested ones included)."""
     import dataclasses
     import typing
 
@@ -237,11 +237,11 @@ def config_keys() -> set[str]:
 
     def walk(cls, prefix: str):
         for name, tp in typing.get_type_hints(cls).items():
-            yield prefix + name
+            yield prefix + name, dataclasses.is_dataclass(tp)
             if dataclasses.is_dataclass(tp):
                 yield from walk(tp, f"{prefix}{name}.")
 
-    return set(walk(RunConfig, ""))
+    return dict(walk(RunConfig, ""))
 
 
 def check_overrides(pairs: list[str]) -> None:
@@ -250,9 +250,14 @@ def check_overrides(pairs: list[str]) -> None:
     for pair in pairs:
         key = pair.split("=", 1)[0].strip()
         keys = keys or config_keys()
-        if key in keys or any(key.startswith(k + ".") for k in keys):  # a mapping value's own keys: the config checks them
-            continue
-        leaf = key.rsplit(".", 1)[-1]
+        if key in keys or any(key.startswith(k + ".") for k, section in keys.items() if not section):
+            continue  # a key, or a key inside a mapping value (the config checks those)
+        parent, _, leaf = key.rpartition(".")
+        if keys.get(parent):  # a section: the nearest of its keys
+            own = sorted(k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent)
+            close = difflib.get_close_matches(leaf, own, n=1)
+            hint = f"did you mean {parent}.{close[0]}?" if close else f"its keys: {', '.join(own)}"
+            raise UserError(f"--set {key}: unknown key {leaf!r} in {parent}; {hint}")
         close = difflib.get_close_matches(key, keys, n=1) or sorted(k for k in keys if k.endswith("." + leaf))[:1]
         sections = sorted(k for k in keys if "." not in k)
         hint = f"did you mean {close[0]}?" if close else f"keys are section.key, sections: {', '.join(sections)}"

@@ -121,7 +121,7 @@ def subset(args, cfg) -> None:
     with _runner(cfg) as runner:
         run_subset(args.recipe, args.pool, args.out, runner, variables=_pairs(args.var, "--var"),
                    embeddings=_pairs(args.embeddings, "--embeddings") or None, allow_partial=args.allow_partial,
-                   overwrite=args.overwrite, cache=args.cache or "", release=True)
+                   overwrite=args.overwrite, cache=args.cache or "", release=True, allow_empty=False)
 
 
 def reshard(args, cfg) -> None:

@@ -17,7 +17,7 @@ def ledger(pool: str) -> tuple[dict[str, int], int | None]:
     if not ids:
         unfinished = unfinished_ingest(pool)
         if unfinished:
-            raise UserError(f"{pool}: {unfinished}; rerun the same `winnow ingest` to finish it")
+            raise UserError(f"{pool}: {unfinished}; {_what_to_do(pool)}")
         raise UserError(f"{pool} holds no shards; pass a pool folder (the output of `winnow ingest`)")
     counts: Counter = Counter()
     for df in _state_tables(pool, ["key"]):
@@ -28,29 +28,42 @@ def ledger(pool: str) -> tuple[dict[str, int], int | None]:
 
 
 def unfinished_ingest(pool: str) -> str | None:
-    """"ingest unfinished: N of M shards done" when ``pool`` is a Winnow ingest that has not finished, else None.
+    """"ingest unfinished: N of M shards done" (plus "its command is still running: process P on H" while it runs
+    on this machine) when ``pool`` is a Winnow ingest that has not finished, else None.
 
-    Pools that Winnow did not ingest (img2dataset or DataComp output, metadata folders) have no run record and
-    count as finished.
+    A Winnow ingest leaves a run record (``_run.json``) and its split input (``_inputs/``) until it has finished;
+    pools that Winnow did not ingest (img2dataset or DataComp output, metadata folders) have neither and count as
+    finished.
     """
-    if manifest.read_manifest(pool) is not None or not fsio.exists(fsio.join(pool, manifest.RUN)):
+    if manifest.read_manifest(pool) is not None:
         return None
+    run = fsio.join(pool, manifest.RUN)
     try:
-        if fsio.read_json(fsio.join(pool, manifest.RUN)).get("stage") != "ingest":
-            return None
-    except (ValueError, OSError):
+        stage = fsio.read_json(run).get("stage") if fsio.exists(run) else None
+    except (ValueError, OSError, AttributeError):
+        stage = "?"  # unreadable: not known to be finished
+    if stage != "ingest" and not (stage in (None, "?") and fsio.exists(fsio.join(pool, shards.INPUTS))):
         return None
     split = fsio.join(pool, shards.INPUTS, "_split.json")
     planned = fsio.read_json(split)["shards"] if fsio.exists(split) else "?"
-    return f"ingest unfinished: {len(shards.list_shards(pool))} of {planned} shards done"
+    running = manifest.driver_alive(pool)
+    busy = f" (its command is still running: {running})" if running else ""
+    return f"ingest unfinished: {len(shards.list_shards(pool))} of {planned} shards done{busy}"
+
+
+def _what_to_do(pool: str) -> str:
+    if manifest.driver_alive(pool):
+        return "wait until it has finished"
+    return "rerun the same `winnow ingest` to finish it"
 
 
 def require_finished(pool: str, allow_partial: bool, command: str, log=print) -> None:
-    """Refuse a pool whose ingest has not finished, unless ``allow_partial`` (then say what is used)."""
+    """Refuse a pool whose ingest has not finished (or is still running), unless ``allow_partial`` (then say what
+    is used)."""
     problem = unfinished_ingest(pool)
     if problem and not allow_partial:
-        raise UserError(f"{pool}: {problem}; rerun the same `winnow ingest` to finish it, or pass --allow-partial "
-                        f"to {command} the finished shards only")
+        raise UserError(f"{pool}: {problem}; {_what_to_do(pool)}, or pass --allow-partial to {command} the finished "
+                        "shards only")
     if problem:
         log(f"{command}: {problem}; using the finished shards only (--allow-partial)")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -77,6 +78,49 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+@dataclass(frozen=True)
+class _UserFailure:
+    """What a task returns instead of raising a :class:`UserError`: Dask then neither retries it nor logs a
+    traceback, and :meth:`Runner.map` raises the same one-line UserError on the driver."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class _Call:
+    """``fn`` as a task: a UserError it raises comes back as a :class:`_UserFailure`."""
+
+    fn: Callable[[Any], Any]
+
+    def __call__(self, item: Any) -> Any:
+        try:
+            return self.fn(item)
+        except UserError as exc:
+            return _UserFailure(str(exc))
+
+
+_PROGRESS_TOPIC = "winnow-progress"
+_local = threading.local()  # in-process runs: where task_progress reports go
+
+
+def task_progress(done: int, total: int) -> None:
+    """Report from inside a running task how far it is (``done`` of its ``total`` rows); :meth:`Runner.map`
+    prints the sum over its tasks every few seconds. Does nothing outside a task of :meth:`Runner.map`."""
+    sink = getattr(_local, "sink", None)
+    if sink is not None:
+        sink(done, total)
+        return
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        key = worker.get_current_task()
+    except (ImportError, ValueError, AttributeError):  # not in a Dask task
+        return
+    if key is not None:
+        worker.log_event(_PROGRESS_TOPIC, {"key": str(key), "done": int(done), "total": int(total)})
+
+
 class Runner:
     """Context manager owning the Dask client (if any) for the duration of a command."""
 
@@ -88,6 +132,7 @@ class Runner:
         self._started = False
         self._closing = None  # a release()'s shutdown thread
         self._starting = None  # a prestart()'s start thread
+        self.progress_every = 5.0  # seconds between lines of rows done inside tasks (task_progress)
 
     @property
     def n_workers(self) -> int:
@@ -197,23 +242,31 @@ class Runner:
         self._started = False
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], label: str,
-            on_result: Callable[[Any, Any], None] | None = None) -> list[Any]:
+            on_result: Callable[[Any, Any], None] | None = None, sizes: Sequence[int] | None = None) -> list[Any]:
         """Run ``fn(item)`` for every item; return results in item order.
 
-        Progress is reported as counts (at most one line a second, and the last one always). ``on_result(item,
-        result)`` runs on the driver as each result arrives. If any task raises, the others still finish (their
-        outputs are committed) and :class:`TaskFailed` names the failed items.
+        Progress is reported as counts (at most one line a second, and the last one always); tasks that call
+        :func:`task_progress` also get a line of rows done every ``progress_every`` seconds (``sizes``: the rows
+        of each item, for the total). ``on_result(item, result)`` runs on the driver as each result arrives. If
+        any task raises, the others still finish (their outputs are committed) and :class:`TaskFailed` names the
+        failed items; a :class:`UserError` raised in a task is raised here as it is (one line, no resume).
         """
         items = list(items)
         self._wait_started()
         results: list[Any] = [None] * len(items)
         failures: list[tuple[int, BaseException]] = []
         progress = _Progress(label, len(items), self.log)
+        rows = _RowProgress(label, sizes, self.log, self.progress_every)
         if not items:
             return results
         if self.client is None:
             for i, item in enumerate(items):
-                results[i] = fn(item)
+                _local.sink = lambda done, total, i=i: rows.update(i, done, total)
+                try:
+                    results[i] = fn(item)
+                finally:
+                    _local.sink = None
+                rows.finish(i)
                 if on_result:
                     on_result(item, results[i])
                 progress.tick()
@@ -221,25 +274,41 @@ class Runner:
 
         from dask.distributed import as_completed
 
-        futures = self.client.map(fn, items, pure=False, retries=self.config.retries,
+        futures = self.client.map(_Call(fn), items, pure=False, retries=self.config.retries,
                                   key=[f"{label}-{i}-{time.time_ns()}" for i in range(len(items))])
         index = {f.key: i for i, f in enumerate(futures)}
-        for future in as_completed(futures):
-            i = index[future.key]
-            try:
-                results[i] = future.result()
-            except Exception as exc:  # noqa: BLE001 - reported below with the item it belongs to
-                if self._lost(exc):
-                    raise TaskFailed(f"{label}: lost the connection to the Dask scheduler "
-                                     f"{self.config.scheduler or '(local cluster)'} with {progress.total - progress.done}"
-                                     f" of {progress.total} tasks unfinished (the scheduler stopped, or the network "
-                                     "dropped)") from None
-                failures.append((i, exc))
-                progress.tick(failed=True)
-                continue
-            if on_result:
-                on_result(items[i], results[i])
-            progress.tick()
+
+        def on_event(event) -> None:  # on the client's event loop thread
+            msg = event[1]
+            if isinstance(msg, dict) and msg.get("key") in index:
+                rows.update(index[msg["key"]], msg["done"], msg["total"])
+
+        self.client.subscribe_topic(_PROGRESS_TOPIC, on_event)
+        try:
+            for future in as_completed(futures):
+                i = index[future.key]
+                try:
+                    results[i] = future.result()
+                except Exception as exc:  # noqa: BLE001 - reported below with the item it belongs to
+                    if self._lost(exc):
+                        raise TaskFailed(f"{label}: lost the connection to the Dask scheduler "
+                                         f"{self.config.scheduler or '(local cluster)'} with "
+                                         f"{progress.total - progress.done} of {progress.total} tasks unfinished (the "
+                                         "scheduler stopped, or the network dropped)") from None
+                    failures.append((i, exc))
+                    progress.tick(failed=True)
+                    continue
+                rows.finish(i)
+                if isinstance(results[i], _UserFailure):
+                    failures.append((i, UserError(results[i].message)))
+                    progress.tick(failed=True)
+                    continue
+                if on_result:
+                    on_result(items[i], results[i])
+                progress.tick()
+        finally:
+            if self.client is not None and self.client.status == "running":
+                self.client.unsubscribe_topic(_PROGRESS_TOPIC)
         if failures:
             failures.sort(key=lambda f: f[0])
             user = [exc for _, exc in failures if isinstance(exc, UserError)]
@@ -255,6 +324,37 @@ class Runner:
         """True when ``exc`` says the client lost its scheduler (rather than a task failing)."""
         return "scheduler-connection-lost" in str(exc) or (
             type(exc).__name__ in ("CancelledError", "FutureCancelledError") and self.client.status != "running")
+
+
+class _RowProgress:
+    """Rows done inside the running tasks (from :func:`task_progress`) plus those of finished tasks, printed
+    at most every ``every`` seconds: ``[ingest] 4,210/10,000 rows, 52 rows/s``."""
+
+    def __init__(self, label: str, sizes: Sequence[int] | None, log: Callable[[str], None], every: float):
+        self.label, self.log, self.every = label, log, every
+        self.sizes = list(sizes) if sizes is not None else None
+        self.running: dict[int, int] = {}
+        self.totals: dict[int, int] = {}
+        self.finished = 0
+        self.start = self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def update(self, i: int, done: int, total: int) -> None:
+        with self.lock:
+            self.running[i], self.totals[i] = int(done), int(total)
+            now = time.monotonic()
+            if now - self.last < self.every:
+                return
+            self.last = now
+            done_rows = self.finished + sum(self.running.values())
+            total_rows = sum(self.sizes) if self.sizes is not None else sum(self.totals.values())
+            rate = done_rows / max(now - self.start, 1e-9)
+        self.log(f"[{self.label}] {done_rows:,}/{total_rows:,} rows, {rate:,.0f} rows/s")
+
+    def finish(self, i: int) -> None:
+        with self.lock:
+            self.running.pop(i, None)
+            self.finished += self.sizes[i] if self.sizes is not None else self.totals.get(i, 0)
 
 
 class _Progress:

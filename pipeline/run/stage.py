@@ -38,7 +38,7 @@ class Stage:
                  overwrite: bool = False, protect: Sequence[str] = (), enclosing: Sequence[str] = (), log=print):
         self.name, self.out, self.runner, self.log = name, out, runner, log
         self.run = StageRun(name, out, params=params, inputs=describe_inputs(list(inputs)))
-        self.mode = self.run.open(overwrite=overwrite, protect=list(protect), enclosing=list(enclosing))
+        self.mode = self.run.open(overwrite=overwrite, protect=list(protect), enclosing=list(enclosing), log=log)
         if self.done:
             log(f"{name}: {out} is up to date; nothing to do")
 
@@ -52,10 +52,13 @@ class Stage:
         return read_manifest(self.out)
 
     def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], label: str | None = None,
-            unit: str = "tasks") -> list[dict]:
-        """Run ``fn`` on the tasks without a marker; return the stats of every task (from the markers)."""
+            unit: str = "tasks", sizes: Sequence[int] | None = None) -> list[dict]:
+        """Run ``fn`` on the tasks without a marker; return the stats of every task (from the markers). ``sizes``:
+        rows of each task, for the runner's lines of rows done (tasks report them with ``task_progress``)."""
         tasks = list(tasks)
-        todo = [t for t in tasks if not fsio.exists(t.marker)]
+        pending = [not fsio.exists(t.marker) for t in tasks]
+        todo = [t for t, p in zip(tasks, pending) if p]
+        todo_sizes = [n for n, p in zip(sizes, pending) if p] if sizes is not None else None
         if len(todo) < len(tasks) and self.mode == "resume":
             self.log(f"{self.name}: resuming: {len(tasks) - len(todo)} of {len(tasks)} {unit} already done")
         if todo:
@@ -63,7 +66,7 @@ class Stage:
                 for task in todo:
                     fn(task)
             else:
-                self.runner.map(fn, todo, label=label or self.name)
+                self.runner.map(fn, todo, label=label or self.name, sizes=todo_sizes)
         return [fsio.read_json(t.marker) for t in tasks]
 
     def finish(self, rows: dict[str, int], outputs: list[str] | None = None, **extra: Any) -> dict:

@@ -49,6 +49,7 @@ from pipeline.core.errors import UserError
 from pipeline.data.ledger import OK, classify
 from pipeline.data.pool import ledger
 from pipeline.data.uid import DuplicateFinder, derive_uid, normalize_uid, uids_to_array
+from pipeline.run.runner import task_progress
 from pipeline.run.stage import Stage
 
 INPUTS = shards.INPUTS
@@ -139,10 +140,12 @@ class IngestConfig:
             raise UserError("ingest: timeout, max_pixels, max_bytes and image_size must be positive")
         if self.deadline < self.timeout:
             raise UserError(f"ingest: deadline ({self.deadline:g}) must be at least timeout ({self.timeout:g}): "
-                            "it bounds a whole URL, timeout one network wait")
+                            "it bounds a whole URL, timeout one network wait; raise it too, e.g. "
+                            f"--set ingest.deadline={2 * self.timeout:g}")
         if self.stall_seconds <= self.deadline:
             raise UserError(f"ingest: stall_seconds ({self.stall_seconds:g}) must exceed deadline "
-                            f"({self.deadline:g}), or live downloads count as stalled")
+                            f"({self.deadline:g}), or live downloads count as stalled; e.g. "
+                            f"--set ingest.stall_seconds={max(120, 6 * self.deadline):g}")
         try:
             codecs.lookup(self.encoding)
         except LookupError:
@@ -170,14 +173,14 @@ def check_input(path: str, cfg: IngestConfig) -> tuple[list[str], IngestConfig]:
     url_col = _column(names, cfg.url_col, (cfg.url_col,))
     if url_col is None:
         raise UserError(f"input has no column {cfg.url_col!r} for urls (columns: {', '.join(names)}); "
-                        f"set ingest.url_col to the right name")
+                        f"name it with --url-col NAME (ingest.url_col)")
     caption_col = ""
     if not cfg.no_captions:
         caption_col = _column(names, cfg.caption_col, _CAPTION_NAMES) or ""
         if not caption_col:
             looked = repr(cfg.caption_col) if cfg.caption_col else "text or caption"
-            raise UserError(f"input has no caption column ({looked}; columns: {', '.join(names)}); set "
-                            "ingest.caption_col=NAME, or ingest.no_captions=true if the list has none on purpose")
+            raise UserError(f"input has no caption column ({looked}; columns: {', '.join(names)}); name it with "
+                            "--caption-col NAME, or pass --set ingest.no_captions=true if the list has none on purpose")
     missing = [c for c in [*cfg.extra_columns, *([cfg.blur_bbox_col] if cfg.blur_bbox_col else [])]
                if c not in names]
     if missing:
@@ -193,8 +196,7 @@ def _column(names: list[str], wanted: str, candidates: tuple[str, ...]) -> str |
     pool = [wanted] if wanted else list(candidates)
     found = [n for n in names if n.lower() in {c.lower() for c in pool}]
     if len(found) > 1:
-        raise UserError(f"input has several possible columns {found}; name one with ingest.url_col or "
-                        f"ingest.caption_col")
+        raise UserError(f"input has several possible columns {found}; name one with --url-col or --caption-col")
     return found[0] if found else None
 
 
@@ -368,8 +370,9 @@ class _DownloadProcess:
         last = f"; its last words: {self.stderr[-1]}" if self.stderr else ""
         return f"exited with code {code}{last}"
 
-    def run(self, job: dict, progress: str, stall_seconds: float) -> str:
-        """Run one shard job: "done", "stalled" (the process is then killed) or "died"."""
+    def run(self, job: dict, progress: str, stall_seconds: float, on_rows=None) -> str:
+        """Run one shard job: "done", "stalled" (the process is then killed) or "died". ``on_rows(n)`` is called
+        (at most once a second) with the number of rows finished so far, read from the progress file."""
         if not self.ready:  # importing img2dataset takes seconds; the stall clock starts after that
             reply = self.replies.get(timeout=STARTUP_SECONDS)
             if reply is None:
@@ -381,6 +384,8 @@ class _DownloadProcess:
         except BrokenPipeError:  # it died between two shards
             return "died"
         last_size, last_change = -1, time.monotonic()
+        rows = _RowsFinished(progress)
+        last_report = 0.0
         while True:
             try:
                 reply = self.replies.get(timeout=0.2)
@@ -389,6 +394,9 @@ class _DownloadProcess:
                 now = time.monotonic()
                 if size != last_size:
                     last_size, last_change = size, now
+                    if on_rows is not None and now - last_report >= 1.0:
+                        last_report = now
+                        on_rows(rows.count())
                 elif now - last_change > stall_seconds:
                     self.kill()
                     return "stalled"
@@ -401,6 +409,24 @@ class _DownloadProcess:
                                   reply.get("filename") or job["out_dir"])
                 raise RuntimeError(f"download process failed: {reply['error']}")
             return "done"
+
+
+class _RowsFinished:
+    """The rows finished so far (``-row`` lines) of a progress file, read incrementally."""
+
+    def __init__(self, path: str):
+        self.path, self.offset, self.finished, self.tail = path, 0, 0, ""
+
+    def count(self) -> int:
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                f.seek(self.offset)
+                text = self.tail + f.read()
+                self.offset = f.tell()
+            lines = text.split("\n")
+            self.tail = lines.pop()  # a line still being written
+            self.finished += sum(line.startswith("-") for line in lines)
+        return self.finished
 
 
 _PROCESS: _DownloadProcess | None = None
@@ -485,7 +511,7 @@ def _download(task: ShardTask, cfg: IngestConfig, rows: pd.DataFrame, blocked: d
            "columns": columns, "config": asdict(cfg), "skip": sorted(blocked)}
     with _PROCESS_LOCK:
         process = _download_process()
-        outcome = process.run(job, progress, cfg.stall_seconds)
+        outcome = process.run(job, progress, cfg.stall_seconds, on_rows=lambda n: task_progress(n, len(rows)))
     if outcome == "done":
         return True
     in_flight = _in_flight(progress)
@@ -545,8 +571,9 @@ def ingest(urls: str, pool: str, cfg: IngestConfig, runner, overwrite: bool = Fa
     split = split_input(files, pool, cfg)
     dups = f", {split['duplicate_uids']:,} repeat an earlier uid" if split.get("duplicate_uids") else ""
     log(f"ingest: {split['rows']:,} input rows{dups}, in {split['shards']} shards of {cfg.shard_size:,} -> {pool}")
+    sizes = [min(cfg.shard_size, split["rows"] - i * cfg.shard_size) for i in range(split["shards"])]
     stage.map(ingest_shard, [ShardTask(pool, i, asdict(cfg)) for i in range(split["shards"])], label="ingest",
-              unit="shards")
+              unit="shards", sizes=sizes)
     states, _ = ledger(pool)
     if sum(states.values()) != split["rows"]:
         raise RuntimeError(f"ledger invariant broken: {split['rows']} input rows, {sum(states.values())} recorded")

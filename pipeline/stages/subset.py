@@ -39,7 +39,7 @@ import pandas as pd
 from pipeline.core import fsio
 from pipeline.data import manifest
 from pipeline.core.config import parse_yaml, substitute
-from pipeline.core.errors import UserError
+from pipeline.core.errors import RunFailed, UserError
 from pipeline.data.ledger import OK
 from pipeline.data.parts import Part
 from pipeline.data.pool import require_finished
@@ -337,13 +337,54 @@ def write_runs(path: str, his: list[np.ndarray], los: list[np.ndarray], buckets:
     return total
 
 
+def _score_rules(recipe: Recipe) -> list[tuple[str, dict]]:
+    """Every threshold and top_fraction rule of the recipe and its sub-recipes, as (kind, argument)."""
+    out = []
+    for rule in recipe.select:
+        kind, arg = next(iter(rule.items()))
+        if kind in ("threshold", "top_fraction"):
+            out.append((kind, arg))
+        for sub in _subrecipes(rule):
+            out += [r for r in _score_rules(sub) if r not in out]
+    return out
+
+
+def explain(recipe: Recipe, scores, thresholds: dict) -> list[str]:
+    """Per score rule: how many candidate rows it keeps alone, and the range of its column beside its bound, e.g.
+    "clip_b32_score >= 0.3 keeps 0 of 10,000: clip_b32_score ranges 0.05..0.21 (5%/50%/95% 0.07/0.12/0.19)"."""
+    lines = []
+    for kind, arg in _score_rules(recipe):
+        column = arg["column"]
+        values = np.concatenate([scores.column(column, p)[scores.ok(p)] for p in scores.parts]).astype(np.float64)
+        if kind == "threshold":
+            lo, hi = float(arg.get("min", -np.inf)), float(arg.get("max", np.inf))
+            bound = " and ".join([f">= {lo:g}"] * ("min" in arg) + [f"<= {hi:g}"] * ("max" in arg))
+        else:
+            lo, hi = thresholds[column, float(arg["fraction"])], np.inf
+            bound = f">= {lo:.4g} (the top {float(arg['fraction']):.0%} threshold)"
+        with np.errstate(invalid="ignore"):
+            kept = int(((values >= lo) & (values <= hi)).sum())
+        finite = values[np.isfinite(values)]
+        if len(finite):
+            q = np.quantile(finite, [0.05, 0.5, 0.95])
+            spread = (f"{column} ranges {finite.min():.4g}..{finite.max():.4g} (5%/50%/95% "
+                      f"{q[0]:.3g}/{q[1]:.3g}/{q[2]:.3g})")
+        else:
+            spread = f"{column} has no score (all NaN)"
+        missing = len(values) - len(finite)
+        lines.append(f"{column} {bound} keeps {kept:,} of {len(values):,}: {spread}"
+                     + (f", {missing:,} without a score" if missing else ""))
+    return lines
+
+
 def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variables: dict[str, str] | None = None,
            embeddings: dict[str, str] | None = None, allow_partial: bool = False, overwrite: bool = False,
-           cache: str = "", release: bool = False, log=print) -> dict:
+           cache: str = "", release: bool = False, allow_empty: bool = True, log=print) -> dict:
     """Score what the recipe needs (reusing cached scores), apply its rules, write the subset (a stage: the same
-    recipe over the same scores is reused; another recipe is not written over an existing subset unless
-    ``overwrite``). ``release``: the runner has no more work after scoring (its shutdown then overlaps the
-    selection).
+    recipe over the same scores is reused; a folder holding another recipe's subset is refused, before any
+    scoring, unless ``overwrite``). ``release``: the runner has no more work after scoring (its shutdown then
+    overlaps the selection). A subset under 1% of the candidates logs why (each score rule's range beside its
+    bound); an empty one, unless ``allow_empty``, raises :class:`RunFailed` with that line and writes nothing.
 
     Memory: the whole pool's values of each top-fraction column (to find its threshold), one part's arrays, and
     the kept uids (16 bytes each); no frame and no uid string."""
@@ -351,13 +392,17 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
 
     require_finished(pool, allow_partial, "subset", log)
     variables = {"pool": str(pool), **(variables or {})}
-    recipe = load_recipe(recipe_ref, variables)
+    used: set = set()
+    recipe = load_recipe(recipe_ref, variables, used)
+    params = {"recipe": recipe.to_dict(), "pool": str(pool)}
+    manifest.StageRun("subset", out, params).check(overwrite, protect=[pool])  # another subset there: refuse now
+    existed = fsio.exists(out)
     scores = score(pool, recipe.all_filters(), runner, dirs=embeddings, cache=cache, log=log)
     if release and runner is not None:
         runner.release()
     inputs = [fsio.join(folder, manifest.MANIFEST) for folder in scores.folders.values()] + recipe.files()
-    stage = Stage("subset", out, {"recipe": recipe.to_dict(), "pool": str(pool)},
-                  inputs=[p for p in inputs if fsio.exists(p)], overwrite=overwrite, protect=[pool], log=log)
+    stage = Stage("subset", out, params, inputs=[p for p in inputs if fsio.exists(p)], overwrite=overwrite,
+                  protect=[pool], log=log)
     if stage.done:
         return fsio.read_json(fsio.join(out, "subset.json"))
     thresholds = {}
@@ -384,6 +429,20 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
         total += len(order)
         del rows, kept, columns
     kept_rows = sum(len(h) for h in his)
+    candidates = steps[0]["kept"] if steps else 0
+    if kept_rows == 0 or kept_rows < 0.01 * candidates:
+        knobs = sorted(used - {"pool"})
+        why = "; ".join(explain(recipe, scores, thresholds) or [f"{s['rule']}: {s['kept']:,} left" for s in steps]) \
+            if candidates else f"no row of the pool's {total:,} is a candidate (downloaded: state ok)"
+        line = (f"subset {recipe.name} kept {kept_rows:,} of {candidates:,} candidate rows"
+                + (f" ({kept_rows / candidates:.2%})" if candidates else "") + (f": {why}" if why else "")
+                + (f"; the recipe's variables: {', '.join(knobs)} (--var NAME=VALUE)" if knobs else ""))
+        if kept_rows == 0 and not allow_empty:
+            fsio.remove(fsio.join(out, manifest.RUN))
+            if not existed and not fsio.listdir(out):
+                fsio.remove(out)
+            raise RunFailed(f"{line}; nothing written")
+        log(f"warning: {line}")
     doc = {"recipe": recipe.name, "description": recipe.description, "pool": str(pool), "rows": total,
            "kept": kept_rows, "steps": steps, "scores": dict(scores.folders),
            "filters": recipe.all_filters(), "code_version": manifest.code_version()}

@@ -73,7 +73,8 @@ class WebPoolServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 256  # the default backlog of 5 drops connections when many threads fetch at once
 
-    def __init__(self, world: str, host: str = "127.0.0.1", port: int = 8741):
+    def __init__(self, world: str, host: str = "127.0.0.1", port: int = 8741, hint: str = ""):
+        """``hint``: how the caller's user picks another port, added to the message when the port is taken."""
         self.site = os.path.realpath(os.path.join(world, "site"))
         routes_path = os.path.join(self.site, "routes.json")
         if not os.path.isfile(routes_path):
@@ -84,15 +85,15 @@ class WebPoolServer(ThreadingHTTPServer):
         try:
             super().__init__((host, port), _Handler)
         except OSError as exc:
-            raise UserError(f"cannot serve on {host}:{port} ({exc.strerror}); stop what uses the port or pick "
-                            f"another (`winnow serve WORLD --port PORT`; for the demo, "
-                            f"--set synth.base_url=http://127.0.0.1:PORT)") from None
+            raise UserError(f"cannot serve on {host}:{port} ({exc.strerror}); stop what uses the port"
+                            f"{hint or ', or serve on another'}") from None
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def for_url(cls, world: str, base_url: str) -> WebPoolServer:
+    def for_url(cls, world: str, base_url: str, hint: str = ", or run the demo on another: `winnow demo --set "
+                "synth.base_url=http://127.0.0.1:PORT`") -> WebPoolServer:
         parsed = urlparse(base_url)
-        return cls(world, parsed.hostname or "127.0.0.1", parsed.port or 80)
+        return cls(world, parsed.hostname or "127.0.0.1", parsed.port or 80, hint)
 
     @property
     def url(self) -> str:
@@ -120,7 +121,9 @@ def serve_world(world: str, port: int | None = None) -> None:
         raise UserError(f"{world} is not a synthetic world (no _manifest.json); run `winnow synth` first")
     with open(manifest_path) as f:
         base = urlparse(json.load(f)["params"]["base_url"])
-    with WebPoolServer(world, base.hostname or "127.0.0.1", port or base.port or 80) as server:
+    hint = (f", or serve on another with `winnow serve {world} --port PORT` (the world's URLs name port "
+            f"{base.port}: then write one for PORT with `winnow synth OUT --set synth.base_url=http://127.0.0.1:PORT`)")
+    with WebPoolServer(world, base.hostname or "127.0.0.1", port or base.port or 80, hint) as server:
         print(f"serving {world}/site at {server.url} (Ctrl-C to stop)", flush=True)
         try:
             while True:
