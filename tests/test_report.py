@@ -170,7 +170,8 @@ def demo_folder(tmp_path_factory):
         for k in range(seeds):
             write_training(logs, f"{name}-seed{k}", size, rate, rng)
     fsio.write_json(root / "report" / "summary.json", {
-        "runs": {"no_filter": [], "caption_words": [], "aspect_ratio": []},
+        "runs": {"no_filter": [{"seed": k} for k in range(3)], "caption_words": [{"seed": k} for k in range(3)],
+                 "aspect_ratio": [{"seed": 0}]},
         "timings": {"synth": {"s": 0.4, "reused": True}, "ingest": {"s": 12.5, "reused": False}}})
     return root
 

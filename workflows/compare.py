@@ -67,10 +67,12 @@ def find_runs(paths: list[str]) -> list[EvalRun]:
         elif os.path.isfile(os.path.join(path, "eval", "summary.json")):
             runs.append(EvalRun(os.path.basename(path), os.path.join(path, "eval")))
         elif os.path.isdir(os.path.join(path, "train")):
-            found = sorted(glob.glob(os.path.join(path, "train", "*", "eval", "summary.json")))
-            order = _demo_order(path)
-            found.sort(key=lambda p: order.get(_subset(p.split(os.sep)[-3]), len(order)))
-            runs += [EvalRun(p.split(os.sep)[-3], os.path.dirname(p)) for p in found]
+            listed = _demo_runs(path)
+            found = [(p.split(os.sep)[-3], os.path.dirname(p)) for p in
+                     glob.glob(os.path.join(path, "train", "*", "eval", "summary.json"))]
+            found = sorted([f for f in found if not listed or f[0] in listed],
+                           key=lambda f: (listed.get(f[0], 0), _subset(f[0]) != "no_filter", f[0]))
+            runs += [EvalRun(name, out) for name, out in found]
         else:
             raise UserError(f"{path}: no evaluation found; give a demo folder (runs/demo), a training run folder "
                             "with eval/summary.json, or an evaluation folder (summary.json + eval_results.jsonl)")
@@ -79,10 +81,11 @@ def find_runs(paths: list[str]) -> list[EvalRun]:
     return runs
 
 
-def _demo_order(demo: str) -> dict[str, int]:
+def _demo_runs(demo: str) -> dict[str, int]:
+    """The runs of the demo's last report (``report/summary.json``) in its order; {} without one."""
     path = os.path.join(demo, "report", "summary.json")
-    names = list(fsio.read_json(path).get("runs", {})) if os.path.isfile(path) else []
-    return {n: i for i, n in enumerate(names or ["no_filter"])}
+    runs = fsio.read_json(path).get("runs", {}) if os.path.isfile(path) else {}
+    return {n: i for i, n in enumerate(f"{s}-seed{r['seed']}" for s, results in runs.items() for r in results)}
 
 
 def _subset(name: str) -> str:
@@ -97,12 +100,9 @@ class Group:
     name: str
     runs: list[EvalRun] = field(default_factory=list)
 
-    def __post_init__(self):
-        self._tasks = self.runs[0].tasks() if self.runs else []
-
-    @property
+    @cached_property
     def tasks(self) -> list[Task]:
-        return self._tasks
+        return self.runs[0].tasks()
 
     @property
     def main(self) -> list[str]:
@@ -184,23 +184,26 @@ def p_text(d: Difference | None) -> str:
     return "n/a" if d is None else ("<0.001" if d.p < 0.001 else f"{d.p:.3f}")
 
 
-def frame(rows: list[Row]) -> pd.DataFrame:
-    """The table as strings, one column per figure (for text and HTML)."""
-    base = next(r.group.name for r in rows if r.vs is None)
+def frame(rows: list[Row], baseline: int = 0) -> pd.DataFrame:
+    """The table as strings, one column per figure (for text and HTML); the last four compare each row with
+    ``rows[baseline]``."""
+    base = rows[baseline]
     out = []
     for r in rows:
-        line = {"subset": r.group.name, "seeds": str(len(r.group.runs)),
-                "size": f"{r.group.size:,}" if r.group.size else "",
-                **{t: _num(v) for t, v in r.metrics.items()}, "average": _num(r.average),
-                "95% interval": ci_text(r.interval), "seed spread": _num(r.spread) if len(r.group.runs) > 1 else "",
-                f"vs {base}": "" if r is rows[0] and r.vs is None else _num(r.vs.diff if r.vs else None, True),
-                "diff. interval": ci_text(r.vs, True) if r.vs else "", "p": p_text(r.vs) if r.vs else "",
-                "significant": ("yes" if r.vs.significant else "no") if r.vs else ""}
-        out.append(line)
+        tested = r is not base
+        out.append({"subset": r.group.name, "seeds": str(len(r.group.runs)),
+                    "size": f"{r.group.size:,}" if r.group.size else "",
+                    **{t: _num(v) for t, v in r.metrics.items()}, "average": _num(r.average),
+                    "95% interval": ci_text(r.interval),
+                    "seed spread": _num(r.spread) if len(r.group.runs) > 1 else "",
+                    f"vs {base.group.name}": _num(r.average - base.average, True) if tested else "",
+                    "diff. interval": ci_text(r.vs, True) if tested else "", "p": p_text(r.vs) if tested else "",
+                    "significant": ("n/a" if r.vs is None else "yes" if r.vs.significant else "no") if tested else ""})
     return pd.DataFrame(out)
 
 
 def format_text(rows: list[Row]) -> str:
+    """The table and how its figures are made, as text."""
     text = frame(rows).to_string(index=False)
     notes = [METHOD]
     if any(r.interval is None for r in rows):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -52,20 +53,14 @@ def note(text: str) -> str:
     return f'<p class="note">{text}</p>'
 
 
-def _numeric(value) -> bool:
-    s = str(value).replace(",", "").replace("%", "").strip("[]+ ")
-    try:
-        float(s.split(",")[0].split()[0] if s else "x")
-        return True
-    except ValueError:
-        return s in ("n/a", "nan", "")
+NUMBER = re.compile(r"[<+-]?\d[\d,]*(\.\d+)?%?|\[[^\]]*\]|n/a|")  # a number, an interval, n/a or nothing
 
 
 def table(df: pd.DataFrame, highlight: set[int] = frozenset(), raw: set[str] = frozenset()) -> str:
     """A table; columns whose values are all numbers (or intervals) are right-aligned. ``raw`` columns hold
     HTML; ``highlight`` are row positions to mark."""
-    numeric = {c for c in df.columns if len(df) and all(_numeric(v) for v in df[c]) and
-               not all(str(v) in ("", "n/a") for v in df[c])}
+    numeric = {c for c in df.columns if len(df) and all(NUMBER.fullmatch(_cell(v)) for v in df[c]) and
+               any(_cell(v) not in ("", "n/a") for v in df[c])}
     head = "".join(f'<th class="n">{esc(c)}</th>' if c in numeric else f"<th>{esc(c)}</th>" for c in df.columns)
     rows = []
     for i, (_, row) in enumerate(df.iterrows()):

@@ -300,10 +300,10 @@ def _filter_data(folder: str, images: Images, max_parts: int = 4) -> dict:
         kept = isin_uids(uids_to_array(t["uid"].array, sort=False), kept_uids)
         frames.append(pd.DataFrame({"stem": part.stem, "key": t["key"].astype(str).to_numpy(),
                                     "caption": t["caption"].astype(str).to_numpy(), "score": score, "kept": kept}))
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    for side, mask in (("kept", table["kept"]), ("dropped", ~table["kept"])) if len(table) else ():
-        chosen = table[mask.to_numpy()].sort_values(["score", "key"], na_position="last")
-        picks = np.unique(np.linspace(0, len(chosen) - 1, EXAMPLES).round().astype(int)) if len(chosen) else []
+    table = pd.concat(frames, ignore_index=True)
+    for side, kept in (("kept", True), ("dropped", False)):  # spread over the score range, lowest first
+        chosen = table[table["kept"] == kept].sort_values(["score", "key"], na_position="last")
+        picks = np.unique(np.linspace(0, len(chosen) - 1, min(EXAMPLES, len(chosen))).round().astype(int))
         data[side] = [(images.ask(r.stem, r.key), f"{r.score:.3g} · {r.caption[:40]}") for r in
                       chosen.iloc[picks].itertuples()]
     return data
