@@ -148,7 +148,9 @@ def train(args, cfg) -> None:
 
         out = os.path.join(cfg.train.logs, args.name, "eval")
         summary = evaluate(tcfg.model, ckpt, tasks, out, overwrite=args.overwrite)
-        print(f"train: average of main metrics {summary['average']:.4f} ({out}/eval_results.jsonl)")
+        average = summary["average"]
+        print(f"train: average of main metrics {'n/a (diagnostic tasks only)' if average is None else f'{average:.4f}'}"
+              f" ({out}/eval_results.jsonl)")
 
 
 def dfn(args, cfg) -> None:
