@@ -224,12 +224,16 @@ class Images:
             tar = os.path.join(self.pool, f"{stem}.tar")
             if not os.path.isfile(tar):
                 continue
+            left = set(keys)
             for sample in iter_tar(tar):
-                data = image_bytes(sample) if sample["__key__"] in keys else None
+                data = image_bytes(sample) if sample["__key__"] in left else None
                 if data:
                     img = open_rgb(data, draft_side=THUMB)
                     img.thumbnail((THUMB, THUMB), Image.BICUBIC)
                     self.uris[stem, sample["__key__"]] = html.data_uri(encode_jpeg(img, quality=80))
+                    left.discard(sample["__key__"])
+                if not left:
+                    break
 
     def uri(self, ref: tuple[str, str]) -> str | None:
         return self.uris.get(ref)
@@ -241,8 +245,9 @@ def _ledger_section(demo: str) -> str:
     counts, total = ledger(os.path.join(demo, "pool"))
     rows = sum(counts.values())
     total = total or rows
-    funnel = [("input rows", total, "")] + [(s, n, "fail" if s != OK else "") for s, n in
-                                             sorted(counts.items(), key=lambda kv: (kv[0] != OK, -kv[1]))]
+    failed = sorted(((s, n) for s, n in counts.items() if s != OK), key=lambda kv: -kv[1])
+    funnel = [("input rows", total, "")] + [(f"− {s}", n, "fail") for s, n in failed] + [
+        (f"= {OK}", counts.get(OK, 0), "")]
     df = pd.DataFrame([{"": name, "rows": f"{n:,}", "share": f"{n / total:.1%}",
                         " ": html.bar(n / total, fail == "fail")} for name, n, fail in funnel])
     text = html.note(f"{total:,} input rows &rarr; {counts.get(OK, 0):,} ok ({counts.get(OK, 0) / total:.1%}); every "
@@ -413,17 +418,15 @@ def _training_rows(groups: list[Group]):
 
 def _training_sections(groups: list[Group]) -> list[tuple[str, str, str]]:
     rows = _training_rows(groups)
-    tasks = list(rows[0].metrics)
-    base = rows[0].group.name
+    tasks, base = list(rows[0].metrics), rows[0]
     best = sorted(rows, key=lambda r: -r.average)
-    heads = [(f"{r.group.name} vs {base}", r.vs) for r in rows[1:]]
-    if len(best) > 2 and best[1] is not rows[0] and best[0] is not rows[0]:
-        heads.append((f"best {best[0].group.name} vs next {best[1].group.name}",
+    heads = [(f"{r.group.name} vs {base.group.name}", r.average - base.average, r.vs) for r in rows[1:]]
+    if len(best) > 2 and all(r is not base for r in best[:2]):
+        heads.append((f"best {best[0].group.name} vs next {best[1].group.name}", best[0].average - best[1].average,
                       paired(best[0].group, best[1].group, tasks)))
-    pairs = pd.DataFrame([{"comparison": name, "difference": "n/a" if d is None else f"{d.diff:+.3f}",
-                           "95% interval": ci_text(d, True), "p": p_text(d),
-                           "significant at 5%": "n/a" if d is None else ("yes" if d.significant else "no")}
-                          for name, d in heads])
+    pairs = pd.DataFrame([{"comparison": name, "difference": f"{diff:+.3f}", "95% interval": ci_text(d, True),
+                           "p": p_text(d), "significant at 5%": "n/a" if d is None else "yes" if d.significant else "no"}
+                          for name, diff, d in heads])
     missing = any(r.interval is None for r in rows)
     text = (html.note(f"Mean over seeds of each main metric ({', '.join(tasks)}) and their average. {METHOD}.") +
             (html.note("n/a: these evaluations have no per-sample outcomes (<code>samples/*.npy</code>); evaluate "
