@@ -13,7 +13,9 @@ need nothing from here: ``ViT-B-32`` + ``openai``, ``ViTamin-S`` + ``datacomp1b`
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 from pathlib import Path
 
@@ -39,6 +41,8 @@ def register() -> None:
                                conv_cfg=VitConvCfg(norm_layer="layernorm2d", norm_eps=1e-6), head_type="1d")
             args = dict(img_size=64, embed_dim=192, depth=2, num_heads=3, mlp_layer=GeGluMlp, mlp_ratio=2.0, class_token=False,
                         global_pool="avg", embed_cfg=embed_cfg)
+            # no published weights: timm's default pretrained config, given by name (else timm warns each build)
+            kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or {"architecture": TINY_VITAMIN}
             return _create_vitamin(TINY_VITAMIN, pretrained=pretrained, **dict(args, **kwargs))
 
         winnow_vitamin_tiny.__name__ = TINY_VITAMIN
@@ -58,29 +62,78 @@ def load(model: str, pretrained: str = "", device: str = "cpu", seed: int = 0):
 
     if model == copydetect.MODEL_NAME:  # the copy-detection descriptor: images only
         return copydetect.load(pretrained, device), copydetect.preprocess, None
-    register()
-    if model not in open_clip.list_models():
-        raise UserError(f"unknown open_clip model {model!r}; e.g. ViT-B-32, ViTamin-S, winnow-tiny-clip "
-                        "(open_clip.list_models() lists all)")
     if "://" in pretrained:  # a checkpoint on an object store: read through a local copy
         from pipeline.core import fsio
 
         if not fsio.exists(pretrained):
             raise UserError(f"checkpoint not found: {pretrained}")
         pretrained = fsio.local_copy(pretrained)
-    is_file = bool(pretrained) and os.path.isfile(pretrained)
-    if pretrained and not is_file and (os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
-        raise UserError(f"checkpoint not found: {pretrained}")
+    is_file = check(model, pretrained)
     torch.manual_seed(seed)
-    net, _, preprocess = open_clip.create_model_and_transforms(
-        model, pretrained=None if (is_file or not pretrained) else pretrained, device=device)
+    try:
+        with _quiet_random_init(is_file):  # the checkpoint read below replaces the random weights
+            net, _, preprocess = open_clip.create_model_and_transforms(
+                model, pretrained=None if (is_file or not pretrained) else pretrained, device=device)
+    except RuntimeError as exc:  # a known tag whose weights cannot be fetched (no network)
+        if not str(exc).startswith("Failed to download weights"):
+            raise
+        raise UserError(f"cannot download the {pretrained} weights of {model} ({' '.join(str(exc).split())[:200]}); "
+                        "check the network or the Hugging Face cache") from None
     if is_file:
         state = torch.load(pretrained, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         state = {k.removeprefix("module."): v for k, v in state.items()}
-        net.load_state_dict(state)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:  # missing, unexpected or misshapen weights
+            why = " ".join(str(exc).split())[:200]
+            raise UserError(f"{pretrained} is not a {model} checkpoint ({why} ...); pass the --model it was "
+                            "trained as") from None
     net.eval()
     return net, preprocess, open_clip.get_tokenizer(model)
+
+
+def check(model: str, pretrained: str) -> bool:
+    """Refuse an unknown model name, or a ``pretrained`` that is neither one of the model's tags nor a file
+    (one line naming the fix); return True when ``pretrained`` is a local checkpoint file."""
+    import difflib
+
+    import open_clip
+
+    register()
+    names = open_clip.list_models()
+    if model not in names:
+        close = difflib.get_close_matches(model, names, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else "e.g. ViT-B-32, ViTamin-S, winnow-tiny-clip; "
+        raise UserError(f"unknown open_clip model {model!r}; {hint}open_clip.list_models() lists all")
+    if not pretrained or os.path.isfile(pretrained) or open_clip.get_pretrained_cfg(model, pretrained):
+        return bool(pretrained) and os.path.isfile(pretrained)
+    if os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors")):
+        raise UserError(f"checkpoint not found: {pretrained}")
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    known = (f"its tags: {', '.join(tags[:8])}{' ...' if len(tags) > 8 else ''}" if tags
+             else "it has no pretrained tags")
+    raise UserError(f"--pretrained {pretrained}: no such tag for {model} and no such checkpoint file; {known} "
+                    "(or give a checkpoint path, or '' for a random init)")
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _quiet_random_init(checkpoint_follows: bool):
+    """Silence open_clip's "Model initialized randomly" warning (and only it) while a model whose checkpoint is
+    loaded right after is built; every other record passes."""
+    drop = _DropRandomInitWarning() if checkpoint_follows else None
+    if drop:
+        logging.getLogger().addFilter(drop)  # open_clip logs through the root logger
+    try:
+        yield
+    finally:
+        if drop:
+            logging.getLogger().removeFilter(drop)
 
 
 def default_device() -> str:

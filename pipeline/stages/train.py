@@ -2,25 +2,34 @@
 
 A training run is a stage (:class:`pipeline.run.stage.Stage`) whose folder is open_clip_train's run folder
 (``<logs>/<name>``): the same config on the same shards (their reshard manifest) is reused, another config
-under the same name is refused unless ``overwrite``, and an interrupted run restarts (from its latest checkpoint
-when it wrote one). Guards for open_clip_train's sharp edges: a reused ``--name`` would exit 0 without training,
-shards with no ``.txt`` caption make its loader hang (checked here first), and on CPU it needs
-``--precision fp32``.
+under the same name is refused unless ``overwrite``, and an interrupted run restarts from its latest checkpoint
+(``resume``: with the settings it was started with). While open_clip_train runs, its step lines are read from
+its output and summarised every ``progress_every`` seconds (step, samples/s, loss, ETA). Guards for
+open_clip_train's sharp edges: a reused ``--name`` would exit 0 without training, shards with no ``.txt``
+caption make its loader hang (checked here first), and on CPU it needs ``--precision fp32``.
+
+Repeatable: the same shards, config and seed give the same weights on the CPU (the loader's shuffles and
+augmentations are seeded, see :mod:`pipeline.stages.train_entry`) for the same number of torch threads, which the
+start line prints: a matrix product summed over another number of threads rounds differently.
 """
 
 from __future__ import annotations
 
+import collections
 import glob
+import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
+import time
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from pipeline.core import fsio
-from pipeline.core.errors import UserError
-from pipeline.data.manifest import MANIFEST
+from pipeline.core.errors import RunFailed, UserError
+from pipeline.data.manifest import MANIFEST, RUN, describe_inputs
 from pipeline.run.stage import Stage
 
 
@@ -126,39 +135,144 @@ def check_shards(data_dir: str) -> tuple[str, int]:
     return os.path.join(data_dir, f"{{{0:08d}..{n - 1:08d}}}.tar"), count
 
 
-def train(data_dir: str, logs: str, name: str, cfg: TrainConfig, overwrite: bool = False, log=print) -> str:
-    """Train (or reuse the finished run of the same config on the same data); return the last checkpoint."""
+def train(data_dir: str, logs: str, name: str, cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
+          log=print, progress_every: float = 10.0) -> str:
+    """Train (or reuse the finished run of the same config on the same data); return the last checkpoint.
+
+    ``resume``: continue the interrupted run ``<logs>/<name>`` with the settings it was started with (``cfg`` is
+    not used). ``progress_every``: seconds between progress lines (the last step is always reported).
+    """
     pattern, count = check_shards(data_dir)
     run_dir = os.path.join(logs, name)
+    if resume:
+        if overwrite:
+            raise UserError("--resume continues a run and --overwrite replaces it; pass one of them")
+        cfg = recorded_config(logs, name, data_dir)
     ckpt = os.path.join(run_dir, "checkpoints", f"epoch_{cfg.epochs}.pt")
     data_manifest = fsio.join(data_dir, MANIFEST)
-    stage = Stage("train", run_dir, asdict(cfg), inputs=[data_manifest] if fsio.exists(data_manifest) else [],
-                  overwrite=overwrite, protect=[data_dir], log=log)
+    inputs = [data_manifest] if fsio.exists(data_manifest) else []
+    if not overwrite:
+        _refuse_other_run(data_dir, logs, name, asdict(cfg), inputs)
+    stage = Stage("train", run_dir, asdict(cfg), inputs=inputs, overwrite=overwrite, protect=[data_dir], log=log)
     if stage.done:
         return ckpt
-    resume = _restart(run_dir)
-    _run_open_clip(pattern, count, data_dir, logs, name, cfg, resume, log)
+    start = _restart(run_dir)
+    if start:
+        log(f"train: resuming {run_dir} from {os.path.relpath(start, run_dir)}")
+    _run_open_clip(pattern, count, data_dir, logs, name, cfg, bool(start), log, progress_every)
     return stage.finish(rows={"samples": count, "samples_seen": cfg.samples_seen}, checkpoint=ckpt,
-                        data=str(data_dir))["checkpoint"]
+                        data=str(data_dir), threads=_threads(cfg))["checkpoint"]
 
 
-def _restart(run_dir: str) -> bool:
-    """Prepare an interrupted run folder: True to resume from its latest checkpoint, else its partial log is
-    removed (open_clip_train refuses a run folder that has one)."""
-    if glob.glob(os.path.join(run_dir, "checkpoints", "epoch_*.pt")):
-        return True
+def _command(data_dir: str, logs: str, name: str, *flags: str) -> str:
+    return " ".join(["winnow train", data_dir, "--name", name, "--logs", logs, *flags])
+
+
+def recorded_config(logs: str, name: str, data_dir: str) -> TrainConfig:
+    """The settings the run ``<logs>/<name>`` was started with (what ``--resume`` continues)."""
+    path = os.path.join(logs, name, RUN)
+    if not os.path.isfile(path):
+        raise UserError(f"no training run {name!r} in {logs} to resume; start it with "
+                        f"`{_command(data_dir, logs, name)}`")
+    try:
+        return TrainConfig(**fsio.read_json(path)["params"])
+    except (TypeError, KeyError, ValueError):
+        raise UserError(f"{path} records no settings this version can resume; start over with "
+                        f"`{_command(data_dir, logs, name, '--overwrite')}`") from None
+
+
+def _refuse_other_run(data_dir: str, logs: str, name: str, params: dict, inputs: list[str]) -> None:
+    """Refuse a run folder holding a run with other settings, naming them and the command that continues it."""
+    run_dir = os.path.join(logs, name)
+    for doc_name, finished in ((MANIFEST, True), (RUN, False)):
+        path = os.path.join(run_dir, doc_name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            doc = fsio.read_json(path)
+            theirs = doc["params"]
+        except (ValueError, KeyError, TypeError):
+            return  # not a train run folder: the stage says what it is
+        if doc.get("stage") != "train":
+            return
+        ours = json.loads(json.dumps(params))
+        same_data = [i["fingerprint"] for i in doc.get("inputs", [])] == \
+            [i["fingerprint"] for i in describe_inputs(inputs)]
+        if theirs == ours and same_data:
+            return
+        what = ", ".join(f"{k} {theirs.get(k)!r} (here {v!r})" for k, v in ours.items() if theirs.get(k) != v)
+        what = f"other settings: {what}" if what else "other data"
+        if finished:
+            raise UserError(f"a training run named {name!r} exists in {logs} with {what}; choose another --name, "
+                            "or pass --overwrite to replace it")
+        hint = (f"resume it with `{_command(data_dir, logs, name, '--resume')}`, or" if same_data else
+                "resume it from its own data, or")
+        raise UserError(f"an interrupted training run named {name!r} exists in {logs} with {what}; {hint} pass "
+                        "--overwrite to start over")
+
+
+def _restart(run_dir: str) -> str:
+    """Prepare an interrupted run folder: the latest checkpoint to resume from, or "" after removing its partial
+    log (open_clip_train refuses a run folder that has one)."""
+    done = glob.glob(os.path.join(run_dir, "checkpoints", "epoch_*.pt"))
+    if done:
+        return max(done, key=lambda p: int(re.sub(r"\D", "", os.path.basename(p)) or 0))
     for name in ("out.log", "params.txt"):
         if os.path.exists(os.path.join(run_dir, name)):
             os.remove(os.path.join(run_dir, name))
-    return False
+    return ""
+
+
+def _cuda(cfg: TrainConfig) -> bool:
+    import torch
+
+    return torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+
+
+def _threads(cfg: TrainConfig) -> int:
+    """torch's CPU threads for the trainer: $OMP_NUM_THREADS, else the cores the loader workers leave."""
+    return int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 2) - cfg.workers))
+
+
+_STEP = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) .*?([\d.eE+]+)/s,.*\bLoss: ([\d.eE+-]+|nan|inf)")
+
+
+class Progress:
+    """One line now and then from open_clip_train's step lines (``Train Epoch: 0 [ 320/25600 (1%)] ... Loss:
+    4.1 (4.2)``): step, samples/s (averaged since the first step seen), loss and the time left; at most one per
+    ``every`` seconds, and always the last step."""
+
+    def __init__(self, cfg: TrainConfig, every: float, clock=time.monotonic):
+        self.cfg, self.every, self.clock = cfg, every, clock
+        self.first: tuple[float, int] | None = None
+        self.last_shown = -float("inf")
+
+    def line(self, text: str) -> str | None:
+        m = _STEP.search(text)
+        if not m:
+            return None
+        epoch, seen, per_epoch, rate, loss = int(m[1]), int(m[2]), int(m[3]), float(m[4]), m[5]
+        done, total, now = epoch * per_epoch + seen, self.cfg.epochs * per_epoch, self.clock()
+        if self.first is None:
+            self.first = (now, done)
+        if done < total and now - self.last_shown < self.every:
+            return None
+        self.last_shown = now
+        t0, d0 = self.first
+        if now > t0 and done > d0:
+            rate = (done - d0) / (now - t0)
+        left = int((total - done) / rate) if rate > 0 else 0
+        eta = f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}" if rate > 0 else "?"
+        batch = self.cfg.batch_size
+        epochs = f" (epoch {epoch + 1}/{self.cfg.epochs})" if self.cfg.epochs > 1 else ""
+        return (f"train: step {done // batch:,}/{total // batch:,}{epochs}, {rate:,.0f} samples/s, loss {loss}, "
+                f"ETA {eta}")
 
 
 def _run_open_clip(pattern: str, count: int, data_dir: str, logs: str, name: str, cfg: TrainConfig, resume: bool,
-                   log) -> None:
-    import torch
-
+                   log, progress_every: float = 10.0) -> None:
     run_dir = os.path.join(logs, name)
-    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    cuda = _cuda(cfg)
     precision = cfg.precision if cfg.precision != "auto" else ("amp_bf16" if cuda else "fp32")
     per_epoch = max(cfg.batch_size, cfg.samples_seen // cfg.epochs)
     argv = [
@@ -173,16 +287,38 @@ def _run_open_clip(pattern: str, count: int, data_dir: str, logs: str, name: str
         argv += ["--pretrained", cfg.pretrained]
     if resume:
         argv += ["--resume", "latest"]
-    log(f"train: {cfg.model} on {count:,} samples in {data_dir}, {cfg.samples_seen:,} samples seen -> {run_dir}")
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WINNOW_DRAFT_SIDE=str(2 * image_size(cfg.model)))
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WINNOW_DRAFT_SIDE=str(2 * image_size(cfg.model)),
+               PYTHONUNBUFFERED="1")
     if cfg.patch_mixing > 0:
         env["WINNOW_PATCH_MIXING"] = (f"{cfg.patch_mixing},{cfg.patch_mixing_r_max},{cfg.patch_mixing_grid},"
                                       f"{cfg.patch_mixing_smoothing}")
-    if not cuda and "OMP_NUM_THREADS" not in os.environ:
+    where = "CUDA" if cuda else f"CPU, {_threads(cfg)} torch thread" + ("s" if _threads(cfg) > 1 else "")
+    if not cuda:
         # the loader workers decode on their own cores; more torch threads than the cores left only contend
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) - cfg.workers))
-    result = subprocess.run([sys.executable, "-m", "pipeline.stages.train_entry", *argv], env=env,
-                            capture_output=True, text=True)
-    if result.returncode != 0 or not os.path.isfile(os.path.join(run_dir, "checkpoints", f"epoch_{cfg.epochs}.pt")):
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
-        raise RuntimeError(f"open_clip_train failed (exit {result.returncode}); last lines:\n{tail}")
+        env["OMP_NUM_THREADS"] = str(_threads(cfg))
+    log(f"train: {cfg.model} on {count:,} samples in {data_dir}, {cfg.samples_seen:,} samples seen ({where}) -> "
+        f"{run_dir} (step log: {os.path.join(run_dir, 'out.log')})")
+    progress, tail = Progress(cfg, progress_every), collections.deque(maxlen=15)
+    with subprocess.Popen([sys.executable, "-m", "pipeline.stages.train_entry", *argv], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, errors="replace") as proc:
+        try:
+            for text in proc.stdout:
+                tail.append(text.rstrip())
+                line = progress.line(text)
+                if line:
+                    log(line)
+        finally:
+            if proc.poll() is None:  # interrupted here: the trainer goes too (its checkpoints stay)
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            proc.wait()
+    if proc.returncode != 0 or not os.path.isfile(os.path.join(run_dir, "checkpoints", f"epoch_{cfg.epochs}.pt")):
+        lines = [t for t in tail if t.strip()]
+        log("train: open_clip_train's last lines:\n" + "\n".join(lines))
+        cause = lines[-1].strip() if lines else "no output"
+        raise RunFailed(f"open_clip_train failed (exit {proc.returncode}): {cause}; its log: "
+                        f"{os.path.join(run_dir, 'out.log')}; `{_command(data_dir, logs, name, '--resume')}` "
+                        "continues from the latest checkpoint")

@@ -10,9 +10,15 @@ decode: on a CPU, decoding is what bounds a tiny model's training speed.
 With ``WINNOW_PATCH_MIXING=prob,r_max,grid,smoothing`` set (``TrainConfig.patch_mixing``), every training batch
 goes through Patch Mixing (:func:`pipeline.stages.patchmix_training.mix_batch`) and the contrastive loss gets the
 area-interpolated targets (:func:`pipeline.stages.patchmix_training.soft_clip_loss`); the trainer itself is unchanged.
+
+Every epoch's shard draws, sample shuffle and augmentations are seeded from ``--seed`` and the epoch
+(:func:`use_epoch_seeds`; for ``--dataset-resampled``, which ``pipeline.stages.train`` always passes).
 """
 
+import functools
+import hashlib
 import os
+import random
 import sys
 
 from pipeline.data.images import open_rgb
@@ -33,19 +39,76 @@ def use_draft_decoding(side: int) -> None:
     ImageHandler.__call__ = decode
 
 
-def use_seeded_shuffle(seed: int) -> None:
-    """webdataset's sample shuffle seeds itself from the clock and the process id; give it the run's seed, so the
-    same shards, config and seed give the same batches and the same weights (on the CPU)."""
-    import random
+def _seed(seed: int, epoch: int, worker: int) -> int:
+    """A seed of its own for each (run seed, epoch, loader worker); worker -1 is the training process."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{worker}".encode()).digest()[:4], "little")
 
+
+def _seed_all(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _worker() -> int:
+    import torch.utils.data
+
+    info = torch.utils.data.get_worker_info()
+    return info.id if info else 0
+
+
+def _shard_seed(seed: int) -> int:
+    return _seed(seed, -1, _worker())  # open_clip_train's shard sampler adds the epoch
+
+
+def use_epoch_seeds(seed: int) -> None:
+    """Make every epoch's batches a function of the run's seed and the epoch alone.
+
+    open_clip_train's loader draws shards from the loader workers' seeds (which follow the training process's
+    random state when the loader starts), webdataset's sample shuffle seeds itself from the clock and the process
+    id, and the workers' augmentations continue one random stream across epochs. Here, at the start of each
+    epoch, each loader worker seeds its shard draws, its shuffle and its augmentations from (seed, epoch,
+    worker), and the training process seeds itself from (seed, epoch): the same shards, config and seed give the
+    same weights, and a run resumed from a checkpoint continues as the uninterrupted run would have.
+    """
+    import open_clip_train.data as data
+    import open_clip_train.main as trainer_main
     import webdataset
+    from webdataset.filters import _shuffle
 
-    clocked = webdataset.shuffle
+    build, resampled, clocked, epoch_fn = data.get_wds_dataset, data.ResampledShards2, webdataset.shuffle, \
+        trainer_main.train_one_epoch
+    shared = []  # the loader's epoch counter (open_clip_train's SharedEpoch, set before each epoch)
 
-    def shuffle(bufsize=1000, initial=100, rng=None, handler=None):
-        return clocked(bufsize, initial, rng=rng or random.Random(seed), handler=handler)
+    def shards(*args, **kw):
+        shared.append(kw.get("epoch"))
+        return resampled(*args, **dict(kw, worker_seed=functools.partial(_shard_seed, seed)))
 
-    webdataset.shuffle = shuffle  # open_clip_train.data calls wds.shuffle(...) when it builds its pipeline
+    def shuffle(bufsize=1000, initial=100, **_):
+        epoch = shared[-1]
+
+        def seeded(src):  # called in the loader worker when its pass over the shards begins
+            stream = _seed(seed, epoch.get_value(), _worker())
+            _seed_all(stream)  # this epoch's augmentations
+            return _shuffle(src, bufsize, initial, rng=random.Random(stream))
+
+        return seeded
+
+    def get_wds_dataset(*args, **kw):
+        data.ResampledShards2, webdataset.shuffle = shards, shuffle
+        try:
+            return build(*args, **kw)
+        finally:
+            data.ResampledShards2, webdataset.shuffle = resampled, clocked
+
+    def train_one_epoch(model, data_, loss, epoch, *args, **kw):
+        _seed_all(_seed(seed, epoch, -1))
+        return epoch_fn(model, data_, loss, epoch, *args, **kw)
+
+    data.get_wds_dataset, trainer_main.train_one_epoch = get_wds_dataset, train_one_epoch
 
 
 def use_patch_mixing(prob: float, r_max: float, grid: int, smoothing: float) -> None:
@@ -86,12 +149,12 @@ def use_patch_mixing(prob: float, r_max: float, grid: int, smoothing: float) -> 
 if __name__ == "__main__":
     register()
     args = sys.argv[1:]
-    use_seeded_shuffle(int(args[args.index("--seed") + 1]) if "--seed" in args else 0)
     if os.environ.get("WINNOW_DRAFT_SIDE"):
         use_draft_decoding(int(os.environ["WINNOW_DRAFT_SIDE"]))
     if os.environ.get("WINNOW_PATCH_MIXING"):
         p, r, g, eps = os.environ["WINNOW_PATCH_MIXING"].split(",")
         use_patch_mixing(float(p), float(r), int(g), float(eps))
+    use_epoch_seeds(int(args[args.index("--seed") + 1]) if "--seed" in args else 0)  # seeds each epoch first
     from open_clip_train.main import main
 
     main(sys.argv[1:])
