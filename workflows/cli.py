@@ -145,6 +145,8 @@ COMMANDS = [
              Flag("--logs", "train.logs", "parent folder of runs"), Flag("--seed", "train.seed"),
              Flag("--pretrained", "train.pretrained", "start from an open_clip tag or checkpoint"),
              Flag("--patch-mixing", "train.patch_mixing", "Patch Mixing augmentation: share of images mixed"),
+             Flag("--resume", help="continue the interrupted run NAME from its latest checkpoint, with the settings "
+                  "it was started with", switch=True),
              Flag("--tasks", help="task list to evaluate the final checkpoint on (as evaluate's --tasks)"),
              Flag("--var", help="fill ${NAME} in the task list (NAME=VALUE, repeatable)", many=True)]),
     Command("dfn", "data filtering networks: `winnow dfn train HQ_POOL --out DIR`", "workflows.commands:dfn",

@@ -134,14 +134,15 @@ def reshard(args, cfg) -> None:
 
 
 def train(args, cfg) -> None:
+    from pipeline.stages.train import recorded_config
     from pipeline.stages.train import train as run_train
 
-    tcfg = cfg.train.config()
+    tcfg = recorded_config(cfg.train.logs, args.name, args.data) if args.resume else cfg.train.config()
     if args.tasks:  # read before training: a wrong task list fails now, not after the run
         from pipeline.tasks import load_tasklist
 
         tasks = load_tasklist(args.tasks, _pairs(args.var, "--var"))
-    ckpt = run_train(args.data, cfg.train.logs, args.name, tcfg, overwrite=args.overwrite)
+    ckpt = run_train(args.data, cfg.train.logs, args.name, tcfg, overwrite=args.overwrite, resume=args.resume)
     print(f"train: {ckpt}")
     if args.tasks:
         from pipeline.stages.evaluate import evaluate

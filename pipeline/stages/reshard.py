@@ -6,11 +6,12 @@ Like DataComp's resharder, and readable by its ``train.py`` and by ``open_clip_t
   (``successes``), plus ``sizes.json`` (``{"00000000.tar": n, ...}``, read by open_clip for the epoch length),
   ``meta.json`` (``output_shard_count``, ``output_shard_format``) and ``sample_ids.npy`` (the subset);
 - a uid listed k times is written k times, with keys ``<uid>-0`` ... ``<uid>-(k-1)``; a uid held by several
-  pool rows is taken from the first of them (pool order), so no key is ever written twice;
+  pool rows is taken from the first of them (pool order: input shard, then key), so no key is ever written twice;
 - members (jpg, txt, json) are copied byte for byte, never decoded or re-encoded.
 
-Unlike it, the output is deterministic: the plan (which sample goes to which output shard, in pool order) is
-fixed before any copying, so output shard j has the same content whatever the number of workers, and a killed
+Unlike it, the output is deterministic: the plan (which sample goes to which output shard, in pool order: input
+shard, then key, never the parquet's row order, which follows the order downloads finished in) is fixed before any
+copying, so the same subset of the same pool gives the same bytes whatever the number of workers, and a killed
 run resumes by redoing only the output shards without a ``_stats.json``. Planning reads only the parquet uid
 columns; copying seeks to the selected members of each input tar instead of reading it whole.
 """
@@ -71,8 +72,9 @@ def plan_shard(task: PlanTask) -> pd.DataFrame:
     query = uids_to_array(ok["uid"], sort=False)
     counts = np.searchsorted(subset, query, side="right") - np.searchsorted(subset, query, side="left")
     keep = counts > 0
-    return pd.DataFrame({"shard": task.shard_id, "key": ok["key"].astype(str).to_numpy()[keep],
+    plan = pd.DataFrame({"shard": task.shard_id, "key": ok["key"].astype(str).to_numpy()[keep],
                          "uid": ok["uid"].to_numpy()[keep], "count": counts[keep]})
+    return plan.sort_values("key", kind="stable", ignore_index=True)  # key order, not download order
 
 
 @dataclass(frozen=True)
