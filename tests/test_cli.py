@@ -1,7 +1,6 @@
 """User errors end with one clear line and exit code 2, never a traceback."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -71,15 +70,6 @@ def test_ledger_and_register_on_wrong_folders(tmp_path):
     assert_user_error(winnow("ledger", str(tmp_path)), "holds no shards")
     assert_user_error(winnow("register", str(tmp_path / "nope")), "not found")
     assert_user_error(winnow("serve", str(tmp_path)), "not a synthetic world")
-
-
-@pytest.mark.e2e
-def test_busy_port_is_reported(tiny_world):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        assert_user_error(winnow("serve", tiny_world["path"], "--port", str(port)), f"127.0.0.1:{port}", "--set")
 
 
 def test_output_folder_with_other_files_is_not_clobbered(tmp_path):

@@ -328,7 +328,8 @@ class Runner:
 
 class _RowProgress:
     """Rows done inside the running tasks (from :func:`task_progress`) plus those of finished tasks, printed
-    at most every ``every`` seconds: ``[ingest] 4,210/10,000 rows, 52 rows/s``."""
+    at most every ``every`` seconds, with the rate since the first report: ``[ingest] 4,210/10,000 rows, 52
+    rows/s``."""
 
     def __init__(self, label: str, sizes: Sequence[int] | None, log: Callable[[str], None], every: float):
         self.label, self.log, self.every = label, log, every
@@ -336,20 +337,22 @@ class _RowProgress:
         self.running: dict[int, int] = {}
         self.totals: dict[int, int] = {}
         self.finished = 0
-        self.start = self.last = time.monotonic()
+        self.last = time.monotonic()
+        self.first: tuple[float, int] | None = None  # (time, rows) of the first report
         self.lock = threading.Lock()
 
     def update(self, i: int, done: int, total: int) -> None:
         with self.lock:
             self.running[i], self.totals[i] = int(done), int(total)
             now = time.monotonic()
-            if now - self.last < self.every:
+            rows = self.finished + sum(self.running.values())
+            self.first = self.first or (now, rows)
+            if now - self.last < self.every or not rows:
                 return
             self.last = now
-            done_rows = self.finished + sum(self.running.values())
             total_rows = sum(self.sizes) if self.sizes is not None else sum(self.totals.values())
-            rate = done_rows / max(now - self.start, 1e-9)
-        self.log(f"[{self.label}] {done_rows:,}/{total_rows:,} rows, {rate:,.0f} rows/s")
+            rate = (rows - self.first[1]) / max(now - self.first[0], 1e-9)
+        self.log(f"[{self.label}] {rows:,}/{total_rows:,} rows, {rate:,.{1 if rate < 10 else 0}f} rows/s")
 
     def finish(self, i: int) -> None:
         with self.lock:

@@ -29,7 +29,9 @@ from pipeline.data import manifest, shards
 from pipeline.core.errors import UserError
 from pipeline.data.pool import require_finished
 from pipeline.data.images import input_side
+from pipeline.models.copydetect import MODEL_NAME
 from pipeline.models.encode import cached_model, encode_images, encode_texts
+from pipeline.models.registry import check
 from pipeline.run.stage import Stage, sum_counts
 from pipeline.data.ledger import OK
 
@@ -145,6 +147,11 @@ def embed(pool: str, cfg: EmbedConfig, runner, out: str | None = None, overwrite
         raise UserError(f"{pool} holds no shards; pass a pool folder (the output of `winnow ingest`)")
     if cfg.pretrained and os.sep in cfg.pretrained and not os.path.isfile(cfg.pretrained):
         raise UserError(f"checkpoint not found: {cfg.pretrained}")
+    if cfg.model == MODEL_NAME and not (cfg.pretrained and fsio.exists(cfg.pretrained)):
+        raise UserError(f"{MODEL_NAME} needs its checkpoint: --pretrained PATH/descriptor.pt (train one with "
+                        "`winnow copy-descriptor POOL --out DIR`)")
+    if cfg.model != MODEL_NAME and "://" not in cfg.pretrained:  # a wrong model or tag: one line, before any worker
+        check(cfg.model, cfg.pretrained)
     out = out or default_out(pool, cfg.tag)
     inputs = [fsio.join(pool, manifest.MANIFEST)] if fsio.exists(fsio.join(pool, manifest.MANIFEST)) else \
         [shards.paths(pool, i)["parquet"] for i in ids]
