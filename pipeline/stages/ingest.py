@@ -180,7 +180,7 @@ def check_input(path: str, cfg: IngestConfig) -> tuple[list[str], IngestConfig]:
         if not caption_col:
             looked = repr(cfg.caption_col) if cfg.caption_col else "text or caption"
             raise UserError(f"input has no caption column ({looked}; columns: {', '.join(names)}); name it with "
-                            "--caption-col NAME, or pass --set ingest.no_captions=true if the list has none on purpose")
+                            "--caption-col NAME (ingest.caption_col), or pass --set ingest.no_captions=true if the list has none on purpose")
     missing = [c for c in [*cfg.extra_columns, *([cfg.blur_bbox_col] if cfg.blur_bbox_col else [])]
                if c not in names]
     if missing:
