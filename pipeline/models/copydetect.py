@@ -87,7 +87,7 @@ def load(path: str, device: str = "cpu"):
 
     if not os.path.isfile(path):
         raise UserError(f"{MODEL_NAME}: descriptor checkpoint not found: {path} (train one with "
-                        "`winnow dedup-descriptor POOL --out DIR`)")
+                        "`winnow copy-descriptor POOL --out DIR`)")
     net = build()
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return net.to(device).eval()

@@ -74,7 +74,8 @@ def serve(world: str, port: int | None = None):
     if not os.path.isfile(manifest):
         raise UserError(f"{world} is not a synthetic world (no _manifest.json); make one with winnow.synth()")
     base_url = read_json(manifest)["params"]["base_url"]
-    return WebPoolServer.for_url(world, base_url if port is None else f"http://127.0.0.1:{port}")
+    return WebPoolServer.for_url(world, base_url if port is None else f"http://127.0.0.1:{port}",
+                                 hint=", or serve it on another: `winnow.serve(world, port=PORT)`")
 
 
 def ingest(urls: str, pool: str, overwrite: bool = False, **settings) -> dict:
