@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -22,6 +23,7 @@ from pipeline.stages.subset import write_subset
 from pipeline.stages.train import Progress, TrainConfig, train
 
 COLORS = ["red", "green", "blue", "yellow", "black"]
+TINY = TrainConfig(samples_seen=256, batch_size=32, warmup=2, epochs=2, seed=0)  # 8 steps of 32 in 2 epochs
 
 
 def _pool(path, shard_count: int = 3, rows: int = 100) -> tuple[str, list[str]]:
@@ -89,10 +91,26 @@ def test_progress_is_one_line_per_interval_and_always_the_last_step():
 
 
 def test_resume_and_other_settings_are_refused_with_commands_that_work(data, tmp_path):
+    from dataclasses import asdict
+
+    from pipeline.run.stage import Stage
+
     logs = str(tmp_path / "logs")
-    with pytest.raises(UserError, match=re.escape(f"no training run 'x' in {logs} to resume; start it with "
-                                                  f"`winnow train {data['shards']} --name x --logs {logs}`")):
-        train(data["shards"], logs, "x", TrainConfig(), resume=True, log=lambda m: None)
+    Stage("train", os.path.join(logs, "x"), asdict(TINY), inputs=[os.path.join(data["shards"], "_manifest.json")],
+          log=lambda m: None)  # an interrupted run: started, no checkpoint, no manifest
+    open(os.path.join(logs, "x", "out.log"), "w").close()
+    resume = f"`winnow train {data['shards']} --name x --logs {logs} --resume`"
+    with pytest.raises(UserError, match=re.escape(f"an interrupted training run named 'x' exists in {logs} with "
+                                                  f"other settings: seed 0 (here 3); resume it with {resume}, or "
+                                                  "pass --overwrite to start over")):
+        train(data["shards"], logs, "x", replace(TINY, seed=3), log=lambda m: None)
+    copy = str(tmp_path / "copy")  # the same samples resharded again: another input
+    _reshard(data["pool"], data["subset"], copy)
+    with pytest.raises(UserError, match=re.escape(f"with other data; resume it with {resume}")):
+        train(copy, logs, "x", TINY, log=lambda m: None)
+    with pytest.raises(UserError, match=re.escape(f"no training run 'y' in {logs} to resume; start it with "
+                                                  f"`winnow train {data['shards']} --name y --logs {logs}`")):
+        train(data["shards"], logs, "y", TrainConfig(), resume=True, log=lambda m: None)
     with pytest.raises(UserError, match="--resume continues a run and --overwrite replaces it"):
         train(data["shards"], logs, "x", TrainConfig(), resume=True, overwrite=True, log=lambda m: None)
 
@@ -151,9 +169,6 @@ def test_embed_with_a_wrong_tag_is_one_line(data):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("winnow: error: --pretrained openai: no such tag for winnow-tiny-clip")
-
-
-TINY = TrainConfig(samples_seen=256, batch_size=32, warmup=2, epochs=2, seed=0)
 
 
 def _weights(ckpt: str) -> dict:

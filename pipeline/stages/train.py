@@ -159,9 +159,11 @@ def train(data_dir: str, logs: str, name: str, cfg: TrainConfig, overwrite: bool
     start = _restart(run_dir)
     if start:
         log(f"train: resuming {run_dir} from {os.path.relpath(start, run_dir)}")
+    elif stage.mode == "resume":
+        log(f"train: {run_dir} stopped before its first checkpoint; starting it over")
     _run_open_clip(pattern, count, data_dir, logs, name, cfg, bool(start), log, progress_every)
     return stage.finish(rows={"samples": count, "samples_seen": cfg.samples_seen}, checkpoint=ckpt,
-                        data=str(data_dir), threads=_threads(cfg))["checkpoint"]
+                        data=str(data_dir), threads=None if _cuda(cfg) else _threads(cfg))["checkpoint"]
 
 
 def _command(data_dir: str, logs: str, name: str, *flags: str) -> str:
@@ -198,16 +200,19 @@ def _refuse_other_run(data_dir: str, logs: str, name: str, params: dict, inputs:
         ours = json.loads(json.dumps(params))
         same_data = [i["fingerprint"] for i in doc.get("inputs", [])] == \
             [i["fingerprint"] for i in describe_inputs(inputs)]
-        if theirs == ours and same_data:
-            return
-        what = ", ".join(f"{k} {theirs.get(k)!r} (here {v!r})" for k, v in ours.items() if theirs.get(k) != v)
-        what = f"other settings: {what}" if what else "other data"
+        if (theirs == ours and same_data) or (not finished and set(os.listdir(run_dir)) <= {RUN}):
+            return  # the same run, or one that wrote nothing (the stage replaces it)
+        diff = ", ".join(f"{k} {theirs.get(k)!r} (here {v!r})" for k, v in ours.items() if theirs.get(k) != v)
+        what = " and ".join(([f"other settings: {diff}"] if diff else []) + ([] if same_data else ["other data"]))
         if finished:
             raise UserError(f"a training run named {name!r} exists in {logs} with {what}; choose another --name, "
                             "or pass --overwrite to replace it")
-        hint = (f"resume it with `{_command(data_dir, logs, name, '--resume')}`, or" if same_data else
-                "resume it from its own data, or")
-        raise UserError(f"an interrupted training run named {name!r} exists in {logs} with {what}; {hint} pass "
+        own = os.path.dirname(doc["inputs"][0]["path"]) if doc.get("inputs") else data_dir
+        unchanged = same_data or (fsio.exists(fsio.join(own, MANIFEST)) and doc["inputs"][0]["fingerprint"] ==
+                                  describe_inputs([fsio.join(own, MANIFEST)])[0]["fingerprint"])
+        hint = (f"resume it with `{_command(data_dir if same_data else own, logs, name, '--resume')}`, or pass"
+                if unchanged else f"its data ({own}) has changed since, so pass")
+        raise UserError(f"an interrupted training run named {name!r} exists in {logs} with {what}; {hint} "
                         "--overwrite to start over")
 
 
