@@ -88,13 +88,20 @@ def shape_mask(cls: str, w: int, h: int, cx: float, cy: float, radius: float, ro
 
 
 def _texture(kind: str, w: int, h: int, a: np.ndarray, b: np.ndarray, period: float, angle: float,
-             rng: np.random.Generator) -> np.ndarray:
-    xx = np.arange(w, dtype=np.float32)[None, :]
-    yy = np.arange(h, dtype=np.float32)[:, None]
-    u = xx * np.float32(math.cos(angle)) + yy * np.float32(math.sin(angle))
-    v = -xx * np.float32(math.sin(angle)) + yy * np.float32(math.cos(angle))
+             rng: np.random.Generator, where: np.ndarray | None = None) -> np.ndarray:
+    """Colours ``a``..``b`` in a pattern over an h x w canvas: (h, w, 3), or (n, 3) at the pixels of the boolean
+    mask ``where`` only (the same values, and the same draws from ``rng``)."""
+    if where is None:
+        xx = np.arange(w, dtype=np.float32)[None, :]
+        yy = np.arange(h, dtype=np.float32)[:, None]
+    else:
+        rows, cols = np.nonzero(where)
+        xx, yy = cols.astype(np.float32), rows.astype(np.float32)
+    c, s = np.float32(math.cos(angle)), np.float32(math.sin(angle))
+    u = xx * c + yy * s
+    v = -xx * s + yy * c
     if kind == "plain":
-        t = np.zeros((h, w), np.float32)
+        t = np.zeros(u.shape, np.float32)
     elif kind == "striped":
         t = (np.sin(2 * np.pi * u / period) > 0).astype(np.float32)
     elif kind == "dotted":
@@ -105,13 +112,17 @@ def _texture(kind: str, w: int, h: int, a: np.ndarray, b: np.ndarray, period: fl
         t = ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
     elif kind == "speckled":
         t = (rng.random((h, w)) < 0.3).astype(np.float32)
+        t = t if where is None else t[where]
     elif kind == "wavy":
         t = (np.sin(2 * np.pi * (u + 0.4 * period * np.sin(2 * np.pi * v / (2 * period))) / period) > 0)
         t = t.astype(np.float32)
-    elif kind == "gradient":
-        t = ((u - u.min()) / max(float(np.ptp(u)), 1.0)).astype(np.float32)
+    elif kind == "gradient":  # u is monotone in x and in y: its extremes over the canvas are at its corners
+        corners = np.array([0, w - 1], np.float32)[None, :] * c + np.array([0, h - 1], np.float32)[:, None] * s
+        t = ((u - corners.min()) / max(float(np.ptp(corners)), 1.0)).astype(np.float32)
     else:
         raise ValueError(f"unknown texture {kind!r}")
+    if where is not None:
+        return a[None, :] + (b - a)[None, :] * t[:, None]
     t = np.broadcast_to(t, (h, w))[..., None]
     return a[None, None, :] + (b - a)[None, None, :] * t
 
@@ -142,8 +153,7 @@ def render(spec: dict) -> Image.Image:
     canvas = np.asarray(img).astype(np.float32)
     radius = spec["scale"] * min(w, h)
     mask = shape_mask(spec["cls"], w, h, spec["cx"] * w, spec["cy"] * h, radius, spec["rot"])
-    tex = _texture(spec["texture"], w, h, fg, fg2, spec["period"], spec["angle"], rng)
-    canvas[mask] = tex[mask]
+    canvas[mask] = _texture(spec["texture"], w, h, fg, fg2, spec["period"], spec["angle"], rng, where=mask)
     canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * np.float32(spec["noise"])
     return Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
 
