@@ -15,7 +15,7 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;max-width:1000px
 color:#222}
 h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;
 margin-top:2.2em} h3{font-size:1.05em;margin:1.4em 0 .3em}
-table{border-collapse:collapse;margin:.5em 0 1em;font-size:13px}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:13px;display:block;overflow-x:auto;max-width:100%}
 th,td{padding:3px 9px;border-bottom:1px solid #e6e6e6;text-align:left;vertical-align:top}
 th{background:#f4f4f4;font-weight:600} td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;
 white-space:nowrap} tr.hl td{background:#fff6d6}
@@ -28,7 +28,7 @@ figure img{width:96px;height:96px;object-fit:contain;background:#eee;display:blo
 border:3px solid #ccc} figure.kept img{border-color:#3a9a5b} figure.dropped img{border-color:#c44}
 figure figcaption{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 svg{display:block;margin:.4em 0 1em;font:11px system-ui,sans-serif} svg text{fill:#333}
-.charts{display:flex;flex-wrap:wrap;gap:1em}
+.charts{display:flex;flex-wrap:wrap;gap:1em} .groups{display:flex;flex-wrap:wrap;column-gap:2em}
 """
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
            "#bcbd22"]
@@ -59,6 +59,11 @@ NUMBER = re.compile(r"[<+-]?\d[\d,]*(\.\d+)?%?|\[[^\]]*\]|n/a|")  # a number, an
 def table(df: pd.DataFrame, highlight: set[int] = frozenset(), raw: set[str] = frozenset()) -> str:
     """A table; columns whose values are all numbers (or intervals) are right-aligned. ``raw`` columns hold
     HTML; ``highlight`` are row positions to mark."""
+    df = df.copy()
+    for c in df.columns:  # a float column of whole numbers (NaN for none) is a count
+        values = df[c].dropna()
+        if df[c].dtype.kind == "f" and len(values) and (values == values.round()).all() and (values.abs() > 1).any():
+            df[c] = [None if pd.isna(v) else int(v) for v in df[c]]
     numeric = {c for c in df.columns if len(df) and all(NUMBER.fullmatch(_cell(v)) for v in df[c]) and
                any(_cell(v) not in ("", "n/a") for v in df[c])}
     head = "".join(f'<th class="n">{esc(c)}</th>' if c in numeric else f"<th>{esc(c)}</th>" for c in df.columns)
@@ -72,7 +77,7 @@ def table(df: pd.DataFrame, highlight: set[int] = frozenset(), raw: set[str] = f
 
 def _cell(v) -> str:
     if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:,.0f}" if v.is_integer() and abs(v) >= 1000 else f"{v:.3f}"
+        return "" if math.isnan(v) else f"{v:.3f}"
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
         return f"{v:,}"
     return "" if v is None else str(v)

@@ -391,12 +391,13 @@ def _dedup_html(demo: str, chosen: pd.DataFrame, images: Images) -> str:
     out = html.note(f"A few duplicate groups of <code>{html.esc(os.path.relpath(path, demo) if path else '')}"
                     "</code>, largest first: the kept member (green) and the ones dropped (red); the number is the "
                     "similarity to the group (semantic) or to the evaluation image (contaminated).")
-    for (kind, group), rows in chosen.groupby(["kind", "group"], sort=False):
+    groups = ""  # contaminated rows are one group per pool image: shown together below
+    for (kind, _), rows in chosen[chosen["kind"] != "contaminated"].groupby(["kind", "group"], sort=False):
         items = [(images.uri(r.ref) if isinstance(r.ref, tuple) else None,
                   f"{r.similarity:.3f}" if np.isfinite(r.similarity) else r.uid[:8], "kept" if r.kept else "dropped")
                  for r in rows.itertuples()]
-        if kind != "contaminated":  # contaminated: one group per pool image, shown together below
-            out += html.thumbs(items, f"{kind}: a group of {rows['members'].iloc[0]}")
+        groups += f"<div>{html.thumbs(items, f'{kind}: a group of {rows.members.iloc[0]}')}</div>"
+    out += f'<div class="groups">{groups}</div>'
     flagged = chosen[chosen["kind"] == "contaminated"]
     if len(flagged):
         out += html.thumbs([(images.uri(r.ref) if isinstance(r.ref, tuple) else None, f"{r.similarity:.3f}", "dropped")

@@ -11,7 +11,8 @@ Both are combined in every bootstrap replicate: the images are resampled (one dr
 many samples, and by both sides of a paired comparison), the resampled per-image outcomes are averaged over seeds
 and tasks, and an independent seed term is added: sqrt(s^2 / K) times a Student t draw with K - 1 degrees of
 freedom (few seeds say little about s^2, so the term has heavy tails). With one seed there is no seed term: the
-interval then covers the eval images only. The interval is the 2.5 and 97.5 percentiles of the replicates.
+interval then covers the eval images only. The interval is the 2.5 and 97.5 percentiles of the replicates, kept
+within the range a mean of the outcomes can take (e.g. [0, 1] for accuracies).
 
 A paired comparison of subsets A and B on the same eval images bootstraps the per-image differences of their
 seed-averaged outcomes, plus a seed term with the pooled seed variance s^2 (1/K_a + 1/K_b) and K_a + K_b - 2
@@ -91,7 +92,9 @@ def estimate(tasks: list[np.ndarray], n_boot: int = N_BOOT, seed: int = 0, level
     sd = float(np.sqrt(per_seed.var(ddof=1) / k)) if k > 1 else 0.0
     reps = _replicates([x.mean(axis=0) for x in tasks], sd, k - 1, n_boot, np.random.default_rng(seed))
     low, high = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
-    return Estimate(float(per_seed.mean()), float(low), float(high), k, float(np.ptp(per_seed)))
+    bounds = np.mean([x.min() for x in tasks]), np.mean([x.max() for x in tasks])  # a mean stays within them
+    return Estimate(float(per_seed.mean()), float(max(low, bounds[0])), float(min(high, bounds[1])), k,
+                    float(np.ptp(per_seed)))
 
 
 def compare(a: list[np.ndarray], b: list[np.ndarray], n_boot: int = N_BOOT, seed: int = 0,
