@@ -43,6 +43,7 @@ def test_main_table_averages_only_its_tasks_and_robustness_has_its_own():
 
 
 def test_a_step_whose_stages_are_up_to_date_is_marked_reused(tmp_path):
+    from pipeline.core import fsio
     from pipeline.run.stage import Stage
     from workflows.demo import Timings
     from workflows.report import timing_text
@@ -59,3 +60,9 @@ def test_a_step_whose_stages_are_up_to_date_is_marked_reused(tmp_path):
             step()
     assert timings["first"]["reused"] is False and timings["again"]["reused"] is True
     assert timing_text(timings["again"]).startswith("reused") and "reused" not in timing_text(timings["first"])
+    fsio.write_json(str(tmp_path / "report" / "summary.json"), {"timings": {"first": {"s": 41.5, "reused": False}}})
+    rerun = Timings(str(tmp_path))
+    with rerun.stage("first"):
+        step()
+    assert rerun["first"]["reused"] and rerun["first"]["made_s"] == 41.5  # the time it took when it did the work
+    assert "made in 41.5 s" in timing_text(rerun["first"])

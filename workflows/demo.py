@@ -52,17 +52,25 @@ def main(args, cfg: RunConfig) -> None:
 
 class Timings(dict):
     """Per demo step: ``{"s": seconds, "reused": bool}``. A step is reused when none of its stages wrote a
-    manifest (each found its output up to date from an earlier run); the seconds are then the check."""
+    manifest (each found its output up to date from an earlier run); the seconds are then the check, and
+    ``made_s`` the seconds the step took when it did the work (from the previous report, when known)."""
 
     def __init__(self, out: str):
         super().__init__()
         self.out = out
+        last = os.path.join(out, "report", "summary.json")
+        self.last = (fsio.read_json(last).get("timings") or {}) if os.path.isfile(last) else {}
 
     @contextmanager
     def stage(self, name: str):
         before, start = _manifests(self.out), time.monotonic()
         yield
         self[name] = {"s": round(time.monotonic() - start, 1), "reused": _manifests(self.out) == before}
+        last = self.last.get(name)
+        if self[name]["reused"] and isinstance(last, dict):
+            made = last.get("made_s") if last.get("reused") else last.get("s")
+            if made is not None:
+                self[name]["made_s"] = made
 
 
 def _manifests(root: str) -> dict[str, int]:

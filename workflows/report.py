@@ -82,7 +82,8 @@ def dist_line(gates: dict) -> str:
 
 def timing_text(t: dict) -> str:
     """A step's time: seconds of work, or "reused" (an earlier run's output was up to date)."""
-    return f"reused ({t['s']:.1f} s to check)" if t["reused"] else f"{t['s']:.1f}"
+    made = f"; made in {t['made_s']:.1f} s" if "made_s" in t else ""
+    return f"reused ({t['s']:.1f} s to check{made})" if t["reused"] else f"{t['s']:.1f}"
 
 
 def _fmt(table: pd.DataFrame) -> str:
@@ -465,7 +466,8 @@ def _robustness_section(groups: list[Group]) -> str:
                          "seed spread": f"{np.ptp(values):.3f}" if len(values) > 1 else ""})
         out += (f"<h3>DiST: {html.esc(task.name)}</h3>" + html.note(
             f"Odd-one-out accuracy on (original, two texture syntheses) triplets; chance {task.random_score:.3f}. "
-            "Interval as in the training table.") + html.table(pd.DataFrame(rows)))
+            "Interval as in the training table: with few seeds it is wide (the seed term has seeds - 1 degrees "
+            "of freedom).") + html.table(pd.DataFrame(rows)))
     curves = {c: t.random_score for t in groups[0].tasks if (c := t.curve)}
     charts, aucs = [], []
     for curve, chance in curves.items():
@@ -496,9 +498,10 @@ def _robustness_section(groups: list[Group]) -> str:
 
 
 def _timings_section(timings: dict) -> str:
-    df = pd.DataFrame([{"step": k, "seconds": f"{v['s']:.1f}", "": "reused" if v["reused"] else "ran"}
-                       for k, v in timings.items()])
-    return html.note("Wall-clock seconds of each demo step. <b>reused</b>: every stage of the step found its "
-                     "output up to date from an earlier run (same parameters and inputs) and did no work; the "
-                     "time is the check.") + html.table(df)
+    df = pd.DataFrame([{"step": k, "seconds": f"{v['s']:.1f}", "": "reused" if v["reused"] else "ran",
+                        "made in (s)": f"{v['made_s']:.1f}" if "made_s" in v else ""} for k, v in timings.items()])
+    return html.note("Wall-clock seconds of each demo step in its last run. <b>reused</b>: every stage of the step "
+                     "found its output up to date from an earlier run (same parameters and inputs) and did no work; "
+                     "the time is the check, and <b>made in</b> the time the step took when it did the work (when "
+                     "an earlier report recorded it).") + html.table(df)
 
