@@ -4,7 +4,6 @@ import pytest
 
 from workflows.report import format_table, results_table, robustness_table
 
-
 TASKS = ["shapes", "retrieval"]
 
 

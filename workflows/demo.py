@@ -32,16 +32,14 @@ from pipeline.stages.dedup import dedup, read_table
 from pipeline.stages.dedup import default_out as dedup_out
 from pipeline.stages.dfn import train_dfn
 from pipeline.stages.embed import EmbedConfig, embed
-from pipeline.stages.evaluate import evaluate
 from pipeline.stages.ingest import ingest
 from pipeline.stages.reshard import reshard
 from pipeline.stages.subset import subset
-from pipeline.stages.train import from_scale, train
+from pipeline.stages.train import RunTask, from_scale, train_and_evaluate
 from pipeline.synth.server import WebPoolServer
 from pipeline.synth.truth import dedup_check, ingest_check, selection_check
 from pipeline.synth.world import build_world
 from pipeline.tasks import load_tasklist
-
 from workflows import report
 from workflows.settings import RunConfig, tasks_path
 
@@ -97,6 +95,10 @@ def run(out: str, cfg: RunConfig, overwrite: bool = False, log=print) -> dict:
     return summary
 
 
+def _fmt_avg(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 class Demo:
     """The demo's steps, in order; each calls stages, which skip or resume on their own."""
 
@@ -124,8 +126,7 @@ class Demo:
                    overwrite=self.overwrite, log=self.log)
         with step("train no_filter (its model is the CLIP scorer)"):
             self.subset("no_filter")
-            self.trained["no_filter"] = self.train("no_filter")
-            scorer = self.trained["no_filter"][0]["checkpoint"]
+            scorer = self.train([("no_filter", self.demo.seeds[0], False)])[0]["checkpoint"]
         with step("embed with the CLIP scorer"):
             self.embed(pool, self.model, scorer, "demo")
             self.embed(os.path.join(world, "clean"), self.model, scorer, "demo")
@@ -141,12 +142,12 @@ class Demo:
                 self.subset(name)
             for ref in self.demo.filters:  # shown without the file's filter_ prefix
                 self.subset(ref, folder=os.path.join("filters", ref.removeprefix("filter_")))
-        runs = len(self.demo.train) - 1 + len(self.demo.patch_mixing)
-        with step(f"train {runs} subsets x {len(self.demo.seeds)} seed(s)"):
-            for name in self.demo.train:
-                self.trained.setdefault(name, self.train(name))
-            for name in self.demo.patch_mixing:
-                self.trained[f"{name}+patchmix"] = self.train(name, patch_mixing=True)
+        runs = [(name, seed, False) for name in self.demo.train for seed in self.demo.seeds]
+        runs += [(name, seed, True) for name in self.demo.patch_mixing for seed in self.demo.seeds]
+        with step(f"train + evaluate {len(runs)} runs ({len(self.demo.train) + len(self.demo.patch_mixing)} "
+                  f"subsets x {len(self.demo.seeds)} seeds), side by side"):
+            for (name, _, mixing), result in zip(runs, self.train(runs)):
+                self.trained.setdefault(f"{name}+patchmix" if mixing else name, []).append(result)
 
     def evalsets(self) -> list:
         """The DiST and Patch Mixing sets of the world's evaluation set; returns their tasks."""
@@ -177,23 +178,26 @@ class Demo:
                cache=os.path.join(self.out, "cache"), log=self.log if not folder else (lambda m: None))
         self.made[name] = out
 
-    def train(self, name: str, patch_mixing: bool = False) -> list[dict]:
-        """Reshard a subset, train the fixed model on it for each seed, evaluate; returns one result per seed."""
-        shards_dir = os.path.join(self.out, "shards", name)
-        reshard(self.paths["pool"], os.path.join(self.made[name], "uids.npy"), shards_dir, self.runner,
-                shard_size=self.demo.shard_size, overwrite=self.overwrite, log=self.log)
-        results = []
-        for seed in self.demo.seeds:
+    def train(self, runs: list[tuple[str, int, bool]]) -> list[dict]:
+        """Reshard each subset of ``runs`` ((subset, seed, Patch Mixing) each), then train the fixed model and
+        evaluate it for every run, one run per worker at a time; returns one result per run."""
+        logs, tasks = os.path.join(self.out, "train"), []
+        for name, seed, mixing in runs:
+            shards_dir = os.path.join(self.out, "shards", name)
+            reshard(self.paths["pool"], os.path.join(self.made[name], "uids.npy"), shards_dir, self.runner,
+                    shard_size=self.demo.shard_size, overwrite=self.overwrite, log=self.log)
             tcfg = from_scale(self.demo.scale, self.demo.arch, seed=seed)
             run_name = f"{name}-seed{seed}"
-            if patch_mixing:  # the paper's setting: half of the images, r ~ U(0, 0.5), 7 x 7 grid
+            if mixing:  # the paper's setting: half of the images, r ~ U(0, 0.5), 7 x 7 grid
                 tcfg, run_name = replace(tcfg, patch_mixing=0.5), f"{name}+patchmix-seed{seed}"
-            logs = os.path.join(self.out, "train")
-            ckpt = train(shards_dir, logs, run_name, tcfg, overwrite=self.overwrite, log=self.log)
-            summary = evaluate(tcfg.model, ckpt, self.tasks, os.path.join(logs, run_name, "eval"),
-                               overwrite=self.overwrite, log=self.log)
-            results.append({"seed": seed, "checkpoint": ckpt, **summary})
-        return results
+            tasks.append(RunTask(shards_dir, logs, run_name, tcfg, tuple(self.tasks),
+                                 os.path.join(logs, run_name, "eval"), self.overwrite))
+
+        def done(task: RunTask, result: dict) -> None:
+            self.log(f"train + evaluate: {task.name}: average {_fmt_avg(result['average'])} -> {task.eval_out}")
+
+        results = self.runner.map(train_and_evaluate, tasks, label="train + evaluate", on_result=done)
+        return [{"seed": t.config.seed, **r} for t, r in zip(tasks, results)]
 
     def results(self) -> report.Results:
         pool, world = self.paths["pool"], self.paths["world"]

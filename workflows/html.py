@@ -94,9 +94,9 @@ def data_uri(jpeg: bytes) -> str:
 
 def thumbs(items: list[tuple[str | None, str, str]], label: str = "") -> str:
     """A row of thumbnails: (data URI or None, caption, class: kept / dropped / "")."""
-    figs = "".join(f'<figure class="{cls}">' + (f'<img src="{uri}" alt="{esc(cap)}" title="{esc(cap)}">' if uri else
-                                                '<img alt="missing">') + f"<figcaption>{esc(cap)}</figcaption></figure>"
-                   for uri, cap, cls in items)
+    figs = "".join(f'<figure class="{cls}">' + (f'<img src="{uri}" alt="{esc(cap)}" title="{esc(cap)}">' if uri
+                                                else '<img alt="missing">') +
+                   f"<figcaption>{esc(cap)}</figcaption></figure>" for uri, cap, cls in items)
     return (f'<div class="label">{esc(label)}</div>' if label else "") + f'<div class="thumbs">{figs}</div>'
 
 

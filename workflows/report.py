@@ -22,8 +22,19 @@ from pipeline.core.errors import UserError
 from pipeline.data.ledger import OK, format_counts
 from pipeline.data.manifest import read_manifest
 from workflows import html
-from workflows.compare import (METHOD, Group, ci_text, find_runs, format_text, frame, group_runs, interval,
-                               p_text, paired, table)
+from workflows.compare import (
+    METHOD,
+    Group,
+    ci_text,
+    find_runs,
+    format_text,
+    frame,
+    group_runs,
+    interval,
+    p_text,
+    paired,
+    table,
+)
 
 EXAMPLES = 6  # thumbnails kept and dropped per filter
 THUMB = 96
@@ -127,16 +138,17 @@ def write(out: str, report: str, summary: dict, r: Results, log=print) -> str:
     training = format_text(rows)
     lines = [
         "# Winnow demo report", "",
-        "The full report, with score histograms, example images, duplicate groups and charts, is `report.html` "
-        "(one self-contained file; `winnow report RUNS --out FILE.html` makes it for any runs).", "",
+        ("The full report, with score histograms, example images, duplicate groups and charts, is `report.html` "
+         "(one self-contained file; `winnow report RUNS --out FILE.html` makes it for any runs)."), "",
         "## The fixed model trained on each subset", "",
-        f"Same training for every subset ({r.scale_line}); only the data differs. Mean over seeds of each main "
-        "metric (zero-shot top-1 accuracy, retrieval mean recall@1) and their average, its 95% interval and a "
-        "paired test against the first subset.", "",
+        (f"Same training for every subset ({r.scale_line}); only the data differs. Mean over seeds of each main "
+         "metric (zero-shot top-1 accuracy, retrieval mean recall@1) and their average, its 95% interval and a "
+         "paired test against the first subset."), "",
         "```", training, "```", "",
         "## DiST and Patch Mixing", "",
-        f"DiST: odd-one-out accuracy, chance 0.333 ({dist_line(r.dist_gates)}). Patch Mixing: normalised area under "
-        "zero-shot accuracy vs the share of foreign patches, tiles shuffled, patches dropped, occluded share.", "",
+        (f"DiST: odd-one-out accuracy, chance 0.333 ({dist_line(r.dist_gates)}). Patch Mixing: normalised area "
+         "under zero-shot accuracy vs the share of foreign patches, tiles shuffled, patches dropped, occluded "
+         "share."), "",
         "```", format_table(r.robust), "```", "",
         "## Timings (seconds; reused: an earlier run's output was up to date)", "", "| step | s |", "|---|---|",
         *[f"| {k} | {timing_text(v)} |" for k, v in r.timings.items()], "",
@@ -324,7 +336,8 @@ def _filter_html(f: dict, images: Images) -> str:
     chart = html.histogram(f["values"], f["lines"], f["column"]) if f["values"] is not None else html.note(
         "score cache not found (it was removed); the histogram needs it")
     shots = "".join(html.thumbs([(images.uri(ref), cap, side) for ref, cap in f[side]],
-                                f"{side} (score, caption), lowest score first") for side in ("kept", "dropped") if f[side])
+                                f"{side} (score, caption), lowest score first")
+                    for side in ("kept", "dropped") if f[side])
     return head + chart + shots
 
 
@@ -427,7 +440,8 @@ def _training_sections(groups: list[Group]) -> list[tuple[str, str, str]]:
         heads.append((f"best {best[0].group.name} vs next {best[1].group.name}", best[0].average - best[1].average,
                       paired(best[0].group, best[1].group, tasks)))
     pairs = pd.DataFrame([{"comparison": name, "difference": f"{diff:+.3f}", "95% interval": ci_text(d, True),
-                           "p": p_text(d), "significant at 5%": "n/a" if d is None else "yes" if d.significant else "no"}
+                           "p": p_text(d),
+                           "significant at 5%": "n/a" if d is None else "yes" if d.significant else "no"}
                           for name, diff, d in heads])
     missing = any(r.interval is None for r in rows)
     text = (html.note(f"Mean over seeds of each main metric ({', '.join(tasks)}) and their average. {METHOD}.") +
