@@ -10,7 +10,7 @@ def test_demo_config_loads_strictly():
     cfg = load(RunConfig, demo_config_path())
     assert cfg.ingest.shard_size == 500 and cfg.synth.n_pool == 5000 and cfg.cluster.n_workers == 2
     assert cfg.synth.rates.mismatch == 0.3 and cfg.synth.rates.tiny_image == 0.03  # nested, partly overridden
-    assert cfg.demo.train[0] == "no_filter" and cfg.demo.dfn.samples_seen == 6400 and cfg.demo.seeds == [0]
+    assert cfg.demo.train[0] == "no_filter" and cfg.demo.dfn.samples_seen == 6400 and cfg.demo.seeds == [0, 1, 2]
 
 
 def test_unknown_key_names_the_allowed_keys():
@@ -57,10 +57,10 @@ def test_missing_and_invalid_yaml_files(tmp_path):
 
 
 def test_a_nested_set_changes_only_the_key_it_names():
-    """``--set demo.dist.steps=50`` keeps the demo's own DiST settings (32 px, 5 per class) for the other keys."""
+    """``--set demo.dist.steps=50`` keeps the demo's own DiST settings (32 px, 4 per class) for the other keys."""
     cfg = load(RunConfig, demo_config_path(), ["demo.dist.steps=50"])
     assert cfg.demo.dist.steps == 50
-    assert (cfg.demo.dist.size, cfg.demo.dist.per_class, cfg.demo.dist.batch) == (32, 5, 64)
+    assert (cfg.demo.dist.size, cfg.demo.dist.per_class, cfg.demo.dist.batch) == (32, 4, 48)
     assert load(RunConfig, None, ["demo.patchmix.size=48"]).demo.patchmix.per_class == 12
     assert load(RunConfig, None, []).dist.size == 128  # the command's own section keeps the class default
 

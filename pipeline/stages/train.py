@@ -166,6 +166,31 @@ def train(data_dir: str, logs: str, name: str, cfg: TrainConfig, overwrite: bool
                         data=str(data_dir), threads=None if _cuda(cfg) else _threads(cfg))["checkpoint"]
 
 
+@dataclass(frozen=True)
+class RunTask:
+    """One training run and the evaluation of its checkpoint: a unit of work for the runner, so that runs of
+    several subsets and seeds go side by side (one per worker, each with the worker's one torch thread)."""
+
+    data: str
+    logs: str
+    name: str
+    config: TrainConfig
+    tasks: tuple  # pipeline.tasks.Task
+    eval_out: str
+    overwrite: bool = False
+
+
+def train_and_evaluate(t: RunTask) -> dict:
+    """Train (or reuse) one run, evaluate (or reuse) its checkpoint; returns the evaluation summary with the
+    checkpoint's path."""
+    from pipeline.stages.evaluate import evaluate
+
+    quiet = lambda m: None  # noqa: E731 - the runner reports runs as they finish
+    ckpt = train(t.data, t.logs, t.name, t.config, overwrite=t.overwrite, log=quiet)
+    summary = evaluate(t.config.model, ckpt, list(t.tasks), t.eval_out, overwrite=t.overwrite, log=quiet)
+    return {"checkpoint": ckpt, **summary}
+
+
 def _command(data_dir: str, logs: str, name: str, *flags: str) -> str:
     return " ".join(["winnow train", data_dir, "--name", name, "--logs", logs, *flags])
 
