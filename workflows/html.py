@@ -151,10 +151,12 @@ class Plot:
         return self
 
     def hline(self, y: float, label: str, color: str = "#888") -> Plot:
-        py = self.py(y)
+        """A dashed line across, labelled in the right margin when there is one (clear of the data)."""
+        py, outside = self.py(y), self.m[1] >= 60
+        x, anchor = (self.w - self.m[1] + 4, "start") if outside else (self.w - self.m[1] - 3, "end")
         return self.add(f'<line x1="{self.m[3]}" x2="{self.w - self.m[1]}" y1="{py:.1f}" y2="{py:.1f}" '
-                        f'stroke="{color}" stroke-dasharray="5,4"/><text x="{self.w - self.m[1] - 3}" '
-                        f'y="{py - 3:.1f}" text-anchor="end" fill="{color}">{esc(label)}</text>')
+                        f'stroke="{color}" stroke-dasharray="5,4"/><text x="{x}" '
+                        f'y="{py + (4 if outside else -3):.1f}" text-anchor="{anchor}" fill="{color}">{esc(label)}</text>')
 
     def vline(self, x: float, label: str, color: str = "#c44") -> Plot:
         px = self.px(x)
@@ -205,7 +207,7 @@ def lines(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabe
     xs = [x for sx, _ in series.values() for x in sx]
     ys = [y for _, sy in series.values() for y in sy] + ([chance] if chance is not None else [])
     plot = Plot((min(xs), max(xs)), (0, max(ys) * 1.12 or 1), xlabel, ylabel, title, width=480, xticks=xticks,
-                right=max(60, 8 + 7 * max(len(n) for n in series) + 14))
+                right=max(84, 8 + 7 * max(len(n) for n in series) + 14))
     if chance is not None:
         plot.hline(chance, f"chance {chance:.3f}")
     for i, (sx, sy) in enumerate(series.values()):
