@@ -156,7 +156,8 @@ class Plot:
         x, anchor = (self.w - self.m[1] + 4, "start") if outside else (self.w - self.m[1] - 3, "end")
         return self.add(f'<line x1="{self.m[3]}" x2="{self.w - self.m[1]}" y1="{py:.1f}" y2="{py:.1f}" '
                         f'stroke="{color}" stroke-dasharray="5,4"/><text x="{x}" '
-                        f'y="{py + (4 if outside else -3):.1f}" text-anchor="{anchor}" fill="{color}">{esc(label)}</text>')
+                        f'y="{py + (4 if outside else -3):.1f}" text-anchor="{anchor}" fill="{color}">'
+                        f'{esc(label)}</text>')
 
     def vline(self, x: float, label: str, color: str = "#c44") -> Plot:
         px = self.px(x)
