@@ -182,10 +182,12 @@ class Demo:
         """Reshard each subset of ``runs`` ((subset, seed, Patch Mixing) each), then train the fixed model and
         evaluate it for every run, one run per worker at a time; returns one result per run."""
         logs, tasks = os.path.join(self.out, "train"), []
+        for name in dict.fromkeys(name for name, _, _ in runs):
+            reshard(self.paths["pool"], os.path.join(self.made[name], "uids.npy"),
+                    os.path.join(self.out, "shards", name), self.runner, shard_size=self.demo.shard_size,
+                    overwrite=self.overwrite, log=self.log)
         for name, seed, mixing in runs:
             shards_dir = os.path.join(self.out, "shards", name)
-            reshard(self.paths["pool"], os.path.join(self.made[name], "uids.npy"), shards_dir, self.runner,
-                    shard_size=self.demo.shard_size, overwrite=self.overwrite, log=self.log)
             tcfg = from_scale(self.demo.scale, self.demo.arch, seed=seed)
             run_name = f"{name}-seed{seed}"
             if mixing:  # the paper's setting: half of the images, r ~ U(0, 0.5), 7 x 7 grid
@@ -196,7 +198,8 @@ class Demo:
         def done(task: RunTask, result: dict) -> None:
             self.log(f"train + evaluate: {task.name}: average {_fmt_avg(result['average'])} -> {task.eval_out}")
 
-        results = self.runner.map(train_and_evaluate, tasks, label="train + evaluate", on_result=done)
+        results = self.runner.map(train_and_evaluate, tasks, label="train + evaluate", on_result=done,
+                                  sizes=[t.config.samples_seen for t in tasks], unit="samples")
         return [{"seed": t.config.seed, **r} for t, r in zip(tasks, results)]
 
     def results(self) -> report.Results:

@@ -242,7 +242,8 @@ class Runner:
         self._started = False
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], label: str,
-            on_result: Callable[[Any, Any], None] | None = None, sizes: Sequence[int] | None = None) -> list[Any]:
+            on_result: Callable[[Any, Any], None] | None = None, sizes: Sequence[int] | None = None,
+            unit: str = "rows") -> list[Any]:
         """Run ``fn(item)`` for every item; return results in item order.
 
         Progress is reported as counts (at most one line a second, and the last one always); tasks that call
@@ -256,7 +257,7 @@ class Runner:
         results: list[Any] = [None] * len(items)
         failures: list[tuple[int, BaseException]] = []
         progress = _Progress(label, len(items), self.log)
-        rows = _RowProgress(label, sizes, self.log, self.progress_every)
+        rows = _RowProgress(label, sizes, self.log, self.progress_every, unit)
         if not items:
             return results
         if self.client is None:
@@ -331,8 +332,9 @@ class _RowProgress:
     at most every ``every`` seconds, with the rate since the first report: ``[ingest] 4,210/10,000 rows, 52
     rows/s``."""
 
-    def __init__(self, label: str, sizes: Sequence[int] | None, log: Callable[[str], None], every: float):
-        self.label, self.log, self.every = label, log, every
+    def __init__(self, label: str, sizes: Sequence[int] | None, log: Callable[[str], None], every: float,
+                 unit: str = "rows"):
+        self.label, self.log, self.every, self.unit = label, log, every, unit
         self.sizes = list(sizes) if sizes is not None else None
         self.running: dict[int, int] = {}
         self.totals: dict[int, int] = {}
@@ -352,7 +354,8 @@ class _RowProgress:
             self.last = now
             total_rows = sum(self.sizes) if self.sizes is not None else sum(self.totals.values())
             rate = (rows - self.first[1]) / max(now - self.first[0], 1e-9)
-        self.log(f"[{self.label}] {rows:,}/{total_rows:,} rows, {rate:,.{1 if rate < 10 else 0}f} rows/s")
+        self.log(f"[{self.label}] {rows:,}/{total_rows:,} {self.unit}, {rate:,.{1 if rate < 10 else 0}f} "
+                 f"{self.unit}/s")
 
     def finish(self, i: int) -> None:
         with self.lock:

@@ -30,6 +30,7 @@ from typing import Literal
 from pipeline.core import fsio
 from pipeline.core.errors import RunFailed, UserError
 from pipeline.data.manifest import MANIFEST, RUN, describe_inputs
+from pipeline.run.runner import task_progress
 from pipeline.run.stage import Stage
 
 
@@ -285,6 +286,7 @@ class Progress:
         done, total, now = epoch * per_epoch + seen, self.cfg.epochs * per_epoch, self.clock()
         if self.first is None:
             self.first = (now, done)
+        task_progress(done, total)  # for the runner's lines when this run is one of several side by side
         if done < total and now - self.last_shown < self.every:
             return None
         self.last_shown = now
