@@ -259,3 +259,14 @@ def test_report_command_on_training_runs_only(demo_folder, tmp_path):
     page = out.read_text()
     assert '<section id="training">' in page and '<section id="ledger">' not in page  # no pool: no pool sections
     assert "aspect_ratio vs no_filter" in page
+
+
+def test_counts_with_gaps_show_as_whole_numbers():
+    """A count column read back from JSON (numbers and nulls) shows 412, not 412.000; shares keep 3 decimals."""
+    import pandas as pd
+
+    from workflows import html
+
+    page = html.table(pd.DataFrame([{"kind": "a", "dropped": None, "precision": None},
+                                    {"kind": "b", "dropped": 412.0, "precision": 0.84}]))
+    assert ">412<" in page and ">0.840<" in page and "412.000" not in page

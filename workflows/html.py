@@ -61,9 +61,12 @@ def table(df: pd.DataFrame, highlight: set[int] = frozenset(), raw: set[str] = f
     HTML; ``highlight`` are row positions to mark."""
     df = df.copy()
     for c in df.columns:  # a float column of whole numbers (NaN for none) is a count
+        if df[c].dtype == object and df[c].map(lambda v: v is None or (isinstance(v, (int, float)) and
+                                                                      not isinstance(v, bool))).all():
+            df[c] = pd.to_numeric(df[c])  # numbers with gaps, e.g. read back from JSON
         values = df[c].dropna()
         if df[c].dtype.kind == "f" and len(values) and (values == values.round()).all() and (values.abs() > 1).any():
-            df[c] = [None if pd.isna(v) else int(v) for v in df[c]]
+            df[c] = pd.Series([None if pd.isna(v) else int(v) for v in df[c]], index=df.index, dtype=object)
     numeric = {c for c in df.columns if len(df) and all(NUMBER.fullmatch(_cell(v)) for v in df[c]) and
                any(_cell(v) not in ("", "n/a") for v in df[c])}
     head = "".join(f'<th class="n">{esc(c)}</th>' if c in numeric else f"<th>{esc(c)}</th>" for c in df.columns)
