@@ -15,10 +15,13 @@ from .base import Filter
 from .caption_chars import CaptionCharsFilter
 from .caption_words import CaptionWordsFilter
 from .clip import ClipFilter
+from .density_prune import DensityPruneFilter
 from .dfn import DfnFilter
 from .english import EnglishFilter
 from .image_cluster import ImageClusterFilter
 from .min_side import MinSideFilter
+from .neg_clip_loss import NegClipLossFilter
+from .norm_sim import NormSimFilter
 from .text_match import TextMatchFilter
 
 REGISTRY: dict[str, type[Filter]] = {
@@ -31,6 +34,9 @@ REGISTRY: dict[str, type[Filter]] = {
     "dfn": DfnFilter,
     "text_match": TextMatchFilter,
     "image_cluster": ImageClusterFilter,
+    "density_prune": DensityPruneFilter,
+    "neg_clip_loss": NegClipLossFilter,
+    "norm_sim": NormSimFilter,
 }
 
 
