@@ -11,6 +11,7 @@ subset size, DiST and the Patch Mixing curves.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from dataclasses import dataclass
 
@@ -449,7 +450,7 @@ def _training_sections(groups: list[Group]) -> list[tuple[str, str, str]]:
                        "again to get intervals and tests.") if missing else "") +
             html.table(frame(rows).iloc[:, :-4], highlight={0}) + ("<h3>Headline comparisons</h3>" + html.table(pairs)
                                                      if len(pairs) else ""))
-    out = [("training", "Training: the fixed model on each subset", text)]
+    out = [("training", "Training: the fixed model on each subset", text + _tail_html(tail_tables(groups)))]
     sized = [(r.group.name, float(r.group.size), r.average, r.interval.low if r.interval else None,
               r.interval.high if r.interval else None) for r in rows if r.group.size]
     if sized:
@@ -458,6 +459,60 @@ def _training_sections(groups: list[Group]) -> list[tuple[str, str, str]]:
     robust = _robustness_section(groups)
     if robust:
         out.append(("robustness", "DiST and Patch Mixing", robust))
+    return out
+
+
+def tail_tables(groups: list[Group]) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """Per zero-shot task on a synthetic world's evaluation set (the set's parent folder holds the world's
+    ``classes.parquet``): (task, the world's classes, one row per subset with the mean over seeds of the top-1
+    accuracy averaged over the head classes and over the tail classes, and tail - head). The head and tail are the
+    most and least frequent thirds of the classes in the pool (:func:`pipeline.synth.world.class_table`); subsets
+    evaluated without per-class accuracy are left out."""
+    from pipeline.synth.world import read_classes
+    from pipeline.tasks.zeroshot import CLASS_PREFIX, KIND
+
+    out = []
+    for task in groups[0].tasks:
+        classes = None if task.kind != KIND or task.diagnostic else read_classes(
+            os.path.dirname(os.path.normpath(task.data)))
+        if classes is None:
+            continue
+        sides = {side: list(classes.loc[classes["group"] == side, "class"]) for side in ("head", "tail")}
+        rows = []
+        for g in groups:
+            per_seed = [_class_accuracy(r.out, task.name, CLASS_PREFIX) for r in g.runs]
+            if not all(per_seed):
+                continue
+            acc = {side: float(np.mean([np.nanmean([m.get(c, np.nan) for c in names]) for m in per_seed]))
+                   for side, names in sides.items()}
+            rows.append({"subset": g.name, "seeds": len(g.runs), "head classes": acc["head"],
+                         "tail classes": acc["tail"], "tail - head": acc["tail"] - acc["head"]})
+        if rows:
+            out.append((task.name, classes, pd.DataFrame(rows)))
+    return out
+
+
+def _class_accuracy(out: str, task: str, prefix: str) -> dict[str, float]:
+    """A task's per-class accuracy (class -> value) from an evaluation's results lines; {} when it has none."""
+    path = os.path.join(out, "eval_results.jsonl")
+    lines = fsio.read_bytes(path).decode().splitlines() if os.path.isfile(path) else []
+    for row in map(json.loads, lines):
+        if row.get("dataset") == task:
+            return {k[len(prefix):]: v for k, v in row["metrics"].items() if k.startswith(prefix)}
+    return {}
+
+
+def _tail_html(tables: list[tuple[str, pd.DataFrame, pd.DataFrame]]) -> str:
+    out = ""
+    for name, classes, df in tables:
+        share = {side: classes[classes["group"] == side] for side in ("head", "tail")}
+        said = [f"{len(c)} {side} classes ({', '.join(c['class'])}: {c['pool'].sum() / classes['pool'].sum():.0%} "
+                "of the pool)" for side, c in share.items()]
+        shown = df.assign(**{"tail - head": df["tail - head"].map(lambda v: f"{v:+.3f}")})
+        out += (f"<h3>Head and tail classes: {html.esc(name)}</h3>" + html.note(
+            f"Zero-shot top-1 accuracy averaged over the {said[0]} and over the {said[1]}: the most and least "
+            "frequent thirds of the classes in the long-tailed pool (the evaluation set is balanced); mean over "
+            "seeds.") + html.table(shown))
     return out
 
 

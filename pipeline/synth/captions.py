@@ -1,8 +1,10 @@
 """Alt-text-like captions: many templates and phrasings, with the noise web captions carry.
 
-A correct caption names the image's class (or a synonym) and some of its attributes. Defective captions are
-drawn by :func:`defective_caption`: another class's caption (mismatch), another language, gibberish, or too
-short (at most 2 words / 5 characters, DataComp's basic-filter boundary).
+A correct caption names the image's class (or a synonym) and some of its attributes. Defective captions: another
+class's caption (mismatch), another language (:func:`foreign`), gibberish, too short (:func:`short`: at most 2 words
+/ 5 characters, DataComp's basic-filter boundary), uninformative (:func:`uninformative`: true of any image, naming
+no class and no attribute, mostly long enough to pass that boundary), and a boilerplate cluster's one template
+with a stock number (:func:`boilerplate`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,16 @@ FOREIGN_WORDS = {
            "white": "weißen", "brown": "braunen", "gray": "grauen", "cyan": "türkisen"},
 }
 SHORT = ["img", "photo", "image", "DSC0042", "{cls}", "untitled", "IMG_{num}", "pic", "{color}"]
+#: Alt-text a CMS, a camera or a link writes: correct for any image and naming nothing in it (no class, synonym,
+#: colour or texture word, not even inside another word: tests/test_synth.py checks every expansion).
+UNINFORMATIVE = ["image", "photo {num}", "click here", "{file}", "click here to enlarge", "image {num} of {total}",
+                 "photo uploaded by user{num}", "view full size image", "no description available",
+                 "thumbnail for post {num}", "{file} (uploaded file)", "see more photos on our website",
+                 "picture {num} from the gallery", "untitled image {num}", "product image {num}", "main image",
+                 "header image for this post", "default image placeholder", "enlarge this image", "{file} - view"]
+FILES = ["IMG_{num}.jpg", "DSC_{num}.JPG", "image_{num}.jpeg", "untitled-{total}.png", "photo-{num}.webp",
+         "Screen Shot 2019-0{total}-12 at 10.41.22.png", "{hex}.jpg"]
+STOCK = [" #{num}", " ({num})", " - {num}", " | ID {num}", " No. {num}"]
 _CONSONANTS = "bcdfghjklmnpqrstvwxz"
 
 
@@ -105,6 +117,18 @@ def gibberish(rng: np.random.Generator) -> str:
         n = int(rng.integers(3, 9))
         words.append("".join(rng.choice(list(_CONSONANTS), n)))
     return " ".join(words)
+
+
+def uninformative(rng: np.random.Generator) -> str:
+    """Alt-text that is true of the image but says nothing about it: "click here to enlarge", a file name, ..."""
+    num, total = int(rng.integers(10, 9999)), int(rng.integers(2, 10))
+    file = str(rng.choice(FILES)).format(num=num, total=total, hex=rng.bytes(6).hex())
+    return str(rng.choice(UNINFORMATIVE)).format(num=num, total=total, file=file)
+
+
+def boilerplate(rng: np.random.Generator, template: str) -> str:
+    """A boilerplate cluster member's caption: the cluster's caption with a stock number of its own."""
+    return template + str(rng.choice(STOCK)).format(num=int(rng.integers(1000, 99999)))
 
 
 def short(rng: np.random.Generator, cls: str, color: str) -> str:

@@ -54,28 +54,41 @@ def dedup_check(pool: str, world: str, table: pd.DataFrame) -> pd.DataFrame:
 
     A planted copy counts as found when it and its source share an ``exact_image`` or ``near`` group (or, for
     eval copies, when it is flagged ``contaminated``). A dropped sample is a true duplicate when some planted
-    relation links it to its group's kept member: copy and source, two copies of one source, or two copies of
-    one evaluation image.
+    relation links it to its group's kept member: copy and source, two copies of one source, two copies of one
+    evaluation image, or two members of one boilerplate cluster (near-identical by construction). The
+    ``boilerplate`` row: cluster members in a group with another member of their cluster.
     """
     truth = read_truth(world).merge(read_states(pool)[["uid", "state"]], on="uid")
     truth = truth[truth["state"] == "ok"]
     ok = set(truth["uid"])
-    # the "family" of a sample: the source it copies (or itself), the eval image it copies
+    # the "family" of a sample: the source it copies (or itself), the eval image it copies, its boilerplate cluster
     family = {u: (s if isinstance(s, str) else u) for u, s in zip(truth["uid"], truth["source_uid"])}
     for u, d, e in zip(truth["uid"], truth["defect"], truth["eval_index"]):
         if d == "eval_copy":
             family[u] = f"eval/{e}"
+    cluster = truth["cluster"] if "cluster" in truth else pd.Series(-1, index=truth.index)  # older worlds: none
+    for u, c in zip(truth["uid"], cluster):
+        if c >= 0:
+            family[u] = f"cluster/{c}"
     rows = []
     groups = table[table["kind"].isin(["exact_image", "near"])]
     group_of: dict[str, set[str]] = {}
+    in_group: dict[str, set[str]] = {}
     for u, g in zip(groups["uid"], groups["group"]):
         group_of.setdefault(u, set()).add(g)
+        in_group.setdefault(g, set()).add(u)
     for kind in ("exact_duplicate", "near_reencode", "near_resize", "near_crop"):
         planted = truth[(truth["defect"] == kind) & truth["source_uid"].isin(ok)]
         found = [bool(group_of.get(u, set()) & group_of.get(s, set())) for u, s in
                  zip(planted["uid"], planted["source_uid"])]
         rows.append({"kind": kind, "planted": len(planted), "found": int(sum(found)),
                      "recall": float(np.mean(found)) if found else float("nan")})
+    members = truth[cluster >= 0]
+    if len(members):
+        found = [any(family.get(v) == family[u] for g in group_of.get(u, ()) for v in in_group[g] if v != u)
+                 for u in members["uid"]]
+        rows.append({"kind": "boilerplate", "planted": len(members), "found": int(sum(found)),
+                     "recall": float(np.mean(found))})
     dropped = groups[~groups["kept"]].drop_duplicates("uid")
     true = [family.get(u) == family.get(g) for u, g in zip(dropped["uid"], dropped["group"])]
     rows.append({"kind": "all duplicates (dropped)", "planted": int(truth["defect"].isin(

@@ -4,7 +4,9 @@ Everything is a deterministic function of ``SynthConfig`` (and so of its seed). 
 
     world/
       urls.parquet        the pool's input, like DataComp's metadata: url, text, uid
-      truth.parquet       uid -> planted defect, image class, caption class, sources (never read by filters)
+      truth.parquet       uid -> planted defect, image class, caption class, sources, boilerplate cluster
+                          (never read by filters)
+      classes.parquet     the pool's class frequencies: class, label, rank, share, pool, group (head/middle/tail)
       site/               what the loopback server serves: img/<index>.<ext> and routes.json (errors, delays)
       clean/              the clean high-quality set, in the pool layout (tar + parquet + _stats.json)
       eval/               labeled evaluation set: test/<i>.tar (<key>.jpg, .cls, .txt), classnames.txt,
@@ -12,9 +14,16 @@ Everything is a deterministic function of ``SynthConfig`` (and so of its seed). 
       _manifest.json
 
 Planted defects (one per pool sample at most; rates are fractions of the pool, documented in ``DefectRates``):
-caption defects (mismatch, non_english, gibberish, short_caption), image defects (tiny_image, pixel_image,
-extreme_aspect), duplicates (exact_duplicate, near_reencode, near_resize, near_crop), contamination (eval_copy),
-and serving defects (http_404, http_500, slow, hang, corrupt, truncated, not_image, bomb).
+caption defects (mismatch, non_english, gibberish, short_caption, uninformative), image defects (tiny_image,
+pixel_image, extreme_aspect), duplicates (exact_duplicate, near_reencode, near_resize, near_crop), redundancy
+(boilerplate: dense clusters of near-identical stock-like samples), contamination (eval_copy), and serving defects
+(http_404, http_500, slow, hang, corrupt, truncated, not_image, bomb).
+
+The pool's classes are long-tailed (:func:`class_table`): the share of the class of frequency rank r (1 = most
+frequent) is proportional to r ** -class_zipf, the counts are exact (largest remainder, at least one sample per
+class), and the rank order is a seeded permutation, so no shape is always the tail. A planted defect keeps its
+row's class (copies copy a source of the same class, eval copies an evaluation image of it), so every class's
+count is its quota. The clean set and the evaluation set stay balanced.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from pipeline.data.images import encode_jpeg
 from pipeline.run.stage import Stage
 from pipeline.synth.render import CLASSES, COLORS, TEXTURES, bomb_png, decode, render
 
-POOL, CLEAN, EVAL = 1, 2, 3  # seed streams
+POOL, CLEAN, EVAL, RANKS, BOILERPLATE = 1, 2, 3, 4, 5  # seed streams
 
 
 @dataclass
@@ -46,6 +55,7 @@ class DefectRates:
     non_english: float = 0.04     # Spanish / French / German caption
     gibberish: float = 0.03       # random letter strings
     short_caption: float = 0.03   # one word (fails "more than 2 words and 5 characters")
+    uninformative: float = 0.04   # true of any image, naming nothing in it: "click here to enlarge", a file name
     tiny_image: float = 0.03      # shorter side 16-64 px (fails "shorter side >= 200")
     pixel_image: float = 0.005    # 1-4 px tracking pixels (too_small at ingest when min_image_size > 4)
     extreme_aspect: float = 0.03  # aspect ratio 4-8 (fails "aspect ratio <= 3")
@@ -54,6 +64,7 @@ class DefectRates:
     near_resize: float = 0.015    # another pool sample resized to 50-80 %
     near_crop: float = 0.015      # another pool sample cropped to 80-92 % of each side
     eval_copy: float = 0.02       # an evaluation image (half exact bytes, half re-encoded and resized)
+    boilerplate: float = 0.04     # clusters of SynthConfig.boilerplate_size near-identical stock-like samples
     http_404: float = 0.03
     http_500: float = 0.015
     slow: float = 0.01            # answered after SynthConfig.slow_seconds (beyond the ingest timeout)
@@ -71,6 +82,7 @@ EXPECTED_STATE = {
     "bomb": "too_many_pixels", "pixel_image": "too_small",
 }
 DUPLICATES = ("exact_duplicate", "near_reencode", "near_resize", "near_crop")
+COUNTED = ("bomb", "hang", "boilerplate")  # planted on clean rows after the draw of the other defects
 TEMPLATES = ["a photo of a {c}.", "a drawing of a {c}.", "an icon of a {c}.", "a {c} shape.",
              "a picture of the {c}.", "a sticker of a {c}.", "a pattern with a {c}.", "a rendering of a {c}."]
 
@@ -89,6 +101,9 @@ class SynthConfig:
             side stays >= 200 px (DataComp's basic filter) when size_min >= 290.
         slow_seconds: the server's delay for ``slow`` URLs; hang_seconds: how long it trickles a ``hang``.
         chunk_size: images rendered per task.
+        class_zipf: the pool's long tail: the class of frequency rank r gets a share proportional to
+            r ** -class_zipf (0: uniform; 1: the 12 classes range from 32% to 2.7% of the pool).
+        boilerplate_size: members of each boilerplate cluster (``DefectRates.boilerplate`` sets how many rows).
     """
 
     seed: int = 0
@@ -102,6 +117,8 @@ class SynthConfig:
     slow_seconds: float = 12.0
     hang_seconds: float = 120.0
     chunk_size: int = 250
+    class_zipf: float = 1.0
+    boilerplate_size: int = 20
     rates: DefectRates = field(default_factory=DefectRates)
 
     def __post_init__(self) -> None:
@@ -111,6 +128,8 @@ class SynthConfig:
             raise UserError("synth: n_pool, n_clean, n_eval_per_class and chunk_size must be >= 1")
         if not self.base_url.startswith(("http://127.", "http://localhost")):
             raise UserError(f"synth.base_url {self.base_url!r} must be a loopback http URL (127.0.0.1)")
+        if self.class_zipf < 0 or self.boilerplate_size < 2:
+            raise UserError("synth.class_zipf must be >= 0 (0: uniform classes) and synth.boilerplate_size >= 2")
         rates = [getattr(self.rates, f.name) for f in fields(DefectRates) if f.type in (float, "float")]
         if sum(rates) >= 0.95:
             raise UserError(f"synth.rates add up to {sum(rates):.2f}; keep them below 0.95 to leave clean samples")
@@ -152,11 +171,13 @@ def image_spec(rng: np.random.Generator, cls: str, seed: list[int], kind: str = 
     }
 
 
-def _spec_for(cfg: SynthConfig, stream: int, index: int, kind: str = "normal") -> dict:
+def _spec_for(cfg: SynthConfig, stream: int, index: int, kind: str = "normal", cls: str | None = None) -> dict:
+    """The image of sample ``index`` of a stream; a pool row passes its planned class (:func:`pool_classes`),
+    the class drawn here is then unused (drawn all the same, so the other draws do not move)."""
     rng = np.random.default_rng([cfg.seed, stream, index])
-    cls = cfg.classes[int(rng.integers(cfg.n_classes))] if stream != EVAL else \
+    drawn = cfg.classes[int(rng.integers(cfg.n_classes))] if stream != EVAL else \
         cfg.classes[index % cfg.n_classes]
-    return image_spec(rng, cls, [cfg.seed, stream, index, 1], kind, cfg)
+    return image_spec(rng, cls or drawn, [cfg.seed, stream, index, 1], kind, cfg)
 
 
 def _caption_for(cfg: SynthConfig, stream: int, index: int, spec: dict) -> str:
@@ -164,10 +185,80 @@ def _caption_for(cfg: SynthConfig, stream: int, index: int, spec: dict) -> str:
     return cap.caption(rng, spec["cls"], spec["color"], spec["texture"], spec["scale"])
 
 
+def class_table(cfg: SynthConfig) -> pd.DataFrame:
+    """The pool's classes, most frequent first: class, label (its line in classnames.txt), rank (1 = most
+    frequent), share (planned: proportional to rank ** -class_zipf), pool (samples: the shares of n_pool rounded
+    by largest remainder, at least one per class when n_pool >= n_classes) and group: ``head`` is the most
+    frequent third of the classes, ``tail`` the least frequent third, ``middle`` the rest."""
+    n = cfg.n_classes
+    order = np.random.default_rng([cfg.seed, RANKS]).permutation(n)
+    share = np.arange(1, n + 1, dtype=float) ** -cfg.class_zipf
+    share /= share.sum()
+    exact = share * cfg.n_pool
+    counts = np.floor(exact).astype(int)
+    counts[np.argsort(counts - exact, kind="stable")[: cfg.n_pool - counts.sum()]] += 1
+    while cfg.n_pool >= n and counts.min() == 0:  # every class in the pool: the tail borrows from the head
+        counts[n - 1 - np.argmax(counts[::-1])] -= 1  # the last of the largest: the order stays non-increasing
+        counts[np.argmin(counts)] += 1
+    rank = np.arange(n)
+    group = np.where(rank < n // 3, "head", np.where(rank >= n - n // 3, "tail", "middle"))
+    return pd.DataFrame({"class": [cfg.classes[i] for i in order], "label": order, "rank": rank + 1,
+                         "share": share, "pool": counts, "group": group})
+
+
+def pool_classes(cfg: SynthConfig) -> np.ndarray:
+    """Each pool row's class: every class exactly its :func:`class_table` count, in a seeded order."""
+    table = class_table(cfg)
+    return np.random.default_rng([cfg.seed, RANKS, 1]).permutation(np.repeat(table["class"].to_numpy(),
+                                                                             table["pool"].to_numpy()))
+
+
+def _plant_boilerplate(cfg: SynthConfig, defects: np.ndarray, classes: np.ndarray) -> dict[int, int]:
+    """Turn clean rows into boilerplate clusters (``defects`` is changed in place); returns row -> cluster.
+
+    ``rates.boilerplate * n_pool`` rows in clusters of about ``boilerplate_size``; a cluster's class is drawn by
+    the pool's class shares (stock images crowd the popular concepts) among the classes with enough clean rows."""
+    total = round(cfg.rates.boilerplate * cfg.n_pool)
+    if total < 2:
+        return {}
+    rng = np.random.default_rng([cfg.seed, BOILERPLATE])
+    share = class_table(cfg).set_index("class")["share"]
+    sizes = [len(a) for a in np.array_split(np.arange(total), max(1, round(total / cfg.boilerplate_size)))]
+    clusters: dict[int, int] = {}
+    for k, size in enumerate(sizes):
+        free = {c: np.flatnonzero((defects == "none") & (classes == c)) for c in cfg.classes}
+        fits = [c for c in cfg.classes if len(free[c]) >= size]
+        if not fits:
+            break
+        p = np.array([share[c] for c in fits])
+        members = rng.choice(free[fits[int(rng.choice(len(fits), p=p / p.sum()))]], size=size, replace=False)
+        defects[members] = "boilerplate"
+        clusters.update({int(i): k for i in members})
+    return clusters
+
+
+def _cluster_base(cfg: SynthConfig, k: int, cls: str) -> tuple[dict, str]:
+    """Boilerplate cluster ``k``'s image (no clutter: a clean stock layout) and caption."""
+    rng = np.random.default_rng([cfg.seed, BOILERPLATE, k + 1])
+    spec = {**image_spec(rng, cls, [cfg.seed, BOILERPLATE, k + 1, 1], "normal", cfg), "clutter": 0}
+    return spec, cap.caption(rng, cls, spec["color"], spec["texture"], spec["scale"])
+
+
+def _jitter(base: dict, r: np.random.Generator) -> dict:
+    """A boilerplate member: its cluster's image (same seed: the same texture grain and noise) moved by up to 1%
+    of its width and height, turned by up to 2 degrees, scaled by up to 2%, its background shade nudged by up to
+    4 levels, saved at its own JPEG quality."""
+    return {**base, "cx": base["cx"] + float(r.uniform(-0.01, 0.01)),
+            "cy": base["cy"] + float(r.uniform(-0.01, 0.01)), "rot": base["rot"] + float(r.uniform(-2, 2)),
+            "scale": base["scale"] * float(r.uniform(0.98, 1.02)),
+            "bg": [int(np.clip(c + r.integers(-4, 5), 0, 255)) for c in base["bg"]],
+            "quality": int(r.integers(85, 96))}
+
+
 def plan_pool(cfg: SynthConfig) -> pd.DataFrame:
     """One row per pool sample: url, text, uid, the defect and everything needed to render its bytes."""
     rng = np.random.default_rng([cfg.seed, POOL, 0])
-    names = [f.name for f in fields(DefectRates) if f.name not in ("bomb", "hang")]
+    names = [f.name for f in fields(DefectRates) if f.name not in COUNTED]
     probs = np.array([getattr(cfg.rates, n) for n in names])
     draw = rng.choice(len(names) + 1, size=cfg.n_pool, p=np.append(probs, 1 - probs.sum()))
     defects = np.array([*names, "none"], dtype=object)[draw]
@@ -175,26 +266,34 @@ def plan_pool(cfg: SynthConfig) -> pd.DataFrame:
     counted = rng.choice(clean_idx, size=min(len(clean_idx) // 2, cfg.rates.bomb + cfg.rates.hang), replace=False)
     defects[counted[: cfg.rates.bomb]] = "bomb"
     defects[counted[cfg.rates.bomb:]] = "hang"
+    classes = pool_classes(cfg)
+    clusters = _plant_boilerplate(cfg, defects, classes)
+    bases = {k: _cluster_base(cfg, k, classes[i]) for k, i in {k: i for i, k in clusters.items()}.items()}
     sources = np.flatnonzero(defects == "none")
-    n_eval = cfg.n_eval_per_class * cfg.n_classes
+    same_class = {c: sources[classes[sources] == c] for c in cfg.classes}
     rows = []
     for i, defect in enumerate(defects):
         r = np.random.default_rng([cfg.seed, POOL, i, 3])
         kind = {"tiny_image": "tiny", "pixel_image": "pixel", "extreme_aspect": "extreme"}.get(defect, "normal")
-        spec = _spec_for(cfg, POOL, i, kind)
-        row = {"index": i, "defect": defect, "spec": spec, "source": -1, "eval_index": -1, "lang": "en",
-               "transform": float(r.uniform(0, 1))}
+        spec = _spec_for(cfg, POOL, i, kind, cls=classes[i])
+        row = {"index": i, "defect": defect, "spec": spec, "source": -1, "eval_index": -1, "cluster": -1,
+               "lang": "en", "transform": float(r.uniform(0, 1))}
         text = _caption_for(cfg, POOL, i, spec)
-        if defect in DUPLICATES and len(sources):
-            src = int(r.choice(sources))
-            row["source"], row["spec"] = src, _spec_for(cfg, POOL, src)
+        if defect in DUPLICATES and len(sources):  # a source of the same class when there is one
+            src = int(r.choice(same_class[classes[i]] if len(same_class[classes[i]]) else sources))
+            row["source"], row["spec"] = src, _spec_for(cfg, POOL, src, cls=classes[src])
             same = defect == "exact_duplicate" and r.random() < 0.5
             text = _caption_for(cfg, POOL, src, row["spec"]) if same else \
                 cap.caption(r, row["spec"]["cls"], row["spec"]["color"], row["spec"]["texture"], row["spec"]["scale"])
-        elif defect == "eval_copy":
-            row["eval_index"] = int(r.integers(n_eval))
+        elif defect == "eval_copy":  # an evaluation image of the row's class (eval image j is of class j % n)
+            label = cfg.classes.index(classes[i])
+            row["eval_index"] = label + cfg.n_classes * int(r.integers(cfg.n_eval_per_class))
             row["spec"] = _spec_for(cfg, EVAL, row["eval_index"])
             text = cap.caption(r, row["spec"]["cls"], row["spec"]["color"], row["spec"]["texture"], 0.3)
+        elif defect == "boilerplate":
+            row["cluster"] = clusters[i]
+            base, template = bases[clusters[i]]
+            row["spec"], text = _jitter(base, r), cap.boilerplate(r, template)
         elif defect == "mismatch":
             other = str(r.choice([c for c in cfg.classes if c != spec["cls"]]))
             text = cap.caption(r, other, str(r.choice(sorted(COLORS))), str(r.choice(TEXTURES)), 0.3)
@@ -205,7 +304,9 @@ def plan_pool(cfg: SynthConfig) -> pd.DataFrame:
             text, row["lang"] = cap.gibberish(r), "none"
         elif defect == "short_caption":
             text = cap.short(r, spec["cls"], spec["color"])
-        row.setdefault("caption_cls", row["spec"]["cls"] if defect != "gibberish" else None)
+        elif defect == "uninformative":
+            text = cap.uninformative(r)
+        row.setdefault("caption_cls", row["spec"]["cls"] if defect not in ("gibberish", "uninformative") else None)
         ext = "png" if defect == "bomb" else "jpg"
         row["path"] = f"/img/{i:07d}.{ext}"
         row["url"] = cfg.base_url.rstrip("/") + row["path"]
@@ -345,8 +446,9 @@ def build_world(cfg: SynthConfig, world: str, runner, overwrite: bool = False, l
 def _write_tables(cfg: SynthConfig, world: str, plan: pd.DataFrame, n_eval: int, eval_shards: int) -> None:
     shards.write_table(os.path.join(world, "urls.parquet"), plan[["url", "text", "uid"]])
     truth = plan[["uid", "index", "url", "defect", "cls", "caption_cls", "lang", "source_uid", "eval_index",
-                  "expected_state"]]
+                  "cluster", "expected_state"]]
     shards.write_table(os.path.join(world, "truth.parquet"), truth)
+    shards.write_table(os.path.join(world, "classes.parquet"), class_table(cfg))
     routes = {}
     for row in plan.itertuples():
         if row.defect == "http_500":
@@ -377,4 +479,11 @@ def expected_state(defect: str, min_image_size: int) -> str:
 
 def read_truth(world: str) -> pd.DataFrame:
     return pd.read_parquet(os.path.join(world, "truth.parquet"))
+
+
+def read_classes(world: str) -> pd.DataFrame | None:
+    """The world's class frequencies (:func:`class_table`), or None when ``world`` has none (not a world, or one
+    written before they were recorded)."""
+    path = os.path.join(world, "classes.parquet")
+    return pd.read_parquet(path) if os.path.isfile(path) else None
 

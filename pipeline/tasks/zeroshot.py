@@ -4,7 +4,11 @@ embeddings, renormalised: CLIP's recipe); ``acc1``, ``acc5`` (with at least 5 cl
 
 Per image (:func:`per_image`): 1.0 when the top-1 (top-5) prediction is right, else 0; for
 ``mean_per_class_recall`` that credit weighted by ``n / (classes * n_c)`` (n images, ``classes`` present among
-the labels, ``n_c`` images of the image's class), so the mean over images is the mean of the per-class recalls."""
+the labels, ``n_c`` images of the image's class), so the mean over images is the mean of the per-class recalls.
+
+Per class (:func:`per_class`): ``acc1_class_<name>``, the top-1 accuracy on the images of that class (its recall),
+for every class with images; extra keys of the results line's ``metrics`` (DataComp's tools read ``main_metric``),
+so a report can compare frequent and rare classes of the training data."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from pipeline.models.encode import embed_images, encode_texts
 
 KIND = "zeroshot_classification"
 METRICS = ("acc1", "acc5", "mean_per_class_recall")
+CLASS_PREFIX = "acc1_class_"
 
 
 def classifier(model, tokenizer, classnames: list[str], templates: list[str], device: str) -> np.ndarray:
@@ -47,6 +52,13 @@ def per_image(image_emb: np.ndarray, weights: np.ndarray, labels: np.ndarray) ->
     return out
 
 
+def per_class(image_emb: np.ndarray, weights: np.ndarray, labels: np.ndarray,
+              classnames: list[str]) -> dict[str, float]:
+    """``acc1_class_<name>``: top-1 accuracy on each class's images, for the classes present among ``labels``."""
+    pred = np.argsort(-(image_emb @ weights.T), axis=1)[:, 0]  # as in metrics: the same pick among ties
+    return {f"{CLASS_PREFIX}{classnames[c]}": float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
+
+
 def run(task, ctx) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     data = read_evalset(task.data)
     if not data["classnames"] or (data["labels"] < 0).any():
@@ -55,4 +67,6 @@ def run(task, ctx) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     if key not in ctx.cache:
         ctx.cache[key] = classifier(ctx.model, ctx.tokenizer, data["classnames"], data["templates"], ctx.device)
     image_emb = embed_images(ctx.model, ctx.preprocess, data["images"], ctx.device)
-    return metrics(image_emb, ctx.cache[key], data["labels"]), per_image(image_emb, ctx.cache[key], data["labels"])
+    weights, labels = ctx.cache[key], data["labels"]
+    return ({**metrics(image_emb, weights, labels), **per_class(image_emb, weights, labels, data["classnames"])},
+            per_image(image_emb, weights, labels))
