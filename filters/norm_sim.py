@@ -95,6 +95,9 @@ class NormSimFilter(Filter):
         return {k: v for k, v in super().params().items() if k not in ("state_path", "dims")}
 
     def prepare(self, context: Any) -> None:
+        if not self.target:
+            raise UserError("norm_sim: no target; give the target set's image embeddings as its target parameter "
+                            "(in the shipped recipes: --var target=PATH)")
         try:
             target = load_target(self.target, self.tag)
         except UserError as exc:

@@ -186,6 +186,8 @@ def test_bad_parameters_and_targets_are_one_line_errors(tmp_path):
         build({"key": "norm_sim", "params": {"p": 3}})
     with pytest.raises(UserError, match="tau"):
         build({"key": "neg_clip_loss", "params": {"tau": 0}})
+    with pytest.raises(UserError, match="--var target=PATH"):
+        build({"key": "norm_sim"}).prepare(PoolContext("", [], None, str(tmp_path), QUIET))
     filt = build({"key": "norm_sim", "params": {"target": str(tmp_path / "missing.npy")}})
     with pytest.raises(UserError, match=r"^norm_sim\.target"):
         filt.prepare(PoolContext("", [], None, str(tmp_path), QUIET))
