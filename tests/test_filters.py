@@ -1,6 +1,7 @@
 """The filter contract over the whole registry, and DataComp's semantics pinned down."""
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,9 @@ class FakeContext:
     def sample(self, tag, kind, max_rows, seed=0, keep=None):  # keep: tested with the real PoolContext
         x = self.emb[tag][kind]
         return x[np.isfinite(x).all(axis=1)][:max_rows]
+
+    def each_part(self, tag, kind):  # the table is the pool's one part
+        yield SimpleNamespace(stem="part"), self.emb[tag][kind]
 
     def save(self, name, array):
         path = str(self.tmp / name)
@@ -47,6 +51,8 @@ def _instance(key, tmp_path, emb):
     if key == "image_cluster":
         params.update(target=str(tmp_path / "target.npy"), n_clusters=2)
         np.save(tmp_path / "target.npy", emb[TAG]["img"][:2])
+    if key == "density_prune":
+        params["n_clusters"] = 2
     if key == "text_match":
         params["vocab"] = "synthetic"
     filt = build({"key": key, "params": params})

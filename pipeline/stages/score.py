@@ -72,6 +72,21 @@ class PoolContext:
             out.append(np.ascontiguousarray(x[mask], dtype=np.float32))
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
+    def each_part(self, tag: str, kind: str):
+        """The pool's ``kind`` embeddings one part at a time (memory: one part): ``(part, float32 array)``,
+        row-aligned with the part's table."""
+        for part in self.parts:
+            arrays = load_embeddings(self.pool, part, (tag,), self.dirs)[tag]
+            if kind not in arrays:
+                raise UserError(f"no '{tag}_{kind}' embeddings for {part.stem}; run `winnow embed --tag {tag}`")
+            yield part, arrays[kind]
+
+    def uids(self, part: Part) -> np.ndarray:
+        """The part's uids (``u8,u8``) in row order."""
+        from pipeline.data.uid import uids_to_array
+
+        return uids_to_array(read_part(part, ["uid"])["uid"].array, sort=False)
+
     def save(self, name: str, array: np.ndarray) -> str:
         path = fsio.join(self.out, name)
         with fsio.atomic_open(path, "wb") as f:
