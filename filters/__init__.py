@@ -16,7 +16,6 @@ from .caption_chars import CaptionCharsFilter
 from .caption_words import CaptionWordsFilter
 from .clip import ClipFilter
 from .density_prune import DensityPruneFilter
-from .density_prune import DensityPruneFilter
 from .dfn import DfnFilter
 from .english import EnglishFilter
 from .image_cluster import ImageClusterFilter
@@ -35,7 +34,6 @@ REGISTRY: dict[str, type[Filter]] = {
     "dfn": DfnFilter,
     "text_match": TextMatchFilter,
     "image_cluster": ImageClusterFilter,
-    "density_prune": DensityPruneFilter,
     "density_prune": DensityPruneFilter,
     "neg_clip_loss": NegClipLossFilter,
     "norm_sim": NormSimFilter,
