@@ -37,13 +37,13 @@ Where the paper is silent or Winnow differs:
 - The paper deduplicates (SemDeDup) before DBP; budgets here are over the whole pool, so a later
   ``exclude_duplicates`` rule removes rows after the budgets were drawn.
 
-``prepare`` (on the driver) reads the pool part by part twice, never more than one part's embeddings at a time:
-pass 1 assigns every row, sums each cluster's distances and counts them in a coarse histogram of distances (at most
-4M counts) and saves each part's (cluster, distance) as int32; from the budgets and the histogram each cluster's
-boundary bin is known, and pass 2 reads only the saved arrays (and the uids of parts with rows in a boundary bin)
-to find each cluster's exact cut. ``clusters.npy`` (one row per cluster: size, d_intra, d_inter, complexity,
-budget and the cut) is what the workers read; each scores its part with k * d multiply-adds per row (on the CPU:
-at k = 100 a GPU would spend longer on the transfer).
+``prepare`` (on the driver) reads the pool part by part (``PoolContext.each_part``: one part's embeddings at a
+time): pass 1 assigns every row, sums each cluster's distances, counts them in a coarse histogram of distances (at
+most 4M counts) and saves each part's (cluster, distance) as int32; from the budgets and the histogram each
+cluster's boundary bin is known, and pass 2 reads only the saved arrays (and the uids of parts with rows in a
+partly kept bin) to find each cluster's exact cut. ``clusters.npy`` (one row per cluster: size, d_intra, d_inter,
+complexity, budget and the cut) is what the workers read; each scores its part with k * d multiply-adds per row
+(on the CPU: at k = 100 a GPU would spend longer on the transfer).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from pipeline.core.errors import UserError
 from .base import Filter, embedding
 
 SCALE = 1 << 20  # similarities and distances in units of 2^-20
-CELLS = 2**24  # similarities held at once
+CELLS = 2**22  # float64 values held at once by a batch (32 MB)
 HIST_CELLS = 2**22  # coarse histogram counts over all clusters
 FAR = np.int64(1) << 40  # a cut above every distance: keep nothing
 CLUSTERS = np.dtype([("size", "i8"), ("d_intra", "f8"), ("d_inter", "f8"), ("complexity", "f8"), ("budget", "i8"),
@@ -74,7 +74,7 @@ def assign(x: np.ndarray, centroids: np.ndarray, cells: int = CELLS) -> tuple[np
     1 - that similarity in units of 2^-20 (int64, 0..2^21). Rows that are not finite or are zero: cluster -1."""
     cluster = np.full(len(x), -1, np.int64)
     dist = np.zeros(len(x), np.int64)
-    batch = max(1, cells // max(1, len(centroids)))
+    batch = max(1, cells // (len(centroids) + (x.shape[1] if x.ndim == 2 else 0)))
     for s in range(0, len(x), batch):
         v = np.asarray(x[s: s + batch], np.float64)
         norm = np.sqrt((v * v).sum(axis=1))
@@ -117,7 +117,7 @@ def budgets(complexity: np.ndarray, sizes: np.ndarray, total: int, temperature: 
     p = np.exp(z - z.max())
     target = p / p.sum() * total
     lower = np.minimum(sizes, 1) if total >= (sizes > 0).sum() else np.zeros_like(sizes)
-    lo, hi = float((target - sizes).min()) - 1, float((target - lower).max()) + 1  # f(lo) = sum(sizes), f(hi) = sum(lower)
+    lo, hi = float((target - sizes).min()) - 1, float((target - lower).max()) + 1  # sums: all sizes, all lower
     for _ in range(200):  # bisection on lambda: sum(clip(target - lambda, lower, sizes)) is non-increasing
         mid = (lo + hi) / 2
         if np.clip(target - mid, lower, sizes).sum() > total:

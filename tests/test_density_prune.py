@@ -34,7 +34,8 @@ def _write_metadata(folder, uids, img, splits):
     os.makedirs(folder, exist_ok=True)
     for j, (a, b) in enumerate(zip([0, *splits], [*splits, len(uids)])):
         stem = f"{j:032x}"
-        pd.DataFrame({"uid": uids[a:b], "text": ["a photo"] * (b - a)}).to_parquet(os.path.join(folder, f"{stem}.parquet"))
+        table = pd.DataFrame({"uid": uids[a:b], "text": ["a photo"] * (b - a)})
+        table.to_parquet(os.path.join(folder, f"{stem}.parquet"))
         np.savez(os.path.join(folder, f"{stem}.npz"), l14_img=img[a:b], l14_txt=img[a:b])
     return str(folder)
 
