@@ -53,6 +53,9 @@ def _instance(key, tmp_path, emb):
         np.save(tmp_path / "target.npy", emb[TAG]["img"][:2])
     if key == "density_prune":
         params["n_clusters"] = 2
+    if key == "norm_sim":
+        params["target"] = str(tmp_path / "target.npy")
+        np.save(tmp_path / "target.npy", emb[TAG]["img"][:2])
     if key == "text_match":
         params["vocab"] = "synthetic"
     filt = build({"key": key, "params": params})
