@@ -19,6 +19,7 @@ from .density_prune import DensityPruneFilter
 from .dfn import DfnFilter
 from .english import EnglishFilter
 from .image_cluster import ImageClusterFilter
+from .metaclip import MetaclipFilter
 from .min_side import MinSideFilter
 from .neg_clip_loss import NegClipLossFilter
 from .norm_sim import NormSimFilter
@@ -37,6 +38,7 @@ REGISTRY: dict[str, type[Filter]] = {
     "density_prune": DensityPruneFilter,
     "neg_clip_loss": NegClipLossFilter,
     "norm_sim": NormSimFilter,
+    "metaclip": MetaclipFilter,
 }
 
 

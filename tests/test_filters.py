@@ -14,8 +14,8 @@ TAG = "t"
 
 
 class FakeContext:
-    def __init__(self, emb, tmp_path):
-        self.emb, self.tmp = emb, tmp_path
+    def __init__(self, emb, tmp_path, table=None):
+        self.emb, self.tmp, self.table = emb, tmp_path, table
 
     def sample(self, tag, kind, max_rows, seed=0, keep=None):  # keep: tested with the real PoolContext
         x = self.emb[tag][kind]
@@ -23,6 +23,9 @@ class FakeContext:
 
     def each_part(self, tag, kind):  # the table is the pool's one part
         yield SimpleNamespace(stem="part"), self.emb[tag][kind]
+
+    def each_table(self, columns):  # the table is the pool's one part
+        yield SimpleNamespace(stem="part"), self.table
 
     def save(self, name, array):
         path = str(self.tmp / name)
@@ -46,7 +49,7 @@ def _table(n=6, offset=100):
     return table, emb
 
 
-def _instance(key, tmp_path, emb):
+def _instance(key, tmp_path, emb, table=None):
     params = {"tag": TAG} if "tag" in REGISTRY[key].__dataclass_fields__ else {}
     if key == "image_cluster":
         params.update(target=str(tmp_path / "target.npy"), n_clusters=2)
@@ -59,14 +62,14 @@ def _instance(key, tmp_path, emb):
     if key == "text_match":
         params["vocab"] = "synthetic"
     filt = build({"key": key, "params": params})
-    filt.prepare(FakeContext(emb, tmp_path))
+    filt.prepare(FakeContext(emb, tmp_path, table))
     return filt
 
 
 @pytest.mark.parametrize("key", sorted(REGISTRY))
 def test_filter_contract(key, tmp_path):
     table, emb = _table()
-    filt = _instance(key, tmp_path, emb)
+    filt = _instance(key, tmp_path, emb, table)
     before = copy.deepcopy(table)
     out = filt(table, emb)
     pd.testing.assert_frame_equal(table, before)  # input untouched

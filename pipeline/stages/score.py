@@ -81,6 +81,12 @@ class PoolContext:
                 raise UserError(f"no '{tag}_{kind}' embeddings for {part.stem}; run `winnow embed --tag {tag}`")
             yield part, arrays[kind]
 
+    def each_table(self, columns):
+        """The pool's tables one part at a time (memory: one part), only ``columns`` plus ``state``:
+        ``(part, DataFrame)``."""
+        for part in self.parts:
+            yield part, read_part(part, list(columns), uid=False)
+
     def uids(self, part: Part) -> np.ndarray:
         """The part's uids (``u8,u8``) in row order."""
         from pipeline.data.uid import uids_to_array
