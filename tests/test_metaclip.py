@@ -240,3 +240,13 @@ def test_bad_parameters_are_one_line_errors(tmp_path):
         _run(folder, tmp_path / "out", tmp_path / "cache", entries=str(tmp_path / "nope.json"))
     with pytest.raises(UserError, match="metaclip: t is a number of pairs"):
         _run(folder, tmp_path / "out2", tmp_path / "cache", t=-1)
+
+
+def test_only_candidates_are_counted(tmp_path):
+    # 40 "a photo of a dog" rows, 30 of them failed downloads: the 10 candidates count 10 <= t, so all are kept
+    frame = _frame(40)
+    frame["text"] = "a photo of a dog"
+    frame["state"] = ["ok"] * 10 + ["http_error"] * 30
+    got, doc = _run(_write(tmp_path / "pool", frame, [20]), tmp_path / "out", tmp_path / "cache", t=10)
+    ok = np.sort(np.array([(int(u[:16], 16), int(u[16:], 16)) for u in frame["uid"][:10]], UID_DTYPE))
+    assert doc["kept"] == 10 and np.array_equal(got, ok)
