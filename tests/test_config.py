@@ -57,10 +57,10 @@ def test_missing_and_invalid_yaml_files(tmp_path):
 
 
 def test_a_nested_set_changes_only_the_key_it_names():
-    """``--set demo.dist.steps=50`` keeps the demo's own DiST settings (32 px, 4 per class) for the other keys."""
+    """``--set demo.dist.steps=50`` keeps the demo's own DiST settings (32 px, 5 per class) for the other keys."""
     cfg = load(RunConfig, demo_config_path(), ["demo.dist.steps=50"])
     assert cfg.demo.dist.steps == 50
-    assert (cfg.demo.dist.size, cfg.demo.dist.per_class, cfg.demo.dist.batch) == (32, 4, 48)
+    assert (cfg.demo.dist.size, cfg.demo.dist.per_class, cfg.demo.dist.batch) == (32, 5, 64)
     assert load(RunConfig, None, ["demo.patchmix.size=48"]).demo.patchmix.per_class == 12
     assert load(RunConfig, None, []).dist.size == 128  # the command's own section keeps the class default
 
