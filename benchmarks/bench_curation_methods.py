@@ -158,6 +158,8 @@ def main() -> None:
         print(f"bench: {want} files need {(want - have) * per_file / 1e9:.0f} GB more, {free / 1e9:.0f} GB free "
               f"(keeping 5 GiB): measuring {fits} files", flush=True)
         want = int(fits)
+        if not want:
+            raise SystemExit(f"bench: no file fits in {root}; free some space or pass --keep on a larger disk")
     t = time.time()
     words = concepts()
     for k in range(want):

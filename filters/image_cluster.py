@@ -75,12 +75,9 @@ def load_matrix(path: str, what: str) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def load_target(path: str, tag: str) -> np.ndarray:
-    """The target image embeddings: one ``.npy``/``.pt`` file, or a folder of them and/or of ``.npz`` files with
-    ``<tag>_img`` (DataComp ships ImageNet-1k's as five ``in1k_clip_vit_l14_<i>.pt``), rows without a value
-    dropped."""
-    from pipeline.data.parts import load_npz
-
+def target_files(path: str, tag: str) -> list[str]:
+    """The files of a target: one ``.npy``/``.pt`` file, or a folder's ``.npy``/``.pt`` files and ``.npz`` files
+    with ``<tag>_img`` (DataComp ships ImageNet-1k's as five ``in1k_clip_vit_l14_<i>.pt``), in name order."""
     matrices = (".npy", ".pt", ".pth")
     if path.endswith(matrices) and fsio.exists(path):
         files = [path]
@@ -91,10 +88,32 @@ def load_target(path: str, tag: str) -> np.ndarray:
     if not files:
         raise UserError(f"image_cluster.target {path!r}: give an .npy or .pt file of embeddings, or a folder of "
                         f".npy/.pt files or of .npz files with '{tag}_img'")
-    arrays = [load_npz(f, tag)["img"] if f.endswith(".npz") else load_matrix(f, f"image_cluster.target {f}")
-              for f in files]
-    target = np.concatenate(arrays).astype(np.float32)
-    return target[np.isfinite(target).all(axis=1)]
+    return files
+
+
+def each_target(path: str, tag: str, rows: int = 65_536):
+    """The target image embeddings a block of at most ``rows`` rows at a time (float32, rows without a value
+    dropped): an ``.npy`` is read memory-mapped, a ``.pt`` or ``.npz`` file one file at a time, so memory is one
+    block (or one such file), never the whole target."""
+    from pipeline.data.parts import load_npz
+
+    for f in target_files(path, tag):
+        if f.endswith(".npy"):
+            arr = fsio.load_npy(f, f"image_cluster.target {f}", mmap=True)
+            if arr.ndim != 2:
+                raise UserError(f"image_cluster.target {f}: expected a 2-d array, got shape {arr.shape}")
+        else:
+            arr = load_npz(f, tag)["img"] if f.endswith(".npz") else load_matrix(f, f"image_cluster.target {f}")
+        for s in range(0, len(arr), rows):
+            block = np.asarray(arr[s: s + rows], np.float32)
+            yield block[np.isfinite(block).all(axis=1)]
+        del arr
+
+
+def load_target(path: str, tag: str) -> np.ndarray:
+    """The whole target as one float32 array (see ``each_target``)."""
+    blocks = list(each_target(path, tag))
+    return np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
 
 
 def caption_mask(part, fasttext_model: str = "") -> np.ndarray:

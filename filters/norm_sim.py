@@ -20,8 +20,8 @@ downstream tasks' training sets as the target).
   rows at a time: memory is the part, one target chunk and one block of at most ``CELLS`` similarities.
 
 The target is an ``.npy``/``.pt`` file of image embeddings or a folder of them and/or of ``.npz`` files with
-``<tag>_img`` (``image_cluster.load_target``); rows without a value are dropped. Rows of the pool without an image
-embedding score NaN.
+``<tag>_img`` (``image_cluster.each_target``, read a block of rows at a time: ``prepare`` never holds the whole
+target); rows without a value are dropped. Rows of the pool without an image embedding score NaN.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pipeline.core import fsio
 from pipeline.core.errors import UserError
 
 from .base import Filter, embedding
-from .image_cluster import load_target
+from .image_cluster import each_target
 
 CELLS = 2**24  # similarities held at once: 64 MB of float32
 
@@ -98,22 +98,26 @@ class NormSimFilter(Filter):
         if not self.target:
             raise UserError("norm_sim: no target; give the target set's image embeddings as its target parameter "
                             "(in the shipped recipes: --var target=PATH)")
-        try:
-            target = load_target(self.target, self.tag)
-        except UserError as exc:
-            raise UserError(str(exc).replace("image_cluster.target", "norm_sim.target")) from None
-        if not len(target):
-            raise UserError(f"norm_sim.target {self.target!r} holds no finite embedding")
+        def blocks():
+            try:
+                yield from each_target(self.target, self.tag)
+            except UserError as exc:
+                raise UserError(str(exc).replace("image_cluster.target", "norm_sim.target")) from None
+
+        rows = 0
         if math.isinf(self.p):
-            self.state_path = context.save("target.npy", np.ascontiguousarray(target, np.float32))
+            self.state_path, (rows, self.dims) = context.save_blocks("target.npy", blocks)
         else:
-            moment = np.zeros((target.shape[1],) * 2)
-            for s in range(0, len(target), 65536):
-                chunk = target[s: s + 65536].astype(np.float64)
-                moment += chunk.T @ chunk
-            self.state_path = context.save("second_moment.npy", moment)
-        self.dims = int(target.shape[1])
-        context.log(f"norm_sim: {len(target):,} target images of {self.dims} dimensions; p = {self.p:g}")
+            moment = None
+            for block in blocks():
+                x = block.astype(np.float64)
+                moment = x.T @ x if moment is None else moment + x.T @ x
+                rows += len(block)
+            if moment is not None and rows:
+                self.state_path, self.dims = context.save("second_moment.npy", moment), int(moment.shape[0])
+        if not rows:
+            raise UserError(f"norm_sim.target {self.target!r} holds no finite embedding")
+        context.log(f"norm_sim: {rows:,} target images of {self.dims} dimensions; p = {self.p:g}")
 
     def score(self, part, embeddings):
         img = embedding(embeddings, self.tag, "img", len(part))

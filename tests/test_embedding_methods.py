@@ -181,6 +181,33 @@ def test_norm_sim_inf_reads_the_target_in_chunks(tmp_path):
         assert np.allclose(norm_sim_inf(x, mapped, cells=cells), expected, atol=1e-6)
 
 
+def test_norm_sim_reads_a_target_folder_block_by_block_and_drops_rows_without_a_value(tmp_path):
+    """A target of several files (an .npy and an .npz) is read a block at a time; the scores equal those of the
+    whole target held at once, and rows with a NaN are left out."""
+    from filters.image_cluster import each_target
+
+    rng = np.random.default_rng(5)
+    x, target = _unit(rng.normal(size=(9, 6))), _unit(rng.normal(size=(23, 6))).astype(np.float32)
+    folder = tmp_path / "target"
+    folder.mkdir()
+    with_nan = target[:15].copy()
+    with_nan[4] = np.nan
+    np.save(folder / "a.npy", with_nan)
+    np.savez(folder / "b.npz", l14_img=target[15:].astype(np.float16))
+    blocks = list(each_target(str(folder), "l14", rows=4))
+    assert max(len(b) for b in blocks) <= 4 and sum(len(b) for b in blocks) == 22
+    kept = np.concatenate([np.delete(target[:15], 4, axis=0), target[15:].astype(np.float16).astype(np.float32)])
+    sims = np.abs(x.astype(np.float64) @ kept.T.astype(np.float64))
+    for p, expected in ((2, np.sqrt((sims ** 2).sum(axis=1))), (math.inf, sims.max(axis=1))):
+        filt = build({"key": "norm_sim", "params": {"target": str(folder), "p": p}})
+        out = tmp_path / f"state{p}"
+        out.mkdir()
+        filt.prepare(PoolContext("", [], None, str(out), QUIET))
+        assert np.allclose(filt(pd.DataFrame({"uid": [str(i) for i in range(9)]}),
+                                {"l14": {"img": x, "txt": x}})[filt.column].to_numpy(), expected, atol=1e-5)
+    assert np.load(tmp_path / "stateinf" / "target.npy").shape == (22, 6)
+
+
 def test_bad_parameters_and_targets_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="p is 2 or inf"):
         build({"key": "norm_sim", "params": {"p": 3}})

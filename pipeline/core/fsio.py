@@ -184,9 +184,12 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def load_npy(path: str, what: str):
+def load_npy(path: str, what: str, mmap: bool = False):
     """A numeric ``.npy`` array, never unpickled: object arrays, other formats and damaged files are one
-    UserError line naming ``what``."""
+    UserError line naming ``what``. ``mmap``: memory-mapped read-only (an object store's file is copied to the
+    local cache first)."""
+    import contextlib
+
     import numpy as np
 
     from pipeline.core.errors import UserError
@@ -194,9 +197,10 @@ def load_npy(path: str, what: str):
     fs, p = get_fs(path)
     if not fs.exists(p):
         raise UserError(f"{what}: file not found")
-    with fs.open(p, "rb") as f:
+    source = local_copy(path).removeprefix("file://") if mmap else None
+    with (contextlib.nullcontext(source) if mmap else fs.open(p, "rb")) as f:
         try:
-            arr = np.load(f, allow_pickle=False)
+            arr = np.load(f, allow_pickle=False, mmap_mode="r" if mmap else None)
         except ValueError as exc:
             why = "it holds Python objects (pickled), which are never loaded" if "allow_pickle" in str(exc) \
                 else " ".join(str(exc).split())[:160]

@@ -99,6 +99,25 @@ class PoolContext:
             np.save(f, array)
         return path
 
+    def save_blocks(self, name: str, blocks) -> tuple[str, tuple[int, int]]:
+        """One float32 ``.npy`` of the rows of ``blocks()`` (a function returning an iterator of 2-d blocks with
+        equal columns), written a block at a time: memory is one block, not the array. ``blocks`` is called
+        twice (rows counted, then written). Returns the path and the array's shape."""
+        rows, dims = 0, 0
+        for block in blocks():
+            rows, dims = rows + len(block), block.shape[1]
+        path = fsio.join(self.out, name)
+        with fsio.atomic_open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                     "fortran_order": False, "shape": (rows, dims)})
+            written = 0
+            for block in blocks():
+                f.write(np.ascontiguousarray(block, np.float32).tobytes())
+                written += len(block)
+        if written != rows:
+            raise ValueError(f"{name}: the blocks changed between the two passes ({rows} then {written} rows)")
+        return path, (rows, dims)
+
 
 def compact(values: np.ndarray) -> np.ndarray:
     """float32 when it holds every value exactly (NaN included), else float64."""
