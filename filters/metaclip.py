@@ -1,5 +1,9 @@
-"""MetaCLIP curation (Xu et al. 2023, "Demystifying CLIP Data", arXiv 2309.16671): column ``metaclip_score``, 1.0
-for a pair the balancing keeps, else 0.0; a recipe keeps ``score >= 1``.
+"""MetaCLIP curation (Xu et al. 2023, "Demystifying CLIP Data", arXiv 2309.16671): column ``metaclip_score``, at
+least 1.0 exactly for the pairs the balancing at ``t`` keeps; a recipe keeps ``score >= 1`` (``metaclip_balanced``).
+The score is t / t_pair, t_pair the smallest t at which the balancing keeps the pair (the draws fixed), so the
+score orders the pairs by how early balancing admits them: ``top_fraction`` over it is the balancing at the t that
+keeps that share of the pool (``demo_metaclip30``: MetaCLIP at the size of the other 30% subsets). Pairs matching
+no entry (or not English) score NaN: no t keeps them.
 
 The method (the paper's Algorithm 1, its released ``substr_matching.py`` and ``balancing.py``):
 
@@ -177,6 +181,25 @@ def balance(n: int, rows: np.ndarray, ids: np.ndarray, uid: np.ndarray, keys: np
     return keep
 
 
+def entry_thresholds(n: int, rows: np.ndarray, ids: np.ndarray, uid: np.ndarray, keys: np.ndarray,
+                     counts: np.ndarray, seed: int) -> np.ndarray:
+    """Per row, the smallest t at which balancing keeps it: entry e is drawn when u < min(1, t / count(e)), that
+    is when t > u x count(e), so the row enters at the least u x count(e) over its entries (inf: no entry)."""
+    out = np.full(n, np.inf)
+    if len(rows):
+        np.minimum.at(out, rows, draws(uid[rows], keys[ids], seed) * np.maximum(counts[ids], 1))
+    return out
+
+
+def rank_scores(keep: np.ndarray, thresholds: np.ndarray, t: float) -> np.ndarray:
+    """t / t_row, made to agree exactly with ``keep`` (the draws against p(e)) at the rounding boundary: >= 1 for
+    a kept row, < 1 for another; NaN for a row no t keeps."""
+    with np.errstate(divide="ignore"):
+        ratio = t / np.maximum(thresholds, 2.0**-60)
+    ratio = np.where(keep, np.maximum(ratio, 1.0), np.minimum(ratio, np.nextafter(1.0, 0.0)))
+    return np.where(np.isinf(thresholds), np.nan, ratio)
+
+
 def scaled_t(matched: int) -> int:
     """The paper's t = 20,000 for 1.6B matched pairs, at the same t / pool for ``matched`` pairs, at least 20."""
     return max(T_MIN, round(PAPER_T * matched / PAPER_POOL))
@@ -244,6 +267,7 @@ class MetaclipFilter(Filter):
         rows, ids = match(captions(part), table)
         uid = uids_to_array(part["uid"].array, sort=False) if len(rows) else np.zeros(0, "u8,u8")
         keep = balance(len(part), rows, ids, uid, table.keys, probabilities(counts, self.t_used), self.seed)
-        if keep.any():
-            keep &= self._english(part)
-        return pd.Series(keep.astype(float), index=part.index)
+        thresholds = entry_thresholds(len(part), rows, ids, uid, table.keys, counts, self.seed)
+        if len(rows):
+            thresholds[~self._english(part)] = np.inf
+        return pd.Series(rank_scores(keep & np.isfinite(thresholds), thresholds, self.t_used), index=part.index)

@@ -133,6 +133,28 @@ def test_balance_keeps_a_pair_when_any_entry_is_drawn():
     assert mc.balance(4, rows, ids, uid, keys, probs, 0).tolist() == [True, u[2] < probs[1], False, True]
 
 
+def test_the_score_orders_pairs_by_the_t_at_which_balancing_keeps_them():
+    """score >= 1 is the balancing at the filter's t, and score x t' / t >= 1 the balancing at any other t'
+    (the draws fixed): top_fraction over the score is MetaCLIP at the t that keeps that share."""
+    rng = np.random.default_rng(2)
+    n, entries = 3000, 40
+    uid = _uids(n)
+    rows = np.sort(rng.integers(0, n - 100, 5000))  # the last 100 rows match nothing
+    ids = rng.integers(0, entries, len(rows))
+    counts = np.bincount(ids, minlength=entries) * rng.integers(1, 4, entries)
+    keys = np.arange(1, entries + 1, dtype=np.uint64)
+    t0 = 100.0
+    thresholds = mc.entry_thresholds(n, rows, ids, uid, keys, counts, 7)
+    score = mc.rank_scores(mc.balance(n, rows, ids, uid, keys, mc.probabilities(counts, t0), 7), thresholds, t0)
+    assert np.isnan(score[n - 100:]).all() and np.isfinite(score[: n - 100][np.isin(np.arange(n - 100), rows)]).all()
+    for t in (3.0, 30.0, 100.0, 250.0, 10**6):
+        balanced = mc.balance(n, rows, ids, uid, keys, mc.probabilities(counts, t), 7)
+        with np.errstate(invalid="ignore"):
+            by_score = score * (t / t0) >= 1
+        assert (balanced != by_score).sum() == 0 if t == t0 else (balanced != by_score).sum() <= 1  # rounding only
+        assert 0 < balanced.sum() <= n - 100
+
+
 # --- the filter and the recipe on DataComp-shaped metadata folders ---------------------------------------------
 
 CLASSES = ["dog", "cat", "hot dog", "golden retriever", "red car", "bicycle", "teapot", "lighthouse", "violin",

@@ -52,6 +52,53 @@ def test_top_fraction_is_global_not_over_the_rows_left():
     assert [s["kept"] for s in log] == [10, 5, 1]
 
 
+def test_top_fraction_of_kept_ranks_among_the_rows_kept_so_far():
+    """of: kept: n = int(rows kept by the rules before it x fraction), T the (n+1)-th largest among them."""
+    recipe = load_recipe({"name": "t", "select": [
+        {"top_fraction": {"column": "s", "fraction": 0.5}},
+        {"top_fraction": {"column": "r", "fraction": 0.5, "of": "kept"}}]})
+    s = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    r = [9, 9, 9, 9, 1, 5, 3, 4, 2, 6]  # s >= 5 keeps rows 4..9 (r 1, 5, 3, 4, 2, 6): n = 3, T = 3
+    rows = Rows.from_frame(pd.DataFrame({"uid": [f"{i:032x}" for i in range(10)], "state": ["ok"] * 10,
+                                         "s": s, "r": r}))
+    log = []
+    kept = apply(recipe, rows, log)
+    assert np.flatnonzero(kept).tolist() == [5, 6, 7, 9] and log[-1]["threshold"] == 3.0
+    assert "kept so far" in log[-1]["rule"]
+    whole_pool = load_recipe({"name": "t", "select": [
+        {"top_fraction": {"column": "s", "fraction": 0.5}}, {"top_fraction": {"column": "r", "fraction": 0.5}}]})
+    assert np.flatnonzero(apply(whole_pool, rows)).tolist() == [5, 9]  # over the pool: T = 5 (of 9 9 9 9 6 5 ...)
+
+
+def test_top_fraction_of_kept_over_parts_equals_the_whole_pool_at_once(tmp_path):
+    """subset() finds an of: kept threshold with one more pass over the parts; the result equals the rule
+    applied to the whole pool held at once."""
+    from pipeline.stages.subset import subset
+
+    rng = np.random.default_rng(4)
+    frames = []
+    for j in range(3):
+        n = 50 + 20 * j
+        frame = pd.DataFrame({"uid": [f"{j:016x}{i:016x}" for i in range(n)], "text": ["a cat on a mat"] * n,
+                              "clip_b32_similarity_score": rng.uniform(0.1, 0.4, n).astype(np.float32),
+                              "original_width": rng.integers(10, 500, n), "original_height": rng.integers(10, 500, n)})
+        frame.to_parquet(tmp_path / f"{j:032x}.parquet")
+        frames.append(frame)
+    recipe = {"name": "within", "filters": [{"key": "clip", "params": {"tag": "b32"}}, {"key": "min_side"}],
+              "select": [{"top_fraction": {"column": "clip_b32_score", "fraction": 0.4}},
+                         {"top_fraction": {"column": "min_side_score", "fraction": 0.5, "of": "kept"}},
+                         {"top_fraction": {"column": "clip_b32_score", "fraction": 0.5, "of": "kept"}}]}
+    doc = subset(recipe, str(tmp_path), str(tmp_path / "out"), None, log=lambda m: None)
+    got = array_to_uids(np.load(tmp_path / "out" / "uids.npy"))
+    whole = pd.concat(frames, ignore_index=True)
+    rows = Rows.from_frame(pd.DataFrame({
+        "uid": whole["uid"], "state": "ok", "clip_b32_score": whole["clip_b32_similarity_score"].astype(float),
+        "min_side_score": np.minimum(whole["original_width"], whole["original_height"]).astype(float)}))
+    expected = sorted(whole["uid"][apply(load_recipe(recipe), rows)])
+    assert sorted(got) == expected and doc["kept"] == len(expected)
+    assert [s["kept"] for s in doc["steps"]] == [210, 85, 43, 22]  # int(0.4 x 210) + 1, int(85 / 2) + 1, int(43 / 2) + 1
+
+
 def test_only_downloaded_rows_are_candidates():
     kept = apply(load_recipe({"name": "all", "select": []}), _frame([1, 2, 3], ["ok", "http_error", "ok"]))
     assert kept.tolist() == [True, False, True]
@@ -93,6 +140,7 @@ def test_every_shipped_recipe_parses():
     ({"threshold": {"column": "s"}}, "min and/or max"),
     ({"keep_best": 3}, "one of threshold"),
     ({"union": []}, "non-empty list"),
+    ({"top_fraction": {"column": "s", "fraction": 0.5, "of": "rest"}}, "of: kept"),
 ])
 def test_bad_rules_are_user_errors(rule, fragment):
     with pytest.raises(UserError, match=fragment):

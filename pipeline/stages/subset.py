@@ -12,7 +12,10 @@ Rules apply in order, each narrowing the set (the manifest records the count aft
 - ``threshold: {column, min, max}``: keep ``min <= score <= max`` (either bound optional); NaN scores fail.
 - ``top_fraction: {column, fraction}``: DataComp's ``--fraction``: over the **whole pool** (every row with a
   score, not the rows left by earlier rules), ``n = int(len * fraction)``, ``T`` = the (n+1)-th largest score,
-  keep ``score >= T`` (ties at T are kept).
+  keep ``score >= T`` (ties at T are kept). ``of: kept`` ranks among the rows the rules before it (in this
+  recipe) keep instead, over the whole pool: ``n = int(kept * fraction)`` of them, the same rule otherwise, so
+  ``top_fraction 0.3 of clip`` then ``top_fraction 0.667 of: kept`` by another score keeps 20% of the pool
+  (Wang et al. 2024's negCLIPLoss then NormSim).
 - ``exclude_uids: PATH``: drop the uids of a ``.npy`` subset file (``u8,u8``) or a parquet with a ``uid`` column.
 - ``exclude_duplicates: {table, kinds, eps}``: drop the samples that ``winnow dedup`` marks as not kept in a
   duplicate group of one of ``kinds`` (``exact_image``, ``exact_pair``, ``near``, ``semantic``,
@@ -150,9 +153,12 @@ def _check_rule(rule: dict, name: str, variables, used: set | None = None) -> di
     elif kind == "threshold":
         for bound in {"min", "max"} & set(arg):
             _number(arg[bound], f"recipe {name!r}: threshold {bound}")
-    elif kind == "top_fraction" and (not isinstance(arg, dict) or set(arg) != {"column", "fraction"} or
+    elif kind == "top_fraction" and (not isinstance(arg, dict) or not {"column", "fraction"} <= set(arg) or
+                                     set(arg) - {"column", "fraction", "of"} or arg.get("of", "pool") not in
+                                     ("pool", "kept") or
                                      not 0 < _number(arg["fraction"], f"recipe {name!r}: fraction") <= 1):
-        raise UserError(f"recipe {name!r}: top_fraction takes column and a fraction in (0, 1]; got {arg!r}")
+        raise UserError(f"recipe {name!r}: top_fraction takes column, a fraction in (0, 1] and optionally of: pool "
+                        f"(default) or of: kept; got {arg!r}")
     elif kind == "exclude_duplicates" and (not isinstance(arg, dict) or not {"table", "kinds"} <= set(arg) or
                                            set(arg) - {"table", "kinds", "eps"} or not isinstance(arg["kinds"], list)):
         raise UserError(f"recipe {name!r}: exclude_duplicates takes table, kinds (a list) and optional eps; "
@@ -218,6 +224,7 @@ class Rows:
     get: Callable[[str], np.ndarray]
     thresholds: dict = field(default_factory=dict)
     lists: dict = field(default_factory=dict)  # exclusion lists by rule, loaded once per subset
+    pending: dict | None = None  # set on a pass that collects the values an ``of: kept`` threshold ranks
 
     @property
     def uid(self) -> np.ndarray:
@@ -245,12 +252,31 @@ class Rows:
         return cls(uids[order], order, (frame["state"] == OK).to_numpy(dtype=bool, na_value=False), get)
 
 
+class Pending(Exception):
+    """A pass over the pool stopped at an ``of: kept`` rule whose threshold is not known yet."""
+
+
+def _among_key(recipe: Recipe, index: int, arg: dict) -> tuple:
+    """The thresholds key of the ``of: kept`` rule at ``index`` of ``recipe`` (it depends on the rules before it)."""
+    import hashlib
+
+    before = json.dumps(recipe.to_dict()["select"][:index], sort_keys=True, default=str)
+    return (arg["column"], float(arg["fraction"]), "kept", hashlib.sha256(before.encode()).hexdigest()[:16])
+
+
+def ranks_among_kept(recipe: Recipe) -> bool:
+    """Whether the recipe or a sub-recipe has a ``top_fraction ... of: kept`` rule."""
+    return any((kind == "top_fraction" and arg.get("of", "pool") == "kept") or
+               any(ranks_among_kept(sub) for sub in _subrecipes(rule))
+               for rule in recipe.select for kind, arg in rule.items())
+
+
 def top_fractions(recipe: Recipe) -> set[tuple[str, float]]:
-    """Every (column, fraction) of a top_fraction rule in the recipe and its sub-recipes."""
+    """Every (column, fraction) of a whole-pool top_fraction rule in the recipe and its sub-recipes."""
     out = set()
     for rule in recipe.select:
         kind, arg = next(iter(rule.items()))
-        if kind == "top_fraction":
+        if kind == "top_fraction" and arg.get("of", "pool") == "pool":
             out.add((arg["column"], float(arg["fraction"])))
         for sub in _subrecipes(rule):
             out |= top_fractions(sub)
@@ -275,12 +301,16 @@ def apply(recipe: Recipe, rows: Rows, log: list[dict] | None = None) -> np.ndarr
             text = f"{arg.get('min', '-inf')} <= {arg['column']} <= {arg.get('max', 'inf')}"
         elif kind == "top_fraction":
             values = np.asarray(rows.get(arg["column"]), dtype=float)
-            key = (arg["column"], float(arg["fraction"]))
+            among = arg.get("of", "pool") == "kept"
+            key = _among_key(recipe, i, arg) if among else (arg["column"], float(arg["fraction"]))
+            if key not in rows.thresholds and among and rows.pending is not None:  # a pass over the parts
+                rows.pending.setdefault(key, []).append(values[mask])
+                raise Pending(key)
             if key not in rows.thresholds:  # DataComp: over every candidate row, with or without a score
-                rows.thresholds[key] = top_fraction_threshold(values[rows.ok], key[1])
+                rows.thresholds[key] = top_fraction_threshold(values[mask] if among else values[rows.ok], key[1])
             threshold = rows.thresholds[key]
             keep = np.isfinite(values) & (values >= threshold)
-            text = f"top {key[1]:.0%} of the pool by {arg['column']}"
+            text = f"top {key[1]:.0%} {'of the rows kept so far' if among else 'of the pool'} by {arg['column']}"
             detail = {"threshold": threshold}
         elif kind in ("exclude_uids", "exclude_duplicates"):
             key = json.dumps(arg, sort_keys=True, default=str)
@@ -360,8 +390,11 @@ def explain(recipe: Recipe, scores, thresholds: dict) -> list[str]:
             lo, hi = float(arg.get("min", -np.inf)), float(arg.get("max", np.inf))
             bound = " and ".join([f">= {lo:g}"] * ("min" in arg) + [f"<= {hi:g}"] * ("max" in arg))
         else:
-            lo, hi = thresholds[column, float(arg["fraction"])], np.inf
-            bound = f">= {lo:.4g} (the top {float(arg['fraction']):.0%} threshold)"
+            fraction = float(arg["fraction"])
+            lo = thresholds.get((column, fraction), next((v for k, v in thresholds.items()
+                                                          if k[:3] == (column, fraction, "kept")), np.nan))
+            hi = np.inf
+            bound = f">= {lo:.4g} (the top {fraction:.0%} threshold)"
         with np.errstate(invalid="ignore"):
             kept = int(((values >= lo) & (values <= hi)).sum())
         finite = values[np.isfinite(values)]
@@ -386,8 +419,9 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
     overlaps the selection). A subset under 1% of the candidates logs why (each score rule's range beside its
     bound); an empty one, unless ``allow_empty``, raises :class:`RunFailed` with that line and writes nothing.
 
-    Memory: the whole pool's values of each top-fraction column (to find its threshold), one part's arrays, and
-    the kept uids (16 bytes each); no frame and no uid string."""
+    Memory: the whole pool's values of each top-fraction column (to find its threshold; for ``of: kept``, the
+    values of the rows kept before it, found by one more pass over the parts), one part's arrays, and the kept
+    uids (16 bytes each); no frame and no uid string."""
     from pipeline.stages.score import score
 
     require_finished(pool, allow_partial, "subset", log)
@@ -410,24 +444,41 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
         values = np.concatenate([scores.column(column, p)[scores.ok(p)] for p in scores.parts])
         thresholds[column, fraction] = top_fraction_threshold(values, fraction, in_place=True)
         del values
-    his, los, steps, lists, total = [], [], [], {}, 0
-    for part in scores.parts:
+    lists: dict = {}
+
+    def part_rows(part: Part, pending: dict | None = None) -> Rows:
         sorted_uid, order = scores.sorted_uids(part)
         columns: dict[str, np.ndarray] = {}  # each column read once per part
 
-        def get(name: str, part: Part = part, columns: dict = columns) -> np.ndarray:
+        def get(name: str) -> np.ndarray:
             if name not in columns:
                 columns[name] = scores.column(name, part)
             return columns[name]
 
-        rows = Rows(sorted_uid, order, scores.ok(part), get, thresholds, lists)
+        return Rows(sorted_uid, order, scores.ok(part), get, thresholds, lists, pending)
+
+    while ranks_among_kept(recipe):  # each pass finds one more ``of: kept`` threshold, in the rules' order
+        pending: dict = {}
+        for part in scores.parts:
+            try:
+                apply(recipe, part_rows(part, pending))
+            except Pending:
+                pass
+        if not pending:
+            break
+        for key, chunks in pending.items():
+            thresholds[key] = top_fraction_threshold(np.concatenate(chunks), key[1], in_place=True)
+    his, los, steps, total = [], [], [], 0
+    for part in scores.parts:
+        rows = part_rows(part)
+        order = rows.order
         part_steps: list[dict] = []
         kept = rows.kept(apply(recipe, rows, part_steps))
         his.append(kept["f0"].copy())
         los.append(kept["f1"].copy())
         steps = part_steps if not steps else [{**a, "kept": a["kept"] + b["kept"]} for a, b in zip(steps, part_steps)]
         total += len(order)
-        del rows, kept, columns
+        del rows, kept
     kept_rows = sum(len(h) for h in his)
     candidates = steps[0]["kept"] if steps else 0
     if kept_rows == 0 or kept_rows < 0.01 * candidates:
