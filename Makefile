@@ -5,7 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs/demo
 
-.PHONY: demo test bench clean
+METHODS := no_filter,demo_clip30,demo_negcliploss30,demo_negcliploss_normsim30,demo_density30,demo_metaclip30,dfn_30pct
+
+.PHONY: demo demo-methods test bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +17,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/winnow demo --out $(OUT)
+
+# The curation methods side by side at one subset size (30% of the pool), 3 seeds each (reuses what `make demo` did)
+demo-methods: $(STAMP)
+	$(BIN)/winnow demo --out $(OUT) --set "demo.train=[$(METHODS)]"
 
 test: $(STAMP)  # the fast tier (unit tests, under a minute), then the end-to-end tier; two processes each
 	$(BIN)/python -m pytest -q -ra -n 2 -m "not e2e and not gpu"
