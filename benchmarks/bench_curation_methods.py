@@ -18,8 +18,9 @@ first and, if the pool does not fit, the largest number of files that fits is me
 Each method is one fresh process tree (``python -m workflows.cli subset RECIPE --workers N``, a new score cache),
 its wall time (including Python's start and the local Dask cluster's) and the peak resident memory of every
 process (the driver, the Dask scheduler and workers), sampled every 0.2 s. ``--fraction-of-rows F`` measures on
-the first round(F x files) files and prints a linear extrapolation to the full size (time x files / measured files;
-memory is not extrapolated: a worker holds one part at a time, the driver the pool's score columns).
+the first round(F x files) files and prints a linear extrapolation to the full size (time x the rounds of one file
+per worker the full pool takes / the rounds measured: 1 file on 2 workers is one round of 64; memory is not
+extrapolated: a worker holds one part at a time, the driver the pool's score columns).
 Target: each method under 30 minutes on this 2-core machine, no process above 4 GiB.
 
     python benchmarks/bench_curation_methods.py [--rows 12800000] [--files 128] [--dim 768] [--workers 2]
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -178,7 +180,7 @@ def main() -> None:
         os.replace(pool + ".tmp", pool)
     with open(os.path.join(root, "normsim.yaml"), "w") as f:
         f.write(NORMSIM)
-    scale = args.files / want
+    scale = math.ceil(args.files / args.workers) / math.ceil(want / args.workers)  # rounds of one file per worker
     rows = sum(pq.ParquetFile(os.path.join(pool, f"{k:05d}.parquet")).metadata.num_rows for k in range(want))
     results = []
     for name in methods:
@@ -209,7 +211,8 @@ def main() -> None:
         results.append((name, recipe, variables, wall, mem, kept))
     print(f"\nmeasured on {rows:,} rows ({want} of {args.files} files, {args.dim}-d float16), {args.workers} workers; "
           f"wall time includes Python's and Dask's start" +
-          (f"; 'full' = measured x {scale:g}, a linear extrapolation" if scale != 1 else ""))
+          (f"; 'full' = measured x {scale:g} (rounds of one file per worker), a linear extrapolation"
+           if scale != 1 else ""))
     print(f"{'method':<12} {'measured s':>10} {'full s':>8} {'largest GiB':>11} {'tree GiB':>8} {'kept':>11}  settings")
     for name, recipe, variables, wall, mem, kept in results:
         shown = {k: (os.path.basename(v) if k == "target" else v) for k, v in variables.items()}

@@ -34,8 +34,11 @@ Where the paper is silent or Winnow differs:
 - Similarities are computed in float64 and rounded to multiples of 2^-20 before the argmax and the distance, so
   the driver (which counts the budgets' boundaries) and the workers (which score) agree on every row whatever
   their BLAS's summation order.
-- The paper deduplicates (SemDeDup) before DBP; budgets here are over the whole pool, so a later
-  ``exclude_duplicates`` rule removes rows after the budgets were drawn.
+- The paper deduplicates (SemDeDup) before DBP. ``within: PATH`` (a subset's ``uids.npy``, e.g. made by a recipe
+  with ``exclude_duplicates: {kinds: [semantic]}``, or a CLIP-score subset) restricts DBP to those rows: only they
+  are sampled for k-means, counted in the clusters and budgets (N = fraction x those with an embedding), and kept;
+  the others score NaN. Without it the budgets are over the whole pool, and a later ``exclude_duplicates`` rule
+  removes rows after the budgets were drawn.
 
 ``prepare`` (on the driver) reads the pool part by part (``PoolContext.each_part``: one part's embeddings at a
 time): pass 1 assigns every row, sums each cluster's distances, counts them in a coarse histogram of distances (at
@@ -133,6 +136,17 @@ def budgets(complexity: np.ndarray, sizes: np.ndarray, total: int, temperature: 
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def _within(path: str) -> np.ndarray:
+    """The ``within`` subset's uids (``u8,u8``)."""
+    from pipeline.data.uid import UID_DTYPE
+
+    uids = fsio.load_npy(path, f"density_prune.within {path}")
+    if uids.dtype != UID_DTYPE:
+        raise UserError(f"density_prune.within {path}: a subset's uids.npy holds {UID_DTYPE} uids, not {uids.dtype}")
+    return uids
+
+
 @functools.lru_cache(maxsize=4)
 def _load(path: str) -> np.ndarray:
     return fsio.load_npy(path, f"density_prune state {path}")
@@ -151,6 +165,7 @@ class DensityPruneFilter(Filter):
     seed: int = 0
     sample_rows: int = 500_000  # k-means training sample
     centroids: str = ""  # given centroids (.npy or .pt); empty: k-means over the pool
+    within: str = ""  # a subset's uids.npy: only its rows are clustered, budgeted and kept; empty: the whole pool
     centroids_path: str = ""  # set by prepare
     clusters_path: str = ""  # set by prepare: CLUSTERS, one row per cluster
 
@@ -181,7 +196,8 @@ class DensityPruneFilter(Filter):
         else:
             import faiss
 
-            x = context.sample(self.tag, "img", self.sample_rows, self.seed)
+            inside = None if not self.within else (lambda part: self._inside(context.uids(part)))
+            x = context.sample(self.tag, "img", self.sample_rows, self.seed, keep=inside)
             x = x[np.linalg.norm(x, axis=1) > 0] if len(x) else x
             if len(x) < self.n_clusters:
                 raise UserError(f"density_prune: {len(x)} image embeddings cannot make {self.n_clusters} clusters; "
@@ -198,6 +214,12 @@ class DensityPruneFilter(Filter):
             raise UserError("density_prune: the centroids must be at least 2 finite, non-zero rows")
         return centroids / norm
 
+    def _inside(self, uids: np.ndarray) -> np.ndarray:
+        """Which of ``uids`` DBP sees: all, or those of the ``within`` subset."""
+        from pipeline.data.uid import isin_uids
+
+        return np.ones(len(uids), bool) if not self.within else isin_uids(uids, _within(self.within))
+
     def prepare(self, context: Any) -> None:
         centroids = self._train(context)
         k = len(centroids)
@@ -212,6 +234,8 @@ class DensityPruneFilter(Filter):
                 raise UserError(f"density_prune: the centroids have {centroids.shape[1]} dimensions, the pool's "
                                 f"'{self.tag}' embeddings {x.shape[1]}; use the same embedding model")
             cluster, dist = assign(x, centroids)
+            if self.within:
+                cluster[~self._inside(context.uids(part))] = -1
             ok = cluster >= 0
             sizes += np.bincount(cluster[ok], minlength=k)
             sums += np.bincount(cluster[ok], weights=dist[ok], minlength=k)
@@ -219,7 +243,8 @@ class DensityPruneFilter(Filter):
             saved.append((part, context.save(f"_rows.{part.stem}.npy", np.stack([cluster, dist]).astype(np.int32))))
         n = int(sizes.sum())
         if not n:
-            raise UserError(f"density_prune: the pool has no image embedding with tag {self.tag!r}")
+            raise UserError(f"density_prune: the pool has no image embedding with tag {self.tag!r}" +
+                            (f" among the rows of {self.within}" if self.within else ""))
         table = np.zeros(k, CLUSTERS)
         table["size"] = sizes
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -267,10 +292,11 @@ class DensityPruneFilter(Filter):
             raise ValueError("density_prune: prepare() has not run")
         table = _load(self.clusters_path)
         cluster, dist = assign(img, _load(self.centroids_path))
-        ok = cluster >= 0
+        uids = uids_to_array(part["uid"].array, sort=False)
+        ok = (cluster >= 0) & self._inside(uids)
         out = np.full(len(part), np.nan)
         if ok.any():
-            uid = uids_to_array(part["uid"].array, sort=False)[ok]
+            uid = uids[ok]
             rule = table[cluster[ok]]
             d = dist[ok]
             below = (uid["f0"] < rule["cut_hi"]) | ((uid["f0"] == rule["cut_hi"]) & (uid["f1"] < rule["cut_lo"]))

@@ -184,6 +184,33 @@ def test_recipe_equals_the_rule_computed_directly(blobs, tmp_path, monkeypatch, 
     assert share[np.argmax(d_intra)] > share[np.argmin(d_intra)]
 
 
+def test_within_a_subset_only_its_rows_are_clustered_budgeted_and_kept(blobs, tmp_path):
+    """within: the paper's DBP after deduplication: here the 21 identical images (all but one) and a random third of
+    the rest are left out; the result is the rule computed directly over the rows left."""
+    rng = np.random.default_rng(8)
+    img, uids = blobs["img"], blobs["uids"]
+    copies = np.flatnonzero((img == img[np.argmax((img[:, None] == img[None]).all(axis=2).sum(axis=1))]).all(axis=1))
+    inside = rng.random(len(img)) > 1 / 3
+    inside[copies[1:]] = False
+    within = np.sort(np.array([(int(u[:16], 16), int(u[16:], 16)) for u, i in zip(uids, inside) if i], UID_DTYPE))
+    np.save(tmp_path / "within.npy", within)
+    doc = subset("density_30pct", blobs["folder"], str(tmp_path / "s"), None, cache=str(tmp_path / "c"),
+                 variables={"n_clusters": "6", "within": str(tmp_path / "within.npy")}, **QUIET)
+    got = np.load(tmp_path / "s" / "uids.npy", allow_pickle=False)
+    [folder] = glob.glob(str(tmp_path / "c" / "scores" / "*" / "density_prune_l14_score-*"))
+    centroids = np.load(os.path.join(folder, "centroids.npy"), allow_pickle=False)
+    sub = {"img": img[inside], "uids": [u for u, i in zip(uids, inside) if i]}
+    expected, _, budget, _ = _expected(sub, centroids)
+    assert len(copies) == 21 and np.array_equal(got, expected) and doc["kept"] == int(inside.sum() * 0.3)
+    assert np.isin(got.view("V16"), within.view("V16")).all()
+    table = np.load(os.path.join(folder, "clusters.npy"), allow_pickle=False)
+    assert table["size"].sum() == inside.sum() and table["budget"].tolist() == budget.tolist()
+    np.save(tmp_path / "bad.npy", np.arange(3))
+    with pytest.raises(UserError, match="density_prune.within .*holds"):
+        subset("density_30pct", blobs["folder"], str(tmp_path / "t"), None, cache=str(tmp_path / "c2"),
+               variables={"n_clusters": "6", "within": str(tmp_path / "bad.npy")}, **QUIET)
+
+
 def test_the_same_subset_from_another_cache_and_from_a_runner(blobs, tmp_path):
     variables = {"n_clusters": "6", "fraction": "0.2"}
     subset("density_30pct", blobs["folder"], str(tmp_path / "a"), None, cache=str(tmp_path / "ca"),

@@ -182,3 +182,10 @@ class DuplicateFinder:
         rows_all, firsts_all = np.concatenate(rows), np.concatenate(firsts)
         order = np.argsort(rows_all, kind="stable")
         return rows_all[order], firsts_all[order]
+
+
+def isin_uids(uids: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Boolean mask: which of ``uids`` (``u8,u8``) are in ``members`` (``u8,u8``), compared as 16-byte values."""
+    if not len(members):
+        return np.zeros(len(uids), bool)
+    return np.isin(np.ascontiguousarray(uids).view("V16"), np.ascontiguousarray(members).view("V16"))

@@ -46,7 +46,7 @@ from pipeline.core.errors import RunFailed, UserError
 from pipeline.data.ledger import OK
 from pipeline.data.parts import Part
 from pipeline.data.pool import require_finished
-from pipeline.data.uid import UID_DTYPE, sort_halves, sort_uids, uids_to_array
+from pipeline.data.uid import UID_DTYPE, isin_uids, sort_halves, sort_uids, uids_to_array
 from pipeline.run.stage import Stage
 
 RULES = ("threshold", "top_fraction", "exclude_uids", "exclude_duplicates", "intersect", "union")
@@ -202,13 +202,6 @@ def read_uid_list(path: str) -> np.ndarray:
         with fsio.open_read(path) as f:
             return uids_to_array(pq.read_table(f, columns=["uid"])["uid"])
     raise UserError(f"exclude_uids {path!r}: give a .npy subset file or a parquet with a uid column")
-
-
-def isin_uids(uids: np.ndarray, members: np.ndarray) -> np.ndarray:
-    """Boolean mask: which of ``uids`` (``u8,u8``) are in ``members`` (``u8,u8``), compared as 16-byte values."""
-    if not len(members):
-        return np.zeros(len(uids), bool)
-    return np.isin(np.ascontiguousarray(uids).view("V16"), np.ascontiguousarray(members).view("V16"))
 
 
 @dataclass
