@@ -194,3 +194,31 @@ def test_dfn_training_then_dfn_score_on_the_tiny_pool(embedded, local_cluster, t
     assert doc["steps"][-1]["rule"].endswith("dfn_dfn_score") and int(ok * 0.3) <= doc["kept"] <= int(ok * 0.3) + 2
     both = subset("dfn_and_basic", embedded["pool"], str(tmp_path / "both"), local_cluster, log=lambda m: None)
     assert both["kept"] <= doc["kept"]
+
+
+def test_the_demos_method_recipes_keep_thirty_percent_of_a_real_pool(embedded, local_cluster, tmp_path):
+    """make demo-methods' recipes (negCLIPLoss, negCLIPLoss then NormSim with the clean set as target, density
+    pruning, MetaCLIP) on the ingested tiny pool, embedded (and its clean set) under the demo's tag, on the
+    LocalCluster: each keeps 30% of the downloaded rows, the size the comparison holds fixed."""
+    pool, world = str(tmp_path / "pool"), embedded["world"]
+    shutil.copytree(embedded["pool"], pool)
+    clean = str(tmp_path / "clean")
+    shutil.copytree(os.path.join(world, "clean"), clean)
+    demo = EmbedConfig(model="winnow-tiny-clip", pretrained="", tag="demo", batch_size=32, decode_threads=2)
+    for folder in (pool, clean):
+        embed(folder, demo, local_cluster, log=lambda m: None)
+    fake_world = str(tmp_path / "world")
+    os.makedirs(fake_world)
+    os.symlink(clean, os.path.join(fake_world, "clean"))
+    ok = embedded["manifest"]["rows"]["ok"]
+    kept = {}
+    for name in ("demo_negcliploss30", "demo_negcliploss_normsim30", "demo_density30", "demo_metaclip30"):
+        doc = subset(name, pool, str(tmp_path / name), local_cluster, variables={"world": fake_world},
+                     log=lambda m: None)
+        kept[name] = doc["kept"]
+        uids = np.load(tmp_path / name / "uids.npy", allow_pickle=False)
+        assert len(uids) == doc["kept"] and len(np.unique(uids)) == len(uids)
+    assert int(ok * 0.3) <= kept["demo_negcliploss30"] <= int(ok * 0.3) + 1
+    assert kept["demo_density30"] == int(ok * 0.3)  # exact budgets (every downloaded row has an embedding)
+    assert int(int(ok * 0.45) * 0.667) <= kept["demo_negcliploss_normsim30"] <= int(int(ok * 0.45) * 0.667) + 3
+    assert 0.15 * ok < kept["demo_metaclip30"] <= int(ok * 0.3) + 1  # only English captions matching an entry

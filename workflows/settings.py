@@ -35,7 +35,9 @@ class DemoConfig:
         seeds: training seeds per subset; the report's intervals and paired tests count the spread over them.
         train: subsets trained and evaluated, every seed of each as one run, two runs side by side on two
             workers; ``no_filter`` (seed ``seeds[0]``) is trained first: its model is the CLIP scorer, standing
-            in for OpenAI's CLIP: a CLIP trained on uncurated web data.
+            in for OpenAI's CLIP: a CLIP trained on uncurated web data. ``make demo-methods`` sets it to the
+            curation methods at one size (30% of the pool): CLIP score, negCLIPLoss, negCLIPLoss then NormSim,
+            density pruning, MetaCLIP and DFN (``demo_*`` recipes), beside ``no_filter``.
         dfn: fine-tuning of that scorer on the world's clean set into the data filtering network (the DFN paper
             fine-tunes a pretrained CLIP on high-quality data); its model, pretrained and epochs are set here.
         copy_descriptor: training of the copy-detection descriptor (pipeline/models/copydetect.py) dedup uses.
