@@ -27,7 +27,24 @@ Target: each method under 30 minutes on this 2-core machine, no process above 4 
         [--methods negcliploss,normsim2,normsim_inf,density,metaclip] [--keep DIR] [--fraction-of-rows 0.0625]
         [--target-rows 1281167] [--var negcliploss.batches=1 ...]
 
-Measured (see the end of this docstring for the dated figures).
+Measured 2026-12-03 on the 2-core machine (12.8M rows, 128 files, 768-d float16, 2 workers; * = a run that shared
+the machine with other work, an upper bound):
+
+    method        setting                          rows measured  wall s   full s         largest process
+    metaclip      metaclip_balanced (t scaled: 80)  12.8M          374*     374            0.56 GiB driver
+    normsim2      1,281,167 target images           12.8M          604      604            2.94 GiB driver (1.97 of
+                                                                                           it the mapped target file)
+    density       100 clusters, k-means on 500k     12.8M          645*     645            3.10 GiB driver
+    negcliploss   K = 10, b = 32,768 (the paper's)  100k (1 file)  919      ~58,800 (16 h) 2.95 GiB worker
+    negcliploss   K = 1, b = 1,024                  12.8M          546*     546            3.01 GiB worker
+    normsim_inf   128,117 target images             100k (1 file)  483      ~30,900        2.01 GiB worker
+    normsim_inf   2,048 target images               100k (1 file)  27       ~1,700         1.62 GiB worker
+    normsim_inf   1,281,167 (ImageNet-1k train)     -              -        ~298,000 (83 h) (two-point linear fit)
+
+negCLIPLoss and NormSim_inf at the papers' settings are compute-bound: 12.8M x 32,768 x 768 x 10 = 3.2e15 and
+12.8M x 1.28M x 768 = 1.3e16 multiply-adds, about 16 h and 83 h on two cores (the measured files scaled by rounds
+of one file per worker; NormSim_inf's time is linear in the target's rows: 27 s + 3.6 ms per 1,000 target rows per
+file). Both run on the GPU when torch sees one.
 """
 
 from __future__ import annotations
