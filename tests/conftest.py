@@ -20,6 +20,19 @@ os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_ACCESS
 os.environ["WINNOW_CACHE"] = tempfile.mkdtemp(prefix="winnow-test-cache-")
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist each test process gets its share of the cores for torch's own threads: two processes
+    each running torch on every core oversubscribe the machine (the DiST build's L-BFGS beside a training run)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+_share_the_cores()
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     port = free_port()
