@@ -46,9 +46,10 @@ def nearest(x: np.ndarray, centroids: np.ndarray, cells: int = 2**25) -> np.ndar
     return out
 
 
-def load_matrix(path: str, what: str) -> np.ndarray:
+def load_matrix(path: str, what: str, mmap: bool = False) -> np.ndarray:
     """A float32 matrix from ``.npy`` (never unpickled) or a torch ``.pt``/``.pth`` file (``weights_only``: plain
-    arrays and tensors only; a dict is read at ``image_features``, DataComp's key)."""
+    arrays and tensors only; a dict is read at ``image_features``, DataComp's key). ``mmap``: an ``.npy`` is
+    returned memory-mapped, in its own dtype."""
     if path.endswith((".pt", ".pth")):
         import torch
 
@@ -69,10 +70,10 @@ def load_matrix(path: str, what: str) -> np.ndarray:
         if not isinstance(obj, np.ndarray) or obj.ndim != 2:
             raise UserError(f"{what}: expected a 2-d array (or a dict with image_features)")
         return obj.astype(np.float32)
-    arr = fsio.load_npy(path, what)
+    arr = fsio.load_npy(path, what, mmap=mmap)
     if arr.ndim != 2:
         raise UserError(f"{what}: expected a 2-d array, got shape {arr.shape}")
-    return arr.astype(np.float32)
+    return arr if mmap else arr.astype(np.float32)
 
 
 def target_files(path: str, tag: str) -> list[str]:
@@ -98,12 +99,7 @@ def each_target(path: str, tag: str, rows: int = 65_536):
     from pipeline.data.parts import load_npz
 
     for f in target_files(path, tag):
-        if f.endswith(".npy"):
-            arr = fsio.load_npy(f, f"image_cluster.target {f}", mmap=True)
-            if arr.ndim != 2:
-                raise UserError(f"image_cluster.target {f}: expected a 2-d array, got shape {arr.shape}")
-        else:
-            arr = load_npz(f, tag)["img"] if f.endswith(".npz") else load_matrix(f, f"image_cluster.target {f}")
+        arr = load_npz(f, tag)["img"] if f.endswith(".npz") else load_matrix(f, f"image_cluster.target {f}", mmap=True)
         for s in range(0, len(arr), rows):
             block = np.asarray(arr[s: s + rows], np.float32)
             yield block[np.isfinite(block).all(axis=1)]

@@ -98,6 +98,7 @@ class NormSimFilter(Filter):
         if not self.target:
             raise UserError("norm_sim: no target; give the target set's image embeddings as its target parameter "
                             "(in the shipped recipes: --var target=PATH)")
+
         def blocks():
             try:
                 yield from each_target(self.target, self.tag)
@@ -113,7 +114,7 @@ class NormSimFilter(Filter):
                 x = block.astype(np.float64)
                 moment = x.T @ x if moment is None else moment + x.T @ x
                 rows += len(block)
-            if moment is not None and rows:
+            if rows:
                 self.state_path, self.dims = context.save("second_moment.npy", moment), int(moment.shape[0])
         if not rows:
             raise UserError(f"norm_sim.target {self.target!r} holds no finite embedding")

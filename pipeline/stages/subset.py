@@ -31,6 +31,7 @@ Recipes may use ``${name}`` placeholders (``${name:-default}`` with a default), 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -251,8 +252,6 @@ class Pending(Exception):
 
 def _among_key(recipe: Recipe, index: int, arg: dict) -> tuple:
     """The thresholds key of the ``of: kept`` rule at ``index`` of ``recipe`` (it depends on the rules before it)."""
-    import hashlib
-
     before = json.dumps(recipe.to_dict()["select"][:index], sort_keys=True, default=str)
     return (arg["column"], float(arg["fraction"]), "kept", hashlib.sha256(before.encode()).hexdigest()[:16])
 
