@@ -24,7 +24,7 @@ from pipeline.synth.hostile import SECRET, Canary, HostileServer, hostile_rows
 pytestmark = pytest.mark.e2e
 
 CONFIG = dict(shard_size=16, timeout=5.0, deadline=10.0, retries=1, stall_seconds=60.0, thread_count=16,
-              min_image_size=0)
+              min_image_size=0, cpu_seconds=2.0)  # the EXIF bomb alone takes ~18 s of CPU
 
 
 def write_hostile_csv(path, rows) -> list[str]:
@@ -106,6 +106,19 @@ def test_images_in_odd_modes_arrive_as_correct_8bit_rgb(hostile):
     assert np.allclose(mean["grey_alpha.png"], 90, atol=2)
     assert np.allclose(mean["cmyk.jpg"], [255, 0, 0], atol=6)
     assert np.allclose(mean["grey.jpg"], 77, atol=2)
+    upright = np.asarray(Image.open(io.BytesIO(samples["rotated.jpg"])).convert("RGB"), dtype=float)
+    assert upright.shape[:2] == (64, 32)  # EXIF orientation 6 applied: the 64x32 image stands 32 wide, 64 high
+    assert upright[:28, :, 0].mean() > 180 and upright[36:, :, 2].mean() > 180  # red on top, blue below
+
+
+def test_a_costly_image_is_stopped_by_its_cpu_budget_and_its_neighbours_are_ok(hostile):
+    table = hostile["table"]
+    bomb = table[table["url"].str.endswith("/exif_bomb.jpg")]
+    assert list(bomb["state"]) == ["over_budget"] and "2 s of CPU" in bomb["error_message"].iloc[0]
+    same_shard = table[table["key"].str[:8] == bomb["key"].iloc[0][:8]]
+    expected = {r["url"].strip(): r["expected"] for r in hostile["rows"]}
+    good = same_shard[[expected[u] == "ok" for u in same_shard["url"]]]
+    assert len(good) and (good["state"] == "ok").all()
 
 
 def test_run_time_is_bounded_by_the_deadline_not_by_the_server(hostile):

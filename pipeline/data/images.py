@@ -107,6 +107,31 @@ def reencode_high_depth(data: bytes) -> bytes | None:
     return out.getvalue()
 
 
+def upright(data: bytes) -> bytes | None:
+    """PNG bytes of the image turned the way its EXIF orientation tag says (values 2-8), else None.
+
+    OpenCV (img2dataset's decoder) ignores the tag and the re-encoded JPEG carries no EXIF, so a phone photo
+    stored with orientation 6 would otherwise land on its side.
+    """
+    if sniff_format(data) not in ("jpeg", "tiff", "webp", "png"):
+        return None
+    from PIL import Image
+
+    T = Image.Transpose
+    turn = {2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRANSPOSE, 6: T.ROTATE_270,
+            7: T.TRANSVERSE, 8: T.ROTATE_90}
+    with Image.open(io.BytesIO(data)) as im:
+        method = turn.get(im.getexif().get(0x0112))
+        if method is None:
+            return None
+        turned = to_8bit(im).transpose(method)
+    if turned.mode not in ("1", "L", "LA", "RGB", "RGBA", "P"):
+        turned = turned.convert("RGB")
+    out = io.BytesIO()
+    turned.save(out, format="PNG", compress_level=1)  # lossless: the resizer encodes once
+    return out.getvalue()
+
+
 def open_rgb(data: bytes, draft_side: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Decode to an RGB PIL image, refusing more than ``max_pixels``.
 

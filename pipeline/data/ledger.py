@@ -33,6 +33,7 @@ STATES: dict[str, str] = {
     "too_small": "shorter side below the ingest minimum",
     "too_many_pixels": "more pixels than the ingest cap (decompression bomb guard)",
     "bad_aspect_ratio": "aspect ratio above the ingest maximum",
+    "over_budget": "checking, decoding and reading the metadata took more CPU than ingest.cpu_seconds allows",
     "bad_uid": "the input row's uid is not 1-32 hex characters",
     "duplicate_uid": "an earlier input row has the same uid; only the first is downloaded",
     "error": "any other failure (see error_message)",

@@ -125,8 +125,9 @@ def parse_url(url: str) -> tuple[str, str, int, str]:
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        raise FetchError("bad_url", f"unparseable url ({exc})") from None
+    except ValueError as exc:  # the library's message quotes the url: say what is wrong in our words
+        what = "port" if "port" in str(exc).lower() else "IPv6 address" if "ipv6" in str(exc).lower() else "url"
+        raise FetchError("bad_url", f"unparseable {what}") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         shown = scheme or "none"
@@ -217,6 +218,8 @@ def fetch(url: str, policy: UrlPolicy, limits: FetchLimits, user_agent: str = US
         except FetchError as exc:
             if not exc.transient or attempt == limits.retries or time.monotonic() >= deadline:
                 raise
+        except Exception as exc:  # noqa: BLE001 - whatever a server provokes is this URL's failure, never more
+            raise FetchError("error", f"unexpected {type(exc).__name__} while fetching") from None
     raise AssertionError("unreachable")
 
 
@@ -230,13 +233,12 @@ def _fetch_once(url: str, policy: UrlPolicy, limits: FetchLimits, deadline: floa
             outcome = exc
         except (TimeoutError, socket.timeout):
             outcome = FetchError("timeout", f"no data for {limits.timeout:g} s", transient=True)
-        except http.client.IncompleteRead as exc:
-            outcome = FetchError("connection_error", f"body ended after {len(exc.partial):,} bytes, "
-                                                     f"{exc.expected:,} more announced")
+        except http.client.IncompleteRead as exc:  # ``expected`` is None for a chunked body cut short
+            more = f", {exc.expected:,} more announced" if isinstance(exc.expected, int) else ""
+            outcome = FetchError("connection_error", f"body ended after {len(exc.partial or b''):,} bytes{more}")
         except OSError as exc:
             outcome = FetchError("connection_error", _short(exc), transient=True)
-        except (http.client.HTTPException, ValueError) as exc:
-            # http.client's messages can quote the server's status line: name the problem, not the content
+        except Exception as exc:  # noqa: BLE001 - http.client's errors can quote the server: name the kind only
             outcome = FetchError("connection_error", f"malformed HTTP answer ({type(exc).__name__})")
         finally:
             _WATCHDOG.cancel(entry)
@@ -246,7 +248,13 @@ def _fetch_once(url: str, policy: UrlPolicy, limits: FetchLimits, deadline: floa
         if isinstance(outcome, FetchError):
             raise outcome
         if isinstance(outcome, str):
-            url = urljoin(url, outcome)
+            try:
+                url = urljoin(url, outcome)
+                parse_url(url)
+            except (ValueError, FetchError) as exc:
+                state = exc.state if isinstance(exc, FetchError) and exc.state == "refused_url" else "bad_url"
+                reason = str(exc).split(": ", 1)[1] if isinstance(exc, FetchError) else "unparseable url"
+                raise FetchError(state, f"a redirect target: {reason}") from None
             continue
         return Response(url, *outcome)
     raise FetchError("http_error", f"more than {limits.max_redirects} redirects")

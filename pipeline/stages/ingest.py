@@ -56,6 +56,7 @@ INPUTS = shards.INPUTS
 TMP = "_tmp"
 DUPLICATES = "_duplicates.parquet"
 STARTUP_SECONDS = 300.0
+MESSAGE_CHARS = 240  # error messages are Winnow's own words, and short
 _FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json"}
 _CAPTION_NAMES = ("text", "caption")
 
@@ -84,7 +85,11 @@ class IngestConfig:
         allow_private_networks: fetch every non-public address (for a trusted list on a closed network).
         stall_seconds: a shard in which no sample finishes for this long has its in-flight rows abandoned
             (``stalled``); a safety net behind ``deadline``, so it must exceed it.
+        cpu_seconds: CPU seconds one image may spend being checked, decoded, resized and having its EXIF read
+            (a 90-megapixel PNG takes about 3); more is ``over_budget``, so a crafted file cannot hold up the
+            rows beside it.
         thread_count: concurrent downloads per shard.
+        decode_threads: images decoded at once per download process (decoded pixels held in memory).
         min_image_size: shorter side below this is ``too_small`` (DataComp: 0, the basic filter does it later).
         max_pixels: images with more pixels are refused before decoding (``too_many_pixels``).
         max_aspect_ratio: longer/shorter side above this is ``bad_aspect_ratio`` (DataComp: no limit).
@@ -112,7 +117,9 @@ class IngestConfig:
     allow_hosts: list[str] = field(default_factory=list)
     allow_private_networks: bool = False
     stall_seconds: float = 120.0
+    cpu_seconds: float = 10.0
     thread_count: int = 64
+    decode_threads: int = 2
     min_image_size: int = 0
     max_pixels: int = 89_478_485
     max_aspect_ratio: float = float("inf")
@@ -133,11 +140,13 @@ class IngestConfig:
         import codecs
         import ipaddress
 
-        if self.shard_size < 1 or self.thread_count < 1 or self.retries < 0 or self.max_redirects < 0:
-            raise UserError("ingest: shard_size >= 1, thread_count >= 1, retries >= 0 and max_redirects >= 0 "
-                            "are required")
-        if self.timeout <= 0 or self.max_pixels < 1 or self.image_size < 1 or self.max_bytes < 1:
-            raise UserError("ingest: timeout, max_pixels, max_bytes and image_size must be positive")
+        if self.shard_size < 1 or self.thread_count < 1 or self.retries < 0 or self.max_redirects < 0 or \
+                self.decode_threads < 1:
+            raise UserError("ingest: shard_size >= 1, thread_count >= 1, decode_threads >= 1, retries >= 0 and "
+                            "max_redirects >= 0 are required")
+        if self.timeout <= 0 or self.max_pixels < 1 or self.image_size < 1 or self.max_bytes < 1 or \
+                self.cpu_seconds <= 0:
+            raise UserError("ingest: timeout, cpu_seconds, max_pixels, max_bytes and image_size must be positive")
         if self.deadline < self.timeout:
             raise UserError(f"ingest: deadline ({self.deadline:g}) must be at least timeout ({self.timeout:g}): "
                             "it bounds a whole URL, timeout one network wait; raise it too, e.g. "
@@ -529,28 +538,43 @@ def _download(task: ShardTask, cfg: IngestConfig, rows: pd.DataFrame, blocked: d
 
 
 def _in_flight(progress: str) -> list[int]:
-    """Rows whose download had started and whose sample was not yet written, from the progress file."""
-    started, finished = set(), set()
+    """Rows at work when the download process stopped (their last mark in the progress file is ``+``: being
+    downloaded, or ``*``: being decoded); rows that were only waiting (``~``, ``=``) are not to blame."""
+    last: dict[int, str] = {}
     if os.path.exists(progress):
         with open(progress) as f:
-            for line in f:
-                if line[:1] in "+-" and line[1:].strip().isdigit():
-                    (started if line[0] == "+" else finished).add(int(line[1:]))
-    return sorted(started - finished)
+            for line in f:  # a last line without its newline may be cut short ("+1" of "+12"): not read
+                if line.endswith("\n") and line[:1] in "+~*=-" and line[1:].strip().isdigit():
+                    last[int(line[1:])] = line[0]
+    return sorted(i for i, mark in last.items() if mark in "+*")
+
+
+def _complete(table: pd.DataFrame, rows: pd.DataFrame, shard_id: int, shard_size: int) -> pd.DataFrame:
+    """img2dataset's rows in key order, one per input row: a row its sample loop dropped (it logs an exception
+    and writes nothing) comes back as a failed row, so no row is ever without a state."""
+    digits = math.ceil(math.log10(shard_size))  # img2dataset's key: shard id, then the row in this many digits
+    index = pd.to_numeric(table["key"]) % 10 ** digits if len(table) else pd.Series(dtype=int)
+    missing = sorted(set(range(len(rows))) - set(index.astype(int)))
+    if missing:
+        lost = rows.iloc[missing][[c for c in rows.columns if c in table.columns]].copy()
+        lost["key"] = [f"{shard_id * 10 ** digits + i:0{8 + digits}d}" for i in missing]
+        lost["status"] = "failed_to_download"
+        lost["error_message"] = "error: the download loop lost this row (an internal error); retry the shard"
+        table = pd.concat([table, lost], ignore_index=True)
+    return table.sort_values("key", kind="stable").reset_index(drop=True)
 
 
 def _commit(task: ShardTask, rows: pd.DataFrame, blocked: dict[int, str], work: str, start: float) -> dict:
     name = shards.shard_name(task.shard_id)
-    table = pd.read_parquet(os.path.join(work, f"{name}.parquet"))
-    table = table.sort_values("key", kind="stable").reset_index(drop=True)
-    if len(table) != len(rows):
-        raise RuntimeError(f"shard {name}: img2dataset wrote {len(table)} rows for {len(rows)} inputs")
+    table = _complete(pd.read_parquet(os.path.join(work, f"{name}.parquet")), rows, task.shard_id,
+                      task.config["shard_size"])
     table["url"] = rows["url"].to_numpy()  # every row keeps its url, whatever its state
     table["state"] = [classify(s, e) for s, e in zip(table["status"], table["error_message"])]
     for i, message in blocked.items():  # rows are in key order, i.e. input order
         table.at[i, "status"] = "failed_to_download"
         table.at[i, "error_message"] = message
         table.at[i, "state"] = classify("failed_to_download", message)
+    table["error_message"] = [m[:MESSAGE_CHARS] if isinstance(m, str) else m for m in table["error_message"]]
     target = shards.paths(task.pool, task.shard_id)
     fsio.atomic_move(os.path.join(work, f"{name}.tar"), target["tar"])
     shards.write_table(target["parquet"], table)

@@ -4,13 +4,19 @@ One such process runs beside each Dask worker (see :mod:`pipeline.stages.ingest`
 stdin, runs ``img2dataset.downloader.Downloader.download_shard`` for it (its thread pool, hashing, EXIF and
 resizer), and answers one JSON line. Four things are Winnow's:
 
-- the network fetch: img2dataset's urllib download is replaced by :func:`pipeline.stages.fetch.fetch` (URL policy,
-  per-URL deadline, byte cap); rows the parent marks as skipped (bad or duplicate uid, abandoned earlier) are
-  answered at once without a request;
-- a progress file: ``+<index>`` when a row's download starts and ``-<index>`` when its sample is written, so the
-  parent knows exactly which rows were in flight if this process stalls or dies;
-- the resizer first runs :func:`pipeline.data.images.inspect_image` (non-images, truncation, decompression bombs) and
-  converts 16-bit images to 8 bits, which OpenCV would clip;
+- each row's whole work runs in its download thread: the fetch (:func:`pipeline.stages.fetch.fetch`: URL policy,
+  per-URL deadline, byte cap, replacing img2dataset's urllib download), then :func:`_prepare`: the checks of
+  :func:`pipeline.data.images.inspect_image` (non-images, truncation, decompression bombs), 16-bit images
+  converted to 8 bits (OpenCV would clip them), the EXIF orientation applied, img2dataset's own resizer (and
+  blurrer), EXIF read from the Exif segment alone. Decoding holds one of ``decode_threads`` slots (pixels in
+  memory at once) and runs under a CPU budget (``cpu_seconds``, :mod:`pipeline.core.budget`), so one costly
+  image ends as ``over_budget`` instead of holding up its neighbours; any exception becomes the row's state.
+  img2dataset's single sample loop then only hashes and writes what the threads prepared. Rows the parent marks
+  as skipped (bad or duplicate uid, abandoned earlier) are answered at once without a request;
+- a progress file: per row ``+`` (download started), ``~`` (downloaded, waiting for a decode slot), ``*``
+  (decoding), ``=`` (prepared) and ``-`` (written), each followed by the row's index, so the parent knows exactly
+  which rows were at work (``+`` or ``*``) if this process stalls or dies; rows that were only waiting are
+  downloaded again;
 - the sample writer (:class:`ShardWriter`): the tar webdataset's ``TarWriter`` would write (members in extension
   order, mode 0444) with a fixed mtime and the samples in key order, so a shard's bytes depend only on its
   samples, not on the order the downloads finished in; and one parquet.
@@ -99,12 +105,72 @@ class ShardWriter:
         pq.write_table(pa.Table.from_pylist(self.rows, schema=self.schema), self.parquet)
 
 
+class _Fetched(io.BytesIO):
+    """A row's original image bytes with the outcome of :func:`_prepare` attached: img2dataset's loop hashes the
+    bytes, and asks the resizer and exifread for what the download thread already computed."""
+
+    def __init__(self, data: bytes, resized: tuple, exif: dict | None):
+        super().__init__(data)
+        self.resized, self.exif = resized, exif
+
+
+class _Precomputed:
+    """Stands in for img2dataset's resizer and its ``exifread`` module in its single sample loop."""
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        return img_stream.resized
+
+    @staticmethod
+    def process_file(img_stream, details=False):
+        return img_stream.exif or {}
+
+
+def _exif_segment(data: bytes) -> bytes | None:
+    """A JPEG's first APP1 Exif segment on its own (SOI + segment, at most 64 KiB): exifread follows offsets
+    anywhere in the file it is given, so it is given no more than the segment the EXIF standard allows."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker, length = data[pos + 1], int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\0\0":
+            return data[:2] + data[pos:pos + 2 + length]
+        if marker in (0xDA, 0xD9) or length < 2:  # image data or the end: no EXIF
+            return None
+        pos += 2 + length
+    return None
+
+
+def _prepare(data: bytes, cfg: dict, resizer, bbox, exifread) -> tuple[tuple, dict | None]:
+    """Everything done to one downloaded image, in its download thread: checks, 16-bit and orientation fixes,
+    img2dataset's resize (and blur), EXIF. Returns the resizer's tuple (its last item the error message) and the
+    EXIF tags as strings."""
+    from pipeline.data.images import inspect_image, reencode_high_depth, sniff_format, upright
+
+    problem = inspect_image(data, cfg["max_pixels"], cfg["check_truncation"])
+    if problem is not None:
+        return (None, None, None, None, None, problem), None
+    try:
+        fixed = upright(data)
+        fixed = reencode_high_depth(fixed or data) or fixed
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+        return (None, None, None, None, None, f"decode_error: {type(exc).__name__} while decoding"), None
+    resized = resizer(io.BytesIO(fixed or data), bbox)
+    exif = None
+    if cfg["extract_exif"] and resized[-1] is None:
+        source = _exif_segment(data) if sniff_format(data) == "jpeg" else data
+        try:
+            tags = exifread.process_file(io.BytesIO(source), details=False) if source else {}
+            exif = {k: str(v) for k, v in tags.items() if v is not None}
+        except Exception:  # noqa: BLE001 - as img2dataset: unreadable EXIF is no EXIF
+            exif = None
+    return resized, exif
+
+
 def _build(job: dict, progress: _Progress):
     downloader, resizer_module = _img2dataset()
-    Resizer = resizer_module.Resizer
+    import pyarrow as pa
 
+    from pipeline.core.budget import OverBudget, cpu_budget
     from pipeline.stages.fetch import USER_AGENT, FetchLimits, UrlPolicy, fetch_image_stream
-    from pipeline.data.images import inspect_image, reencode_high_depth
 
     cfg = job["config"]
     skip = set(job["skip"])
@@ -113,20 +179,55 @@ def _build(job: dict, progress: _Progress):
                          retries=cfg["retries"], max_redirects=cfg["max_redirects"])
     token = (cfg["user_agent_token"] or "").strip().lower()
     user_agent = f"{USER_AGENT} (compatible; {token})" if token else USER_AGENT
-    modulus = 10 ** math.ceil(math.log10(cfg["shard_size"])) if cfg["shard_size"] > 1 else 10
+    modulus = 10 ** math.ceil(math.log10(cfg["shard_size"]))  # a key ends with the row in this many digits
+    bboxes = None
+    if cfg["blur_bbox_col"]:
+        from img2dataset.blurrer import BoundingBoxBlurrer
+
+        with pa.memory_map(job["feather"]) as f:
+            bboxes = pa.ipc.open_file(f).read_all().column(cfg["blur_bbox_col"]).to_pylist()
+    resizer = resizer_module.Resizer(
+        image_size=cfg["image_size"], resize_mode=cfg["resize_mode"],
+        resize_only_if_bigger=cfg["resize_only_if_bigger"], encode_quality=cfg["encode_quality"],
+        encode_format=cfg["encode_format"], min_image_size=cfg["min_image_size"],
+        max_aspect_ratio=cfg["max_aspect_ratio"], blurrer=BoundingBoxBlurrer() if bboxes is not None else None,
+    )
+    import exifread
+
+    decoding = threading.BoundedSemaphore(cfg["decode_threads"])  # decoded pixels in memory at once
+
+    def fetch_and_prepare(index: int, url: str, ua_token, directives) -> tuple[io.BytesIO | None, str | None]:
+        stream, headers, error = fetch_image_stream(url, policy, limits, user_agent)
+        if stream is None:
+            return None, error
+        if directives and downloader.is_disallowed(headers, ua_token, directives):
+            return None, "disallowed: Use of image disallowed by X-Robots-Tag directive"
+        progress.mark("~", index)  # downloaded; waiting for a decode slot is not work in flight
+        with decoding:
+            progress.mark("*", index)
+            try:
+                with cpu_budget(cfg["cpu_seconds"]):
+                    resized, exif = _prepare(stream.getvalue(), cfg, resizer,
+                                             bboxes[index] if bboxes is not None else None, exifread)
+            except OverBudget:
+                return None, (f"over_budget: decoding and metadata parsing took more than {cfg['cpu_seconds']:g} s "
+                              "of CPU")
+        return _Fetched(stream.getvalue(), resized, exif), None
 
     def download(row, timeout, retries, user_agent_token, disallowed_header_directives):
         index, url = row
         if index in skip:
             return index, None, "skipped"
         progress.mark("+", index)
-        stream, headers, error = fetch_image_stream(url, policy, limits, user_agent)
-        if stream is not None and disallowed_header_directives and downloader.is_disallowed(
-                headers, user_agent_token, disallowed_header_directives):
-            return index, None, "disallowed: Use of image disallowed by X-Robots-Tag directive"
+        try:
+            stream, error = fetch_and_prepare(index, url, user_agent_token, disallowed_header_directives)
+        except Exception as exc:  # noqa: BLE001 - one row's failure is that row's state, never the shard's
+            stream, error = None, f"error: unexpected {type(exc).__name__} while downloading or decoding"
+        progress.mark("=", index)
         return index, stream, error
 
     downloader.download_image_with_retry = download  # the module global that Downloader.download_shard calls
+    downloader.exifread = _Precomputed  # its loop asks exifread for the tags; they were read in the thread
 
     class ProgressWriter(ShardWriter):
         def write(self, img_str, key, caption, meta):
@@ -136,32 +237,9 @@ def _build(job: dict, progress: _Progress):
                 raise _WriteFailed(exc) from None
             progress.mark("-", int(key) % modulus)
 
-    class GuardedResizer(Resizer):
-        def __call__(self, img_stream, blurring_bbox_list=None):
-            data = img_stream.getvalue()
-            problem = inspect_image(data, cfg["max_pixels"], cfg["check_truncation"])
-            if problem is not None:
-                return None, None, None, None, None, problem
-            try:
-                eight_bit = reencode_high_depth(data)
-            except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-                return None, None, None, None, None, f"decode_error: {type(exc).__name__}"
-            return super().__call__(io.BytesIO(eight_bit) if eight_bit else img_stream, blurring_bbox_list)
-
-    blurrer = None
-    if cfg["blur_bbox_col"]:
-        from img2dataset.blurrer import BoundingBoxBlurrer
-
-        blurrer = BoundingBoxBlurrer()
-    resizer = GuardedResizer(
-        image_size=cfg["image_size"], resize_mode=cfg["resize_mode"],
-        resize_only_if_bigger=cfg["resize_only_if_bigger"], encode_quality=cfg["encode_quality"],
-        encode_format=cfg["encode_format"], min_image_size=cfg["min_image_size"],
-        max_aspect_ratio=cfg["max_aspect_ratio"], blurrer=blurrer,
-    )
     return downloader.Downloader(
-        sample_writer_class=ProgressWriter, resizer=resizer, thread_count=cfg["thread_count"], save_caption=True,
-        extract_exif=cfg["extract_exif"], output_folder=job["out_dir"], column_list=job["columns"],
+        sample_writer_class=ProgressWriter, resizer=_Precomputed(), thread_count=cfg["thread_count"],
+        save_caption=True, extract_exif=cfg["extract_exif"], output_folder=job["out_dir"], column_list=job["columns"],
         timeout=cfg["timeout"], number_sample_per_shard=cfg["shard_size"], oom_shard_count=8,
         compute_hash="sha256", verify_hash_type=None, encode_format=cfg["encode_format"], retries=cfg["retries"],
         user_agent_token=token or None, disallowed_header_directives=cfg["disallowed_header_directives"],

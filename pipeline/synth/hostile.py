@@ -33,6 +33,40 @@ def _png(width: int, height: int, bit_depth: int, colour: int, raw: bytes) -> by
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
+def exif_bomb(tags: int = 24_000, values: int = 999) -> bytes:
+    """A valid 48 px JPEG whose EXIF block holds ``tags`` RATIONAL tags of ``values`` values each (all pointing
+    at one 8-byte value): about 300 KB that keep a pure-Python EXIF parser busy for minutes. The block is
+    longer than one APP1 segment allows, so it continues in APP2 segments (the JPEG stays decodable)."""
+    import numpy as np
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.full((48, 48, 3), 90, dtype=np.uint8)).save(out, format="JPEG")
+    jpeg = out.getvalue()
+    value_at = 8 + 2 + 12 * tags + 4
+    entries = b"".join(struct.pack("<HHII", 0x0100 + i % 0x7000, 5, values, value_at) for i in range(tags))
+    tiff = b"II*\x00" + struct.pack("<IH", 8, min(tags, 0xFFFF)) + entries + b"\0" * 4 + struct.pack("<II", 1, 3)
+    payload, segments = b"Exif\x00\x00" + tiff, []
+    for i, start in enumerate(range(0, len(payload), 65_533)):
+        part = payload[start:start + 65_533]
+        segments.append((b"\xff\xe1" if i == 0 else b"\xff\xe2") + struct.pack(">H", len(part) + 2) + part)
+    return jpeg[:2] + b"".join(segments) + jpeg[2:]
+
+
+def rotated_jpeg() -> bytes:
+    """A 64x32 JPEG (left half red, right half blue) tagged EXIF orientation 6: shown upright it is 32x64 with
+    red on top."""
+    from PIL import Image
+
+    im = Image.new("RGB", (64, 32), (220, 20, 20))
+    im.paste((20, 20, 220), (32, 0, 64, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    im.save(out, format="JPEG", quality=95, exif=exif)
+    return out.getvalue()
+
+
 def images() -> dict[str, bytes]:
     """The served image files: name -> bytes (all small)."""
     import numpy as np
@@ -63,6 +97,8 @@ def images() -> dict[str, bytes]:
         "grey.jpg": save(Image.new("L", (side, side), 77), "JPEG"),
         "corrupt.jpg": b"\xff\xd8\xff\xe0" + bytes(rng.integers(0, 256, 2000, dtype=np.uint8)) + b"\xff\xd9",
         "pixel_bomb.png": _png(40_000, 40_000, 8, 2, b"\0" * 64),
+        "exif_bomb.jpg": exif_bomb(),
+        "rotated.jpg": rotated_jpeg(),
     }
 
 
@@ -72,6 +108,7 @@ REDIRECTS = {
     "redirect/canary": "{canary}/secret.jpg", "redirect/metadata": "http://169.254.169.254/latest/meta-data/",
     "redirect/private": "http://10.0.0.1/admin.jpg", "redirect/file": "file:///etc/passwd",
     "redirect/ftp": "ftp://127.0.0.1/image.jpg",
+    "redirect/bad_ipv6": "http://[oops/x", "redirect/bad_port": "http://127.0.0.1:" + "9" * 45_000 + "/x.jpg",
 }
 
 
@@ -168,6 +205,20 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", str(len(data) // 2))
                 self.end_headers()
                 self.wfile.write(data)
+                self.close_connection = True
+            elif name in ("chunked_short", "chunked_bad_size"):
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                data = srv.files["ok.jpg"]
+                if name == "chunked_short":  # announces a chunk, sends half of it, closes
+                    self.wfile.write(b"%x\r\n" % len(data) + data[: len(data) // 2])
+                else:  # a chunk-size line that is no number
+                    self.wfile.write(b"%x\r\n%s\r\nzz" % (100, data[:100]) + f"{SECRET}\r\n".encode())
+                self.close_connection = True
+            elif name == "junk_status":
+                self.wfile.write(f"HTTP/1.1 2OO {SECRET}\r\nContent-Length: 3\r\n\r\nabc".encode())
                 self.close_connection = True
             elif name == "header_flood":
                 self.send_response(200)
@@ -318,6 +369,11 @@ def hostile_rows(base: str, canary: Canary) -> list[dict]:
         (f"{base}/header_flood", "connection_error"),
         (f"{base}/pixel_bomb.png", "too_many_pixels"),
         (f"{base}/brotli", "decode_error"),
+        (f"{base}/chunked_short", "connection_error"),
+        (f"{base}/chunked_bad_size", "connection_error"),
+        (f"{base}/junk_status", "connection_error"),
+        (f"{base}/redirect/bad_ipv6", "bad_url"),
+        (f"{base}/redirect/bad_port", "bad_url"),
         (f"{base}/corrupt.jpg", "decode_error"),
         # wrong content and HTTP errors (the secret must never reach error_message)
         (f"{base}/secret_500", "http_error"),
@@ -330,6 +386,7 @@ def hostile_rows(base: str, canary: Canary) -> list[dict]:
         (f"https://127.0.0.1:{base.rsplit(':', 1)[1]}/ok.jpg", "connection_error"),
         # good images in awkward forms
         (f"{base}/ok.jpg", "ok"),
+        (f"{base}/exif_bomb.jpg", "over_budget"),  # beside good images: they must not suffer
         (f"{base}/ok.png", "ok"),
         (f"{base}/grey16.png", "ok"),
         (f"{base}/rgb16.png", "ok"),
@@ -337,6 +394,7 @@ def hostile_rows(base: str, canary: Canary) -> list[dict]:
         (f"{base}/palette.png", "ok"),
         (f"{base}/grey_alpha.png", "ok"),
         (f"{base}/grey.jpg", "ok"),
+        (f"{base}/rotated.jpg", "ok"),
         (f"{base}/gzip_ok", "ok"),
         (f"{base}/redirect/chain", "ok"),
         (f"{base}/unicode/café au lait.jpg", "ok"),
