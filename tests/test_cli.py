@@ -89,3 +89,50 @@ def test_recipe_variables_are_checked_before_any_work(tmp_path):
     assert_user_error(winnow("subset", "clip_l14_30pct", "--pool", str(tmp_path), "--out", str(tmp_path / "o"),
                              "--var", "fraction=most"), "fraction must be a number")
     assert not (tmp_path / "o").exists()
+
+
+def test_bad_cluster_flags_are_one_line(tmp_path):
+    urls = tmp_path / "u.parquet"
+    pd.DataFrame({"url": ["http://127.0.0.1:9/x.jpg"], "text": ["a"]}).to_parquet(urls)
+    assert_user_error(winnow("ingest", str(urls), str(tmp_path / "p"), "--workers", "abc"), "--workers 'abc'")
+    assert_user_error(winnow("ingest", str(urls), str(tmp_path / "p"), "--workers", "0"), "whole number")
+    result = winnow("ingest", str(urls), str(tmp_path / "p2"), "--scheduler", "nonsense::")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("winnow: error:")]
+    assert len(errors) == 1 and "cannot reach the Dask scheduler at 'nonsense::'" in errors[0]
+    assert "tcp://HOST:8786" in errors[0]
+
+
+def test_a_cluster_whose_workers_die_while_starting_is_one_line(tmp_path):
+    """Every Dask worker process exits as it starts (a sitecustomize that kills spawned children): the
+    LocalCluster cannot start, and that is one line, not a traceback per nanny."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import os, sys\nif '--multiprocessing-fork' in sys.argv:\n    os._exit(3)\n")
+    urls = tmp_path / "u.parquet"
+    pd.DataFrame({"url": ["http://127.0.0.1:9/x.jpg"], "text": ["a"]}).to_parquet(urls)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-m", "workflows.cli", "ingest", str(urls), str(tmp_path / "p"),
+                             "--workers", "2"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "local Dask cluster of 2 worker processes could not start" in lines[0], lines
+
+
+def test_serve_binds_loopback_only_whatever_the_world_says(tmp_path):
+    assert_user_error(winnow("synth", str(tmp_path / "w"), "--set",
+                             "synth.base_url=http://127.0.0.1@0.0.0.0:8123"), "must be a loopback http URL")
+    from pipeline.core.errors import UserError
+    from pipeline.synth.server import WebPoolServer
+
+    site = tmp_path / "world" / "site"
+    site.mkdir(parents=True)
+    (site / "routes.json").write_text("{}")
+    for host in ("0.0.0.0", "10.0.0.5", "::", "example.org"):
+        with pytest.raises(UserError, match="loopback only"):
+            WebPoolServer(str(tmp_path / "world"), host=host, port=0)
+    with WebPoolServer(str(tmp_path / "world"), host="localhost", port=0) as server:
+        assert server.server_address[0] == "127.0.0.1"
+    # a hand-edited world manifest naming 0.0.0.0 is refused by `winnow serve` too
+    (tmp_path / "world" / "_manifest.json").write_text('{"params": {"base_url": "http://127.0.0.1@0.0.0.0:8124"}}')
+    assert_user_error(winnow("serve", str(tmp_path / "world")), "loopback only", "0.0.0.0")

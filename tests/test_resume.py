@@ -76,3 +76,25 @@ def test_killed_ingest_resumes_without_redoing_finished_shards(tiny_world, local
     assert after == before, "finished shards were rewritten"
     assert _samples(killed) == _samples(reference)
     assert sorted(os.listdir(killed)) == sorted(os.listdir(reference))
+
+
+def test_a_second_identical_ingest_is_refused_while_the_first_runs(tmp_path):
+    """The same command twice into one pool at once: the second says which process holds the pool (it used to
+    resume into it and delete the first one's scratch); the first finishes unharmed."""
+    with HostileServer() as hold:
+        urls = tmp_path / "urls.parquet"
+        pd.DataFrame({"url": [f"{hold.url}/hold", f"{hold.url}/ok.jpg"], "text": ["held", "ok"]}).to_parquet(urls)
+        cmd = [sys.executable, "-m", "workflows.cli", "ingest", str(urls), str(tmp_path / "pool"), "--workers", "1",
+               "--allow-hosts", "127.0.0.1", "--set", "ingest.shard_size=1"]
+        first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            assert hold.held.wait(180), "the held row was never requested"
+            second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        finally:
+            hold.release.set()
+        _, err = first.communicate(timeout=180)
+    assert first.returncode == 0, err
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert second.returncode == 2 and len(lines) == 1, second.stderr
+    assert f"being written by another run (ingest, process {first.pid} on" in lines[0]
+    assert [shards.read_table(str(tmp_path / "pool"), i)["state"].iloc[0] for i in (0, 1)] == ["ok", "ok"]

@@ -65,6 +65,7 @@ def test_overwrite_never_deletes_inside_the_url_list_folder(tmp_path):
     folder.mkdir()
     pd.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"], "text": ["a"]}).to_parquet(folder / "urls.parquet")
     manifest.StageRun("ingest", str(folder / "pool"), params={"an": "older run"}).open()
+    manifest.unlock(str(folder / "pool"))  # that older run has ended
     one_line(winnow("ingest", str(folder), str(folder / "pool"), "--overwrite"), 2,
              "inside this command's input folder", "choose another output folder")
     assert listing(folder / "pool") == ["_run.json"]

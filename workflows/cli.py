@@ -287,10 +287,12 @@ def flag_values(command: Command, args: argparse.Namespace) -> dict:
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
-    for name, key in (("scheduler", "cluster.scheduler"), ("workers", "cluster.n_workers")):
-        if getattr(args, name, None):
-            section, leaf = key.split(".")
-            out.setdefault(section, {})[leaf] = int(args.workers) if name == "workers" else args.scheduler
+    if getattr(args, "scheduler", None):
+        out.setdefault("cluster", {})["scheduler"] = args.scheduler
+    if getattr(args, "workers", None):
+        if not args.workers.strip().isdigit() or int(args.workers) < 1:
+            raise UserError(f"--workers {args.workers!r}: give a whole number of worker processes, e.g. --workers 2")
+        out.setdefault("cluster", {})["n_workers"] = int(args.workers)
     return out
 
 
@@ -378,6 +380,10 @@ def run(command: Command, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("winnow: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        from pipeline.data.manifest import release_all
+
+        release_all()
     return 0
 
 

@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -22,6 +24,70 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 TMP_MARK = ".tmp-"
+SCRATCH_PREFIX = "winnow-scratch-"  # local staging files and folders in the temporary folder
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+_TAG = re.compile(r"([0-9a-f]{6})-(\d+)-")
+
+
+def _tag() -> str:
+    """``<host hash>-<pid>-<random>``: who wrote a temporary file, so a later run can tell a dead writer's
+    leftovers from a live one's."""
+    return f"{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def scratch_dir(what: str, base: str | None = None) -> str:
+    """A new private local folder for work in progress (in ``base``, else the temporary folder), named so that
+    :func:`sweep_stale` removes it once its process is gone. The caller removes it when done."""
+    if base is None:
+        return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{_tag()}-{what}-")
+    os.makedirs(base, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"{_tag()}-{what}-", dir=base)
+
+
+def _gone(name: str) -> bool:
+    """True when a temporary name's writer tag names a process of this machine that has ended (a name without a
+    tag was written by an older version: gone too); False for live processes and other machines'."""
+    m = _TAG.match(name)
+    if m is None:
+        return True
+    if m.group(1) != _HOST:
+        return False
+    pid = int(m.group(2))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def sweep_stale(folder: str | None = None) -> int:
+    """Remove what killed processes of this machine left behind: half-written files (``name.tmp-<tag>``) under the
+    local ``folder``, and staging files and folders in the temporary folder. Returns how many were removed."""
+    import shutil
+
+    removed = 0
+    if folder and is_local(folder) and os.path.isdir(get_fs(folder)[1]):
+        for root, dirs, files in os.walk(get_fs(folder)[1]):
+            for name in files + dirs:
+                _, mark, tag = name.partition(TMP_MARK)
+                if mark and _gone(tag):
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True) if name in dirs else \
+                        _unlink(os.path.join(root, name))
+                    removed += 1
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        if name.startswith(SCRATCH_PREFIX) and _gone(name[len(SCRATCH_PREFIX):]):
+            path = os.path.join(tmp, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _unlink(path)
+            removed += 1
+    return removed
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
 
 
 def get_fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -123,7 +189,7 @@ def atomic_open(path: str, mode: str = "wb", fsync: bool = True) -> Iterator[IO[
     fs, p = get_fs(path)
     if isinstance(fs, LocalFileSystem):
         os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
-        tmp = f"{p}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+        tmp = f"{p}{TMP_MARK}{_tag()}"
         try:
             with open(tmp, mode) as f:
                 yield f
@@ -135,7 +201,7 @@ def atomic_open(path: str, mode: str = "wb", fsync: bool = True) -> Iterator[IO[
             if os.path.exists(tmp):
                 os.remove(tmp)
     else:
-        fd, tmp = tempfile.mkstemp(prefix="winnow-upload-")
+        fd, tmp = tempfile.mkstemp(prefix=f"{SCRATCH_PREFIX}{_tag()}-upload-")
         try:
             with os.fdopen(fd, mode) as f:
                 yield f

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import json
 import os
 import socket
 import subprocess
@@ -34,6 +35,7 @@ from pipeline.core.errors import UserError
 
 MANIFEST = "_manifest.json"
 RUN = "_run.json"
+LOCK = "_lock.json"  # held by the process writing the folder, from open until finish
 SCRATCH = ("_tmp", "_inputs")  # folders of work in progress (ingest's split input, download scratch): no output
 
 
@@ -105,11 +107,20 @@ class StageRun:
         done, started = self._matches(MANIFEST), self._matches(RUN)
         if done:
             return "skip"
-        if started and done is None:
-            previous = fsio.read_json(fsio.join(self.out_dir, RUN))
-            fsio.write_json(fsio.join(self.out_dir, RUN), previous | {"driver": _driver()})  # this process now
-            return "resume"
-        self.check(overwrite, protect, enclosing, started=started, done=done, log=log)
+        created = not fs.exists(path)
+        fsio.makedirs(self.out_dir)
+        lock(self.out_dir, self.stage)
+        try:
+            if started and done is None:
+                previous = fsio.read_json(fsio.join(self.out_dir, RUN))
+                fsio.write_json(fsio.join(self.out_dir, RUN), previous | {"driver": _driver()})  # this process now
+                return "resume"
+            self.check(overwrite, protect, enclosing, started=started, done=done, log=log)
+        except BaseException:
+            unlock(self.out_dir)
+            if created:
+                fsio.remove(self.out_dir)
+            raise
         fsio.makedirs(self.out_dir)
         fsio.write_json(fsio.join(self.out_dir, RUN), self._doc(driver=_driver()))
         return "fresh"
@@ -127,7 +138,8 @@ class StageRun:
                              for name in (MANIFEST, RUN))
             if done or (started and done is None) or not fsio.exists(self.out_dir):
                 return
-        if not (done is False or started is False or (done is None and started is None and fsio.listdir(self.out_dir))):
+        if not (done is False or started is False or (done is None and started is None and
+                                                       set(fsio.listdir(self.out_dir)) - {LOCK})):
             return
         refusal = self._not_replaceable(protect, enclosing)
         if refusal:
@@ -142,7 +154,9 @@ class StageRun:
             if restart:
                 log(f"{self.stage}: {self.out_dir} holds an earlier {self.stage} run with other parameters that "
                     "finished nothing; starting this one in its place")
-            fsio.remove(self.out_dir)
+            for name in fsio.listdir(self.out_dir):  # all but the lock this run holds
+                if name != LOCK:
+                    fsio.remove(fsio.join(self.out_dir, name))
 
     def committed(self) -> bool:
         """True when the folder holds anything but run files and scratch: a task's marker or an output."""
@@ -150,7 +164,7 @@ class StageRun:
         for path in fs.find(root):
             rel = path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/") + "/") else path
             top = rel.split("/", 1)[0]
-            if rel in (RUN, MANIFEST) or top.startswith(SCRATCH) or fsio.TMP_MARK in rel:
+            if rel in (RUN, MANIFEST, LOCK) or top.startswith(SCRATCH) or fsio.TMP_MARK in rel:
                 continue
             return True
         return False
@@ -192,7 +206,7 @@ class StageRun:
     def finish(self, rows: dict[str, int], outputs: list[str] | None = None, **extra: Any) -> dict:
         """Write ``_manifest.json`` (outputs default to every file in the folder, with sizes)."""
         names = outputs if outputs is not None else [
-            n for n in fsio.listdir(self.out_dir) if n not in (MANIFEST, RUN) and fsio.TMP_MARK not in n
+            n for n in fsio.listdir(self.out_dir) if n not in (MANIFEST, RUN, LOCK) and fsio.TMP_MARK not in n
             and not n.startswith("_tmp")
         ]
         files = [{"path": n, "size": fsio.size(fsio.join(self.out_dir, n))} for n in names]
@@ -201,11 +215,88 @@ class StageRun:
             started = {"started": fsio.read_json(fsio.join(self.out_dir, RUN)).get("started")}
         doc = self._doc(rows=rows, outputs=files, finished=_now(), **extra) | started
         fsio.write_json(fsio.join(self.out_dir, MANIFEST), doc)
+        unlock(self.out_dir)
         return doc
 
 
 def _driver() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid()}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (tells a live holder from a later process that reuses its pid)."""
+    import psutil
+
+    try:
+        return round(psutil.Process(pid).create_time(), 2)
+    except (psutil.Error, OSError):
+        return None
+
+
+def lock(out_dir: str, stage: str) -> None:
+    """Take ``out_dir`` for this process, or raise a UserError naming the live process (of this machine, or of
+    another one sharing the folder) that holds it. A lock whose holder is gone, or is this process, is taken
+    over. Local folders are taken atomically (O_EXCL); on object stores the check is best-effort."""
+    path = fsio.join(out_dir, LOCK)
+    mine = {"stage": stage, "driver": _driver()}
+    for _ in range(3):
+        holder = _read(out_dir, LOCK)
+        if holder is not None:
+            alive = _holder_alive(holder.get("driver"))
+            if alive:
+                gone = "" if alive.endswith(socket.gethostname()) else f" (if it is gone, delete {path})"
+                raise UserError(f"output folder {out_dir} is being written by another run ({holder.get('stage')}, "
+                                f"{alive}); wait for it to finish, or stop it and run again{gone}")
+            fsio.remove(path)  # its holder is gone: take it over
+        if not fsio.is_local(out_dir):
+            fsio.write_json(path, mine)
+        else:
+            try:
+                fd = os.open(fsio.get_fs(path)[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:  # another process took it between the check and now: look again
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(mine))
+        _HELD.add(out_dir)
+        return
+    raise UserError(f"output folder {out_dir} is being taken by several runs at once; run one of them")
+
+
+def unlock(out_dir: str) -> None:
+    """Give ``out_dir`` back (only when this process holds it)."""
+    _HELD.discard(out_dir)
+    holder = _read(out_dir, LOCK)
+    if holder is not None and (holder.get("driver") or {}).get("pid") == os.getpid() and \
+            (holder.get("driver") or {}).get("host") == socket.gethostname():
+        fsio.remove(fsio.join(out_dir, LOCK))
+
+
+def release_all() -> None:
+    """Give back every folder this process still holds (a command that failed part way: a later run, in this
+    process or another, must not find it taken)."""
+    for out_dir in list(_HELD):
+        try:
+            unlock(out_dir)
+        except OSError:
+            _HELD.discard(out_dir)
+
+
+_HELD: set[str] = set()
+
+
+def _holder_alive(driver) -> str | None:
+    """"process PID on HOST" when ``driver`` names a live process other than this one, else None."""
+    if not isinstance(driver, dict) or not isinstance(driver.get("pid"), int):
+        return None
+    pid, host = driver["pid"], driver.get("host")
+    if host != socket.gethostname():
+        return f"process {pid} on {host}"  # another machine's: not known here, so honoured
+    if pid == os.getpid():
+        return None
+    start = _process_start(pid)
+    if start is None or (driver.get("started") is not None and abs(start - driver["started"]) > 1):
+        return None
+    return f"process {pid} on {host}"
 
 
 def driver_alive(out_dir: str) -> str | None:

@@ -9,6 +9,7 @@ debugging with pdb, and for unit tests).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.core.errors import UserError, describe
+from pipeline.core.errors import RunFailed, UserError, describe
 
 
 @dataclass
@@ -72,6 +73,21 @@ def _quiet_worker_logs(dask_worker=None) -> None:
     logger = logging.getLogger("distributed.worker")
     if not any(isinstance(f, _QuietTaskFailures) for f in logger.filters):
         logger.addFilter(_QuietTaskFailures())
+
+
+@contextlib.contextmanager
+def _quiet_startup():
+    """Dask logs a traceback per worker that fails to start ("Nanny failed to start"); the start's own
+    exception says it once, in one line."""
+    loggers = [logging.getLogger(n) for n in ("distributed.nanny", "distributed.deploy.spec", "distributed.core")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _say(msg: str) -> None:
@@ -158,9 +174,9 @@ class Runner:
         if cfg.scheduler:
             try:
                 self.client = Client(cfg.scheduler, timeout="20s")
-            except (OSError, TimeoutError) as exc:
-                raise UserError(f"cannot reach the Dask scheduler at {cfg.scheduler} ({exc}); "
-                                "check the address or omit --scheduler for a local cluster") from None
+            except (OSError, TimeoutError, ValueError) as exc:
+                raise UserError(f"cannot reach the Dask scheduler at {cfg.scheduler!r} ({describe(exc)}); give "
+                                "an address like tcp://HOST:8786, or omit --scheduler for a local cluster") from None
             self.log(f"runner: connected to Dask scheduler {cfg.scheduler} ({self.n_workers} workers)")
         else:
             import dask
@@ -170,12 +186,17 @@ class Runner:
             # image-sized array is then mmap'd and page-faulted afresh, measured here at 2x slower rendering.
             environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
             environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-            with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-                self._cluster = LocalCluster(
-                    n_workers=n, threads_per_worker=cfg.threads_per_worker, processes=True,
-                    memory_limit=cfg.memory_limit, dashboard_address=cfg.dashboard_address,
-                    silence_logs=logging.ERROR,
-                )
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), _quiet_startup():
+                try:
+                    self._cluster = LocalCluster(
+                        n_workers=n, threads_per_worker=cfg.threads_per_worker, processes=True,
+                        memory_limit=cfg.memory_limit, dashboard_address=cfg.dashboard_address,
+                        silence_logs=logging.ERROR,
+                    )
+                except Exception as exc:  # noqa: BLE001 - a worker that dies while starting, a port, memory
+                    raise RunFailed(f"the local Dask cluster of {n} worker processes could not start "
+                                    f"({describe(exc)}); check free memory and ports, try fewer with --workers, "
+                                    "or run in-process with --scheduler sync") from None
             self.client = Client(self._cluster)
             self.log(f"runner: local Dask cluster, {n} worker processes x {cfg.threads_per_worker} thread(s)")
         self.client.register_worker_callbacks(setup=_quiet_worker_logs)  # also on workers that join later

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline.core import fsio
-from pipeline.data.manifest import StageRun, describe_inputs, read_manifest
+from pipeline.data.manifest import StageRun, describe_inputs, read_manifest, unlock
 
 
 class Stage:
@@ -41,6 +41,8 @@ class Stage:
         self.mode = self.run.open(overwrite=overwrite, protect=list(protect), enclosing=list(enclosing), log=log)
         if self.done:
             log(f"{name}: {out} is up to date; nothing to do")
+        else:  # the folder is this run's now: what killed runs left half-written goes
+            fsio.sweep_stale(out)
 
     @property
     def done(self) -> bool:
@@ -62,11 +64,15 @@ class Stage:
         if len(todo) < len(tasks) and self.mode == "resume":
             self.log(f"{self.name}: resuming: {len(tasks) - len(todo)} of {len(tasks)} {unit} already done")
         if todo:
-            if self.runner is None:
-                for task in todo:
-                    fn(task)
-            else:
-                self.runner.map(fn, todo, label=label or self.name, sizes=todo_sizes)
+            try:
+                if self.runner is None:
+                    for task in todo:
+                        fn(task)
+                else:
+                    self.runner.map(fn, todo, label=label or self.name, sizes=todo_sizes)
+            except BaseException:
+                unlock(self.out)  # a rerun, in this process or another, resumes
+                raise
         return [fsio.read_json(t.marker) for t in tasks]
 
     def finish(self, rows: dict[str, int], outputs: list[str] | None = None, **extra: Any) -> dict:

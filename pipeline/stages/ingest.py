@@ -31,7 +31,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -294,7 +293,8 @@ def split_input(files: list[str], pool: str, cfg: IngestConfig) -> dict:
                                         *([cfg.blur_bbox_col] if cfg.blur_bbox_col else [])]) if c in names]
     encoding = "utf-8" if _kind(files) in ("csv", "tsv") else cfg.encoding
     shard_id, rows, buffered, pending = 0, 0, [], 0
-    with tempfile.TemporaryDirectory(prefix="winnow-uids-") as scratch:
+    scratch = fsio.scratch_dir("uids")
+    try:
         finder = DuplicateFinder(scratch)
 
         def flush(tables: list[pa.Table]) -> None:
@@ -324,6 +324,8 @@ def split_input(files: list[str], pool: str, cfg: IngestConfig) -> dict:
         if pending:
             flush(buffered)
         later, first = finder.later()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     dup_table = pa.table({"input_row": later, "first_row": first})
     with fsio.atomic_open(fsio.join(pool, INPUTS, DUPLICATES), "wb") as f:
         pq.write_table(dup_table, f)
@@ -463,12 +465,8 @@ class ShardTask:
 
 def _work_dir(pool: str, shard_id: int) -> str:
     """A private scratch folder: inside the pool when it is local (so the final moves are renames)."""
-    prefix = f"{shards.shard_name(shard_id)}-"
-    if fsio.is_local(pool):
-        base = os.path.join(fsio.get_fs(pool)[1], TMP)
-        os.makedirs(base, exist_ok=True)
-        return tempfile.mkdtemp(prefix=prefix, dir=base)
-    return tempfile.mkdtemp(prefix=prefix)
+    local = fsio.is_local(pool)
+    return fsio.scratch_dir(shards.shard_name(shard_id), os.path.join(fsio.get_fs(pool)[1], TMP) if local else None)
 
 
 def _duplicates(pool: str, shard_id: int, shard_size: int) -> dict[int, str]:

@@ -482,6 +482,7 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
                 + (f"; the recipe's variables: {', '.join(knobs)} (--var NAME=VALUE)" if knobs else ""))
         if kept_rows == 0 and not allow_empty:
             fsio.remove(fsio.join(out, manifest.RUN))
+            manifest.unlock(out)
             if not existed and not fsio.listdir(out):
                 fsio.remove(out)
             raise RunFailed(f"{line}; nothing written")

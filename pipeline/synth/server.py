@@ -66,6 +66,23 @@ def trickle(wfile, data: bytes, seconds: float, closing: threading.Event) -> Non
         time.sleep(0.5)
 
 
+def _loopback(host: str) -> str:
+    """``host`` when it is a loopback address (``localhost`` is 127.0.0.1); anything else is refused: the world
+    holds planted secrets and bombs for the downloader, never to be served to the network."""
+    import ipaddress
+
+    text = (host or "").strip().strip("[]")
+    if text.lower() == "localhost":
+        return "127.0.0.1"
+    try:
+        if ipaddress.ip_address(text).is_loopback:
+            return text
+    except ValueError:
+        pass
+    raise UserError(f"winnow serves synthetic worlds on loopback only, not on {host[:60]!r}; use a base_url on "
+                    "127.0.0.1 (e.g. --set synth.base_url=http://127.0.0.1:8741)")
+
+
 class WebPoolServer(ThreadingHTTPServer):
     """Serve a world's ``site/`` folder; use as a context manager (starts a background thread)."""
 
@@ -82,6 +99,7 @@ class WebPoolServer(ThreadingHTTPServer):
         with open(routes_path) as f:
             self.routes = json.load(f)
         self.closing = threading.Event()
+        host = _loopback(host)
         try:
             super().__init__((host, port), _Handler)
         except OSError as exc:

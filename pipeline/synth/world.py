@@ -28,8 +28,10 @@ count is its quota. The clean set and the evaluation set stay balanced.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import asdict, dataclass, field, fields
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
@@ -45,6 +47,13 @@ from pipeline.run.stage import Stage
 from pipeline.synth.render import CLASSES, COLORS, TEXTURES, bomb_png, decode, render
 
 POOL, CLEAN, EVAL, RANKS, BOILERPLATE = 1, 2, 3, 4, 5  # seed streams
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -126,8 +135,10 @@ class SynthConfig:
             raise UserError(f"synth.n_classes must be between 10 and {len(CLASSES)}")
         if min(self.n_pool, self.n_clean, self.n_eval_per_class, self.chunk_size) < 1:
             raise UserError("synth: n_pool, n_clean, n_eval_per_class and chunk_size must be >= 1")
-        if not self.base_url.startswith(("http://127.", "http://localhost")):
-            raise UserError(f"synth.base_url {self.base_url!r} must be a loopback http URL (127.0.0.1)")
+        parts = urlsplit(self.base_url)
+        if parts.scheme != "http" or "@" in parts.netloc or not _is_loopback(parts.hostname or ""):
+            raise UserError(f"synth.base_url {self.base_url[:80]!r} must be a loopback http URL "
+                            "(http://127.0.0.1:PORT)")
         if self.class_zipf < 0 or self.boilerplate_size < 2:
             raise UserError("synth.class_zipf must be >= 0 (0: uniform classes) and synth.boilerplate_size >= 2")
         rates = [getattr(self.rates, f.name) for f in fields(DefectRates) if f.type in (float, "float")]
