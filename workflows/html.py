@@ -11,11 +11,14 @@ import numpy as np
 import pandas as pd
 
 CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:1.2em auto;padding:0 1em;
 color:#222}
+p.answer{font-size:16px;background:#eef5fc;border-left:4px solid #4a7fb5;padding:.6em .9em;margin:.6em 0}
 h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;
 margin-top:2.2em} h3{font-size:1.05em;margin:1.4em 0 .3em}
-table{border-collapse:collapse;margin:.5em 0 1em;font-size:13px;display:block;overflow-x:auto;max-width:100%}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:13px;display:block;overflow-x:auto;max-width:100%;
+scrollbar-width:thin;scrollbar-color:#999 #eee} table::-webkit-scrollbar{height:9px;background:#eee}
+table::-webkit-scrollbar-thumb{background:#999;border-radius:4px} div.wide{font-size:12px;color:#555}
 th,td{padding:3px 9px;border-bottom:1px solid #e6e6e6;text-align:left;vertical-align:top}
 th{background:#f4f4f4;font-weight:600} td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;
 white-space:nowrap} tr.hl td{background:#fff6d6}
@@ -75,7 +78,9 @@ def table(df: pd.DataFrame, highlight: set[int] = frozenset(), raw: set[str] = f
         cells = "".join(f'<td class="{"n" if c in numeric else ""}">'
                         f'{row[c] if c in raw else esc(_cell(row[c]))}</td>' for c in df.columns)
         rows.append(f'<tr class="hl">{cells}</tr>' if i in highlight else f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    hint = (f'<div class="wide">{len(df.columns)} columns: scroll the table sideways for the rest '
+            '&rarr;</div>') if len(df.columns) > 9 else ""
+    return f"{hint}<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _cell(v) -> str:
@@ -121,7 +126,8 @@ class Plot:
     """An SVG chart frame: data ranges mapped to pixels, axes with ticks and labels; add marks with :meth:`add`."""
 
     def __init__(self, x: tuple[float, float], y: tuple[float, float], xlabel: str, ylabel: str, title: str = "",
-                 width: int = 460, height: int = 260, xticks: list[tuple[float, str]] | None = None, right: int = 14):
+                 width: int = 460, height: int = 260, xticks: list[tuple[float, str]] | None = None, right: int = 14,
+                 yticks: bool = True):
         self.x0, self.x1 = x if x[1] > x[0] else (x[0] - 1, x[0] + 1)
         self.y0, self.y1 = y if y[1] > y[0] else (y[0] - 1, y[0] + 1)
         self.w, self.h, self.m = width, height, (28 if title else 12, right, 38, 52)  # top, right, bottom, left
@@ -130,7 +136,7 @@ class Plot:
         t, r, b, l_ = self.m
         self.parts.append(f'<rect x="{l_}" y="{t}" width="{width - l_ - r}" height="{height - t - b}" fill="#fbfbfb" '
                           'stroke="#bbb"/>')
-        for v in _ticks(self.y0, self.y1):
+        for v in _ticks(self.y0, self.y1) if yticks else []:
             py = self.py(v)
             self.parts.append(f'<line x1="{l_}" x2="{width - r}" y1="{py:.1f}" y2="{py:.1f}" stroke="#eee"/>'
                               f'<text x="{l_ - 4}" y="{py + 4:.1f}" text-anchor="end">{_fmt(v)}</text>')
@@ -244,4 +250,27 @@ def points(items: list[tuple[str, float, float, float | None, float | None]], xl
         plot.add(f'<circle cx="{px:.1f}" cy="{plot.py(y):.1f}" r="4" fill="{color}"/>'
                  f'<text x="{px + (-6 if left else 6):.1f}" y="{plot.py(y) - 5 - 11 * (i % 2):.1f}" fill="{color}" '
                  f'text-anchor="{"end" if left else "start"}">{esc(name)}</text>')
+    return plot.svg()
+
+
+def forest(items: list[tuple[str, float, float | None, float | None]], xlabel: str, title: str = "",
+           chance: float | None = None) -> str:
+    """One row per (name, value, low, high), top to bottom: a point with its interval bar, the name above it,
+    and a dashed chance line across."""
+    vals = [v for _, y, lo, hi in items for v in (y, lo, hi) if v is not None] + ([chance] if chance else [])
+    n = len(items)
+    plot = Plot((min(vals + [0.0]), max(vals) * 1.08 or 1), (-0.6, n - 0.4), xlabel, "", title, width=520,
+                height=(28 if title else 12) + 30 * n + 38, yticks=False)
+    if chance is not None:
+        px = plot.px(chance)
+        plot.add(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{plot.m[0]}" y2="{plot.h - plot.m[2]}" stroke="#888" '
+                 f'stroke-dasharray="5,4"/><text x="{px + 3:.1f}" y="{plot.h - plot.m[2] - 4}" fill="#888">chance '
+                 f'{chance:.3f}</text>')
+    for i, (name, y, lo, hi) in enumerate(items):
+        color, py = PALETTE[i % len(PALETTE)], plot.py(n - 1 - i)
+        if lo is not None and hi is not None:
+            plot.add(f'<line x1="{plot.px(lo):.1f}" x2="{plot.px(hi):.1f}" y1="{py:.1f}" y2="{py:.1f}" '
+                     f'stroke="{color}" stroke-width="2"/>')
+        plot.add(f'<circle cx="{plot.px(y):.1f}" cy="{py:.1f}" r="4" fill="{color}"/>'
+                 f'<text x="{plot.m[3] + 4}" y="{py - 7:.1f}" fill="{color}">{esc(name)}</text>')
     return plot.svg()

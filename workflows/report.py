@@ -23,6 +23,7 @@ from pipeline.core.errors import UserError
 from pipeline.data.ledger import OK, format_counts
 from pipeline.data.manifest import read_manifest
 from workflows import html
+from pipeline.tasks.stats import ONE_SEED, verdict
 from workflows.compare import (
     METHOD,
     Group,
@@ -32,6 +33,7 @@ from workflows.compare import (
     frame,
     group_runs,
     interval,
+    notes,
     p_text,
     paired,
     table,
@@ -187,11 +189,16 @@ def log_summary(r: Results, training: str, pool: str, dedup_cfg, paths: dict, lo
 # ------------------------------------------------------------------------------------------------- the HTML page
 
 def html_report(paths: list[str], out: str, log=print) -> str:
-    """Write the report of the runs in ``paths`` to ``out`` (one HTML file); return its path."""
+    """Write the report of the runs in ``paths`` to ``out`` (one HTML file); return its path. It opens with its
+    answer (the summary), then the evidence: training table and tests, loss curves, robustness, then the data:
+    filters, recipes, ledger, duplicates, timings."""
     demos = [p for p in paths if os.path.isdir(os.path.join(p, "pool")) and os.path.isdir(os.path.join(p, "subsets"))]
     runs = [p for p in paths if p not in demos or os.path.isdir(os.path.join(p, "train"))]
     groups = group_runs(find_runs(runs)) if runs else []
-    sections = []
+    rows = _training_rows(groups) if groups else []
+    sections = [("summary", "Summary", _summary_section(rows, demos[0] if demos else None))]
+    if groups:
+        sections += _training_sections(groups, rows)
     if demos:
         demo = demos[0]
         images = Images(os.path.join(demo, "pool"))
@@ -199,23 +206,64 @@ def html_report(paths: list[str], out: str, log=print) -> str:
                    if os.path.isfile(os.path.join(f, "subset.json"))]
         dups = _dedup_data(demo, images)
         images.load()
-        sections += [("ledger", "Ledger: how every input row ended", _ledger_section(demo))]
         sections += [("filters", "Filters", "".join(_filter_html(f, images) for f in filters))] if filters else []
         sections += [("recipes", "Recipes", _recipes_section(demo))]
+        sections += [("ledger", "Ledger: how every input row ended", _ledger_section(demo))]
         sections += [("dedup", "Duplicates", _dedup_html(demo, dups, images))] if dups is not None else []
-    if groups:
-        sections += _training_sections(groups)
     if demos and os.path.isfile(os.path.join(demos[0], "report", "summary.json")):
         timings = fsio.read_json(os.path.join(demos[0], "report", "summary.json")).get("timings") or {}
         if timings:
             sections.append(("timings", "Timings", _timings_section(timings)))
-    if not sections:
+    if len(sections) == 1 and not rows and not demos:
         raise UserError(f"nothing to report in {', '.join(paths)}; give a demo folder, training runs or evaluation "
                         "folders")
     intro = "Made from " + ", ".join(html.esc(p) for p in paths) + " by <code>winnow report</code>."
     fsio.write_bytes(out, html.page("Winnow report", intro, sections).encode())
     log(f"report: {out}")
     return out
+
+
+def _funnel_line(demo: str, rows: list) -> str:
+    """The pool in one line: input rows, ok, the main failures, then each trained subset's size."""
+    from pipeline.data.pool import ledger
+
+    counts, total = ledger(os.path.join(demo, "pool"))
+    total = total or sum(counts.values())
+    ok = counts.get(OK, 0)
+    failed = sorted(((s, n) for s, n in counts.items() if s != OK), key=lambda kv: -kv[1])
+    worst = ", ".join(f"{s} {n:,}" for s, n in failed[:3]) + (", ..." if len(failed) > 3 else "")
+    sizes = ", ".join(f"{r.group.name} {r.group.size:,}" for r in rows if r.group.size)
+    return (f"{total:,} input rows &rarr; {ok:,} downloaded ({ok / max(total, 1):.1%}; failed: {html.esc(worst)})"
+            + (f" &rarr; trained subsets: {html.esc(sizes)}" if sizes else ""))
+
+
+def _summary_section(rows: list, demo: str | None) -> str:
+    """The answer first: the best trained subset and its difference to the baseline, with interval, Holm-adjusted
+    p and verdict; the pool's funnel in one line."""
+    out = []
+    if len(rows) > 1:
+        base = rows[0]
+        best = max(rows[1:], key=lambda r: r.average)
+        d = best.vs
+        seeds = f"{len(best.group.runs)} seed{'s' if len(best.group.runs) > 1 else ''}"
+        claim = {"significant": "a significant difference", "not significant":
+                 "<b>not</b> a significant difference: the data do not separate them",
+                 ONE_SEED: "no verdict (one seed: no seed variance; train 2 or more seeds per subset)",
+                 "n/a": "no test (no per-sample outcomes)"}[best.verdict]
+        out.append(f"<p class=\"answer\">Best subset: <b>{html.esc(best.group.name)}</b> ({seeds}), average "
+                   f"{best.average:.3f} {ci_text(best.interval)}; vs {html.esc(base.group.name)}: "
+                   f"<b>{best.average - base.average:+.3f}</b> {ci_text(d, True)}, p (Holm) {p_text(best.p_holm)}: "
+                   f"{claim}.</p>")
+        out.append(html.note(f"Average of the main metrics ({', '.join(map(html.esc, base.metrics))}); 95% "
+                             f"intervals over eval images and seeds; p adjusted (Holm) for the {len(rows) - 1} "
+                             "subsets compared with the baseline. Details in the training section."))
+    elif rows:
+        r = rows[0]
+        out.append(f"<p class=\"answer\"><b>{html.esc(r.group.name)}</b>: average {r.average:.3f} "
+                   f"{ci_text(r.interval)} ({len(r.group.runs)} seed(s)); no other subset to compare with.</p>")
+    if demo:
+        out.append(html.note("Pool: " + _funnel_line(demo, rows)))
+    return "".join(out) or html.note("No trained subset in these folders: the sections below show the data.")
 
 
 class Images:
@@ -431,25 +479,35 @@ def _training_rows(groups: list[Group]):
     return table([groups[order]] + [g for i, g in enumerate(groups) if i != order])
 
 
-def _training_sections(groups: list[Group]) -> list[tuple[str, str, str]]:
-    rows = _training_rows(groups)
+def _training_sections(groups: list[Group], rows: list) -> list[tuple[str, str, str]]:
     tasks, base = list(rows[0].metrics), rows[0]
+    heads = [{"comparison": f"{r.group.name} vs {base.group.name}", "difference": f"{r.average - base.average:+.3f}",
+              "95% interval": ci_text(r.vs, True), "p": p_text(r.vs), "p (Holm)": p_text(r.p_holm),
+              "verdict": r.verdict} for r in rows[1:]]
     best = sorted(rows, key=lambda r: -r.average)
-    heads = [(f"{r.group.name} vs {base.group.name}", r.average - base.average, r.vs) for r in rows[1:]]
     if len(best) > 2 and all(r is not base for r in best[:2]):
-        heads.append((f"best {best[0].group.name} vs next {best[1].group.name}", best[0].average - best[1].average,
-                      paired(best[0].group, best[1].group, tasks)))
-    pairs = pd.DataFrame([{"comparison": name, "difference": f"{diff:+.3f}", "95% interval": ci_text(d, True),
-                           "p": p_text(d),
-                           "significant at 5%": "n/a" if d is None else "yes" if d.significant else "no"}
-                          for name, diff, d in heads])
+        d = paired(best[0].group, best[1].group, tasks)
+        heads.append({"comparison": f"best {best[0].group.name} vs next {best[1].group.name}",
+                      "difference": f"{best[0].average - best[1].average:+.3f}", "95% interval": ci_text(d, True),
+                      "p": p_text(d), "p (Holm)": "",
+                      "verdict": "exploratory" if d is None or not d.one_seed else verdict(d)})
     missing = any(r.interval is None for r in rows)
+    said = notes(rows)
     text = (html.note(f"Mean over seeds of each main metric ({', '.join(tasks)}) and their average. {METHOD}.") +
+            "".join(html.note(html.esc(n)) for n in said if not n.startswith("n/a")) +
             (html.note("n/a: these evaluations have no per-sample outcomes (<code>samples/*.npy</code>); evaluate "
                        "again to get intervals and tests.") if missing else "") +
-            html.table(frame(rows).iloc[:, :-4], highlight={0}) + ("<h3>Headline comparisons</h3>" + html.table(pairs)
-                                                     if len(pairs) else ""))
+            html.table(frame(rows).iloc[:, :-5], highlight={0}) +
+            ("<h3>Headline comparisons</h3>" + html.note(
+                f"Each subset against {html.esc(base.group.name)}: the family of {len(rows) - 1} tests whose p is "
+                "adjusted with Holm's method (significant: p (Holm) &lt; 0.05 with 2 or more seeds on both sides). "
+                "<b>exploratory</b>: the best and next subsets were picked from these very results, so their test "
+                "is not one planned in advance; read it as a lead, not a finding.") +
+             html.table(pd.DataFrame(heads)) if heads else ""))
     out = [("training", "Training: the fixed model on each subset", text + _tail_html(tail_tables(groups)))]
+    loss = _loss_section(groups)
+    if loss:
+        out.append(("loss", "Training loss", loss))
     sized = [(r.group.name, float(r.group.size), r.average, r.interval.low if r.interval else None,
               r.interval.high if r.interval else None) for r in rows if r.group.size]
     if sized:
@@ -459,6 +517,23 @@ def _training_sections(groups: list[Group]) -> list[tuple[str, str, str]]:
     if robust:
         out.append(("robustness", "DiST and Patch Mixing", robust))
     return out
+
+
+def _loss_section(groups: list[Group]) -> str:
+    """Per subset, the training loss of each seed against samples seen (open_clip_train's step lines)."""
+    charts = []
+    for g in groups:
+        series = {}
+        for r in g.runs:
+            steps = r.losses()
+            if steps:
+                series[r.name] = ([s for s, _ in steps], [v for _, v in steps])
+        if series:
+            charts.append(html.lines(series, "samples seen", "contrastive loss", g.name))
+    if not charts:
+        return ""
+    return (html.note("The loss open_clip_train logged every 10 steps of each run (its <code>out.log</code>); "
+                      "seeds of a subset should fall together.") + f'<div class="charts">{"".join(charts)}</div>')
 
 
 def tail_tables(groups: list[Group]) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
@@ -526,16 +601,24 @@ def _robustness_section(groups: list[Group]) -> str:
     out = ""
     dist = [t for t in groups[0].tasks if t.kind == "odd_one_out"]
     for task in dist:
-        rows = []
+        rows, marks = [], []
         for g in groups:
-            values, est = g.values(task.name), interval(g, [task.name])
-            rows.append({"subset": g.name, "seeds": len(g.runs), "odd-one-out accuracy": f"{np.nanmean(values):.3f}",
-                         "95% interval": ci_text(est),
+            mean, est = g.mean(task.name), interval(g, [task.name])
+            if mean is None:  # this subset was not evaluated on it
+                continue
+            values = g.values(task.name)
+            above = "n/a" if est is None else "yes" if est.low > task.random_score else "no: overlaps chance"
+            rows.append({"subset": g.name, "seeds": len(g.runs), "odd-one-out accuracy": f"{mean:.3f}",
+                         "95% interval": ci_text(est), "above chance": above,
                          "seed spread": f"{np.ptp(values):.3f}" if len(values) > 1 else ""})
+            marks.append((g.name, mean, est.low if est else None, est.high if est else None))
+        if not rows:
+            continue
         out += (f"<h3>DiST: {html.esc(task.name)}</h3>" + html.note(
-            f"Odd-one-out accuracy on (original, two texture syntheses) triplets; chance {task.random_score:.3f}. "
-            "Interval as in the training table: with few seeds it is wide (the seed term has seeds - 1 degrees "
-            "of freedom).") + html.table(pd.DataFrame(rows)))
+            f"Odd-one-out accuracy on (original, two texture syntheses) triplets; chance {task.random_score:.3f} "
+            "(dashed). Interval as in the training table: with few seeds it is wide (the seed term has seeds - 1 "
+            "degrees of freedom); an interval that reaches chance does not show shape over texture.") +
+            html.forest(marks, "odd-one-out accuracy", chance=task.random_score) + html.table(pd.DataFrame(rows)))
     curves = {c: t.random_score for t in groups[0].tasks if (c := t.curve)}
     charts, aucs = [], []
     for curve, chance in curves.items():
@@ -552,15 +635,24 @@ def _robustness_section(groups: list[Group]) -> str:
         xlabel = {"occlude": "occluded share", "shuffle": "tiles shuffled"}.get(
             curve, "share of patches replaced" if curve.startswith("mix") else "share of patches dropped")
         charts.append(html.lines(series, xlabel, "zero-shot accuracy", f"Patch Mixing: {curve}", chance, ticks))
+    from pipeline.tasks.curves import trapezoid_weights
+
+    points = {c: [t for t in groups[0].tasks if t.curve == c] for c in curves}
     for g in groups:
         got = [r.summary.get("curves", {}) for r in g.runs]
         if any(got):
-            aucs.append({"subset": g.name, **{f"{c} area": f"{np.mean([x[c]['auc'] for x in got if c in x]):.3f}"
-                                              for c in curves if any(c in x for x in got)}})
+            row = {"subset": g.name, "seeds": len(g.runs)}
+            for c in curves:
+                if any(c in x for x in got):
+                    est = interval(g, [t.name for t in points[c]], trapezoid_weights([t.x for t in points[c]]))
+                    row[f"{c} area"] = f"{np.mean([x[c]['auc'] for x in got if c in x]):.3f}"
+                    row[f"{c} 95%"] = ci_text(est)
+            aucs.append(row)
     if charts:
         out += ("<h3>Patch Mixing</h3>" + html.note(
             "Zero-shot accuracy as foreign patches replace, tiles shuffle, patches drop or an occluder grows (mean "
-            "over seeds); the dashed line is chance. Area: the normalised area under each curve.") +
+            "over seeds); the dashed line is chance. Area: the normalised area under each curve, with its 95% "
+            "interval over eval images and seeds (as the training table's).") +
             f'<div class="charts">{"".join(charts)}</div>' + (html.table(pd.DataFrame(aucs)) if aucs else ""))
     return out
 

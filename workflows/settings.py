@@ -50,7 +50,8 @@ class DemoConfig:
         patch_mixing: trained subsets also trained with the Patch Mixing augmentation (the paper's training-side
             experiment; reported as ``<subset>+patchmix``).
         recipes: subset recipes made and measured against the planted truth (trained or not).
-        filters: one-filter recipes measured alone beside them (``manifests/subsets/filter_*.yaml``).
+        filters: one-filter recipes whose score histograms and examples the report shows (the trained CLIP and
+            DFN subsets' scores first, then ``manifests/subsets/filter_*.yaml``, basic's parts measured alone).
         shard_size: samples per resharded training shard.
     """
 
@@ -67,9 +68,9 @@ class DemoConfig:
     patchmix: PatchmixConfig = field(default_factory=lambda: PatchmixConfig(size=64, per_class=12))
     patch_mixing: list[str] = field(default_factory=list)
     recipes: list[str] = field(default_factory=lambda: list(DEMO_RECIPES))
-    filters: list[str] = field(default_factory=lambda: ["filter_english", "filter_caption_words",
-                                                        "filter_caption_chars", "filter_min_side",
-                                                        "filter_aspect_ratio"])
+    filters: list[str] = field(default_factory=lambda: ["demo_clip30", "dfn_30pct", "filter_english",
+                                                        "filter_caption_words", "filter_caption_chars",
+                                                        "filter_min_side", "filter_aspect_ratio"])
     shard_size: int = 500
 
 

@@ -52,6 +52,27 @@ def read_evalset(folder: str) -> dict:
             "templates": templates}
 
 
+def fingerprint(folder: str) -> str:
+    """``sha256:<hex>`` of what an evaluation on ``folder`` sees: every file's path (relative to the folder) and
+    size and, for local tars, every member's name and size in order (the eval items and their order). Two
+    evaluations are comparable item by item only when their sets' fingerprints are equal."""
+    import hashlib
+    import tarfile
+
+    h = hashlib.sha256()
+    fs, root = fsio.get_fs(folder)
+    if not fs.exists(root):
+        return "missing"
+    for path in sorted(fs.find(root)):
+        rel = path[len(root.rstrip("/")) + 1:]
+        h.update(f"{rel}\0{fs.size(path)}\n".encode())
+        if rel.endswith(".tar") and fsio.is_local(folder):
+            with tarfile.open(path, "r:") as tar:  # headers only: data is skipped by seeking
+                for m in tar:
+                    h.update(f"{m.name}\0{m.size}\n".encode())
+    return f"sha256:{h.hexdigest()}"
+
+
 def split_captions(captions: list[str]) -> tuple[list[str], np.ndarray]:
     """Every caption of every image (clip_benchmark's convention: one caption per line of an image's ``.txt``,
     split as ``str.splitlines``) and, per caption, the index of its image."""

@@ -32,6 +32,7 @@ class EvaluateConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+DATA = "winnow_data"  # a task marker's record of the eval data (kept out of DataComp's results lines)
 _CONTEXT: dict[tuple, Context] = {}  # the model being evaluated (one at a time), with its classifier cache
 
 
@@ -59,8 +60,11 @@ def evaluate_task(t: EvalTask) -> dict:
     metrics, samples = run_task_samples(t.task, _CONTEXT[key])
     with fsio.atomic_open(samples_path(t.out, t.task.name)) as f:
         np.save(f, samples)
+    from pipeline.data.evalsets import fingerprint
+
     line = {"key": t.task.key or t.task.name, "dataset": t.task.name,
-            "metrics": {**metrics, "main_metric": metrics[t.task.main_metric]}}
+            "metrics": {**metrics, "main_metric": metrics[t.task.main_metric]},
+            DATA: {"fingerprint": fingerprint(t.task.data), "items": int(len(samples))}}
     fsio.write_json(t.marker, line)
     return line
 
@@ -98,10 +102,10 @@ def evaluate(model_name: str, pretrained: str, tasks: list[Task], out: str, devi
         summary["curves"] = curves
     summary["details"] = {t.name: {"key": t.key or t.name, "kind": t.kind, "data": t.data,
                                    "main_metric": t.main_metric, "random_score": t.random_score,
-                                   "diagnostic": t.diagnostic,
-                                   "samples": samples_path("", t.name)} for t in tasks}
-    fsio.write_bytes(os.path.join(out, "eval_results.jsonl"),
-                     "".join(json.dumps(line) + "\n" for line in lines).encode())
+                                   "diagnostic": t.diagnostic, "samples": samples_path("", t.name),
+                                   **(line.get(DATA) or {})} for t, line in zip(tasks, lines)}
+    fsio.write_bytes(os.path.join(out, "eval_results.jsonl"), "".join(
+        json.dumps({k: v for k, v in line.items() if k != DATA}) + "\n" for line in lines).encode())
     fsio.write_json(os.path.join(out, "summary.json"), summary)
     stage.finish(rows={"tasks": len(tasks)}, average=summary["average"])
     average = "none (every task is a diagnostic)" if summary["average"] is None else f"{summary['average']:.4f}"

@@ -268,6 +268,14 @@ def _threads(cfg: TrainConfig) -> int:
 _STEP = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) .*?([\d.eE+]+)/s,.*\bLoss: ([\d.eE+-]+|nan|inf)")
 
 
+def step_loss(text: str) -> tuple[int, float] | None:
+    """(samples seen, loss) of one of open_clip_train's step lines, None for any other line (or a NaN loss)."""
+    m = _STEP.search(text)
+    if not m or m[5] in ("nan", "inf"):
+        return None
+    return int(m[1]) * int(m[3]) + int(m[2]), float(m[5])
+
+
 class Progress:
     """One line now and then from open_clip_train's step lines (``Train Epoch: 0 [ 320/25600 (1%)] ... Loss:
     4.1 (4.2)``): step, samples/s (averaged since the first step seen), loss and the time left; at most one per

@@ -18,6 +18,22 @@ def area_under_curve(xs: list[float], ys: list[float]) -> float:
     return float(((ys_a[1:] + ys_a[:-1]) / 2 * widths).sum() / (xs_a[-1] - xs_a[0]))
 
 
+def trapezoid_weights(xs: list[float]) -> np.ndarray:
+    """Weights w (summing to 1) with sum(w * y) == :func:`area_under_curve` (xs, y) for any y: the area is a
+    weighted mean of the points, so its interval comes from the same bootstrap as a plain mean's."""
+    xs_a = np.asarray(xs, float)
+    order = np.argsort(xs_a)
+    sx, w = xs_a[order], np.zeros(len(xs_a))
+    if len(sx) < 2 or sx[-1] == sx[0]:
+        return np.full(len(xs_a), 1 / max(len(xs_a), 1))
+    widths = np.diff(sx) / (sx[-1] - sx[0])
+    w_sorted = np.zeros(len(sx))
+    w_sorted[:-1] += widths / 2
+    w_sorted[1:] += widths / 2
+    w[order] = w_sorted
+    return w
+
+
 def summarize(tasks: list, mains: list[float]) -> dict[str, dict]:
     """Per curve: its points in x order and their area."""
     curves: dict[str, dict] = {}

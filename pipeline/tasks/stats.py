@@ -19,6 +19,11 @@ seed-averaged outcomes, plus a seed term with the pooled seed variance s^2 (1/K_
 degrees of freedom. Its two-sided p is 2 min(share of replicates <= 0, share >= 0); the difference is
 significant at 5% when p < 0.05, i.e. when its 95% interval excludes 0. (The seed term slightly double counts
 the per-image seed noise that the image bootstrap already sees: the test errs on the cautious side.)
+
+What a comparison may claim (:func:`verdict`): with fewer than 2 seeds on either side the seed-to-seed variance
+is unknown (a second seed of the same subset can move the average by more than the eval images' interval), so
+such a difference is never called significant; several comparisons made together are adjusted for their number
+with Holm's step-down method (:func:`holm`), which keeps the chance of any false "significant" among them at 5%.
 """
 
 from __future__ import annotations
@@ -44,33 +49,67 @@ class Estimate:
 
 @dataclass
 class Difference:
-    """A - B: ``diff``, its 95% interval, the two-sided ``p``, and whether it is significant at 5%."""
+    """A - B: ``diff``, its 95% interval, the two-sided ``p``, whether p < 5% (before any adjustment for multiple
+    comparisons), and the seeds on each side."""
 
     diff: float
     low: float
     high: float
     p: float
     significant: bool
+    seeds: tuple[int, int] = (0, 0)
+
+    @property
+    def one_seed(self) -> bool:
+        """True when a side has a single seed: its seed-to-seed variance is unknown."""
+        return min(self.seeds) < 2
 
 
-def _per_seed(tasks: list[np.ndarray]) -> np.ndarray:
-    """The per-seed metric: mean over tasks of each seed's mean outcome."""
-    return np.mean([np.asarray(x, float).mean(axis=1) for x in tasks], axis=0)
+ONE_SEED = "one seed: no seed variance"
 
 
-def _replicates(per_image: list[np.ndarray], seed_sd: float, df: int, n_boot: int, rng) -> np.ndarray:
-    """Bootstrap replicates of the mean over tasks of each task's per-image mean, plus the seed term."""
+def verdict(d: Difference | None, p_adjusted: float | None = None, level: float = 0.05) -> str:
+    """What a comparison may claim: "significant" (adjusted p below ``level``, 2+ seeds on both sides), "not
+    significant", ``ONE_SEED`` (never significant: a second seed could move it) or "n/a"."""
+    if d is None:
+        return "n/a"
+    if d.one_seed:
+        return ONE_SEED
+    p = d.p if p_adjusted is None else p_adjusted
+    return "significant" if p < level else "not significant"
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjustment of the p values of comparisons made together: the i-th smallest is multiplied
+    by (m - i + 1), kept monotone and at most 1."""
+    order = np.argsort(ps, kind="stable")
+    out, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def _per_seed(tasks: list[np.ndarray], weights: np.ndarray | None = None) -> np.ndarray:
+    """The per-seed metric: (weighted) mean over tasks of each seed's mean outcome."""
+    return np.average([np.asarray(x, float).mean(axis=1) for x in tasks], axis=0, weights=weights)
+
+
+def _replicates(per_image: list[np.ndarray], seed_sd: float, df: int, n_boot: int, rng,
+                weights: np.ndarray | None = None) -> np.ndarray:
+    """Bootstrap replicates of the (weighted) mean over tasks of each task's per-image mean, plus the seed term."""
+    w = np.full(len(per_image), 1 / len(per_image)) if weights is None else np.asarray(weights, float) / np.sum(weights)
     out = np.empty(n_boot)
     block = max(1, (1 << 22) // max(len(x) for x in per_image))  # bounds the index arrays to ~32 MB
     for start in range(0, n_boot, block):
         b = min(block, n_boot - start)
         draws: dict[int, np.ndarray] = {}
         total = np.zeros(b)
-        for x in per_image:
+        for x, wx in zip(per_image, w):
             if len(x) not in draws:
                 draws[len(x)] = rng.integers(0, len(x), (b, len(x)))
-            total += x[draws[len(x)]].mean(axis=1)
-        out[start:start + b] = total / len(per_image)
+            total += wx * x[draws[len(x)]].mean(axis=1)
+        out[start:start + b] = total
     if df >= 1 and seed_sd > 0:
         out += rng.standard_t(df, n_boot) * seed_sd
     return out
@@ -83,14 +122,15 @@ def _check(tasks: list[np.ndarray]) -> list[np.ndarray]:
     return arrays
 
 
-def estimate(tasks: list[np.ndarray], n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> Estimate:
-    """The mean over seeds of the average over ``tasks`` (each a seeds x samples array of outcomes) with its
-    interval over eval images and seeds (see the module docstring)."""
+def estimate(tasks: list[np.ndarray], n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95,
+             weights: np.ndarray | None = None) -> Estimate:
+    """The mean over seeds of the average over ``tasks`` (each a seeds x samples array of outcomes; ``weights``:
+    a weighted average, e.g. a curve's area) with its interval over eval images and seeds (module docstring)."""
     tasks = _check(tasks)
-    per_seed = _per_seed(tasks)
+    per_seed = _per_seed(tasks, weights)
     k = len(per_seed)
     sd = float(np.sqrt(per_seed.var(ddof=1) / k)) if k > 1 else 0.0
-    reps = _replicates([x.mean(axis=0) for x in tasks], sd, k - 1, n_boot, np.random.default_rng(seed))
+    reps = _replicates([x.mean(axis=0) for x in tasks], sd, k - 1, n_boot, np.random.default_rng(seed), weights)
     low, high = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
     bounds = np.mean([x.min() for x in tasks]), np.mean([x.max() for x in tasks])  # a mean stays within them
     return Estimate(float(per_seed.mean()), float(max(low, bounds[0])), float(min(high, bounds[1])), k,
@@ -112,4 +152,4 @@ def compare(a: list[np.ndarray], b: list[np.ndarray], n_boot: int = N_BOOT, seed
     reps = _replicates(diffs, sd, df, n_boot, np.random.default_rng(seed))
     low, high = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
     p = float(min(1.0, 2 * min((reps <= 0).mean(), (reps >= 0).mean())))
-    return Difference(float(sa.mean() - sb.mean()), float(low), float(high), p, p < 1 - level)
+    return Difference(float(sa.mean() - sb.mean()), float(low), float(high), p, p < 1 - level, (len(sa), len(sb)))
