@@ -136,3 +136,11 @@ def test_serve_binds_loopback_only_whatever_the_world_says(tmp_path):
     # a hand-edited world manifest naming 0.0.0.0 is refused by `winnow serve` too
     (tmp_path / "world" / "_manifest.json").write_text('{"params": {"base_url": "http://127.0.0.1@0.0.0.0:8124"}}')
     assert_user_error(winnow("serve", str(tmp_path / "world")), "loopback only", "0.0.0.0")
+
+
+def test_help_imports_nothing_heavy():
+    """`winnow --help` answers at once: no data library is imported for it (pandas alone costs ~0.25 s)."""
+    code = ("import sys, workflows.cli as c\ntry:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('pandas', 'numpy', 'torch', 'dask', 'pyarrow', 'fsspec') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr

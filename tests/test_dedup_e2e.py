@@ -64,3 +64,14 @@ def test_rerun_is_skipped_and_selection_excludes_the_dropped(deduped, local_clus
     dropped = set(t.loc[t["kind"].isin(["exact_image", "near", "contaminated"]) & ~t["kept"], "uid"])
     assert dropped and not (kept & dropped)
     assert set(t.loc[t["kept"] & t["kind"].isin(["exact_image", "near"]), "uid"]) - dropped <= kept
+
+
+def test_a_descriptor_that_cannot_tell_copies_from_look_alikes_is_warned_about(deduped, tmp_path):
+    """At a contamination threshold any two of the world's images pass (cosine -1), most of the pool 'copies'
+    the eval set: the run says the descriptor cannot tell, instead of silently dropping the pool."""
+    said = []
+    with Runner(ClusterConfig(scheduler="sync"), log=lambda m: None) as runner:
+        dedup(deduped["pool"], DedupConfig(**{**deduped["cfg"].__dict__, "contamination_threshold": -1.0}), runner,
+              out=str(tmp_path / "loose"), log=said.append)
+    warning = [m for m in said if m.startswith("warning:")]
+    assert len(warning) == 1 and "probably cannot tell a copy from a look-alike" in warning[0]

@@ -371,3 +371,68 @@ def test_a_long_shard_prints_rows_done_while_it_downloads(tmp_path):
     done = [(int(a.replace(",", "")), int(b.replace(",", ""))) for a, b in
             re.findall(r"\[ingest\] ([\d,]+)/([\d,]+) rows, [\d.,]+ rows/s", text)]
     assert any(0 < n < total == 40 for n, total in done), text
+
+
+# ------------------------------------------------------------------------------------------------ models offline
+def test_a_pretrained_tag_offline_fails_at_once_naming_the_offline_choices(tmp_path):
+    pool = make_pool(tmp_path / "pool", UIDS)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "c"))
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "workflows.cli", "embed", pool, "--model", "ViT-B-32",
+                             "--pretrained", "datacomp_xl_s13b_b90k", "--scheduler", "sync"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    line = one_line(result, 2, "not in the local cache", "cannot be reached", "winnow-tiny-clip")
+    assert not not_runnable(line, "embed")
+    assert time.monotonic() - start < 60  # no minute of download retries (the probe's own timeout is 3 s)
+    assert "huggingface_hub" not in result.stderr
+
+
+def test_a_checkpoint_is_loaded_as_the_model_its_run_recorded(tmp_path):
+    import torch
+
+    from pipeline.models.registry import load
+
+    run = tmp_path / "runs" / "basic-seed0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "_manifest.json").write_text(json.dumps({"stage": "train", "params": {"model": "winnow-tiny-clip"}}))
+    net, _, _ = load("winnow-tiny-clip", "", seed=3)
+    ckpt = str(run / "checkpoints" / "epoch_1.pt")
+    torch.save({"state_dict": net.state_dict()}, ckpt)
+    again, _, _ = load("", ckpt)  # no model named: its run's
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(UserError, match="its run trained it as winnow-tiny-clip: pass --model winnow-tiny-clip"):
+        load("winnow-tiny-vitamin", ckpt)
+    with pytest.raises(UserError, match="pass --model"):
+        load("", str(tmp_path / "elsewhere.pt") if (tmp_path / "elsewhere.pt").write_bytes(b"x") else "")
+
+
+@pytest.mark.e2e
+def test_an_ingest_refused_by_the_url_policy_names_allow_hosts_and_the_rerun_names_what_differs(tmp_path):
+    from pipeline.synth.hostile import HostileServer
+
+    with HostileServer() as server:
+        urls = tmp_path / "urls.parquet"
+        pd.DataFrame({"url": [f"{server.url}/ok.jpg?{i}" for i in range(4)], "text": ["a"] * 4}).to_parquet(urls)
+        pool = str(tmp_path / "pool")
+        first = winnow("ingest", str(urls), pool, "--scheduler", "sync")
+        line = one_line(first, 1, "the URL policy refused 127.0.0.1", "--allow-hosts 127.0.0.1")
+        assert not not_runnable(line, "ingest")
+        again = winnow("ingest", str(urls), pool, "--scheduler", "sync", "--allow-hosts", "127.0.0.1")
+        one_line(again, 2, 'allow_hosts [] (here ["127.0.0.1"])', "--overwrite")
+        fixed = winnow("ingest", str(urls), pool, "--scheduler", "sync", "--allow-hosts", "127.0.0.1", "--overwrite")
+        assert fixed.returncode == 0, fixed.stderr
+
+
+def test_near_misses_get_a_did_you_mean():
+    import winnow
+    from pipeline.stages.subset import load_recipe
+    from pipeline.tasks import load_tasklist
+
+    with pytest.raises(UserError, match="recipe 'clip_l14_30pc' not found; did you mean clip_l14_30pct\\?"):
+        load_recipe("clip_l14_30pc")
+    with pytest.raises(UserError, match="task list 'dem' not found; did you mean demo\\?"):
+        load_tasklist("dem")
+    with pytest.raises(UserError, match="unknown key 'thread_cont'; did you mean thread_count\\?"):
+        winnow.ingest("urls.parquet", "pool", thread_cont=3)
+    with pytest.raises(UserError, match="recipe 'zzzz' not found; give a YAML path or one of: basic"):
+        load_recipe("zzzz")

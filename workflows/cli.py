@@ -185,13 +185,18 @@ def _flag_help(flag: Flag) -> str:
     return f"{text} (default {default_of(RunConfig, key)!r})"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only``, the flags of that one command alone (the others get their name and
+    help): their help shows config defaults, which cost importing every stage's config, so the top-level help and
+    other commands do not pay for it."""
     parser = argparse.ArgumentParser(prog="winnow", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
+        if only is not None and command.name != only:
+            continue
         for name, text in command.args:  # "name...": one or more
             p.add_argument(name.rstrip("."), help=text, nargs="+" if name.endswith("...") else None)
         for flag in command.flags:
@@ -305,8 +310,8 @@ def load_config(command: Command, args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(only=argv[0] if argv and argv[0] in BY_NAME else "")
     if argv and not argv[0].startswith("-") and argv[0] not in BY_NAME:
         close = difflib.get_close_matches(argv[0], list(BY_NAME), n=1)
         hint = f"; did you mean `winnow {close[0]}`?" if close else f"; commands: {', '.join(BY_NAME)}"

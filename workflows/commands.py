@@ -44,7 +44,7 @@ def serve(args, cfg) -> None:
 
 def ingest(args, cfg) -> None:
     from pipeline.data.ledger import format_counts
-    from pipeline.data.pool import ledger
+    from pipeline.data.pool import ledger, refused_host
     from pipeline.stages.ingest import ingest as run_ingest
 
     with _runner(cfg) as runner:
@@ -53,6 +53,11 @@ def ingest(args, cfg) -> None:
     print(format_counts(counts, total))
     if total and not counts.get("ok"):
         top = ", ".join(f"{s} {n:,}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
+        host = refused_host(args.pool) if max(counts, key=counts.get) == "refused_url" else None
+        if host:
+            raise RunFailed(f"no row of {total:,} was downloaded ({top}): the URL policy refused {host}, which is "
+                            f"not a public address; if it is yours, allow it with --allow-hosts {host} and rerun "
+                            "with --overwrite")
         raise RunFailed(f"no row of {total:,} was downloaded ({top}); is the server reachable? "
                         f"`winnow ledger {args.pool}` and the parquet's error_message say why each failed")
 

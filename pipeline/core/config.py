@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
-from pipeline.core.errors import UserError
+from pipeline.core.errors import UserError, did_you_mean
 
 T = TypeVar("T")
 
@@ -79,7 +79,8 @@ def from_dict(cls: type[T], data: dict | None, where: str | None = None) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(fields))}")
+        raise UserError(f"{where}: unknown key {unknown[0]!r}; {did_you_mean(unknown[0], fields)}allowed keys: "
+                        f"{', '.join(sorted(fields))}")
     for name, value in data.items():  # a nested section given in part keeps its own defaults for the rest
         default = _default(fields[name])
         if isinstance(value, dict) and dataclasses.is_dataclass(default):

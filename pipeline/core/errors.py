@@ -37,3 +37,11 @@ def describe(exc: BaseException) -> str:
     if len(text) > 300:
         text = text[:300] + " ..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def did_you_mean(word: str, choices, n: int = 1) -> str:
+    """``"did you mean X? "`` for the choice nearest ``word`` (difflib), or "" when none is near."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=n, cutoff=0.6)
+    return f"did you mean {', '.join(close)}? " if close else ""

@@ -148,8 +148,9 @@ class StageRun:
         restart = not overwrite and done is None and started is False and not running and not self.committed()
         if not (overwrite or restart):
             busy = f" (its run is still going: {running})" if running else ""
-            raise UserError(f"output folder {self.out_dir} exists with a different run ({self.stage}: other parameters "
-                            f"or inputs){busy}; choose another output folder, or pass --overwrite to replace it")
+            raise UserError(f"output folder {self.out_dir} exists with a different run ({self.stage}: "
+                            f"{self.differences()}){busy}; choose another output folder, or pass --overwrite to "
+                            "replace it")
         if not alone:
             if restart:
                 log(f"{self.stage}: {self.out_dir} holds an earlier {self.stage} run with other parameters that "
@@ -157,6 +158,22 @@ class StageRun:
             for name in fsio.listdir(self.out_dir):  # all but the lock this run holds
                 if name != LOCK:
                     fsio.remove(fsio.join(self.out_dir, name))
+
+    def differences(self, shown: int = 3) -> str:
+        """What the folder's recorded run has that this one has not, in words: ``timeout 5 (here 2), ...`` or
+        ``other inputs``."""
+        doc = _read(self.out_dir, MANIFEST) or _read(self.out_dir, RUN) or {}
+        theirs, ours = doc.get("params") or {}, _jsonable(self.params)
+        if not isinstance(theirs, dict) or not isinstance(ours, dict):
+            return "other parameters or inputs"
+        keys = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+        said = [f"{k} {_short(theirs.get(k))} (here {_short(ours.get(k))})" for k in keys[:shown]]
+        if len(keys) > shown:
+            said.append(f"{len(keys) - shown} more")
+        inputs = [i.get("fingerprint") for i in doc.get("inputs", [])] != [i["fingerprint"] for i in self.inputs]
+        if inputs:
+            said.append("other inputs")
+        return "other " + ", ".join(said) if said else "other parameters or inputs"
 
     def committed(self) -> bool:
         """True when the folder holds anything but run files and scratch: a task's marker or an output."""
@@ -328,6 +345,11 @@ def _read(out_dir: str, name: str) -> dict | None:
     except (ValueError, OSError):
         return {}
     return doc if isinstance(doc, dict) else {}
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _canonical(path: str) -> str:

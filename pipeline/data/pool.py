@@ -86,3 +86,21 @@ def read_states(pool: str) -> pd.DataFrame:
     """uid, key and state of every row of a pool."""
     frames = list(_state_tables(pool, ["uid", "key"]))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["uid", "key", "state"])
+
+
+def refused_host(pool: str, shards_read: int = 3) -> str | None:
+    """The host (or address) most often refused by the URL policy in the first shards of ``pool``, if any."""
+    from collections import Counter
+    from urllib.parse import urlsplit
+
+    seen: Counter = Counter()
+    for shard_id in shards.list_shards(pool)[:shards_read]:
+        table = shards.read_table(pool, shard_id, columns=["url", "state"])
+        for url in table.loc[table["state"] == "refused_url", "url"]:
+            try:
+                host = urlsplit(str(url)).hostname
+            except ValueError:
+                continue
+            if host and urlsplit(str(url)).scheme in ("http", "https"):
+                seen[host] += 1
+    return seen.most_common(1)[0][0] if seen else None

@@ -96,14 +96,18 @@ def _encoded(model, batches, device: str, precision: str) -> Iterator[tuple[list
 
 
 def encode_images(model, preprocess, items: Iterable[tuple[int, bytes]], device: str, out: np.ndarray,
-                  batch_size: int = 128, draft_side: int = 0, threads: int = 1, precision: str = "fp32"
-                  ) -> dict[int, str]:
+                  batch_size: int = 128, draft_side: int = 0, threads: int = 1, precision: str = "fp32",
+                  on_batch=None) -> dict[int, str]:
     """L2-normalised embeddings of ``(row, encoded image)`` items into ``out[row]``; returns the rows that could
-    not be decoded, with the reason."""
+    not be decoded, with the reason. ``on_batch(n)``: called with the images done so far after each batch."""
     failures: dict[int, str] = {}
     batches = image_batches(items, preprocess, batch_size, failures, draft_side, threads)
+    done = 0
     for rows, feats in _encoded(model, batches, device, precision):
         out[rows] = feats
+        done += len(rows)
+        if on_batch is not None:
+            on_batch(done + len(failures))
     return failures
 
 

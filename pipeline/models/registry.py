@@ -68,7 +68,10 @@ def load(model: str, pretrained: str = "", device: str = "cpu", seed: int = 0):
         if not fsio.exists(pretrained):
             raise UserError(f"checkpoint not found: {pretrained}")
         pretrained = fsio.local_copy(pretrained)
+    model = resolve_model(model, pretrained)
     is_file = check(model, pretrained)
+    if pretrained and not is_file:
+        weights_reachable(model, pretrained)
     torch.manual_seed(seed)
     try:
         with _quiet_random_init(is_file):  # the checkpoint read below replaces the random weights
@@ -86,11 +89,86 @@ def load(model: str, pretrained: str = "", device: str = "cpu", seed: int = 0):
         try:
             net.load_state_dict(state)
         except RuntimeError as exc:  # missing, unexpected or misshapen weights
-            why = " ".join(str(exc).split())[:200]
-            raise UserError(f"{pretrained} is not a {model} checkpoint ({why} ...); pass the --model it was "
-                            "trained as") from None
+            why = " ".join(str(exc).split())[:160]
+            recorded = trained_as(pretrained)
+            fix = (f"its run trained it as {recorded}: pass --model {recorded}" if recorded and recorded != model
+                   else "pass the --model it was trained as")
+            raise UserError(f"{pretrained} is not a {model} checkpoint ({why} ...); {fix}") from None
     net.eval()
     return net, preprocess, open_clip.get_tokenizer(model)
+
+
+OFFLINE_CHOICES = ("offline, give a checkpoint file (--pretrained PATH), '' for a seeded random init, or Winnow's "
+                   "tiny model trained here (--model winnow-tiny-clip with a `winnow train` checkpoint)")
+
+
+def trained_as(checkpoint: str) -> str | None:
+    """The open_clip model a ``winnow train`` checkpoint (``<run>/checkpoints/epoch_N.pt``) was trained as, read
+    from its run's manifest; None for other files."""
+    from pipeline.core import fsio
+
+    path = checkpoint if "://" in checkpoint else os.path.abspath(checkpoint)
+    run = path.rstrip("/").rsplit("/", 2)[0]
+    for name in ("_manifest.json", "_run.json"):
+        try:
+            doc = fsio.read_json(fsio.join(run, name))
+        except (OSError, ValueError):
+            continue
+        model = (doc.get("params") or {}).get("model") if isinstance(doc, dict) else None
+        if isinstance(model, str) and model:
+            return model
+    return None
+
+
+def resolve_model(model: str, pretrained: str) -> str:
+    """``model``, or when it is empty the model the checkpoint's run recorded (a UserError when none did)."""
+    if model:
+        return model
+    recorded = trained_as(pretrained) if pretrained and ("://" in pretrained or os.path.isfile(pretrained)) \
+        else None
+    if recorded is None:
+        raise UserError(f"which open_clip model is {pretrained or 'a random init'}? Its run does not say; pass "
+                        "--model (e.g. ViT-B-32, winnow-tiny-clip)")
+    return recorded
+
+
+def weights_reachable(model: str, tag: str, timeout: float = 3.0) -> None:
+    """Fail at once, in one line, when the weights of a pretrained tag are neither in the local caches nor
+    reachable (open_clip and huggingface_hub would retry for a minute or more before saying so)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model, tag) or {}
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, name = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+        names = [name] if name else ["open_clip_pytorch_model.bin", "open_clip_model.safetensors"]
+        if any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
+            os.environ["HF_HUB_OFFLINE"] = "1"  # cached: no network round trips
+            return
+        host = "huggingface.co"
+    elif cfg.get("url"):
+        cached = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(urlsplit(cfg["url"]).path))
+        if os.path.isfile(cached):
+            return
+        host = urlsplit(cfg["url"]).hostname or ""
+    else:
+        return
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and hub:
+        reachable = False
+    else:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            reachable = True
+        except OSError:
+            reachable = False
+    if not reachable:
+        raise UserError(f"the {tag} weights of {model} are not in the local cache and {host} cannot be reached; "
+                        f"{OFFLINE_CHOICES}")
 
 
 def check(model: str, pretrained: str) -> bool:

@@ -90,6 +90,30 @@ def _quiet_startup():
             lg.setLevel(level)
 
 
+STARTUP_SECONDS = 120
+
+
+def _user_script() -> bool:
+    """True when this process runs a user's script file (``python my_script.py``). Dask's LocalCluster spawns its
+    workers with multiprocessing, which imports the main script again in every worker: an unguarded script
+    (no ``if __name__ == "__main__":``, as people write them) would run itself there and fail. The ``winnow``
+    command, ``python -m ...``, notebooks and test runners are not such scripts."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return bool(path) and getattr(main, "__spec__", None) is None and os.path.basename(path) != "winnow"
+
+
+def _script_cluster(n: int, cfg: ClusterConfig, environ: dict):
+    """A local cluster whose scheduler and workers are separate programs (Dask's SubprocessCluster), so nothing
+    imports the user's script again."""
+    from distributed.deploy.subprocess import SubprocessCluster
+
+    os.environ["DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"] = repr(environ)  # read by the nanny processes
+    return SubprocessCluster(n_workers=n, threads_per_worker=cfg.threads_per_worker,
+                             dashboard_address=cfg.dashboard_address, silence_logs=logging.ERROR,
+                             worker_kwargs={"memory_limit": cfg.memory_limit})
+
+
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -188,16 +212,20 @@ class Runner:
             environ.pop("MALLOC_TRIM_THRESHOLD_", None)
             with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), _quiet_startup():
                 try:
-                    self._cluster = LocalCluster(
-                        n_workers=n, threads_per_worker=cfg.threads_per_worker, processes=True,
-                        memory_limit=cfg.memory_limit, dashboard_address=cfg.dashboard_address,
-                        silence_logs=logging.ERROR,
-                    )
+                    if _user_script():
+                        self._cluster = _script_cluster(n, cfg, environ)
+                    else:
+                        self._cluster = LocalCluster(
+                            n_workers=n, threads_per_worker=cfg.threads_per_worker, processes=True,
+                            memory_limit=cfg.memory_limit, dashboard_address=cfg.dashboard_address,
+                            silence_logs=logging.ERROR,
+                        )
+                    self.client = Client(self._cluster)
+                    self.client.wait_for_workers(n, timeout=STARTUP_SECONDS)
                 except Exception as exc:  # noqa: BLE001 - a worker that dies while starting, a port, memory
                     raise RunFailed(f"the local Dask cluster of {n} worker processes could not start "
                                     f"({describe(exc)}); check free memory and ports, try fewer with --workers, "
                                     "or run in-process with --scheduler sync") from None
-            self.client = Client(self._cluster)
             self.log(f"runner: local Dask cluster, {n} worker processes x {cfg.threads_per_worker} thread(s)")
         self.client.register_worker_callbacks(setup=_quiet_worker_logs)  # also on workers that join later
         for name in ("distributed.client", "distributed.utils"):  # a lost scheduler: one line from map, no tracebacks

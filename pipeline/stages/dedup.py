@@ -65,6 +65,7 @@ from pipeline.stages.dedup_tasks import (
 )
 
 KINDS = ("exact_image", "exact_pair", "near", "semantic", "contaminated")
+CONTAMINATION_WARN = 0.05  # a larger share of the pool flagged as eval copies says the descriptor cannot tell
 TABLE = "duplicates.parquet"
 WORK = "_work"  # the tasks' intermediate files, removed when the table is written
 CLUSTER_ROWS = 1_000  # default clusters: sqrt(n) / 3, or more so that a cluster holds about this many rows
@@ -195,6 +196,12 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
     for k in cfg.semantic_eps:
         counts[f"semantic@{k:g}"] = int(((table["kind"] == "semantic") & (table["similarity"] > 1 - k)).sum())
     log("dedup: dropped per kind: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    if counts["contaminated"] > CONTAMINATION_WARN * max(n_ok, 1):
+        log(f"warning: {counts['contaminated']:,} of {n_ok:,} pool images ({counts['contaminated'] / n_ok:.0%}) "
+            f"match an eval image at cosine >= {cfg.contamination_threshold:g}; copies of eval images are normally "
+            f"rare, so the {cfg.tag!r} embedding probably cannot tell a copy from a look-alike: compare with a "
+            "copy-detection descriptor (`winnow copy-descriptor POOL --out DIR`, then embed it) or raise "
+            "--contamination-threshold")
     return stage.finish(rows={"images": int(n_ok), "table_rows": len(table)}, dropped=counts,
                         search="exact" if flat else f"{n_leaves} clusters, nprobe {cfg.nprobe}",
                         clusters=int(n_leaves), sample=int(n_sampled))

@@ -112,10 +112,11 @@ def best_earlier(x: np.ndarray, chunk: int = 2048) -> np.ndarray:
 
 
 def kmeans(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """Spherical k-means centroids (faiss; it trains on at most 256 rows per centroid)."""
+    """Spherical k-means centroids (faiss; it trains on at most 256 rows per centroid). Few rows per centroid are
+    expected here (clusters only bound the exact search), so faiss's warning about them is not shown."""
     import faiss
 
-    km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True)
+    km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True, min_points_per_centroid=1)
     km.train(np.ascontiguousarray(x, dtype=np.float32))
     return km.centroids
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -31,7 +31,8 @@ from pipeline.data.pool import require_finished
 from pipeline.data.images import input_side
 from pipeline.models.copydetect import MODEL_NAME
 from pipeline.models.encode import cached_model, encode_images, encode_texts
-from pipeline.models.registry import check
+from pipeline.models.registry import check, resolve_model, weights_reachable
+from pipeline.run.runner import task_progress
 from pipeline.run.stage import Stage, sum_counts
 from pipeline.data.ledger import OK
 
@@ -105,8 +106,9 @@ def embed_shard(task: EmbedTask) -> dict:
     txt = np.full((len(table), dim), np.nan, np.float32)
     samples = ((row_of[s["__key__"]], shards.image_bytes(s) or b"")
                for s in shards.iter_tar(shards.paths(task.pool, task.shard_id)["tar"]) if s["__key__"] in row_of)
+    ok_count = int((table["state"] == OK).sum())
     failures = encode_images(model, preprocess, samples, device, img, cfg.batch_size, 2 * input_side(model),
-                             cfg.decode_threads, cfg.precision)
+                             cfg.decode_threads, cfg.precision, on_batch=lambda n: task_progress(n, ok_count))
     if tokenizer is not None:
         rows = [i for i, t in enumerate(table["caption"]) if isinstance(t, str)]
         if rows:
@@ -151,7 +153,9 @@ def embed(pool: str, cfg: EmbedConfig, runner, out: str | None = None, overwrite
         raise UserError(f"{MODEL_NAME} needs its checkpoint: --pretrained PATH/descriptor.pt (train one with "
                         "`winnow copy-descriptor POOL --out DIR`)")
     if cfg.model != MODEL_NAME and "://" not in cfg.pretrained:  # a wrong model or tag: one line, before any worker
-        check(cfg.model, cfg.pretrained)
+        cfg = replace(cfg, model=resolve_model(cfg.model, cfg.pretrained))
+        if not check(cfg.model, cfg.pretrained) and cfg.pretrained:
+            weights_reachable(cfg.model, cfg.pretrained)
     out = out or default_out(pool, cfg.tag)
     inputs = [fsio.join(pool, manifest.MANIFEST)] if fsio.exists(fsio.join(pool, manifest.MANIFEST)) else \
         [shards.paths(pool, i)["parquet"] for i in ids]
@@ -162,5 +166,7 @@ def embed(pool: str, cfg: EmbedConfig, runner, out: str | None = None, overwrite
     if stage.done:
         return stage.manifest
     log(f"embed: {cfg.model} ({cfg.pretrained or 'random init'}) as '{cfg.tag}' over {len(ids)} shards -> {out}")
-    stats = stage.map(embed_shard, [EmbedTask(pool, out, i, asdict(cfg)) for i in ids], label="embed", unit="shards")
+    sizes = [shards.read_stats(pool, i).get("successes", 0) for i in ids]  # images per shard, for the progress lines
+    stats = stage.map(embed_shard, [EmbedTask(pool, out, i, asdict(cfg)) for i in ids], label="embed", unit="shards",
+                      sizes=sizes)
     return stage.finish(rows=sum_counts(stats, skip=("duration", "dim")), tag=cfg.tag, pool=str(pool))

@@ -26,9 +26,10 @@ from pipeline.tasks.curves import summarize
 
 @dataclass
 class EvaluateConfig:
-    """``model``: the open_clip architecture of the checkpoint; ``device``: auto (CUDA when present), cpu, cuda."""
+    """``model``: the open_clip architecture of the checkpoint (empty: the one its ``winnow train`` run recorded);
+    ``device``: auto (CUDA when present), cpu, cuda."""
 
-    model: str = "winnow-tiny-clip"
+    model: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -72,8 +73,11 @@ def evaluate_task(t: EvalTask) -> dict:
 def evaluate(model_name: str, pretrained: str, tasks: list[Task], out: str, device: str = "auto",
              overwrite: bool = False, log=print) -> dict:
     """Evaluate one model on every task; write ``eval_results.jsonl`` and ``summary.json`` into ``out``."""
-    from pipeline.models.registry import default_device
+    from pipeline.models.registry import check, default_device, resolve_model, weights_reachable
 
+    model_name = resolve_model(model_name, pretrained)
+    if not check(model_name, pretrained) and pretrained and "://" not in pretrained:
+        weights_reachable(model_name, pretrained)  # one line now, not a minute of retries per task
     device = default_device() if device == "auto" else device
     stage = Stage("evaluate", out, {"model": model_name, "pretrained": pretrained, "tasks": [asdict(t) for t in tasks]},
                   inputs=[pretrained] if os.path.isfile(pretrained) else [], overwrite=overwrite, log=log)

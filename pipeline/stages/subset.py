@@ -43,7 +43,7 @@ import pandas as pd
 from pipeline.core import fsio
 from pipeline.data import manifest
 from pipeline.core.config import parse_yaml, substitute
-from pipeline.core.errors import RunFailed, UserError
+from pipeline.core.errors import RunFailed, UserError, did_you_mean
 from pipeline.data.ledger import OK
 from pipeline.data.parts import Part
 from pipeline.data.pool import require_finished
@@ -106,8 +106,9 @@ def load_recipe(ref: str | dict | Recipe, variables: dict[str, str] | None = Non
         if not path.suffix:
             path = recipes_dir() / f"{ref}.yaml"
         if not path.is_file():
-            known = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.yaml")))
-            raise UserError(f"recipe {ref!r} not found; give a YAML path or one of: {known}")
+            names = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+            hint = did_you_mean(ref, names) or f"give a YAML path or one of: {', '.join(names)}"
+            raise UserError(f"recipe {ref!r} not found; {hint.strip()}")
         doc = parse_yaml(substitute(path.read_text(), variables or {}, path.name, used), f"recipe {path}") or {}
         if not isinstance(doc, dict):
             raise UserError(f"recipe {path} must hold a mapping (name, filters, select)")

@@ -38,7 +38,7 @@ import numpy as np
 
 from pipeline.core import fsio
 from pipeline.core.config import parse_yaml, substitute
-from pipeline.core.errors import UserError
+from pipeline.core.errors import UserError, did_you_mean
 from pipeline.tasks import odd_one_out, retrieval, zeroshot
 
 KINDS = {m.KIND: m for m in (zeroshot, retrieval, odd_one_out)}
@@ -105,8 +105,9 @@ def load_tasklist(ref: str, variables: dict[str, str] | None = None, log=print) 
     if not os.path.isfile(path) and re.fullmatch(r"[\w-]+", ref):
         path = str(tasklists_dir() / f"{ref}.yaml")
     if not os.path.isfile(path):
-        known = ", ".join(sorted(p.stem for p in tasklists_dir().glob("*.yaml")))
-        raise UserError(f"task list {ref!r} not found; give a YAML path or a shipped name: {known}")
+        names = sorted(p.stem for p in tasklists_dir().glob("*.yaml"))
+        hint = did_you_mean(ref, names) or f"give a YAML path or a shipped name: {', '.join(names)}"
+        raise UserError(f"task list {ref!r} not found; {hint.strip()}")
     text, name = Path(path).read_text(), os.path.basename(path)
     for var in re.findall(r"\$\{(\w+)\}", text):
         if var not in variables:

@@ -179,7 +179,7 @@ def train(data: str, name: str, logs: str = "runs/train", overwrite: bool = Fals
     return run(data, spec.logs, name, spec.config(), overwrite=overwrite)
 
 
-def evaluate(checkpoint: str, tasks: str, out: str, model: str = "winnow-tiny-clip",
+def evaluate(checkpoint: str, tasks: str, out: str, model: str = "",
              variables: dict[str, str] | None = None, device: str = "auto", overwrite: bool = False) -> dict:
     """Evaluate a model on a task list (a shipped name such as ``demo``, or a YAML path); returns the summary
     (every task's main metric and the average)."""
