@@ -8,7 +8,7 @@ OUT    ?= runs/demo
 METHODS := no_filter,demo_clip30,demo_negcliploss30,demo_negcliploss_normsim30,demo_density30,demo_metaclip30,dfn_30pct
 SHOWN   := filter_english,filter_caption_words,filter_caption_chars,filter_min_side,filter_aspect_ratio,demo_negcliploss30,demo_density30,demo_metaclip30
 
-.PHONY: demo demo-methods test bench clean
+.PHONY: demo demo-methods readme-figures test bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 # The curation methods side by side at one subset size (30% of the pool), 3 seeds each (reuses what `make demo` did)
 demo-methods: $(STAMP)
 	$(BIN)/winnow demo --out $(OUT) --set "demo.train=[$(METHODS)]" --set "demo.filters=[$(SHOWN)]"
+
+# Record the last demo's figures (benchmarks/results/demo.json) and rewrite the README's block of them
+readme-figures: $(STAMP)
+	$(BIN)/python -m workflows.readme $(OUT)
 
 test: $(STAMP)  # the fast tier (unit tests, under a minute), then the end-to-end tier; two processes each
 	$(BIN)/python -m pytest -q -ra -n 2 -m "not e2e and not gpu"

@@ -145,6 +145,14 @@ COMMANDS = [
              Flag("--logs", "train.logs", "parent folder of runs"), Flag("--seed", "train.seed"),
              Flag("--pretrained", "train.pretrained", "start from an open_clip tag or checkpoint"),
              Flag("--patch-mixing", "train.patch_mixing", "Patch Mixing augmentation: share of images mixed"),
+             Flag("--nproc-per-node", "train.nproc_per_node", "training processes on this machine (one per GPU; "
+                  "gloo processes on CPU), through torchrun"),
+             Flag("--nnodes", "train.nnodes", "machines training together (0: SLURM's node count in a job)"),
+             Flag("--node-rank", "train.node_rank", "this machine's rank (-1: SLURM's node id, else 0)"),
+             Flag("--master", "train.master", "HOST:PORT of the rank-0 machine (default: MASTER_ADDR/MASTER_PORT or "
+                  "SLURM's first host)"),
+             Flag("--accum-freq", "train.accum_freq", "gradient accumulation steps (the scale's batch = per-device "
+                  "batch x processes x accum-freq)"),
              Flag("--resume", help="continue the interrupted run NAME from its latest checkpoint, with the settings "
                   "it was started with", switch=True),
              Flag("--tasks", help="task list to evaluate the final checkpoint on (as evaluate's --tasks)"),

@@ -147,12 +147,21 @@ def train(args, cfg) -> None:
         from pipeline.tasks import load_tasklist
 
         tasks = load_tasklist(args.tasks, _pairs(args.var, "--var"))
-    ckpt = run_train(args.data, cfg.train.logs, args.name, tcfg, overwrite=args.overwrite, resume=args.resume)
+    launch = cfg.train.launch()
+    if args.resume and launch.world == 1 and tcfg.processes > 1:  # on one machine: the count it started with
+        from dataclasses import replace
+
+        launch = replace(launch, nproc_per_node=tcfg.processes)
+    ckpt = run_train(args.data, cfg.train.logs, args.name, tcfg, overwrite=args.overwrite, resume=args.resume,
+                     launch=launch)
     print(f"train: {ckpt}")
+    if launch.node_rank > 0:
+        return  # the rank-0 machine evaluates
     if args.tasks:
+        from pipeline.core.fsio import join
         from pipeline.stages.evaluate import evaluate
 
-        out = os.path.join(cfg.train.logs, args.name, "eval")
+        out = join(cfg.train.logs, args.name, "eval")
         summary = evaluate(tcfg.model, ckpt, tasks, out, overwrite=args.overwrite)
         average = summary["average"]
         print(f"train: average of main metrics {'n/a (diagnostic tasks only)' if average is None else f'{average:.4f}'}"

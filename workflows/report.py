@@ -139,6 +139,9 @@ def write(out: str, report: str, summary: dict, r: Results, log=print) -> str:
     r.robust.to_csv(os.path.join(report, "robustness.csv"), index=False, float_format="%.4f")
     rows = _training_rows(group_runs(find_runs([out])))
     training = format_text(rows)
+    from workflows import readme
+
+    fsio.write_json(os.path.join(report, "figures.json"), readme.figures(summary, rows))
     lines = [
         "# Winnow demo report", "",
         ("The full report, with score histograms, example images, duplicate groups and charts, is `report.html` "
@@ -163,6 +166,23 @@ def write(out: str, report: str, summary: dict, r: Results, log=print) -> str:
     return training
 
 
+def _readme_line(report: str) -> str:
+    """Whether this run's figures are the ones the README quotes (``benchmarks/results/demo.json``)."""
+    from workflows import readme
+
+    run = fsio.read_json(os.path.join(report, "figures.json"))
+    if not readme.RECORDED.is_file():
+        return "README figures: none recorded (`make readme-figures` records this run's)"
+    recorded = json.loads(readme.RECORDED.read_text())
+    if run["settings"] != recorded["settings"]:
+        return "README figures: recorded with other demo settings, so not comparable with this run"
+    diff = readme.differences(run, recorded)
+    if not diff:
+        return "README figures: this run gives exactly the figures the README quotes"
+    return ("README figures differ from this run (another machine or torch build can round differently): "
+            + "; ".join(diff[:4]) + (" ..." if len(diff) > 4 else "") + "; `make readme-figures` records this run's")
+
+
 def log_summary(r: Results, training: str, pool: str, dedup_cfg, paths: dict, log) -> None:
     """The demo's closing printout: ledger, planted truth, selections, dedup, training, robustness, timings."""
     log("\nLedger of " + pool + ":\n" + format_counts(r.counts, r.total))
@@ -178,6 +198,7 @@ def log_summary(r: Results, training: str, pool: str, dedup_cfg, paths: dict, lo
     log(_fmt_dedup(r.dedup))
     log(f"\nThe fixed model trained on each subset ({r.scale_line}):")
     log(training)
+    log(_readme_line(paths["report"]))
     log("\nThe same models on DiST (odd-one-out accuracy, chance 0.333) and Patch Mixing (area under accuracy vs "
         "share of foreign patches / tiles / dropped patches / occlusion):")
     log(format_table(r.robust))

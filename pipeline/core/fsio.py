@@ -35,6 +35,11 @@ def _tag() -> str:
     return f"{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+def temp_path(path: str) -> str:
+    """The name a file is written under before it is renamed to ``path`` (:func:`sweep_stale` knows it)."""
+    return f"{path}{TMP_MARK}{_tag()}"
+
+
 def scratch_dir(what: str, base: str | None = None) -> str:
     """A new private local folder for work in progress (in ``base``, else the temporary folder), named so that
     :func:`sweep_stale` removes it once its process is gone. The caller removes it when done."""
@@ -189,7 +194,7 @@ def atomic_open(path: str, mode: str = "wb", fsync: bool = True) -> Iterator[IO[
     fs, p = get_fs(path)
     if isinstance(fs, LocalFileSystem):
         os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
-        tmp = f"{p}{TMP_MARK}{_tag()}"
+        tmp = temp_path(p)
         try:
             with open(tmp, mode) as f:
                 yield f

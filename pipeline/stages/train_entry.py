@@ -1,4 +1,5 @@
-"""``python -m pipeline.stages.train_entry ARGS``: OpenCLIP's own trainer, with Winnow's tiny configs registered.
+"""``python -m pipeline.stages.train_entry ARGS``: OpenCLIP's own trainer, with Winnow's tiny configs registered
+(the arguments may also come as a JSON list in ``WINNOW_TRAIN_ARGS``, as torchrun's workers get them).
 
 open_clip_train has no flag for extra model configs, so this registers them and then hands the arguments to
 ``open_clip_train.main.main`` unchanged. With ``WINNOW_DRAFT_SIDE=N`` set (``pipeline.stages.train`` sets it to twice
@@ -11,12 +12,14 @@ With ``WINNOW_PATCH_MIXING=prob,r_max,grid,smoothing`` set (``TrainConfig.patch_
 goes through Patch Mixing (:func:`pipeline.stages.patchmix_training.mix_batch`) and the contrastive loss gets the
 area-interpolated targets (:func:`pipeline.stages.patchmix_training.soft_clip_loss`); the trainer itself is unchanged.
 
-Every epoch's shard draws, sample shuffle and augmentations are seeded from ``--seed`` and the epoch
-(:func:`use_epoch_seeds`; for ``--dataset-resampled``, which ``pipeline.stages.train`` always passes).
+Every epoch's shard draws, sample shuffle and augmentations are seeded from ``--seed``, the epoch and the process's
+rank (:func:`use_epoch_seeds`; for ``--dataset-resampled``, which ``pipeline.stages.train`` always passes).
+Checkpoints are saved atomically (:func:`use_atomic_checkpoints`). Under torchrun each rank runs this module.
 """
 
 import functools
 import hashlib
+import json
 import os
 import random
 import sys
@@ -39,9 +42,56 @@ def use_draft_decoding(side: int) -> None:
     ImageHandler.__call__ = decode
 
 
+def _rank() -> int:
+    """This training process's global rank (torchrun and SLURM say it; 0 alone)."""
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+
+
 def _seed(seed: int, epoch: int, worker: int) -> int:
-    """A seed of its own for each (run seed, epoch, loader worker); worker -1 is the training process."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{worker}".encode()).digest()[:4], "little")
+    """A seed of its own for each (run seed, epoch, rank, loader worker); worker -1 is the training process. Rank 0
+    of a run alone keeps the seeds of single-process runs."""
+    rank = _rank()
+    key = f"{seed}/{epoch}/{worker}" + (f"/rank{rank}" if rank else "")
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+
+
+def use_cpu_ddp() -> None:
+    """open_clip_train wraps the model in DistributedDataParallel with ``device_ids=[device]``, which torch refuses
+    for a model on the CPU (gloo): there the ids are dropped, as torch asks."""
+    import torch
+
+    ddp = torch.nn.parallel.DistributedDataParallel
+
+    class CpuDDP(ddp):
+        def __init__(self, module, device_ids=None, *args, **kwargs):
+            on_cpu = device_ids and all(torch.device(d).type == "cpu" for d in device_ids)
+            super().__init__(module, None if on_cpu else device_ids, *args, **kwargs)
+
+    torch.nn.parallel.DistributedDataParallel = CpuDDP
+
+
+def use_atomic_checkpoints() -> None:
+    """open_clip_train saves checkpoints with ``torch.save(obj, path)`` under their final name: a process killed
+    while saving would leave a truncated ``epoch_N.pt`` that ``--resume`` then trips on (and that an upload to an
+    object store could pick up). Here every ``.pt`` is written under a temporary name and renamed when whole."""
+    import torch
+
+    from pipeline.core.fsio import temp_path
+
+    save = torch.save
+
+    def atomic(obj, f, *args, **kwargs):
+        if not isinstance(f, (str, os.PathLike)) or not str(f).endswith(".pt"):
+            return save(obj, f, *args, **kwargs)
+        tmp = temp_path(str(f))
+        try:
+            save(obj, tmp, *args, **kwargs)
+            os.replace(tmp, f)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    torch.save = atomic
 
 
 def _seed_all(seed: int) -> None:
@@ -148,13 +198,15 @@ def use_patch_mixing(prob: float, r_max: float, grid: int, smoothing: float) -> 
 
 if __name__ == "__main__":
     register()
-    args = sys.argv[1:]
+    args = json.loads(os.environ["WINNOW_TRAIN_ARGS"]) if os.environ.get("WINNOW_TRAIN_ARGS") else sys.argv[1:]
     if os.environ.get("WINNOW_DRAFT_SIDE"):
         use_draft_decoding(int(os.environ["WINNOW_DRAFT_SIDE"]))
     if os.environ.get("WINNOW_PATCH_MIXING"):
         p, r, g, eps = os.environ["WINNOW_PATCH_MIXING"].split(",")
         use_patch_mixing(float(p), float(r), int(g), float(eps))
     use_epoch_seeds(int(args[args.index("--seed") + 1]) if "--seed" in args else 0)  # seeds each epoch first
+    use_atomic_checkpoints()
+    use_cpu_ddp()
     from open_clip_train.main import main
 
-    main(sys.argv[1:])
+    main(args)
