@@ -204,3 +204,42 @@ def test_eval_sets_and_checkpoints_are_read_from_the_object_store(tiny_world, bu
 
     with pytest.raises(UserError, match="checkpoint not found"):
         load("winnow-tiny-clip", f"{bucket}/ckpt/missing.pt")
+
+
+def test_training_and_its_evaluation_read_and_write_the_object_store(tiny_world, tiny_pool, local_cluster, bucket,
+                                                                     tmp_path):
+    """Shards on s3://, --logs s3://: the checkpoint, out.log and params.txt are objects under the run's URL (no
+    local folder named s3:), the printed checkpoint exists and evaluates, compare and report read the evaluation
+    there, and no local staging outlives the run."""
+    import glob
+    import tempfile
+
+    from pipeline.stages.evaluate import evaluate
+    from pipeline.stages.reshard import reshard
+    from pipeline.stages.subset import subset
+    from pipeline.stages.train import TrainConfig, train
+    from pipeline.tasks import load_tasklist
+    from workflows.compare import compare_runs
+    from workflows.report import html_report
+
+    quiet = lambda m: None  # noqa: E731
+    sub = str(tmp_path / "sub")
+    subset("no_filter", tiny_pool["pool"], sub, local_cluster, log=quiet)
+    data = f"{bucket}/train-shards"
+    reshard(tiny_pool["pool"], os.path.join(sub, "uids.npy"), data, local_cluster, shard_size=50, log=quiet)
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "winnow-scratch-*")))
+    cfg = TrainConfig(samples_seen=256, batch_size=32, warmup=2, epochs=2, seed=0)
+    os.chdir(tmp_path)
+    ckpt = train(data, f"{bucket}/runs", "s3run", cfg, log=quiet)
+    assert ckpt == f"{bucket}/runs/s3run/checkpoints/epoch_2.pt" and fsio.exists(ckpt)
+    for name in ("out.log", "params.txt", "checkpoints/epoch_1.pt", "_manifest.json"):
+        assert fsio.exists(f"{bucket}/runs/s3run/{name}"), name
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "s3").exists()
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "winnow-scratch-*"))) <= before
+    tasks = load_tasklist("demo", {"world": tiny_world["path"]})
+    evaluate("", ckpt, tasks, f"{bucket}/runs/s3run/eval", log=quiet)
+    assert train(data, f"{bucket}/runs", "s3run", cfg, log=quiet) == ckpt  # the same run again: reused
+    text = compare_runs([f"{bucket}/runs/s3run"])
+    assert text.startswith("subset") and "s3run" in text
+    page = html_report([f"{bucket}/runs/s3run"], str(tmp_path / "r.html"), log=quiet)
+    assert "s3run" in open(page).read()

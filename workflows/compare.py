@@ -9,8 +9,6 @@ subset.
 
 from __future__ import annotations
 
-import glob
-import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -42,7 +40,7 @@ class EvalRun:
 
     @cached_property
     def summary(self) -> dict:
-        return fsio.read_json(os.path.join(self.out, "summary.json"))
+        return fsio.read_json(fsio.join(self.out, "summary.json"))
 
     def tasks(self) -> list[Task]:
         """The tasks it was evaluated on (from the evaluation's manifest)."""
@@ -54,18 +52,21 @@ class EvalRun:
 
     def samples(self, task: str) -> np.ndarray | None:
         path = samples_path(self.out, task)
-        return np.load(path, allow_pickle=False).astype(np.float64) if os.path.exists(path) else None
+        if not fsio.exists(path):
+            return None
+        return fsio.load_npy(path, f"per-sample outcomes {path}").astype(np.float64)
 
     def losses(self) -> list[tuple[int, float]]:
         """(samples seen, loss) of every step line its training run logged (``out.log`` of the run folder holding
         this evaluation as ``eval/``); [] when there is none."""
         from pipeline.stages.train import step_loss
 
-        path = os.path.join(os.path.dirname(self.out.rstrip("/")), "out.log")
-        if os.path.basename(self.out.rstrip("/")) != "eval" or not os.path.isfile(path):
+        parent, leaf = self.out.rstrip("/").rsplit("/", 1)
+        path = fsio.join(parent, "out.log")
+        if leaf != "eval" or not fsio.exists(path):
             return []
-        with open(path, errors="replace") as f:
-            return [x for x in map(step_loss, f) if x is not None]
+        return [x for x in map(step_loss, fsio.read_bytes(path).decode(errors="replace").splitlines())
+                if x is not None]
 
     def fingerprint(self, task: str) -> str | None:
         """The fingerprint of the eval data ``task`` was scored on (None: evaluated before they were recorded)."""
@@ -103,16 +104,15 @@ def find_runs(paths: list[str]) -> list[EvalRun]:
     runs = []
     for path in paths:
         path = path.rstrip("/")
-        if os.path.isfile(os.path.join(path, "summary.json")) and os.path.isfile(
-                os.path.join(path, "eval_results.jsonl")):
-            parent = os.path.basename(os.path.dirname(path))
-            runs.append(EvalRun(parent if os.path.basename(path) == "eval" else os.path.basename(path), path))
-        elif os.path.isfile(os.path.join(path, "eval", "summary.json")):
-            runs.append(EvalRun(os.path.basename(path), os.path.join(path, "eval")))
-        elif os.path.isdir(os.path.join(path, "train")):
+        if fsio.exists(fsio.join(path, "summary.json")) and fsio.exists(fsio.join(path, "eval_results.jsonl")):
+            parts = path.split("/")
+            runs.append(EvalRun(parts[-2] if parts[-1] == "eval" and len(parts) > 1 else parts[-1], path))
+        elif fsio.exists(fsio.join(path, "eval", "summary.json")):
+            runs.append(EvalRun(path.rsplit("/", 1)[-1], fsio.join(path, "eval")))
+        elif fsio.isdir(fsio.join(path, "train")):
             listed = _demo_runs(path)
-            found = [(p.split(os.sep)[-3], os.path.dirname(p)) for p in
-                     glob.glob(os.path.join(path, "train", "*", "eval", "summary.json"))]
+            found = [(p.rstrip("/").split("/")[-3], p.rstrip("/").rsplit("/", 1)[0]) for p in
+                     fsio.glob(fsio.join(path, "train", "*", "eval", "summary.json"))]
             found = sorted([f for f in found if not listed or f[0] in listed],
                            key=lambda f: (listed.get(f[0], 0), _subset(f[0]) != "no_filter", f[0]))
             runs += [EvalRun(name, out) for name, out in found]
@@ -126,8 +126,8 @@ def find_runs(paths: list[str]) -> list[EvalRun]:
 
 def _demo_runs(demo: str) -> dict[str, int]:
     """The runs of the demo's last report (``report/summary.json``) in its order; {} without one."""
-    path = os.path.join(demo, "report", "summary.json")
-    runs = fsio.read_json(path).get("runs", {}) if os.path.isfile(path) else {}
+    path = fsio.join(demo, "report", "summary.json")
+    runs = fsio.read_json(path).get("runs", {}) if fsio.exists(path) else {}
     return {n: i for i, n in enumerate(f"{s}-seed{r['seed']}" for s, results in runs.items() for r in results)}
 
 
@@ -171,7 +171,7 @@ class Group:
     @property
     def size(self) -> int | None:
         """Training samples of its subset (the training run's manifest), when known."""
-        doc = read_manifest(os.path.dirname(self.runs[0].out)) or {}
+        doc = read_manifest(self.runs[0].out.rstrip("/").rsplit("/", 1)[0]) or {}
         return doc.get("rows", {}).get("samples") if doc.get("stage") == "train" else None
 
 

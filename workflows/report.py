@@ -589,8 +589,8 @@ def tail_tables(groups: list[Group]) -> list[tuple[str, pd.DataFrame, pd.DataFra
 
 def _class_accuracy(out: str, task: str, prefix: str) -> dict[str, float]:
     """A task's per-class accuracy (class -> value) from an evaluation's results lines; {} when it has none."""
-    path = os.path.join(out, "eval_results.jsonl")
-    lines = fsio.read_bytes(path).decode().splitlines() if os.path.isfile(path) else []
+    path = fsio.join(out, "eval_results.jsonl")
+    lines = fsio.read_bytes(path).decode().splitlines() if fsio.exists(path) else []
     for row in map(json.loads, lines):
         if row.get("dataset") == task:
             return {k[len(prefix):]: v for k, v in row["metrics"].items() if k.startswith(prefix)}

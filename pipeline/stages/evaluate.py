@@ -76,7 +76,7 @@ def evaluate(model_name: str, pretrained: str, tasks: list[Task], out: str, devi
     from pipeline.models.registry import check, default_device, resolve_model, weights_reachable
 
     model_name = resolve_model(model_name, pretrained)
-    if not check(model_name, pretrained) and pretrained and "://" not in pretrained:
+    if "://" not in pretrained and not check(model_name, pretrained) and pretrained:
         weights_reachable(model_name, pretrained)  # one line now, not a minute of retries per task
     device = default_device() if device == "auto" else device
     stage = Stage("evaluate", out, {"model": model_name, "pretrained": pretrained, "tasks": [asdict(t) for t in tasks]},
