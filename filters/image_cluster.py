@@ -16,7 +16,11 @@ NaN.
 from __future__ import annotations
 
 import functools
+import io
 import os
+import pickle
+import warnings
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +50,54 @@ def nearest(x: np.ndarray, centroids: np.ndarray, cells: int = 2**25) -> np.ndar
     return out
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that rebuilds numpy arrays and torch tensors and nothing else: any other global a file names
+    is refused, as torch's ``weights_only`` loader refuses it, but every pickle protocol is read (that loader reads
+    protocol 2 only, and DataComp's ``image_based_clustering.py`` saves ``pickle_protocol=4``)."""
+
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(file)
+        self.archive, self.prefix = archive, prefix
+
+    def find_class(self, module: str, name: str):
+        import torch
+
+        if (module, name) in (("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct")):
+            return np._core.multiarray._reconstruct
+        if (module, name) in (("numpy", "ndarray"), ("numpy", "dtype")):
+            return getattr(np, name)
+        if module == "numpy.dtypes" and name.endswith("DType"):
+            return getattr(np.dtypes, name)
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda flat, offset, size, stride, *_: flat.as_strided(size, stride, offset).clone()
+        if module == "torch" and name.endswith("Storage") and hasattr(torch, name):
+            return getattr(torch, name)  # only its dtype is read (persistent_load)
+        if (module, name) == ("collections", "OrderedDict"):
+            import collections
+
+            return collections.OrderedDict
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a plain array or tensor; refused")
+
+    def persistent_load(self, pid):
+        import torch
+
+        _, storage_type, key, _location, _numel = pid
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # reading a legacy storage class's dtype
+            dtype = storage_type if isinstance(storage_type, torch.dtype) else storage_type.dtype
+        return torch.frombuffer(bytearray(self.archive.read(f"{self.prefix}data/{key}")), dtype=dtype)
+
+
+def load_arrays(path: str):
+    """The arrays or tensors of a torch ``.pt`` zip file, read with :class:`_ArraysOnly` (no other object)."""
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+        obj = _ArraysOnly(io.BytesIO(archive.read(name)), archive, name[: -len("data.pkl")]).load()
+    if isinstance(obj, np.ndarray) and obj.dtype.hasobject:
+        raise pickle.UnpicklingError("an array of Python objects")
+    return obj
+
+
 def load_matrix(path: str, what: str, mmap: bool = False) -> np.ndarray:
     """A float32 matrix from ``.npy`` (never unpickled) or a torch ``.pt``/``.pth`` file (``weights_only``: plain
     arrays and tensors only; a dict is read at ``image_features``, DataComp's key). ``mmap``: an ``.npy`` is
@@ -59,10 +111,15 @@ def load_matrix(path: str, what: str, mmap: bool = False) -> np.ndarray:
         allowed = [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
                    type(np.dtype(np.float32)), type(np.dtype(np.float16))]
         try:
-            with torch.serialization.safe_globals(allowed):
+            with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # torch's note on protocol 4, answered below
                 obj = torch.load(fsio.local_copy(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - anything beyond arrays and tensors is refused
-            raise UserError(f"{what}: not a plain array or tensor file ({str(exc).splitlines()[0][:120]})") from None
+            try:  # DataComp saves its centroids with pickle protocol 4, which torch's safe loader cannot read
+                obj = load_arrays(fsio.local_copy(path))
+            except (pickle.UnpicklingError, KeyError, ValueError, TypeError, zipfile.BadZipFile, EOFError) as why:
+                first = str(why).splitlines()[0][:120] if str(why) else str(exc).splitlines()[0][:120]
+                raise UserError(f"{what}: not a plain array or tensor file ({first})") from None
         if isinstance(obj, dict):
             obj = obj.get("image_features")
         if isinstance(obj, torch.Tensor):

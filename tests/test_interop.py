@@ -137,17 +137,22 @@ def test_datacomp_tasklist_maps_keys_kinds_metrics_and_folders(tmp_path):
     notes = []
     with pytest.raises(UserError, match="DataComp's format; pass --var data_dir=FOLDER"):
         load_tasklist(str(path), log=notes.append)
-    with pytest.raises(UserError, match="eval set folder not found: .*wds_vtab-caltech101_test and 2 more"):
+    with pytest.raises(UserError, match="none of the 5 eval sets of tasklist.yml is in .*download_evalsets.py"):
         load_tasklist(str(path), {"data_dir": str(tmp_path / "data")}, log=notes.append)
     datacomp_data(str(tmp_path / "data"))
+    notes.clear()
     tasks = load_tasklist(str(path), {"data_dir": str(tmp_path / "data")}, log=notes.append)
-    assert [(t.key, t.name, t.kind, t.main_metric) for t in tasks] == [
-        ("vtab/caltech101", "Caltech-101", "zeroshot_classification", "mean_per_class_recall"),
-        ("imagenet1k", "ImageNet 1k", "zeroshot_classification", "acc1"),
-        ("retrieval/flickr_1k_test_image_text_retrieval", "Flickr", "retrieval", "mean_recall@1")]
+    assert [(t.key, t.name, t.kind, t.main_metric, bool(t.missing)) for t in tasks] == [
+        ("vtab/caltech101", "Caltech-101", "zeroshot_classification", "mean_per_class_recall", False),
+        ("imagenet1k", "ImageNet 1k", "zeroshot_classification", "acc1", False),
+        ("retrieval/flickr_1k_test_image_text_retrieval", "Flickr", "retrieval", "mean_recall@1", False),
+        ("misc/winogavil", "WinoGAViL", "winogavil", "jaccard_score_10-12", True),  # scored, when its data is here
+        ("fairness/fairface", "FairFace", "fairness", "", True)]  # no main metric, as in DataComp
     assert tasks[2].data == str(tmp_path / "data" / "wds_retrieval-flickr_1k_test_image_text_retrieval_test")
+    assert tasks[3].data == str(tmp_path / "data" / "hf_cache" / "nlphuji___winogavil")
+    assert tasks[4].data == str(tmp_path / "data" / "wds_fairface_test") and tasks[4].diagnostic
     assert tasks[0].random_score == pytest.approx(0.166667)
-    assert "leaving out 2 tasks" in notes[-1] and "misc/winogavil, fairness/fairface" in notes[-1]
+    assert len(notes) == 2 and "WinoGAViL (misc/winogavil) is not in" in notes[0] and "download_evalsets.py" in notes[0]
 
 
 def test_shipped_task_lists_by_name_and_task_list_messages(tmp_path):

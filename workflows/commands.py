@@ -185,8 +185,13 @@ def evaluate(args, cfg) -> None:
     from pipeline.tasks import load_tasklist
 
     tasks = load_tasklist(args.tasks, _pairs(args.var, "--var"))
-    run_evaluate(cfg.evaluate.model, args.checkpoint, tasks, args.out, device=cfg.evaluate.device,
-                 overwrite=args.overwrite)
+    if not (args.scheduler or args.workers):  # one process: the model is loaded once
+        run_evaluate(cfg.evaluate.model, args.checkpoint, tasks, args.out, device=cfg.evaluate.device,
+                     overwrite=args.overwrite)
+        return
+    with _runner(cfg) as runner:  # the tasks spread over the workers (and their GPUs)
+        run_evaluate(cfg.evaluate.model, args.checkpoint, tasks, args.out, device=cfg.evaluate.device,
+                     overwrite=args.overwrite, runner=runner)
 
 
 def report(args, cfg) -> None:

@@ -42,9 +42,8 @@ def figures(summary: dict, rows: list) -> dict:
                                                                                  round(r.vs.high, 3)],
                      "p_holm": round(r.p_holm, 3), "verdict": r.verdict}
         comparison.append(item)
-    dedup = [{"kind": d["kind"], "planted": d.get("planted"), "found": d.get("found"),
-              "recall": None if d.get("recall") is None else round(d["recall"], 2),
-              "precision": None if d.get("precision") is None else round(d["precision"], 2)}
+    dedup = [{k: _number(d.get(k), 2 if k in ("recall", "precision") else 0)
+              for k in ("planted", "found", "recall", "dropped", "precision")} | {"kind": d["kind"]}
              for d in summary.get("dedup_check", [])]
     seconds = sum(t.get("made_s", t["s"]) if t.get("reused") else t["s"] for t in summary["timings"].values())
     training = next((t for k, t in summary["timings"].items() if k.startswith("train + evaluate")), {"s": 0})
@@ -54,8 +53,15 @@ def figures(summary: dict, rows: list) -> dict:
             "training_minutes": round(training.get("made_s", training["s"]) / 60, 1)}
 
 
-def _num(v) -> str:
-    return "" if v is None or v != v else f"{v:.2f}"
+def _number(v, digits: int):
+    """A figure as JSON keeps it: None for a missing or NaN value, a whole number for counts."""
+    if v is None or v != v:
+        return None
+    return int(round(v)) if digits == 0 else round(float(v), digits)
+
+
+def _cell(v, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
 
 
 def block(f: dict) -> str:
@@ -72,15 +78,15 @@ def block(f: dict) -> str:
         avg = f"{c['average']:.3f}" + (f" [{c['interval'][0]:.3f}, {c['interval'][1]:.3f}]" if c["interval"] else "")
         vs = (f"{c['vs']:+.3f} [{c['vs_interval'][0]:+.3f}, {c['vs_interval'][1]:+.3f}]" if "vs" in c else "")
         p = (f"{c['p_holm']:.3f}" if c["p_holm"] >= 0.001 else "<0.001") if "vs" in c else ""
-        lines.append(f"| {c['subset']} | {c['samples'] or ''} | {c['seeds']} | {avg} | {vs} | {p} | "
+        lines.append(f"| {c['subset']} | {_cell(c['samples'], ',')} | {c['seeds']} | {avg} | {vs} | {p} | "
                      f"{c.get('verdict', '')} |")
     if f["dedup"]:
         lines += ["", f"Dedup against the planted duplicates (descriptor `{s['dedup']['tag']}`, near cosine >= "
                       f"{s['dedup']['near_threshold']:g}, contamination >= {s['dedup']['contamination_threshold']:g}):",
-                  "", "| kind | planted | found | recall | precision of what it drops |", "|---|---|---|---|---|"]
-        lines += [f"| {d['kind']} | {d['planted'] if d['planted'] is not None else ''} | "
-                  f"{d['found'] if d['found'] is not None else ''} | {_num(d['recall'])} | {_num(d['precision'])} |"
-                  for d in f["dedup"]]
+                  "", "| kind | planted | found | recall | dropped | precision of what it drops |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {d['kind']} | {_cell(d['planted'], ',')} | {_cell(d['found'], ',')} | {_cell(d['recall'], '.2f')}"
+                  f" | {_cell(d['dropped'], ',')} | {_cell(d['precision'], '.2f')} |" for d in f["dedup"]]
     return "\n".join(lines + ["", END])
 
 

@@ -10,6 +10,7 @@ folders (ImageNet's val layout).
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -24,15 +25,17 @@ MEMBERS = ("original", "synth_a", "synth_b")
 
 
 def _tars(folder: str, what: str) -> list[str]:
+    """The shards of an eval set in their order: numbered names (DataComp's ``{0..n-1}.tar``) by number."""
     tars = fsio.glob(fsio.join(folder, "test", "*.tar"))
     if not tars:
         raise UserError(f"{what} {folder} has no test/*.tar shards")
-    return tars
+    stem = lambda t: t.rsplit("/", 1)[-1][:-4]  # noqa: E731
+    return sorted(tars, key=lambda t: (0, int(stem(t)), "") if stem(t).isdigit() else (1, 0, stem(t)))
 
 
 def read_evalset(folder: str) -> dict:
     """Images (encoded bytes), labels, captions, class names and templates of an eval set folder."""
-    images, labels, captions = [], [], []
+    images, labels, captions, meta = [], [], [], []
     for tar in _tars(folder, "eval set"):
         for s in iter_tar(tar):
             data = image_bytes(s)
@@ -41,6 +44,8 @@ def read_evalset(folder: str) -> dict:
             images.append(data)
             labels.append(int(s["cls"]) if "cls" in s else -1)
             captions.append(s["txt"].decode() if "txt" in s else None)
+            if "npy" in s:  # WILDS and fairness sets: a row of group metadata per image
+                meta.append(np.load(io.BytesIO(s["npy"]), allow_pickle=False))
     def read(name: str) -> list[str] | None:
         path = fsio.join(folder, name)
         return [ln.strip() for ln in fsio.read_bytes(path).decode().splitlines() if ln.strip()] \
@@ -48,8 +53,10 @@ def read_evalset(folder: str) -> dict:
 
     classnames = read("classnames.txt") or []
     templates = read("zeroshot_classification_templates.txt") or ["a photo of a {c}."]
+    if meta and len(meta) != len(images):
+        raise UserError(f"eval set {folder}: {len(meta)} of {len(images)} images have .npy metadata; all or none")
     return {"images": images, "labels": np.array(labels), "captions": captions, "classnames": classnames,
-            "templates": templates}
+            "templates": templates, "meta": np.stack(meta) if meta else None}
 
 
 def fingerprint(folder: str) -> str:

@@ -13,13 +13,14 @@ Winnow's own::
         x: 0.1
         key: my/key                       # optional: the results' ``key`` (default: the name)
 
-DataComp's ``tasklist.yml``: a mapping of task key -> ``{name, main_metric, tags, random_score, ...}``. A key under
-``retrieval/`` or tagged ``retrieval`` is a retrieval task, any other a zero-shot classification; the main metric
-is the entry's, else ``acc1`` (DataComp's default). The eval set of key K is the folder ``wds_<K with / as ->_test``
-of ``--var data_dir=FOLDER`` (the folder DataComp's ``download_evalsets.py`` fills; DataComp reads its retrieval
-sets from Hugging Face instead, so export those in clip_benchmark's layout under the same names). Keys under
-``wilds/``, ``fairness/`` and ``misc/`` are left out with a note: DataComp scores them with code of its own (group
-metadata, WinoGAViL's Jaccard score).
+DataComp's ``tasklist.yml`` (shipped as ``datacomp``): a mapping of task key -> ``{name, main_metric, tags,
+random_score, ...}``, read from ``--var data_dir=FOLDER`` in the layout DataComp's ``download_evalsets.py`` writes:
+``wds_<key, / as ->_test`` folders (the ``fairness/`` prefix dropped) and, for ``retrieval/`` keys and WinoGAViL,
+the Hugging Face cache ``hf_cache/nlphuji___<name>``. ``wilds/`` keys are WILDS tasks, ``fairness/`` keys fairness
+tasks, ``misc/winogavil`` WinoGAViL, ``retrieval/`` keys retrieval, the rest zero-shot classification; the main
+metric is the entry's, else ``acc1`` (DataComp's default; FairFace and UTKFace report no acc1, so they have no
+main metric, as in DataComp). A task whose eval set is not in the folder is named in one line with how to fetch
+it and left out (``Task.missing``); the others run.
 
 A kind is one module with ``KIND`` (its name), ``METRICS`` (what it reports) and ``run(task, ctx)`` returning its
 metrics and, per metric it can split, one value per eval item whose mean is that metric; registered by one line
@@ -39,12 +40,11 @@ import numpy as np
 from pipeline.core import fsio
 from pipeline.core.config import parse_yaml, substitute
 from pipeline.core.errors import UserError, did_you_mean
-from pipeline.tasks import odd_one_out, retrieval, zeroshot
+from pipeline.tasks import fairness, odd_one_out, retrieval, wilds, winogavil, zeroshot
 
-KINDS = {m.KIND: m for m in (zeroshot, retrieval, odd_one_out)}
+KINDS = {m.KIND: m for m in (zeroshot, retrieval, odd_one_out, wilds, fairness, winogavil)}
 FIELDS = ("name", "kind", "data", "main_metric", "random_score", "curve", "x", "key")
-#: DataComp task keys scored by DataComp's own code, not by clip_benchmark's classification or retrieval
-DATACOMP_OWN = ("wilds/", "fairness/", "misc/")
+FETCH = "fetch it with DataComp's `python download_evalsets.py DATA_DIR` (github.com/mlfoundations/datacomp)"
 
 
 @dataclass
@@ -57,11 +57,14 @@ class Task:
     curve: str = ""  # tasks sharing a curve are points (x, main metric) of one curve, summarised by its area
     x: float = 0.0
     key: str = ""  # the results' ``key`` (DataComp's task key); the name when empty
+    missing: str = ""  # why the task cannot run here (its eval set is not in the folder); empty when it can
+    size: int = 0  # eval items, when the task list says (DataComp's; to schedule the largest first)
 
     @property
     def diagnostic(self) -> bool:
-        """Curve points and diagnostic kinds (odd-one-out): reported on their own, not in the average."""
-        return bool(self.curve) or getattr(KINDS[self.kind], "DIAGNOSTIC", False)
+        """Curve points, diagnostic kinds (odd-one-out) and tasks without a main metric (FairFace, UTKFace):
+        reported on their own, not in the average."""
+        return bool(self.curve) or getattr(KINDS[self.kind], "DIAGNOSTIC", False) or not self.main_metric
 
 
 @dataclass
@@ -75,10 +78,11 @@ class Context:
     cache: dict = field(default_factory=dict)
 
 
-def average_of(tasks: list[Task], mains: list[float]) -> float | None:
-    """A model's average: the mean of the main metrics of its non-diagnostic tasks (curve points and
-    odd-one-out are diagnostics, reported separately); None when every task is a diagnostic."""
-    plain = [m for t, m in zip(tasks, mains, strict=True) if not t.diagnostic]
+def average_of(tasks: list[Task], mains: list[float | None]) -> float | None:
+    """A model's average: the mean of the main metrics of its non-diagnostic tasks (curve points, odd-one-out
+    and tasks without a main metric are reported separately; DataComp's average of 38 is this over its 40);
+    None when every task is a diagnostic."""
+    plain = [m for t, m in zip(tasks, mains, strict=True) if not t.diagnostic and m is not None]
     return float(np.mean(plain)) if plain else None
 
 
@@ -123,7 +127,7 @@ def load_tasklist(ref: str, variables: dict[str, str] | None = None, log=print) 
     if not tasks:
         raise UserError(f"{path} lists no tasks")
     for i, t in enumerate(tasks):
-        if t.main_metric not in KINDS[t.kind].METRICS:
+        if t.main_metric and t.main_metric not in KINDS[t.kind].METRICS:
             raise UserError(f"{path}: task {t.name!r} main_metric {t.main_metric!r} is not one of "
                             f"{', '.join(KINDS[t.kind].METRICS)}")
         if any(stem(t.name) == stem(u.name) for u in tasks[:i]):
@@ -144,34 +148,51 @@ def _own_tasks(entries: list, path: str) -> list[Task]:
 
 
 def _datacomp_tasks(doc: dict, path: str, variables: dict[str, str], log) -> list[Task]:
-    own = [key for key in doc if key.startswith(DATACOMP_OWN)]
-    if own:
-        log(f"task list {os.path.basename(path)}: leaving out {len(own)} tasks DataComp scores with code of its "
-            f"own: {', '.join(own)}")
-    keys = [key for key in doc if key not in own]
-    if keys and "data_dir" not in variables:
-        raise UserError(f"task list {path} is DataComp's format; pass --var data_dir=FOLDER (the folder of "
-                        "wds_<task>_test eval sets that DataComp's download_evalsets.py fills)")
-    tasks = []
-    for key in keys:
-        info = doc[key]
-        retrieval_task = key.startswith("retrieval/") or "retrieval" in (info.get("tags") or [])
-        tasks.append(Task(name=str(info.get("name", key)), key=key,
-                          kind=retrieval.KIND if retrieval_task else zeroshot.KIND,
-                          data=fsio.join(variables["data_dir"], f"wds_{key.replace('/', '-')}_test"),
-                          main_metric=str(info.get("main_metric", "acc1")),
-                          random_score=float(info.get("random_score", 0.0))))
-    missing = [t.data for t in tasks if not fsio.isdir(t.data)]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise UserError(f"eval set folder not found: {missing[0]}{more}; --var data_dir must hold DataComp's "
-                        "wds_<task key, / as ->_test folders (DataComp's download_evalsets.py)")
+    if "data_dir" not in variables:
+        raise UserError(f"task list {path} is DataComp's format; pass --var data_dir=FOLDER (the folder DataComp's "
+                        "download_evalsets.py fills: wds_<task>_test folders and hf_cache/)")
+    root, tasks = variables["data_dir"], []
+    for key, info in doc.items():
+        kind, data = _datacomp_source(key, info, root)
+        main = str(info.get("main_metric", "acc1"))
+        if kind == fairness.KIND and fairness.dataset_of(key) in fairness.FACE_SETS and "main_metric" not in info:
+            main = ""  # FairFace and UTKFace report fairness tables, no acc1: no main metric (as in DataComp)
+        task = Task(name=str(info.get("name", key)), key=key, kind=kind, data=data, main_metric=main,
+                    random_score=float(info.get("random_score") or 0.0), size=int(info.get("size") or 0))
+        if not _present(task):
+            task.missing = f"eval set {data} not found"
+            log(f"evaluate: {task.name} ({key}) is not in {root}: {FETCH}; the other tasks run")
+        tasks.append(task)
+    if all(t.missing for t in tasks):
+        raise UserError(f"none of the {len(tasks)} eval sets of {os.path.basename(path)} is in {root}; {FETCH}")
     return tasks
+
+
+def _datacomp_source(key: str, info: dict, root: str) -> tuple[str, str]:
+    """The kind of DataComp's task ``key`` and where its data lies under ``root`` (download_evalsets.py's layout;
+    a retrieval set exported in clip_benchmark's layout under ``wds_<key>_test`` is read too)."""
+    name = key.split("/", 1)[-1]
+    if key.startswith("retrieval/") or (key != "misc/winogavil" and "retrieval" in (info.get("tags") or [])):
+        export = fsio.join(root, f"wds_{key.replace('/', '-')}_test")
+        return retrieval.KIND, export if fsio.isdir(export) else fsio.join(root, "hf_cache", f"nlphuji___{name}")
+    if key == "misc/winogavil":
+        return winogavil.KIND, fsio.join(root, "hf_cache", "nlphuji___winogavil")
+    if key.startswith("wilds/"):
+        return wilds.KIND, fsio.join(root, f"wds_{key.replace('/', '-')}_test")
+    if key.startswith("fairness/"):
+        return fairness.KIND, fsio.join(root, f"wds_{name}_test")
+    return zeroshot.KIND, fsio.join(root, f"wds_{key.replace('/', '-')}_test")
+
+
+def _present(task: Task) -> bool:
+    if "___" in task.data.rstrip("/").rsplit("/", 1)[-1]:  # a Hugging Face cache folder
+        return bool(fsio.glob(fsio.join(task.data, "**", "*-test*.arrow")))
+    return bool(fsio.glob(fsio.join(task.data, "test", "*.tar")))
 
 
 def _run(task: Task, ctx: Context) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     metrics, per_item = KINDS[task.kind].run(task, ctx)
-    if task.main_metric not in metrics:
+    if task.main_metric and task.main_metric not in metrics:
         raise UserError(f"task {task.name}: main_metric {task.main_metric!r} is not one of {', '.join(metrics)}")
     return metrics, per_item
 
@@ -181,11 +202,11 @@ def run_task(task: Task, ctx: Context) -> dict[str, float]:
     return _run(task, ctx)[0]
 
 
-def run_task_samples(task: Task, ctx: Context) -> tuple[dict[str, float], np.ndarray]:
+def run_task_samples(task: Task, ctx: Context) -> tuple[dict[str, float], np.ndarray | None]:
     """One task's metrics and its main metric per eval item (float32; their mean is the main metric: an image
-    for zero-shot and retrieval, a triplet for odd-one-out; see the kinds)."""
+    for zero-shot and retrieval, a triplet for odd-one-out, an instance for WinoGAViL; see the kinds), or None
+    when the main metric is not a mean over items (macro F1, a worst group) or there is none."""
     metrics, per_item = _run(task, ctx)
-    if task.main_metric not in per_item:
-        raise UserError(f"task {task.name}: main_metric {task.main_metric!r} has no per-item values; use one of "
-                        f"{', '.join(per_item)}")
+    if not task.main_metric or task.main_metric not in per_item:
+        return metrics, None
     return metrics, np.asarray(per_item[task.main_metric], np.float32)

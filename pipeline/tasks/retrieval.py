@@ -64,8 +64,24 @@ def per_image(h: dict[int, tuple[np.ndarray, np.ndarray]], text_image: np.ndarra
     return out
 
 
+def read(folder: str) -> dict:
+    """Images and captions (one string per image, its captions one per line) of a retrieval set: clip_benchmark's
+    export layout, or the Hugging Face cache of a dataset such as ``nlphuji/flickr_1k_test_image_text_retrieval``
+    (a folder ``.../hf_cache/nlphuji___<name>``, as DataComp's ``download_evalsets.py`` leaves it)."""
+    if "___" not in folder.rstrip("/").rsplit("/", 1)[-1]:
+        return read_evalset(folder)
+    from pipeline.data.hf_cache import image_bytes, read_split
+
+    hf_cache = folder.rstrip("/").rsplit("/", 1)[0]
+    table = read_split(folder)
+    images = [image_bytes(c, hf_cache) for c in table.column("image").to_pylist()]
+    captions = ["\n".join(" ".join(str(t).split()) for t in (c if isinstance(c, list) else [c]))
+                for c in table.column("caption").to_pylist()]
+    return {"images": images, "captions": captions}
+
+
 def run(task, ctx) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    data = read_evalset(task.data)
+    data = read(task.data)
     if any(c is None or not c.splitlines() for c in data["captions"]):
         raise UserError(f"task {task.name}: {task.data} needs a .txt with at least one caption per image for retrieval")
     texts, text_image = split_captions(data["captions"])

@@ -59,7 +59,8 @@ def per_class(image_emb: np.ndarray, weights: np.ndarray, labels: np.ndarray,
     return {f"{CLASS_PREFIX}{classnames[c]}": float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
 
 
-def run(task, ctx) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def predict(task, ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """The image embeddings, class weights and labels of a labeled eval set, and the set itself (its ``meta``)."""
     data = read_evalset(task.data)
     if not data["classnames"] or (data["labels"] < 0).any():
         raise UserError(f"task {task.name}: {task.data} needs classnames.txt and a .cls label per image")
@@ -67,6 +68,10 @@ def run(task, ctx) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     if key not in ctx.cache:
         ctx.cache[key] = classifier(ctx.model, ctx.tokenizer, data["classnames"], data["templates"], ctx.device)
     image_emb = embed_images(ctx.model, ctx.preprocess, data["images"], ctx.device)
-    weights, labels = ctx.cache[key], data["labels"]
+    return image_emb, ctx.cache[key], data["labels"], data
+
+
+def run(task, ctx) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    image_emb, weights, labels, data = predict(task, ctx)
     return ({**metrics(image_emb, weights, labels), **per_class(image_emb, weights, labels, data["classnames"])},
             per_image(image_emb, weights, labels))
