@@ -120,16 +120,17 @@ def trained_as(checkpoint: str) -> str | None:
     return None
 
 
+DEFAULT_MODEL = "winnow-tiny-clip"
+
+
 def resolve_model(model: str, pretrained: str) -> str:
-    """``model``, or when it is empty the model the checkpoint's run recorded (a UserError when none did)."""
+    """``model``, or when it is empty the model the checkpoint's run recorded, else Winnow's tiny CLIP (a
+    checkpoint of another model then fails to load with a line asking for its --model)."""
     if model:
         return model
     recorded = trained_as(pretrained) if pretrained and ("://" in pretrained or os.path.isfile(pretrained)) \
         else None
-    if recorded is None:
-        raise UserError(f"which open_clip model is {pretrained or 'a random init'}? Its run does not say; pass "
-                        "--model (e.g. ViT-B-32, winnow-tiny-clip)")
-    return recorded
+    return recorded or DEFAULT_MODEL
 
 
 def weights_reachable(model: str, tag: str, timeout: float = 3.0) -> None:
