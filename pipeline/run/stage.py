@@ -7,8 +7,8 @@ the manifest (datatrove's executor is the model). A stage supplies its task list
     stats = stage.map(embed_shard, tasks)           # only the tasks without a marker run; stats of all of them
     return stage.finish(rows=sum_counts(stats))
 
-A task is a small frozen dataclass with a ``marker`` property: the path of a JSON file that the task's function
-writes last (atomically), holding the task's stats. A task with a marker is finished and is not run again, so an
+A task is a small frozen dataclass with a ``marker`` property: the path of a JSON file holding the task's stats,
+which the stage writes (atomically) when the task's function has returned them (:class:`Marked`). A task with a marker is finished and is not run again, so an
 interrupted stage resumes where it stopped, whatever killed it. ``Stage.map`` returns every task's stats, read
 from the markers, in task order.
 """
@@ -16,6 +16,7 @@ from the markers, in task order.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.core import fsio
@@ -64,12 +65,13 @@ class Stage:
         if len(todo) < len(tasks) and self.mode == "resume":
             self.log(f"{self.name}: resuming: {len(tasks) - len(todo)} of {len(tasks)} {unit} already done")
         if todo:
+            marked = Marked(fn)
             try:
                 if self.runner is None:
                     for task in todo:
-                        fn(task)
+                        marked(task)
                 else:
-                    self.runner.map(fn, todo, label=label or self.name, sizes=todo_sizes)
+                    self.runner.map(marked, todo, label=label or self.name, sizes=todo_sizes)
             except BaseException:
                 unlock(self.out)  # a rerun, in this process or another, resumes
                 raise
@@ -78,6 +80,19 @@ class Stage:
     def finish(self, rows: dict[str, int], outputs: list[str] | None = None, **extra: Any) -> dict:
         """Write the manifest (row counts, outputs with sizes, anything in ``extra``); return it."""
         return self.run.finish(rows=rows, outputs=outputs, **extra)
+
+
+@dataclass(frozen=True)
+class Marked:
+    """A task function whose returned stats become the task's marker: written (atomically) after the function
+    returned, i.e. after every output it wrote, so a task with a marker is finished. Stages only return."""
+
+    fn: Callable[[Any], Any]
+
+    def __call__(self, task: Any) -> Any:
+        stats = self.fn(task)
+        fsio.write_json(task.marker, stats)
+        return stats
 
 
 def sum_counts(stats: Sequence[dict], skip: Sequence[str] = ("duration", "start_time", "end_time")) -> dict:

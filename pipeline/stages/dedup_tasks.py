@@ -195,12 +195,6 @@ def load_npz_arrays(path: str, prefix: str = "", names: tuple = ()) -> dict[str,
 SCAN_KEYS = ("rows", "uid", "score")  # of a scan file, what the later passes read
 
 
-def commit(marker: str, stats: dict) -> dict:
-    """Write a task's marker (its stats), last: the task is then finished."""
-    fsio.write_json(marker, stats)
-    return stats
-
-
 def read_frame(path: str) -> pd.DataFrame:
     with fsio.open_read(path) as f:
         return pd.read_parquet(f)
@@ -261,8 +255,8 @@ def scan_part(task: ScanTask) -> dict:
     contaminated = _contamination(task, normalize(img[local]), uid)
     if contaminated is not None:
         write_table(fsio.join(task.work, "contaminated", f"{task.part.stem}.parquet"), contaminated)
-    return commit(task.marker, {"rows": len(table), "ok": len(local), "sampled": int(pick.sum()),
-                                "contaminated": 0 if contaminated is None else len(contaminated)})
+    return {"rows": len(table), "ok": len(local), "sampled": int(pick.sum()),
+                                "contaminated": 0 if contaminated is None else len(contaminated)}
 
 
 def _contamination(task: ScanTask, x: np.ndarray, uid: np.ndarray) -> pd.DataFrame | None:
@@ -320,7 +314,7 @@ def assign_part(task: AssignTask) -> dict:
                 f"b{b}_vec": img[scan["rows"][r[sel]] - task.offset].astype(np.float16),
                 f"b{b}_score": scan["score"][r[sel]], f"b{b}_uid": scan["uid"][r[sel]]}
     save_npz(fsio.join(task.work, "assign", f"{task.part.stem}.npz"), **out)
-    return commit(task.marker, {"rows": len(x), "copies": int((~primary).sum())})
+    return {"rows": len(x), "copies": int((~primary).sum())}
 
 
 # ------------------------------------------------------------------------------------------------ 3. clusters
@@ -376,7 +370,7 @@ def cluster_bucket(task: BucketTask) -> dict:
     save_npz(out + "_edges.npz", edges=edges.astype(np.float64))
     write_table(out + "_members.parquet", pd.concat(members) if members else
                 pd.DataFrame({"row": np.zeros(0, np.int64), "uid": [], "score": np.zeros(0, np.float32)}))
-    return commit(task.marker, {"rows": int(data["primary"].sum()) if data else 0, "edges": len(edges)})
+    return {"rows": int(data["primary"].sum()) if data else 0, "edges": len(edges)}
 
 
 FULL_MAX = 4096  # clusters up to this many rows use one full similarity matrix (64 MB); larger ones, blocks
@@ -463,7 +457,7 @@ def near_flat(task: FlatTask) -> dict:
     out = fsio.join(task.work, "groups", "flat")
     save_npz(out + "_edges.npz", edges=edges.astype(np.float64))
     write_table(out + "_members.parquet", members)
-    return commit(task.marker, {"rows": len(x), "edges": len(edges)})
+    return {"rows": len(x), "edges": len(edges)}
 
 
 # ------------------------------------------------------------------------------------------------ 4. exact
@@ -491,4 +485,4 @@ def exact_bucket(task: ExactTask) -> dict:
                                                                              ("pair", "exact_pair"))]
         table = pd.concat([t for t in found if len(t)] or [table], ignore_index=True)
     write_table(fsio.join(task.work, "exact", f"e{task.bucket}.parquet"), table)
-    return commit(task.marker, {"rows": len(table)})
+    return {"rows": len(table)}

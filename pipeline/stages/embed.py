@@ -132,7 +132,6 @@ def embed_shard(task: EmbedTask) -> dict:
     shards.write_table(fsio.join(task.out, f"{name}.parquet"), ledger)
     stats = {"count": len(table), "embedded_images": int((state == OK).sum()), "decode_errors": len(failures),
              "texts": int(np.isfinite(txt[:, 0]).sum()), "duration": time.time() - start, "dim": int(dim)}
-    fsio.write_json(task.marker, stats)  # the commit marker, written last
     return stats
 
 

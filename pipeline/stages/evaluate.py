@@ -87,7 +87,6 @@ def evaluate_task(t: EvalTask) -> dict:
             "metrics": {**metrics, "main_metric": metrics.get(t.task.main_metric) if t.task.main_metric else None},
             DATA: {"fingerprint": fingerprint(t.task.data),
                    "items": None if samples is None else int(len(samples))}}
-    fsio.write_json(t.marker, line)
     return line
 
 

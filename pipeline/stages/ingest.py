@@ -576,9 +576,7 @@ def _commit(task: ShardTask, rows: pd.DataFrame, blocked: dict[int, str], work: 
     target = shards.paths(task.pool, task.shard_id)
     fsio.atomic_move(os.path.join(work, f"{name}.tar"), target["tar"])
     shards.write_table(target["parquet"], table)
-    stats = shards.shard_stats(table, start, time.time())
-    fsio.write_json(target["stats"], stats)  # the commit marker, written last
-    return stats
+    return shards.shard_stats(table, start, time.time())  # the stage writes it as _stats.json, the marker
 
 
 # ---------------------------------------------------------------------------------------------------- driver

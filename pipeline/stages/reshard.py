@@ -107,7 +107,6 @@ def copy_shard(task: CopyTask) -> int:
                         out.add(f"{new_key}.{ext}", data, mtime=info.mtime, mode=info.mode)
                     written += 1
     stats = {"successes": written, "count": written, "duration": time.time() - start}
-    fsio.write_json(task.marker, stats)  # the commit marker, written last
     return stats
 
 

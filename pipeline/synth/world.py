@@ -386,7 +386,6 @@ def render_chunk(task: RenderTask) -> dict:
     """Render one chunk of a set, write it (site files for the pool, a shard for the clean set, an eval tar),
     then its marker."""
     stats = {"rows": _render(task)}
-    fsio.write_json(task.marker, stats)
     return stats
 
 
