@@ -24,10 +24,13 @@ Embeddings = Mapping[str, Mapping[str, np.ndarray]]
 
 @dataclass
 class Filter:
-    """Base class. Subclasses are dataclasses whose fields are the filter's parameters (from YAML ``params``)."""
+    """Base class. Subclasses are dataclasses whose fields are the filter's parameters (from YAML ``params``).
+    ``version``: a declared code version; when empty, a digest of the filter's source (its module and its base
+    classes' modules) stands for it, so cached scores are recomputed when the code that made them changed."""
 
     key: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ()  # table columns read
+    version: ClassVar[str] = ""
 
     @property
     def column(self) -> str:
@@ -36,6 +39,10 @@ class Filter:
     def tags(self) -> tuple[str, ...]:
         """Embedding tags this instance reads."""
         return ()
+
+    def arrays(self) -> tuple[str, ...]:
+        """The arrays it reads of each tag's ``.npz`` (``<tag>_<name>``; default the image and text embeddings)."""
+        return ("img", "txt")
 
     def tags_for(self, columns) -> tuple[str, ...]:
         """Embedding tags needed for a table with these columns (a precomputed score may make them moot)."""
@@ -63,6 +70,48 @@ class Filter:
         if not scores.index.equals(part.index):
             raise ValueError(f"filter {self.key!r} returned scores with a different index")
         return part.assign(**{self.column: scores.astype(np.float64)})
+
+
+@dataclass
+class EmbeddingFilter(Filter):
+    """A filter over arrays stored beside a part's table: the ``.npz`` of embedding ``tag`` (``<tag>_img``,
+    ``<tag>_txt``, or any other ``<tag>_<name>`` array, e.g. a classifier's output). Its column is
+    ``<key>_<tag>_score``; :meth:`array` reads one array, checked against the table."""
+
+    tag: str = "l14"
+
+    @property
+    def column(self) -> str:
+        return f"{self.key}_{self.tag}_score"
+
+    def tags(self) -> tuple[str, ...]:
+        return (self.tag,)
+
+    def array(self, embeddings: Embeddings, name: str, n: int) -> np.ndarray:
+        return embedding(embeddings, self.tag, name, n)
+
+
+def code_version(cls: type) -> str:
+    """A filter class's declared ``version``, else a digest of its source: the modules defining it and its base
+    classes (a class defined in a notebook or script: its own source, or its methods' bytecode)."""
+    import hashlib
+    import inspect
+    import sys
+
+    if getattr(cls, "version", ""):
+        return str(cls.version)
+    h = hashlib.sha256()
+    for klass in cls.__mro__:
+        if klass is object:
+            continue
+        module = sys.modules.get(klass.__module__)
+        try:
+            text = inspect.getsource(klass if klass.__module__ == "__main__" or module is None else module)
+        except (OSError, TypeError):  # no source file: the bytecode of its methods
+            text = "".join(repr((k, getattr(v, "__code__", None) and v.__code__.co_code)) for k, v in
+                           sorted(vars(klass).items()))
+        h.update(text.encode())
+    return h.hexdigest()[:12]
 
 
 def embedding(embeddings: Embeddings, tag: str, kind: str, n: int) -> np.ndarray:

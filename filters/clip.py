@@ -11,24 +11,17 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .base import Filter, embedding
+from .base import EmbeddingFilter
 
 
 @dataclass
-class ClipFilter(Filter):
+class ClipFilter(EmbeddingFilter):
     key = "clip"
     tag: str = "b32"
 
     @property
-    def column(self) -> str:
-        return f"{self.key}_{self.tag}_score"
-
-    @property
     def precomputed(self) -> str:
         return f"{self.key}_{self.tag}_similarity_score"
-
-    def tags(self):
-        return (self.tag,)
 
     def columns(self):
         return (*self.requires, self.precomputed)
@@ -40,6 +33,6 @@ class ClipFilter(Filter):
         precomputed = self.precomputed
         if precomputed in part.columns:
             return pd.Series(part[precomputed].to_numpy(dtype=float), index=part.index)
-        img = embedding(embeddings, self.tag, "img", len(part))
-        txt = embedding(embeddings, self.tag, "txt", len(part))
+        img = self.array(embeddings, "img", len(part))
+        txt = self.array(embeddings, "txt", len(part))
         return pd.Series(np.einsum("ij,ij->i", img, txt).astype(float), index=part.index)

@@ -61,7 +61,7 @@ import pandas as pd
 from pipeline.core import fsio
 from pipeline.core.errors import UserError
 
-from .base import Filter, embedding
+from .base import EmbeddingFilter
 
 SCALE = 1 << 20  # similarities and distances in units of 2^-20
 CELLS = 2**22  # float64 values held at once by a batch (32 MB)
@@ -153,7 +153,7 @@ def _load(path: str) -> np.ndarray:
 
 
 @dataclass
-class DensityPruneFilter(Filter):
+class DensityPruneFilter(EmbeddingFilter):
     key = "density_prune"
     requires = ("uid",)  # ties within a cluster are broken by uid
     tag: str = "l14"
@@ -177,12 +177,8 @@ class DensityPruneFilter(Filter):
         if self.n_clusters < 2 or self.neighbors < 1:
             raise UserError("density_prune: n_clusters must be at least 2 and neighbors at least 1")
 
-    @property
-    def column(self) -> str:
-        return f"{self.key}_{self.tag}_score"
-
-    def tags(self):
-        return (self.tag,)
+    def arrays(self):
+        return ("img",)
 
     def params(self) -> dict:
         return {k: v for k, v in super().params().items() if k not in ("centroids_path", "clusters_path")}
@@ -287,7 +283,7 @@ class DensityPruneFilter(Filter):
     def score(self, part, embeddings):
         from pipeline.data.uid import uids_to_array
 
-        img = embedding(embeddings, self.tag, "img", len(part))
+        img = self.array(embeddings, "img", len(part))
         if not self.clusters_path:
             raise ValueError("density_prune: prepare() has not run")
         table = _load(self.clusters_path)

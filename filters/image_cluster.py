@@ -30,7 +30,7 @@ import pandas as pd
 from pipeline.core import fsio
 from pipeline.core.errors import UserError
 
-from .base import Filter, embedding
+from .base import EmbeddingFilter
 
 SAMPLES_PER_CLUSTER = 128  # DataComp small: 12.8M samples / 100,000 centroids
 
@@ -186,7 +186,7 @@ def caption_mask(part, fasttext_model: str = "") -> np.ndarray:
 
 
 @dataclass
-class ImageClusterFilter(Filter):
+class ImageClusterFilter(EmbeddingFilter):
     key = "image_cluster"
     tag: str = "l14"
     target: str = ""
@@ -200,12 +200,8 @@ class ImageClusterFilter(Filter):
     centroids_path: str = ""  # set by prepare
     kept_clusters: tuple = ()  # set by prepare
 
-    @property
-    def column(self) -> str:
-        return f"{self.key}_{self.tag}_score"
-
-    def tags(self):
-        return (self.tag,)
+    def arrays(self):
+        return ("img",)
 
     def params(self) -> dict:
         return {k: v for k, v in super().params().items() if k not in ("centroids_path", "kept_clusters")}
@@ -235,7 +231,7 @@ class ImageClusterFilter(Filter):
         context.log(f"image_cluster: {what}; the {len(target):,} target images occupy {len(self.kept_clusters)}")
 
     def score(self, part, embeddings):
-        img = embedding(embeddings, self.tag, "img", len(part))
+        img = self.array(embeddings, "img", len(part))
         if not self.centroids_path:
             raise ValueError("image_cluster: prepare() has not run")
         valid = np.isfinite(img).all(axis=1)

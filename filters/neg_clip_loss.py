@@ -42,7 +42,7 @@ import pandas as pd
 
 from pipeline.core.errors import UserError
 
-from .base import Filter, embedding
+from .base import EmbeddingFilter
 
 CELLS = 2**24  # similarities held at once: 64 MB of float32, whatever the batch size
 
@@ -113,7 +113,7 @@ def normaliser(img: np.ndarray, txt: np.ndarray, batches: list[list[np.ndarray]]
 
 
 @dataclass
-class NegClipLossFilter(Filter):
+class NegClipLossFilter(EmbeddingFilter):
     key = "neg_clip_loss"
     requires = ("uid",)
     tag: str = "l14"
@@ -127,19 +127,12 @@ class NegClipLossFilter(Filter):
             raise UserError(f"neg_clip_loss: tau ({self.tau}) must be positive, batches ({self.batches}) and "
                             f"batch_size ({self.batch_size}) at least 1")
 
-    @property
-    def column(self) -> str:
-        return f"{self.key}_{self.tag}_score"
-
-    def tags(self):
-        return (self.tag,)
-
     def score(self, part, embeddings):
         from pipeline.data.uid import uids_to_array
         from pipeline.models.registry import default_device
 
-        img = embedding(embeddings, self.tag, "img", len(part))
-        txt = embedding(embeddings, self.tag, "txt", len(part))
+        img = self.array(embeddings, "img", len(part))
+        txt = self.array(embeddings, "txt", len(part))
         valid = np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1)
         out = np.full(len(part), np.nan)
         if valid.any():

@@ -37,7 +37,7 @@ import pandas as pd
 from pipeline.core import fsio
 from pipeline.core.errors import UserError
 
-from .base import Filter, embedding
+from .base import EmbeddingFilter
 from .image_cluster import each_target
 
 CELLS = 2**24  # similarities held at once: 64 MB of float32
@@ -72,7 +72,7 @@ def norm_sim_inf(x: np.ndarray, target: np.ndarray, device: str = "cpu", cells: 
 
 
 @dataclass
-class NormSimFilter(Filter):
+class NormSimFilter(EmbeddingFilter):
     key = "norm_sim"
     tag: str = "l14"
     target: str = ""
@@ -88,8 +88,8 @@ class NormSimFilter(Filter):
     def column(self) -> str:
         return f"{self.key}_{'inf' if math.isinf(self.p) else 2}_{self.tag}_score"
 
-    def tags(self):
-        return (self.tag,)
+    def arrays(self):
+        return ("img",)
 
     def params(self) -> dict:
         return {k: v for k, v in super().params().items() if k not in ("state_path", "dims")}
@@ -121,7 +121,7 @@ class NormSimFilter(Filter):
         context.log(f"norm_sim: {rows:,} target images of {self.dims} dimensions; p = {self.p:g}")
 
     def score(self, part, embeddings):
-        img = embedding(embeddings, self.tag, "img", len(part))
+        img = self.array(embeddings, "img", len(part))
         if not self.state_path:
             raise ValueError("norm_sim: prepare() has not run")
         if img.shape[1] != self.dims:

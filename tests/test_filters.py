@@ -65,6 +65,8 @@ def _instance(key, tmp_path, emb, table=None):
         np.save(tmp_path / "target.npy", emb[TAG]["img"][:2])
     if key == "text_match":
         params["vocab"] = "synthetic"
+    if key == "stored":  # a score kept beside the embeddings
+        emb[TAG]["aesthetic"] = np.linspace(0, 1, len(emb[TAG]["img"]))
     filt = build({"key": key, "params": params})
     filt.prepare(FakeContext(emb, tmp_path, table))
     return filt

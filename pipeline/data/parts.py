@@ -90,16 +90,20 @@ def read_part(part: Part, columns: list[str] | None = None, uid: bool = True) ->
     return table
 
 
-def load_embeddings(pool: str, part: Part, tags: tuple[str, ...], dirs: dict[str, str] | None) -> dict:
-    """``{tag: {"img": ..., "txt": ...}}`` of one part."""
-    return {tag: load_npz(embedding_path(pool, part, tag, dirs), tag) for tag in tags}
+def load_embeddings(pool: str, part: Part, tags: tuple[str, ...], dirs: dict[str, str] | None,
+                    arrays: dict[str, tuple[str, ...]] | None = None) -> dict:
+    """``{tag: {name: array}}`` of one part: each tag's ``arrays[tag]`` (default its ``img`` and ``txt``)."""
+    return {tag: load_npz(embedding_path(pool, part, tag, dirs), tag, (arrays or {}).get(tag, ("img", "txt")))
+            for tag in tags}
 
 
-def load_npz(path: str, tag: str) -> dict[str, np.ndarray]:
-    """``{"img": ..., "txt": ...}`` float32 arrays from a Winnow or DataComp ``.npz`` (keys ``<tag>_img/_txt``)."""
+def load_npz(path: str, tag: str, names: tuple[str, ...] = ("img", "txt")) -> dict[str, np.ndarray]:
+    """The arrays ``<tag>_<name>`` of a Winnow or DataComp ``.npz`` that exist (float32 for the embeddings
+    ``img`` and ``txt``, as stored for others)."""
     fs, p = fsio.get_fs(path)
     with fs.open(p, "rb") as f, np.load(f, allow_pickle=False) as z:
-        out = {kind: z[f"{tag}_{kind}"].astype(np.float32) for kind in ("img", "txt") if f"{tag}_{kind}" in z.files}
+        out = {n: z[f"{tag}_{n}"] for n in names if f"{tag}_{n}" in z.files}
+    out = {n: a.astype(np.float32) if n in ("img", "txt") else a for n, a in out.items()}
     if not out:
-        raise UserError(f"{path} has no '{tag}_img' or '{tag}_txt' array; check the embedding tag")
+        raise UserError(f"{path} has no array {', '.join(f'{tag}_{n}' for n in names)}; check the tag and names")
     return out

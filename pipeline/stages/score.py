@@ -33,12 +33,16 @@ from pipeline.core import fsio
 from pipeline.core.errors import UserError
 from pipeline.data import manifest
 from pipeline.data.ledger import OK
-from pipeline.data.parts import Part, list_parts, load_embeddings, part_rows, read_part
+from pipeline.data.parts import Part, embedding_path, list_parts, load_embeddings, part_rows, read_part
 from pipeline.run.stage import Stage
 
 
 def spec_hash(filt) -> str:
-    blob = json.dumps({"key": filt.key, "params": filt.params()}, sort_keys=True, default=str)
+    """The cache name of a filter: its key, parameters and code version."""
+    from filters import code_version
+
+    blob = json.dumps({"key": filt.key, "params": filt.params(), "code": code_version(type(filt))}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
@@ -64,7 +68,7 @@ class PoolContext:
         rate = max_rows / max(1, sum(part_rows(p) for p in self.parts))
         out = []
         for i, part in enumerate(self.parts):
-            x = load_embeddings(self.pool, part, (tag,), self.dirs)[tag][kind]
+            x = load_embeddings(self.pool, part, (tag,), self.dirs, {tag: (kind,)})[tag][kind]
             draw = np.random.default_rng([seed, i]).random(len(x)) < rate if rate < 1 else np.ones(len(x), bool)
             mask = np.isfinite(x).all(axis=1) & draw
             if keep is not None:
@@ -76,7 +80,7 @@ class PoolContext:
         """The pool's ``kind`` embeddings one part at a time (memory: one part): ``(part, float32 array)``,
         row-aligned with the part's table."""
         for part in self.parts:
-            arrays = load_embeddings(self.pool, part, (tag,), self.dirs)[tag]
+            arrays = load_embeddings(self.pool, part, (tag,), self.dirs, {tag: (kind,)})[tag]
             if kind not in arrays:
                 raise UserError(f"no '{tag}_{kind}' embeddings for {part.stem}; run `winnow embed --tag {tag}`")
             yield part, arrays[kind]
@@ -119,6 +123,30 @@ class PoolContext:
         return path, (rows, dims)
 
 
+def _npz_files(pool: str, parts: list[Part], tag: str, dirs) -> list[str]:
+    """The ``.npz`` files of ``tag`` that exist (none when the table holds precomputed scores instead)."""
+    out = []
+    for part in parts:
+        try:
+            out.append(embedding_path(pool, part, tag, dirs))
+        except UserError:
+            continue
+    return out
+
+
+def _layout(pool: str, files: list[str]) -> str:
+    """A digest of files' names, sizes and modification times (a pool with a manifest changes it when its files
+    change; a metadata folder has none, so its parquet and .npz files stand for it). "" for no file."""
+    if not files:
+        return ""
+    fs, _ = fsio.get_fs(files[0])
+    lines = []
+    for f in files:
+        info = fs.info(fsio.get_fs(f)[1])
+        lines.append(f"{f.rsplit('/', 1)[-1]}:{info.get('size')}:{info.get('mtime') or info.get('LastModified') or ''}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
 def compact(values: np.ndarray) -> np.ndarray:
     """float32 when it holds every value exactly (NaN included), else float64."""
     values = np.asarray(values, dtype=np.float64)
@@ -158,7 +186,7 @@ def score_part(task: ScoreTask) -> int:
 
     from pipeline.data.uid import sort_order, uids_to_array
 
-    filters = [(REGISTRY[spec["key"]](**spec["params"]), out) for spec, out in task.filters]
+    filters = [((spec.get("cls") or REGISTRY[spec["key"]])(**spec["params"]), out) for spec, out in task.filters]
     wanted = sorted({c for filt, _ in filters for c in filt.columns()})
     table = read_part(task.part, wanted, uid=bool(task.rows_out))
     if task.rows_out:
@@ -174,7 +202,9 @@ def score_part(task: ScoreTask) -> int:
         save_array(f"{stem}.order.npy", order)
         save_array(f"{stem}.uid.npy", uids[order])  # written last: the part's rows are cached
     tags = tuple(sorted({t for filt, _ in filters for t in filt.tags_for(table.columns)}))
-    embeddings = load_embeddings(task.pool, task.part, tags, task.dirs)
+    names = {t: tuple(sorted({n for filt, _ in filters if t in filt.tags_for(table.columns) for n in filt.arrays()}))
+             for t in tags}
+    embeddings = load_embeddings(task.pool, task.part, tags, task.dirs, names)
     for filt, out in filters:
         values = filt(table, embeddings)[filt.column].to_numpy(dtype=np.float64)
         save_array(fsio.join(out, f"{task.part.stem}.npy"), compact(values))
@@ -229,11 +259,13 @@ def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = No
     """Compute (or reuse) the rows and each filter's scores over the pool, in one pass over its parts."""
     from filters import build
 
+    from filters import code_version
+
     parts = list_parts(pool)
     filters = [build(spec) for spec in specs]
+    classes = {id(f): spec.get("cls") if isinstance(spec, dict) else None for f, spec in zip(filters, specs)}
     root = cache_root(pool, cache)
-    layout = "".join(f"{p.stem}:{fsio.size(p.parquet)}\n" for p in parts)
-    layout = hashlib.sha256(layout.encode()).hexdigest()[:16]
+    layout = _layout(pool, [p.parquet for p in parts])
     pool_manifest = [m for m in [fsio.join(pool, manifest.MANIFEST)] if fsio.exists(m)]
     quiet = lambda m: None  # noqa: E731 - a cache's stages say nothing
 
@@ -247,7 +279,11 @@ def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = No
         out = fsio.join(root, f"{filt.column}-{spec_hash(filt)}")
         upstream = [fsio.join((dirs or {}).get(tag) or fsio.join(pool, "embeddings", tag), manifest.MANIFEST)
                     for tag in filt.tags()]
-        stage = Stage("score", out, {"key": filt.key, "params": filt.params(), "parts": layout},
+        arrays = _layout(pool, [p for tag in filt.tags() if not fsio.exists(
+            fsio.join((dirs or {}).get(tag) or fsio.join(pool, "embeddings", tag), manifest.MANIFEST))
+            for p in _npz_files(pool, parts, tag, dirs)])
+        stage = Stage("score", out, {"key": filt.key, "params": filt.params(), "code": code_version(type(filt)),
+                                     "parts": layout, "arrays": arrays},
                       inputs=pool_manifest + [u for u in upstream if fsio.exists(u)], overwrite=True, log=quiet)
         folders[filt.column] = out
         if not stage.done:
@@ -258,7 +294,9 @@ def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = No
         check_parts(parts, filters)
         for filt, stage in todo:
             filt.prepare(PoolContext(pool, parts, dirs, stage.out, log))
-    todo = [(filt, stage, {"key": filt.key, "params": asdict(filt)}) for filt, stage in todo]
+    todo = [(filt, stage, {"key": filt.key, "params": asdict(filt)} | ({"cls": classes[id(filt)]}
+                                                                       if classes[id(filt)] else {}))
+            for filt, stage in todo]
     tasks = []
     for part in parts:
         missing = tuple((spec, stage.out) for filt, stage, spec in todo

@@ -70,7 +70,9 @@ class Recipe:
         """Plain data (sub-recipes of intersect/union included), as recorded in the subset's manifest."""
         select = [{k: [r.to_dict() for r in v] if k in ("intersect", "union") else v for k, v in rule.items()}
                   for rule in self.select]
-        return {"name": self.name, "filters": self.filters, "select": select}
+        from filters import plain
+
+        return {"name": self.name, "filters": [plain(f) for f in self.filters], "select": select}
 
     def files(self) -> list[str]:
         """The files the rules read (uid lists, duplicate tables), this recipe's and its sub-recipes'."""
@@ -118,7 +120,9 @@ def load_recipe(ref: str | dict | Recipe, variables: dict[str, str] | None = Non
         raise UserError(f"recipe {doc.get('name', ref)!r}: unknown key {sorted(unknown)[0]!r}; "
                         "use name, description, filters, select")
     name = str(doc.get("name", "inline"))
-    return Recipe(name=name, filters=list(doc.get("filters") or []),
+    from filters import spec_of
+
+    return Recipe(name=name, filters=[spec_of(f) for f in doc.get("filters") or []],
                   select=[_check_rule(rule, name, variables, used) for rule in doc.get("select") or []],
                   description=str(doc.get("description", "")))
 
@@ -415,6 +419,8 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
     Memory: the whole pool's values of each top-fraction column (to find its threshold; for ``of: kept``, the
     values of the rows kept before it, found by one more pass over the parts), one part's arrays, and the kept
     uids (16 bytes each); no frame and no uid string."""
+    from filters import plain
+
     from pipeline.stages.score import score
 
     require_finished(pool, allow_partial, "subset", log)
@@ -490,7 +496,7 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
         log(f"warning: {line}")
     doc = {"recipe": recipe.name, "description": recipe.description, "pool": str(pool), "rows": total,
            "kept": kept_rows, "steps": steps, "scores": dict(scores.folders),
-           "filters": recipe.all_filters(), "code_version": manifest.code_version()}
+           "filters": [plain(f) for f in recipe.all_filters()], "code_version": manifest.code_version()}
     write_runs(fsio.join(out, "uids.npy"), his, los)  # each part's kept uids are a sorted run
     fsio.write_json(fsio.join(out, "subset.json"), doc)
     stage.finish(rows={"rows": total, "kept": kept_rows}, outputs=["uids.npy", "subset.json"])
