@@ -50,3 +50,54 @@ def test_winnow_is_the_api_package():
     for name in ("synth", "serve", "ingest", "ledger", "embed", "dedup", "subset", "scores", "reshard", "train",
                  "evaluate", "demo", "cluster"):
         assert callable(getattr(winnow, name)), name
+
+
+def test_cli_and_api_agree_for_every_command():
+    """Both are made from one table: every command has a function; every flag is a keyword with the same default,
+    every key of the command's config sections is a keyword (what --set reaches), and help() shows them."""
+    import dataclasses
+    import inspect
+    import pydoc
+    import typing
+
+    import winnow
+    from workflows.cli import COMMANDS, build_parser, options
+    from workflows.settings import RunConfig
+
+    assert sorted(winnow.__all__) == sorted([c.name.replace("-", "_") for c in COMMANDS] +
+                                            ["cluster", "scores", "uids_hex"])
+    hints = typing.get_type_hints(RunConfig)
+    parser = build_parser()
+    for command in COMMANDS:
+        name = command.name.replace("-", "_")
+        if name == "serve":  # a context manager in Python; the command serves in the foreground
+            assert list(inspect.signature(winnow.serve).parameters) == ["world", "port"]
+            continue
+        params = inspect.signature(getattr(winnow, name)).parameters
+        assert "**" not in str(inspect.signature(getattr(winnow, name)))
+        for arg, _ in command.args:
+            assert params[arg.rstrip(".")].default is inspect.Parameter.empty, (name, arg)
+        for flag in command.flags:
+            assert flag.name in options(parser, command.name)
+            if not flag.key:
+                expected = False if flag.switch else None if flag.pairs else () if flag.many else flag.default
+                if flag.required:
+                    expected = inspect.Parameter.empty
+                assert params[flag.keyword].default == expected, (name, flag.name)
+                continue
+            section, field = flag.key.split(".")
+            if "{kind}" in command.sections:
+                assert params[field].default is None  # each kind's own default
+                continue
+            cls = hints[section]
+            default = next(f for f in dataclasses.fields(cls) if f.name == field)
+            value = default.default if default.default is not dataclasses.MISSING else default.default_factory()
+            assert params[field].default == value, (name, flag.name)
+        for section in command.sections:
+            if section != "{kind}":
+                assert {f.name for f in dataclasses.fields(hints[section]) if f.init} <= set(params), (name, section)
+        if command.stage:
+            assert {"overwrite", "scheduler", "workers"} <= set(params)
+    assert inspect.signature(winnow.subset).parameters["allow_empty"].default is False
+    text = pydoc.render_doc(winnow.ingest)
+    assert "timeout: float = 10.0" in text and "allow_hosts" in text

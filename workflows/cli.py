@@ -52,16 +52,27 @@ class Flag:
     switch: bool = False  # no value: true when given
     required: bool = False
     default: str | None = None  # plain arguments only: config keys take their default from the config
+    pairs: bool = False  # NAME=VALUE values: a dict in the Python API
+    api: str = ""  # its keyword in the Python API (default: the flag's name)
+
+    @property
+    def keyword(self) -> str:
+        return self.api or self.name.lstrip("-").replace("-", "_")
 
 
 @dataclass
 class Command:
+    """One command: its positionals and flags, and the config sections whose every key it reads. The CLI and the
+    Python API (``import winnow``) are both made from this table: a flag sets a config key or is a plain argument;
+    the API takes the positionals, the plain arguments and every field of the sections as typed keywords."""
+
     name: str
     help: str
     run: str  # the function that runs it, "module:function" (imported only when the command runs)
     args: list[tuple[str, str]] = field(default_factory=list)  # positionals: (name, help)
     flags: list[Flag] = field(default_factory=list)
     stage: bool = True  # writes an output folder: --overwrite; runs on the cluster: --scheduler / --workers
+    sections: tuple[str, ...] = ()  # config sections (workflows.settings.RunConfig) it reads; "{kind}": per kind
 
 
 PARTIAL = Flag("--allow-partial", help="use the finished shards of a pool whose ingest has not finished", switch=True)
@@ -69,7 +80,7 @@ COMMANDS = [
     Command("demo", "run the main job end to end on the embedded synthetic pool", "workflows.demo:main",
             flags=[Flag("--out", help="run folder", default="runs/demo")]),
     Command("synth", "write a synthetic web world with known ground truth", "workflows.commands:synth",
-            [("world", "output folder")]),
+            [("world", "output folder")], sections=("synth",)),
     Command("serve", "serve a synthetic world's images on 127.0.0.1 until Ctrl-C", "workflows.commands:serve",
             [("world", "a folder written by `winnow synth`")],
             [Flag("--port", help="port (default: the one in the world's base_url)")], stage=False),
@@ -84,7 +95,7 @@ COMMANDS = [
              Flag("--min-image-size", "ingest.min_image_size", "a shorter side below this is too_small"),
              Flag("--image-size", "ingest.image_size"), Flag("--resize-mode", "ingest.resize_mode"),
              Flag("--allow-hosts", "ingest.allow_hosts", "hosts, addresses or networks fetched although not "
-                  "public, e.g. 127.0.0.1 (repeatable)", many=True)]),
+                  "public, e.g. 127.0.0.1 (repeatable)", many=True)], sections=("ingest",)),
     Command("register", "validate an existing img2dataset/DataComp pool and record its manifest",
             "workflows.commands:register", [("pool", "pool folder")]),
     Command("ledger", "print how every input row of a pool ended (counts per state)", "workflows.commands:ledger",
@@ -98,7 +109,7 @@ COMMANDS = [
              Flag("--tag", "embed.tag", "name of the arrays: <tag>_img, <tag>_txt"),
              Flag("--out", help="output folder (default POOL/embeddings/TAG)"),
              Flag("--batch-size", "embed.batch_size"), Flag("--device", "embed.device"),
-             Flag("--precision", "embed.precision"), PARTIAL]),
+             Flag("--precision", "embed.precision"), PARTIAL], sections=("embed",)),
     Command("dedup", "exact, near, semantic duplicates and eval-set contamination of a pool",
             "workflows.commands:dedup", [("pool", "pool folder, embedded with `winnow embed --tag TAG`")],
             [Flag("--tag", "dedup.tag", "embedding tag to compare images with"),
@@ -108,11 +119,11 @@ COMMANDS = [
              Flag("--decontaminate", "dedup.decontaminate", "evaluation set folder whose images must not be in "
                   "the pool (repeatable)", many=True),
              Flag("--contamination-threshold", "dedup.contamination_threshold"),
-             Flag("--out", help="output folder (default POOL/dedup/TAG)"), PARTIAL]),
+             Flag("--out", help="output folder (default POOL/dedup/TAG)"), PARTIAL], sections=("dedup",)),
     Command("copy-descriptor", "train a small copy-detection descriptor on a pool's own images",
             "workflows.commands:copy_descriptor", [("pool", "pool folder")],
             [Flag("--out", help="folder for descriptor.pt", required=True),
-             Flag("--steps", "copy_descriptor.steps", "training steps")]),
+             Flag("--steps", "copy_descriptor.steps", "training steps")], sections=("copy_descriptor",)),
     Command("evalset", "build an evaluation set from labeled images: patchmix or dist", "workflows.commands:evalset",
             [("kind", "patchmix: foreign patches, tile shuffles, patch drops, occlusion; dist: texture-synthesis "
                       "triplets for the odd-one-out test"),
@@ -123,20 +134,23 @@ COMMANDS = [
              Flag("--steps", "dist.steps", "dist: L-BFGS iterations per synthesis"),
              Flag("--batch", "dist.batch", "dist: images synthesised together"),
              Flag("--vgg19", "dist.vgg19", "dist: a local torchvision VGG-19 state dict as the texture network"),
-             Flag("--device", "dist.device")]),
+             Flag("--device", "dist.device")], sections=("{kind}",)),
     Command("subset", "score a pool with a recipe's filters and write its uids.npy", "workflows.commands:subset",
             [("recipe", "recipe name (manifests/subsets/NAME.yaml) or YAML path")],
             [Flag("--pool", help="pool folder, or a DataComp metadata folder", required=True),
              Flag("--out", help="output folder for uids.npy and subset.json", required=True),
-             Flag("--var", help="fill ${NAME} in the recipe (NAME=VALUE, repeatable)", many=True),
+             Flag("--var", help="fill ${NAME} in the recipe (NAME=VALUE, repeatable)", many=True, pairs=True,
+                  api="variables"),
              Flag("--embeddings", help="where embeddings of TAG live (TAG=DIR, repeatable; default "
-                  "POOL/embeddings/TAG, or .npz beside the parquet)", many=True),
+                  "POOL/embeddings/TAG, or .npz beside the parquet)", many=True, pairs=True),
              Flag("--cache", help="score cache folder, kept between subsets (default $WINNOW_CACHE or "
-                  "~/.cache/winnow; with workers on other machines, a folder or URL they all see)"), PARTIAL]),
+                  "~/.cache/winnow; with workers on other machines, a folder or URL they all see)"), PARTIAL,
+             Flag("--allow-empty", help="write an empty subset instead of stopping when no row is kept",
+                  switch=True)]),
     Command("reshard", "materialise a subset into new WebDataset shards (byte copy)", "workflows.commands:reshard",
             [("pool", "pool folder the subset was selected from"), ("subset", "uids.npy (sorted u8,u8)"),
              ("out", "output folder")],
-            [Flag("--shard-size", "reshard.shard_size", "samples per output shard"), PARTIAL]),
+            [Flag("--shard-size", "reshard.shard_size", "samples per output shard"), PARTIAL], sections=("reshard",)),
     Command("train", "train the fixed CLIP/ViTamin of a scale on resharded shards (open_clip_train)",
             "workflows.commands:train", [("data", "a `winnow reshard` output folder")],
             [Flag("--name", help="run name", required=True),
@@ -156,22 +170,25 @@ COMMANDS = [
              Flag("--resume", help="continue the interrupted run NAME from its latest checkpoint, with the settings "
                   "it was started with", switch=True),
              Flag("--tasks", help="task list to evaluate the final checkpoint on (as evaluate's --tasks)"),
-             Flag("--var", help="fill ${NAME} in the task list (NAME=VALUE, repeatable)", many=True)]),
+             Flag("--var", help="fill ${NAME} in the task list (NAME=VALUE, repeatable)", many=True, pairs=True,
+                  api="variables")], sections=("train",)),
     Command("dfn", "data filtering networks: `winnow dfn train HQ_POOL --out DIR`", "workflows.commands:dfn",
             [("action", "train"), ("hq_pool", "a pool of trusted image-text pairs")],
             [Flag("--out", help="folder for the resharded set and the training run", required=True),
              Flag("--name", help="run name", default="dfn"),
              Flag("--scale", "dfn.scale"), Flag("--arch", "dfn.arch"),
-             Flag("--pretrained", "dfn.pretrained", "fine-tune from an open_clip tag or checkpoint (as DFN does)")]),
+             Flag("--pretrained", "dfn.pretrained", "fine-tune from an open_clip tag or checkpoint (as DFN does)")],
+            sections=("dfn",)),
     Command("evaluate", "evaluate an open_clip model on a task list", "workflows.commands:evaluate",
             [("checkpoint", "checkpoint path, or an open_clip pretrained tag with --model")],
             [Flag("--model", "evaluate.model", "open_clip architecture"),
              Flag("--tasks", help="task list: a shipped name (manifests/tasks/NAME.yaml, e.g. demo) or a YAML "
                   "path, Winnow's format or DataComp's tasklist.yml (with --var data_dir=FOLDER of its "
                   "wds_<task>_test eval sets)", required=True),
-             Flag("--var", help="fill ${NAME} in the task list (NAME=VALUE, repeatable)", many=True),
+             Flag("--var", help="fill ${NAME} in the task list (NAME=VALUE, repeatable)", many=True, pairs=True,
+                  api="variables"),
              Flag("--out", help="folder for eval_results.jsonl and summary.json", required=True),
-             Flag("--device", "evaluate.device")]),
+             Flag("--device", "evaluate.device")], sections=("evaluate",)),
     Command("report", "one self-contained HTML report of demo, training or evaluation folders",
             "workflows.commands:report", [("runs...", "demo folders, training run folders, evaluation folders")],
             [Flag("--out", help="the HTML file to write", default="report.html")], stage=False),
@@ -342,8 +359,6 @@ def main(argv: list[str] | None = None) -> int:
 
 NAMES = {"kind", "action", "name", "port"}  # arguments that are never paths
 MAYBE_PATHS = {"recipe", "checkpoint", "tasks"}  # a name or a path: changed only when the path exists here
-PATH_KEYS = ("embed.pretrained", "train.pretrained", "dfn.pretrained", "train.logs", "dedup.decontaminate",
-             "dist.vgg19")  # config values that may be local paths
 
 
 def absolute_paths(command: Command, args: argparse.Namespace, cfg) -> None:
@@ -359,13 +374,18 @@ def absolute_paths(command: Command, args: argparse.Namespace, cfg) -> None:
                                  for item in value for k, sep, v in [item.partition("=")]])
         elif isinstance(value, str) and value:
             setattr(args, name, absolute(value, only_existing=name in MAYBE_PATHS))
-    for key in PATH_KEYS:
-        section, leaf = key.split(".")
-        obj = getattr(cfg, section)
-        value = getattr(obj, leaf)
-        fix = [absolute(v) for v in value] if isinstance(value, list) else absolute(value, only_existing=leaf !=
-                                                                                     "logs")
-        setattr(obj, leaf, fix)
+    import dataclasses
+
+    for section in dataclasses.fields(cfg):  # config fields declared as paths (pipeline.core.config.path)
+        obj = getattr(cfg, section.name)
+        for f in dataclasses.fields(obj) if dataclasses.is_dataclass(obj) else ():
+            kind = f.metadata.get("path")
+            if kind:
+                value = getattr(obj, f.name)
+                existing = kind == "existing"
+                setattr(obj, f.name, [absolute(v, only_existing=existing and not isinstance(value, list))
+                                      for v in value] if isinstance(value, list) else
+                        absolute(value, only_existing=existing))
 
 
 def run(command: Command, args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""What each ``winnow`` subcommand does with its arguments and the run config: call its stage, print the result.
+"""What each ``winnow`` subcommand does with its arguments and the run config: call its stage, print the result,
+and return it (the Python API, :mod:`winnow`, returns what these return).
 
 One function per subcommand (the table in :mod:`workflows.cli` names it); the work itself is in the stage module
 that ``pipeline/README.md`` maps the command to.
@@ -12,9 +13,13 @@ from pipeline.core.errors import RunFailed, UserError
 
 
 def _runner(cfg):
+    """The cluster of an enclosing ``with winnow.cluster():``, else a new one for this command."""
+    from contextlib import nullcontext
+
     from pipeline.run.runner import Runner
 
-    return Runner(cfg.cluster)
+    active = Runner.active()
+    return nullcontext(active) if active is not None else Runner(cfg.cluster)
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -27,13 +32,14 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
     return out
 
 
-def synth(args, cfg) -> None:
+def synth(args, cfg) -> dict:
     from pipeline.synth.world import build_world
 
     with _runner(cfg) as runner:
         doc = build_world(cfg.synth, args.world, runner, overwrite=args.overwrite)
     print(f"synth: wrote {args.world}: {doc['rows']} (urls.parquet is the pool's input; "
           f"serve it with `winnow serve {args.world}`)")
+    return doc
 
 
 def serve(args, cfg) -> None:
@@ -42,7 +48,7 @@ def serve(args, cfg) -> None:
     serve_world(args.world, int(args.port) if args.port else None)
 
 
-def ingest(args, cfg) -> None:
+def ingest(args, cfg) -> dict[str, int]:
     from pipeline.data.ledger import format_counts
     from pipeline.data.pool import ledger, refused_host
     from pipeline.stages.ingest import ingest as run_ingest
@@ -60,65 +66,77 @@ def ingest(args, cfg) -> None:
                             "with --overwrite")
         raise RunFailed(f"no row of {total:,} was downloaded ({top}); is the server reachable? "
                         f"`winnow ledger {args.pool}` and the parquet's error_message say why each failed")
+    return dict(counts)
 
 
-def register(args, cfg) -> None:
+def register(args, cfg) -> dict:
     from pipeline.stages.register import register as run_register
 
     with _runner(cfg) as runner:
         doc = run_register(args.pool, runner)
     print(f"register: {args.pool} is a valid pool: {doc['shards']} shards, {doc['rows']['input']:,} rows, "
           f"{doc['rows']['ok']:,} ok; manifest written")
+    return doc
 
 
-def ledger(args, cfg) -> None:
+def ledger(args, cfg) -> dict[str, int]:
+    from pipeline.data.pool import ledger as counts
     from pipeline.stages.ledger import report
 
     print(report(args.pool, args.truth))
+    return dict(counts(args.pool)[0])
 
 
-def embed(args, cfg) -> None:
+def embed(args, cfg) -> dict:
     from pipeline.stages.embed import embed as run_embed
 
     with _runner(cfg) as runner:
         doc = run_embed(args.pool, cfg.embed, runner, out=args.out, overwrite=args.overwrite,
                         allow_partial=args.allow_partial)
     print(f"embed: {doc['rows']}")
+    return doc
 
 
-def dedup(args, cfg) -> None:
+def dedup(args, cfg) -> dict:
     from pipeline.stages.dedup import dedup as run_dedup
 
     with _runner(cfg) as runner:
         doc = run_dedup(args.pool, cfg.dedup, runner, out=args.out, overwrite=args.overwrite,
                         allow_partial=args.allow_partial)
     print(f"dedup: {doc['dropped']}")
+    return doc
 
 
-def copy_descriptor(args, cfg) -> None:
+def copy_descriptor(args, cfg) -> str:
     from pipeline.models.copydetect import MODEL_NAME
     from pipeline.stages.copy_descriptor import train_descriptor
 
     path = train_descriptor(args.pool, args.out, cfg.copy_descriptor, overwrite=args.overwrite)
     print(f"copy-descriptor: {path}\nnext: winnow embed {args.pool} --model {MODEL_NAME} --pretrained {path} "
           "--tag copy; winnow dedup POOL --tag copy")
+    return path
 
 
-def evalset(args, cfg) -> None:
+def evalset(args, cfg):
     if args.kind == "patchmix":
         from pipeline.evalsets.patchmix import build_patchmix
 
-        what = f"{len(build_patchmix(args.source, args.out, cfg.patchmix, overwrite=args.overwrite))} conditions"
+        result = build_patchmix(args.source, args.out, cfg.patchmix, overwrite=args.overwrite)
+        what = f"{len(result)} conditions"
     elif args.kind == "dist":
         from pipeline.evalsets.dist import build_dist
 
-        what = f"{build_dist(args.source, args.out, cfg.dist, overwrite=args.overwrite)['kept']} triplets"
+        result = build_dist(args.source, args.out, cfg.dist, overwrite=args.overwrite)
+        what = f"{result['kept']} triplets"
     else:
         raise UserError(f"evalset {args.kind!r}: choose patchmix or dist")
     print(f"evalset: {what} -> {args.out}; evaluate with --tasks {os.path.join(args.out, 'tasks.yaml')}")
+    return result
 
 
-def subset(args, cfg) -> None:
+def subset(args, cfg):
+    from pipeline.core.fsio import join, load_npy
+    from pipeline.run.runner import Runner
     from pipeline.stages.subset import check_variables
     from pipeline.stages.subset import subset as run_subset
 
@@ -126,19 +144,22 @@ def subset(args, cfg) -> None:
     with _runner(cfg) as runner:
         run_subset(args.recipe, args.pool, args.out, runner, variables=_pairs(args.var, "--var"),
                    embeddings=_pairs(args.embeddings, "--embeddings") or None, allow_partial=args.allow_partial,
-                   overwrite=args.overwrite, cache=args.cache or "", release=True, allow_empty=False)
+                   overwrite=args.overwrite, cache=args.cache or "", release=Runner.active() is None,
+                   allow_empty=args.allow_empty)
+    return load_npy(join(args.out, "uids.npy"), "the subset's uids.npy")
 
 
-def reshard(args, cfg) -> None:
+def reshard(args, cfg) -> dict:
     from pipeline.stages.reshard import reshard as run_reshard
 
     with _runner(cfg) as runner:
         doc = run_reshard(args.pool, args.subset, args.out, runner, shard_size=cfg.reshard.shard_size,
                           overwrite=args.overwrite, allow_partial=args.allow_partial)
     print(f"reshard: {doc['rows']['samples']:,} samples in {doc['shards']} shards -> {args.out}")
+    return doc
 
 
-def train(args, cfg) -> None:
+def train(args, cfg) -> str:
     from pipeline.stages.train import recorded_config
     from pipeline.stages.train import train as run_train
 
@@ -156,7 +177,7 @@ def train(args, cfg) -> None:
                      launch=launch)
     print(f"train: {ckpt}")
     if launch.node_rank > 0:
-        return  # the rank-0 machine evaluates
+        return ckpt  # the rank-0 machine evaluates
     if args.tasks:
         from pipeline.core.fsio import join
         from pipeline.stages.evaluate import evaluate
@@ -166,9 +187,10 @@ def train(args, cfg) -> None:
         average = summary["average"]
         print(f"train: average of main metrics {'n/a (diagnostic tasks only)' if average is None else f'{average:.4f}'}"
               f" ({out}/eval_results.jsonl)")
+    return ckpt
 
 
-def dfn(args, cfg) -> None:
+def dfn(args, cfg) -> str:
     from pipeline.stages.dfn import train_dfn
 
     if args.action != "train":
@@ -178,29 +200,32 @@ def dfn(args, cfg) -> None:
         ckpt = train_dfn(args.hq_pool, args.out, args.name, tcfg, runner)
     print(f"dfn train: {ckpt}\nnext: winnow embed POOL --model {tcfg.model} --pretrained {ckpt} --tag dfn; "
           "winnow subset dfn_30pct --pool POOL --out ...")
+    return ckpt
 
 
-def evaluate(args, cfg) -> None:
+def evaluate(args, cfg) -> dict:
+    from pipeline.run.runner import Runner
     from pipeline.stages.evaluate import evaluate as run_evaluate
     from pipeline.tasks import load_tasklist
 
     tasks = load_tasklist(args.tasks, _pairs(args.var, "--var"))
-    if not (args.scheduler or args.workers):  # one process: the model is loaded once
-        run_evaluate(cfg.evaluate.model, args.checkpoint, tasks, args.out, device=cfg.evaluate.device,
-                     overwrite=args.overwrite)
-        return
+    if not (args.scheduler or args.workers or Runner.active()):  # one process: the model is loaded once
+        return run_evaluate(cfg.evaluate.model, args.checkpoint, tasks, args.out, device=cfg.evaluate.device,
+                            overwrite=args.overwrite)
     with _runner(cfg) as runner:  # the tasks spread over the workers (and their GPUs)
-        run_evaluate(cfg.evaluate.model, args.checkpoint, tasks, args.out, device=cfg.evaluate.device,
-                     overwrite=args.overwrite, runner=runner)
+        return run_evaluate(cfg.evaluate.model, args.checkpoint, tasks, args.out, device=cfg.evaluate.device,
+                            overwrite=args.overwrite, runner=runner)
 
 
-def report(args, cfg) -> None:
+def report(args, cfg) -> str:
     from workflows.report import html_report
 
-    html_report(args.runs, args.out)
+    return html_report(args.runs, args.out)
 
 
-def compare(args, cfg) -> None:
+def compare(args, cfg) -> str:
     from workflows.compare import compare_runs
 
-    print(compare_runs(args.runs))
+    text = compare_runs(args.runs)
+    print(text)
+    return text

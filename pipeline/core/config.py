@@ -187,3 +187,15 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
     """Load ``cls`` from an optional YAML file, then ``--set`` overrides, then ``extra`` (a nested dict)."""
     data = read_yaml(path) if path else {}
     return from_dict(cls, deep_merge(deep_merge(data, parse_overrides(overrides)), extra or {}))
+
+
+def path(default: str | list = "", always: bool = False):
+    """A config field that may hold local paths: made absolute before any task is built, so workers started in
+    another folder see the same files. A value that may also be a name (a pretrained tag) is changed only when it
+    exists here as a path; ``always``: changed even when it does not exist yet (an output folder)."""
+    import dataclasses
+
+    meta = {"path": "always" if always else "existing"}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)

@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pipeline.core.config import path
 from pipeline.data.evalsets import MEMBERS
 from pipeline.tasks.odd_one_out import metrics as odd_one_out_metrics
 
@@ -61,7 +62,7 @@ class DistConfig:
     steps: int = 200  # L-BFGS iterations per synthesis
     batch: int = 32  # images synthesised together (2 CPU cores at 224 px: batch 1 measured faster)
     net_seed: int = 1234  # weights of the random texture network
-    vgg19: str = ""  # optional local torchvision VGG-19 state dict used instead of the random network
+    vgg19: str = path("")  # optional local torchvision VGG-19 state dict used instead of the random network
     gram_max: float = 0.05
     structure_margin: float = 0.3
     pair_max: float = 0.9

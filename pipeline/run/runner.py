@@ -140,6 +140,7 @@ class _Call:
 
 
 _PROGRESS_TOPIC = "winnow-progress"
+_ACTIVE: list = []  # runners made current by Runner.activate
 _local = threading.local()  # in-process runs: where task_progress reports go
 
 
@@ -182,6 +183,25 @@ class Runner:
 
     def __enter__(self) -> Runner:
         return self
+
+    @staticmethod
+    def active() -> Runner | None:
+        """The runner made current by :meth:`activate` (``with winnow.cluster():``), if any."""
+        return _ACTIVE[-1] if _ACTIVE else None
+
+    def activate(self):
+        """Make this the runner every command in the block uses (instead of starting its own)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def block():
+            _ACTIVE.append(self)
+            try:
+                yield self
+            finally:
+                _ACTIVE.remove(self)
+
+        return block()
 
     def start(self) -> None:
         """Connect to / start the cluster. Done lazily by the first :meth:`map`, so that input and config checks

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import fsio
+from pipeline.core.config import path
 from pipeline.core.errors import UserError
 from pipeline.data import manifest, shards
 from pipeline.data.parts import list_parts, part_rows
@@ -111,7 +112,7 @@ class DedupConfig:
     k: int = 16
     semantic_clusters: int = 0
     semantic_eps: list[float] = field(default_factory=lambda: [0.05, 0.02, 0.01])
-    decontaminate: list[str] = field(default_factory=list)
+    decontaminate: list[str] = path([])
     contamination_threshold: float = 0.9
     device: str = "auto"
     worker_memory_gib: float = 2.0

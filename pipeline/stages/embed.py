@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import fsio
+from pipeline.core.config import path
 from pipeline.data import manifest, shards
 from pipeline.core.errors import UserError
 from pipeline.data.pool import require_finished
@@ -54,7 +55,7 @@ class EmbedConfig:
     """
 
     model: str = "ViT-B-32"
-    pretrained: str = "openai"
+    pretrained: str = path("openai")
     tag: str = "b32"
     batch_size: int = 256
     device: Literal["auto", "cpu", "cuda"] = "auto"

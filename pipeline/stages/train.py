@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from pipeline.core import fsio
+from pipeline.core.config import path
 from pipeline.core.errors import RunFailed, UserError
 from pipeline.data.manifest import LOCK, MANIFEST, RUN, describe_inputs
 from pipeline.run.runner import task_progress
@@ -39,7 +40,7 @@ from pipeline.run.stage import Stage
 @dataclass
 class TrainConfig:
     model: str = "winnow-tiny-clip"
-    pretrained: str = ""  # start from a tag or checkpoint (DFN fine-tuning); empty: random init
+    pretrained: str = path("")  # start from a tag or checkpoint (DFN fine-tuning); empty: random init
     samples_seen: int = 10_000  # total samples over the run (fixed per scale; the subset size does not matter)
     epochs: int = 1  # checkpoints written (DataComp: 5)
     batch_size: int = 128
@@ -149,9 +150,9 @@ class TrainSpec:
     scale: str = "tiny"
     arch: Literal["clip", "vit", "vitamin"] = "clip"
     seed: int = 0
-    pretrained: str = ""
+    pretrained: str = path("")
     patch_mixing: float = 0.0
-    logs: str = "runs/train"
+    logs: str = path("runs/train", always=True)
     nproc_per_node: int = 1
     nnodes: int = 0
     node_rank: int = -1
