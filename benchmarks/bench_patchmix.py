@@ -21,7 +21,7 @@ def main() -> None:
 
     from pipeline.data.images import square_image
     from pipeline.evalsets.patchmix import mix_patches
-    from pipeline.stages.patchmix_training import mix_batch
+    from pipeline.training.patchmix import mix_batch
     from pipeline.data.images import encode_jpeg
     from pipeline.synth.world import SynthConfig, _jpeg, _spec_for
 

@@ -17,7 +17,7 @@ from pipeline.core.errors import UserError
 from pipeline.data.parts import list_parts
 from pipeline.data.uid import UID_DTYPE
 from pipeline.run.runner import ClusterConfig, Runner
-from pipeline.stages.score import PoolContext
+from pipeline.select.score import PoolContext
 from pipeline.stages.subset import subset
 
 QUIET = dict(log=lambda m: None)

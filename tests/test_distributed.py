@@ -94,7 +94,7 @@ def test_a_rank_that_dies_is_named_in_one_line_and_resume_finishes_the_run(shard
     while not os.path.exists(first) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if "pipeline.stages.train_entry" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+               if "pipeline.training.train_entry" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
     assert victims, "rank 1 was not found"
     victims[0].send_signal(signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)

@@ -15,7 +15,7 @@ from filters.norm_sim import norm_sim_inf
 from pipeline.core.errors import UserError
 from pipeline.data.parts import list_parts
 from pipeline.data.uid import UID_DTYPE, uids_to_array
-from pipeline.stages.score import PoolContext
+from pipeline.select.score import PoolContext
 from pipeline.stages.subset import subset
 
 QUIET = lambda m: None  # noqa: E731

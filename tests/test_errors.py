@@ -187,7 +187,7 @@ def pool(tmp_path):
 
 
 def test_another_recipe_in_a_subset_folder_is_refused_before_scoring(pool, tmp_path):
-    from pipeline.stages.score import cache_root
+    from pipeline.select.score import cache_root
 
     out = str(tmp_path / "sub")
     assert winnow("subset", "no_filter", "--pool", pool, "--out", out, "--scheduler", "sync").returncode == 0

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.core.errors import UserError
-from pipeline.stages.fetch import FetchError, FetchLimits, UrlPolicy, address_kind, fetch, parse_url
+from pipeline.web.fetch import FetchError, FetchLimits, UrlPolicy, address_kind, fetch, parse_url
 from pipeline.data.images import open_rgb, reencode_high_depth
 from pipeline.stages.ingest import IngestConfig, check_input, split_input
 from pipeline.synth.hostile import HostileServer, images

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from filters import EmbeddingFilter, code_version
-from pipeline.stages.score import score
+from pipeline.select.score import score
 
 
 def metadata(folder, rows: int = 30) -> None:

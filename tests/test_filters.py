@@ -204,7 +204,7 @@ def test_text_match_counts_vocabulary_words():
 def test_pool_context_samples_part_by_part_with_a_bound(tmp_path):
     """prepare() sees at most about max_rows embeddings, drawn from a seed; all finite rows when the pool is small."""
     from pipeline.data.parts import list_parts
-    from pipeline.stages.score import PoolContext
+    from pipeline.select.score import PoolContext
 
     rng = np.random.default_rng(0)
     rows = []

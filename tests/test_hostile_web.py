@@ -152,7 +152,7 @@ def test_a_killed_download_process_loses_only_its_rows_in_flight(tmp_path):
                     if {f"-{i}" for i in range(6)} <= set(f.read().split()):
                         break
                 time.sleep(0.05)
-            for proc in _children("pipeline.stages.ingest_child"):
+            for proc in _children("pipeline.web.ingest_child"):
                 proc.kill()
                 killed.append(proc.pid)
             server.release.set()

@@ -2,7 +2,8 @@
 
 Layers, bottom to top (a module may import its own layer and the ones below, never above):
 
-    core -> data -> run -> models -> tasks -> evalsets -> synth -> filters -> stages -> workflows
+    core -> data -> web -> run -> models -> tasks -> evalsets -> synth -> training -> filters -> select -> stages
+    -> workflows
 
 Every import counts, also those inside functions (they hide cycles, they do not remove them).
 """
@@ -13,8 +14,9 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYERS = ["pipeline.core", "pipeline.data", "pipeline.run", "pipeline.models", "pipeline.tasks", "pipeline.evalsets",
-          "pipeline.synth", "filters", "pipeline.stages", "workflows"]
+LAYERS = ["pipeline.core", "pipeline.data", "pipeline.web", "pipeline.run", "pipeline.models", "pipeline.tasks",
+          "pipeline.evalsets", "pipeline.synth", "pipeline.training", "filters", "pipeline.select", "pipeline.stages",
+          "workflows"]
 PACKAGES = ("pipeline", "filters", "workflows", "manifests")
 
 

@@ -110,7 +110,7 @@ def test_occluder_covers_the_target_share_with_the_other_image(level):
 def test_training_mix_replaces_exactly_the_cells_it_reports_from_the_flipped_partner():
     import torch
 
-    from pipeline.stages.patchmix_training import mix_batch
+    from pipeline.training.patchmix import mix_batch
 
     b, grid, side = 6, 7, 30  # 30 px: 4 px patches, a 2 px edge that is never mixed
     images = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 3, side, side).clone()
@@ -131,7 +131,7 @@ def test_training_mix_replaces_exactly_the_cells_it_reports_from_the_flipped_par
 def test_soft_clip_loss_interpolates_targets_by_area():
     import torch
 
-    from pipeline.stages.patchmix_training import soft_clip_loss
+    from pipeline.training.patchmix import soft_clip_loss
 
     torch.manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)

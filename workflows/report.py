@@ -365,7 +365,7 @@ def _filter_data(folder: str, images: Images, max_parts: int = 4) -> dict:
     """A one-filter subset: its score column over the pool's candidates, thresholds, and examples."""
     from pipeline.data.parts import list_parts, read_part
     from pipeline.data.uid import isin_uids, uids_to_array
-    from pipeline.stages.score import load_array
+    from pipeline.select.score import load_array
 
     doc = fsio.read_json(os.path.join(folder, "subset.json"))
     column, cache = next(iter(doc["scores"].items()))

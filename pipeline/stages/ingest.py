@@ -9,8 +9,8 @@ Flow (``ingest``, on the driver):
    from ``uid_col`` or derived (:mod:`pipeline.data.uid`); a uid seen at an earlier input row makes the later row a
    ``duplicate_uid`` (``_inputs/_duplicates.parquet``), decided by input order alone.
 2. ``ingest_shard`` runs once per shard on the cluster. It drives a long-lived download process (one per Dask
-   worker, :mod:`pipeline.stages.ingest_child`) that runs img2dataset's per-shard downloader with Winnow's fetch
-   (:mod:`pipeline.stages.fetch`: URL policy, per-URL deadline, byte cap) into a private temporary folder, then adds
+   worker, :mod:`pipeline.web.ingest_child`) that runs img2dataset's per-shard downloader with Winnow's fetch
+   (:mod:`pipeline.web.fetch`: URL policy, per-URL deadline, byte cap) into a private temporary folder, then adds
    the ledger ``state`` column and moves tar, parquet and finally ``_stats.json`` (the commit marker) into the
    pool, each atomically.
 3. A shard with a ``_stats.json`` is complete and is not redone when an interrupted run is resumed.
@@ -340,11 +340,11 @@ def _one_line(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------- the download process
 class _DownloadProcess:
-    """A child process running :mod:`pipeline.stages.ingest_child`, kept alive across the shards of one worker."""
+    """A child process running :mod:`pipeline.web.ingest_child`, kept alive across the shards of one worker."""
 
     def __init__(self) -> None:
         env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.stages.ingest_child"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.web.ingest_child"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                      errors="replace")
         self.replies: queue.Queue = queue.Queue()

@@ -421,7 +421,7 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
     uids (16 bytes each); no frame and no uid string."""
     from filters import plain
 
-    from pipeline.stages.score import score
+    from pipeline.select.score import score
 
     require_finished(pool, allow_partial, "subset", log)
     variables = {"pool": str(pool), **(variables or {})}

@@ -9,7 +9,7 @@ open_clip_train's sharp edges: a reused ``--name`` would exit 0 without training
 caption make its loader hang (checked here first), and on CPU it needs ``--precision fp32``.
 
 Repeatable: the same shards, config and seed give the same weights on the CPU (the loader's shuffles and
-augmentations are seeded, see :mod:`pipeline.stages.train_entry`) for the same number of torch threads, which the
+augmentations are seeded, see :mod:`pipeline.training.train_entry`) for the same number of torch threads, which the
 start line prints: a matrix product summed over another number of threads rounds differently.
 """
 
@@ -275,7 +275,7 @@ class RunFolder:
     """Where open_clip_train writes a run (``<logs>/<name>``): the folder itself when local; for an fsspec URL, a
     local scratch folder whose files (checkpoints once written, logs as they grow) are uploaded to the URL while
     the run goes and when it ends, then removed. open_clip_train saves checkpoints atomically here
-    (:mod:`pipeline.stages.train_entry`), so an upload never sees a half-written one."""
+    (:mod:`pipeline.training.train_entry`), so an upload never sees a half-written one."""
 
     SYNC_SECONDS = 10.0
 
@@ -517,7 +517,7 @@ def _run_open_clip(pattern: str, count: int, data_dir: str, folder: RunFolder, c
     log(f"train: {cfg.model} on {count:,} samples in {data_dir}, {cfg.samples_seen:,} samples seen ({where}); "
         f"{cfg.batch_line()} -> {run_dir} (step log: {fsio.join(run_dir, 'out.log')})")
     ranks = os.path.join(folder.path, "ranks") if launch.world > 1 else ""
-    command = _launcher(launch, ranks) + ["-m", "pipeline.stages.train_entry"]
+    command = _launcher(launch, ranks) + ["-m", "pipeline.training.train_entry"]
     env["WINNOW_TRAIN_ARGS"] = json.dumps(argv)  # not on the command line: torchrun would read --logs as its own
     progress, tail = Progress(cfg, progress_every), collections.deque(maxlen=40)
     with subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

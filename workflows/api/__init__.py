@@ -219,7 +219,7 @@ def scores(pool: str, recipe: str | dict, variables: dict[str, str] | None = Non
 
     from pipeline.data.uid import array_to_uids
     from pipeline.run.runner import ClusterConfig, Runner
-    from pipeline.stages.score import score
+    from pipeline.select.score import score
     from pipeline.stages.subset import load_recipe
 
     spec = load_recipe(recipe, {"pool": str(pool), **(variables or {})})

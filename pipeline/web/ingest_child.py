@@ -4,7 +4,7 @@ One such process runs beside each Dask worker (see :mod:`pipeline.stages.ingest`
 stdin, runs ``img2dataset.downloader.Downloader.download_shard`` for it (its thread pool, hashing, EXIF and
 resizer), and answers one JSON line. Four things are Winnow's:
 
-- each row's whole work runs in its download thread: the fetch (:func:`pipeline.stages.fetch.fetch`: URL policy,
+- each row's whole work runs in its download thread: the fetch (:func:`pipeline.web.fetch.fetch`: URL policy,
   per-URL deadline, byte cap, replacing img2dataset's urllib download), then :func:`_prepare`: the checks of
   :func:`pipeline.data.images.inspect_image` (non-images, truncation, decompression bombs), 16-bit images
   converted to 8 bits (OpenCV would clip them), the EXIF orientation applied, img2dataset's own resizer (and
@@ -170,7 +170,7 @@ def _build(job: dict, progress: _Progress):
     import pyarrow as pa
 
     from pipeline.core.budget import OverBudget, cpu_budget
-    from pipeline.stages.fetch import USER_AGENT, FetchLimits, UrlPolicy, fetch_image_stream
+    from pipeline.web.fetch import USER_AGENT, FetchLimits, UrlPolicy, fetch_image_stream
 
     cfg = job["config"]
     skip = set(job["skip"])

@@ -1,4 +1,4 @@
-"""``python -m pipeline.stages.train_entry ARGS``: OpenCLIP's own trainer, with Winnow's tiny configs registered
+"""``python -m pipeline.training.train_entry ARGS``: OpenCLIP's own trainer, with Winnow's tiny configs registered
 (the arguments may also come as a JSON list in ``WINNOW_TRAIN_ARGS``, as torchrun's workers get them).
 
 open_clip_train has no flag for extra model configs, so this registers them and then hands the arguments to
@@ -9,8 +9,8 @@ tensors are practically unchanged, while decoding a 400 px JPEG for a 32 px mode
 decode: on a CPU, decoding is what bounds a tiny model's training speed.
 
 With ``WINNOW_PATCH_MIXING=prob,r_max,grid,smoothing`` set (``TrainConfig.patch_mixing``), every training batch
-goes through Patch Mixing (:func:`pipeline.stages.patchmix_training.mix_batch`) and the contrastive loss gets the
-area-interpolated targets (:func:`pipeline.stages.patchmix_training.soft_clip_loss`); the trainer itself is unchanged.
+goes through Patch Mixing (:func:`pipeline.training.patchmix.mix_batch`) and the contrastive loss gets the
+area-interpolated targets (:func:`pipeline.training.patchmix.soft_clip_loss`); the trainer itself is unchanged.
 
 Every epoch's shard draws, sample shuffle and augmentations are seeded from ``--seed``, the epoch and the process's
 rank (:func:`use_epoch_seeds`; for ``--dataset-resampled``, which ``pipeline.stages.train`` always passes).
@@ -166,7 +166,7 @@ def use_patch_mixing(prob: float, r_max: float, grid: int, smoothing: float) -> 
     import torch
     import open_clip_train.main as trainer_main
 
-    from pipeline.stages.patchmix_training import mix_batch, soft_clip_loss
+    from pipeline.training.patchmix import mix_batch, soft_clip_loss
 
     epoch_fn = trainer_main.train_one_epoch
     state: dict = {}

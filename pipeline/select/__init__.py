@@ -1,0 +1,1 @@
+"""Scoring a pool with filters into the score cache that selection reads."""
