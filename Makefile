@@ -25,7 +25,7 @@ demo-methods: $(STAMP)
 
 # Record the last demo's figures (benchmarks/results/demo.json) and rewrite the README's block of them
 readme-figures: $(STAMP)
-	$(BIN)/python -m workflows.readme $(OUT)
+	$(BIN)/python -m winnow.workflows.readme $(OUT)
 
 test: $(STAMP)  # the fast tier (unit tests, under a minute), then the end-to-end tier; two processes each
 	$(BIN)/python -m pytest -q -ra -n 2 -m "not e2e and not gpu"

@@ -15,7 +15,7 @@ MetaCLIP's matching has work and head entries to cap. The data are written once,
 ``--keep`` (default a temporary folder removed at the end): 12.8M rows take about 40 GB; the free space is checked
 first and, if the pool does not fit, the largest number of files that fits is measured and the rest extrapolated.
 
-Each method is one fresh process tree (``python -m workflows.cli subset RECIPE --workers N``, a new score cache),
+Each method is one fresh process tree (``python -m winnow.workflows.cli subset RECIPE --workers N``, a new score cache),
 its wall time (including Python's start and the local Dask cluster's) and the peak resident memory of every
 process (the driver, the Dask scheduler and workers), sampled every 0.2 s. ``--fraction-of-rows F`` measures on
 the first round(F x files) files and prints a linear extrapolation to the full size (time x the rounds of one file
@@ -143,7 +143,7 @@ def make_target(path: str, rows: int, dim: int, seed: int = 0) -> None:
 
 def role(cmdline: str) -> str:
     """What a process of `winnow subset`'s tree is, from its command line."""
-    return ("driver (and Dask scheduler)" if "workflows.cli" in cmdline else "Dask worker" if "spawn" in cmdline
+    return ("driver (and Dask scheduler)" if "winnow.workflows.cli" in cmdline else "Dask worker" if "spawn" in cmdline
             else cmdline[:40])
 
 
@@ -214,7 +214,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(cache, ignore_errors=True)
 
-        cmd = [sys.executable, "-m", "workflows.cli", "subset", path, "--pool", pool, "--out", out, "--cache", cache,
+        cmd = [sys.executable, "-m", "winnow.workflows.cli", "subset", path, "--pool", pool, "--out", out, "--cache", cache,
                "--workers", str(args.workers)] + [a for k, v in variables.items() for a in ("--var", f"{k}={v}")]
         print(f"bench: {name}: {recipe} {variables}", flush=True)
         try:

@@ -88,8 +88,8 @@ def main() -> None:
     import pandas as pd
 
     from bench_select import PeakRSS  # peak RSS of this process and its children, sampled every 0.2 s
-    from pipeline.run.runner import ClusterConfig, Runner
-    from pipeline.stages.dedup import DedupConfig, dedup, read_table
+    from winnow.pipeline.run.runner import ClusterConfig, Runner
+    from winnow.pipeline.stages.dedup import DedupConfig, dedup, read_table
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000000")

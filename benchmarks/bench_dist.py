@@ -1,4 +1,4 @@
-"""DiST synthesis time per image (``pipeline.evalsets.dist.synthesize``: random-CNN Gram matching, L-BFGS) by image size.
+"""DiST synthesis time per image (``winnow.pipeline.evalsets.dist.synthesize``: random-CNN Gram matching, L-BFGS) by image size.
 
 For each size the same source images are synthesised one at a time (the baseline: what a per-image loop, as in
 Gatys' reference code, costs) and as one batch (how ``winnow evalset dist`` runs); the table gives seconds per
@@ -17,9 +17,9 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from pipeline.evalsets import dist
-    from pipeline.data.images import square_image
-    from pipeline.synth.world import SynthConfig, _jpeg, _spec_for
+    from winnow.pipeline.evalsets import dist
+    from winnow.pipeline.data.images import square_image
+    from winnow.pipeline.synth.world import SynthConfig, _jpeg, _spec_for
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="128,224")

@@ -27,9 +27,9 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from pipeline.data import shards
-    from pipeline.stages.embed import EmbedConfig, EmbedTask, embed_shard
-    from pipeline.synth.world import SynthConfig, _jpeg, _spec_for
+    from winnow.pipeline.data import shards
+    from winnow.pipeline.stages.embed import EmbedConfig, EmbedTask, embed_shard
+    from winnow.pipeline.synth.world import SynthConfig, _jpeg, _spec_for
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=512)
@@ -52,7 +52,7 @@ def main() -> None:
     for model_name in args.models.split(","):
         ecfg = EmbedConfig(model=model_name, pretrained="", tag="b", batch_size=args.batch_size,
                            device=args.device, decode_threads=4)
-        from pipeline.stages.embed import cached_model
+        from winnow.pipeline.stages.embed import cached_model
 
         model, preprocess, tokenizer = cached_model(ecfg)
         captions = [r["caption"] for r in rows]

@@ -6,7 +6,7 @@ In one run it prints:
 - training samples/s per GPU at the small scale's per-device batch (4,096 over 8 GPUs: 512, ViT-B/32,
   amp_bf16) with open_clip_train, median over the logged steps after the first;
 - the time of DataComp's 38-task evaluation on miniature sets written at ``--eval-scale`` of the real sizes
-  (:mod:`pipeline.synth.datacomp_evalsets`), extrapolated linearly to the real sizes (DataComp quotes about
+  (:mod:`winnow.pipeline.synth.datacomp_evalsets`), extrapolated linearly to the real sizes (DataComp quotes about
   86 minutes on one GPU);
 - negCLIPLoss and NormSim_inf rows/s (the paper's batch 32,768, K 10; a 100k-row ImageNet-like target).
 Every line names the device; peak memory is the process's and the GPU's.
@@ -43,8 +43,8 @@ def _peak(device: str) -> str:
 def embedding(root: str, device: str, images: int, models: list[str]) -> list[str]:
     from bench_reshard import make_pool
 
-    from pipeline.run.runner import ClusterConfig, Runner
-    from pipeline.stages.embed import EmbedConfig, embed
+    from winnow.pipeline.run.runner import ClusterConfig, Runner
+    from winnow.pipeline.stages.embed import EmbedConfig, embed
 
     pool = os.path.join(root, "pool")
     if not os.path.isdir(pool):
@@ -64,13 +64,13 @@ def embedding(root: str, device: str, images: int, models: list[str]) -> list[st
 
 
 def training(root: str, device: str, steps: int) -> list[str]:
-    from pipeline.run.runner import ClusterConfig, Runner
-    from pipeline.stages.reshard import reshard
-    from pipeline.stages.subset import write_subset
-    from pipeline.stages.train import TrainConfig, train
+    from winnow.pipeline.run.runner import ClusterConfig, Runner
+    from winnow.pipeline.stages.reshard import reshard
+    from winnow.pipeline.stages.subset import write_subset
+    from winnow.pipeline.stages.train import TrainConfig, train
 
     pool = os.path.join(root, "pool")
-    from pipeline.data import shards
+    from winnow.pipeline.data import shards
 
     uids = [u for i in shards.list_shards(pool) for u in shards.read_table(pool, i, ["uid"])["uid"]]
     write_subset(os.path.join(root, "sub"), uids, {})
@@ -90,10 +90,10 @@ def training(root: str, device: str, steps: int) -> list[str]:
 
 
 def evaluation(root: str, device: str, scale: float) -> list[str]:
-    from pipeline.models.registry import load
-    from pipeline.stages.evaluate import evaluate
-    from pipeline.synth.datacomp_evalsets import write_evalsets
-    from pipeline.tasks import load_tasklist
+    from winnow.pipeline.models.registry import load
+    from winnow.pipeline.stages.evaluate import evaluate
+    from winnow.pipeline.synth.datacomp_evalsets import write_evalsets
+    from winnow.pipeline.tasks import load_tasklist
 
     import torch
 
@@ -114,8 +114,8 @@ def evaluation(root: str, device: str, scale: float) -> list[str]:
 
 
 def curation(device: str, rows: int, target_rows: int) -> list[str]:
-    from filters.neg_clip_loss import draw_batches, normaliser
-    from filters.norm_sim import norm_sim_inf
+    from winnow.filters.neg_clip_loss import draw_batches, normaliser
+    from winnow.filters.norm_sim import norm_sim_inf
 
     rng = np.random.default_rng(0)
     img = rng.standard_normal((rows, 768)).astype(np.float32)

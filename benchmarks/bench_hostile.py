@@ -1,6 +1,6 @@
 """The hostile web benchmark: plain img2dataset vs `winnow ingest` on the same hostile URL list, same server.
 
-The list (:func:`pipeline.synth.hostile.hostile_rows`: 65 rows) has trickled headers and bodies, endless and
+The list (:func:`winnow.pipeline.synth.hostile.hostile_rows`: 65 rows) has trickled headers and bodies, endless and
 falsely announced bodies, chunked bodies cut short or with a bad chunk-size line, protocol junk, gzip, pixel and
 EXIF bombs (24,000 RATIONAL tags: minutes of exifread), redirects to private and metadata addresses, to other
 schemes and to unparseable targets, and good images in odd modes (an EXIF-rotated one among them); the server
@@ -28,7 +28,7 @@ import pandas as pd
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_select import PeakRSS  # noqa: E402
 
-from pipeline.synth.hostile import Canary, HostileServer, hostile_rows  # noqa: E402
+from winnow.pipeline.synth.hostile import Canary, HostileServer, hostile_rows  # noqa: E402
 
 
 def run(cmd: list[str]) -> tuple[float, PeakRSS, int]:

@@ -46,8 +46,8 @@ def make_metadata(folder: str, n: int, d: int = 768, seed: int = 0) -> None:
 
 def main() -> None:
     from bench_select import PeakRSS
-    from pipeline.run.runner import ClusterConfig, Runner
-    from pipeline.stages.subset import subset
+    from winnow.pipeline.run.runner import ClusterConfig, Runner
+    from winnow.pipeline.stages.subset import subset
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=12_800_000)

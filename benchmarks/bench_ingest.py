@@ -22,9 +22,9 @@ from dataclasses import asdict
 
 import yaml
 
-from pipeline.stages.ingest import IngestConfig
-from pipeline.run.runner import ClusterConfig, Runner
-from pipeline.synth.world import DefectRates, SynthConfig, build_world
+from winnow.pipeline.stages.ingest import IngestConfig
+from winnow.pipeline.run.runner import ClusterConfig, Runner
+from winnow.pipeline.synth.world import DefectRates, SynthConfig, build_world
 
 
 def _free_port() -> int:

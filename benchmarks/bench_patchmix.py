@@ -19,11 +19,11 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from pipeline.data.images import square_image
-    from pipeline.evalsets.patchmix import mix_patches
-    from pipeline.training.patchmix import mix_batch
-    from pipeline.data.images import encode_jpeg
-    from pipeline.synth.world import SynthConfig, _jpeg, _spec_for
+    from winnow.pipeline.data.images import square_image
+    from winnow.pipeline.evalsets.patchmix import mix_patches
+    from winnow.pipeline.training.patchmix import mix_batch
+    from winnow.pipeline.data.images import encode_jpeg
+    from winnow.pipeline.synth.world import SynthConfig, _jpeg, _spec_for
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=256)

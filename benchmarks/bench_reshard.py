@@ -25,8 +25,8 @@ import numpy as np
 
 
 def make_pool(folder: str, shards_n: int, per_shard: int) -> list[str]:
-    from pipeline.data import shards
-    from pipeline.synth.world import SynthConfig, _jpeg, _spec_for
+    from winnow.pipeline.data import shards
+    from winnow.pipeline.synth.world import SynthConfig, _jpeg, _spec_for
 
     cfg = SynthConfig()
     images = [_jpeg(_spec_for(cfg, 1, i)) for i in range(200)]
@@ -74,9 +74,9 @@ def naive(pool: str, out: str, keep: set[str], shard_size: int) -> int:
 
 
 def main() -> None:
-    from pipeline.stages.reshard import reshard
-    from pipeline.run.runner import ClusterConfig, Runner
-    from pipeline.stages.subset import write_subset
+    from winnow.pipeline.stages.reshard import reshard
+    from winnow.pipeline.run.runner import ClusterConfig, Runner
+    from winnow.pipeline.stages.subset import write_subset
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=int, default=16)

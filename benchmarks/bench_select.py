@@ -235,7 +235,7 @@ def running_cluster(workers: int):
 def main() -> None:
     import sys
 
-    from filters.english import shipped_model
+    from winnow.filters.english import shipped_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=12_800_000)
@@ -286,7 +286,7 @@ def main() -> None:
                     shutil.rmtree(cache, ignore_errors=True)
 
             try:
-                ours, mem = measured([sys.executable, "-m", "workflows.cli", "subset", name, "--pool", pool, "--out",
+                ours, mem = measured([sys.executable, "-m", "winnow.workflows.cli", "subset", name, "--pool", pool, "--out",
                                       out, "--cache", cache] + cluster +
                                      (["--var", f"fasttext_model={args.fasttext_model}"] if args.fasttext_model
                                       else []), repeat=1 if name == "basic" else args.repeat, before=fresh,

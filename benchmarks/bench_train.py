@@ -22,10 +22,10 @@ import time
 
 
 def main() -> None:
-    from pipeline.stages.reshard import reshard
-    from pipeline.run.runner import ClusterConfig, Runner
-    from pipeline.stages.subset import write_subset
-    from pipeline.stages.train import TrainConfig, train
+    from winnow.pipeline.stages.reshard import reshard
+    from winnow.pipeline.run.runner import ClusterConfig, Runner
+    from winnow.pipeline.stages.subset import write_subset
+    from winnow.pipeline.stages.train import TrainConfig, train
 
     from bench_reshard import make_pool
 
@@ -64,7 +64,7 @@ def processes(root: str, args) -> None:
     """The tiny CLIP with 1 and 2 processes, ``args.threads`` torch threads in all (one loader worker each)."""
     from bench_select import PeakRSS
 
-    from pipeline.stages.train import Launch, TrainConfig, train
+    from winnow.pipeline.stages.train import Launch, TrainConfig, train
 
     rows = []
     for n in (1, 2):

@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.core.errors import UserError
+from winnow.pipeline.core.errors import UserError
 
 from .base import Filter
 

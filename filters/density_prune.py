@@ -58,8 +58,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.core import fsio
-from pipeline.core.errors import UserError
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.errors import UserError
 
 from .base import EmbeddingFilter
 
@@ -139,7 +139,7 @@ def budgets(complexity: np.ndarray, sizes: np.ndarray, total: int, temperature: 
 @functools.lru_cache(maxsize=2)
 def _within(path: str) -> np.ndarray:
     """The ``within`` subset's uids (``u8,u8``)."""
-    from pipeline.data.uid import UID_DTYPE
+    from winnow.pipeline.data.uid import UID_DTYPE
 
     uids = fsio.load_npy(path, f"density_prune.within {path}")
     if uids.dtype != UID_DTYPE:
@@ -212,7 +212,7 @@ class DensityPruneFilter(EmbeddingFilter):
 
     def _inside(self, uids: np.ndarray) -> np.ndarray:
         """Which of ``uids`` DBP sees: all, or those of the ``within`` subset."""
-        from pipeline.data.uid import isin_uids
+        from winnow.pipeline.data.uid import isin_uids
 
         return np.ones(len(uids), bool) if not self.within else isin_uids(uids, _within(self.within))
 
@@ -281,7 +281,7 @@ class DensityPruneFilter(EmbeddingFilter):
                     f"{int(budget.min())}..{int(budget.max())} per cluster")
 
     def score(self, part, embeddings):
-        from pipeline.data.uid import uids_to_array
+        from winnow.pipeline.data.uid import uids_to_array
 
         img = self.array(embeddings, "img", len(part))
         if not self.clusters_path:

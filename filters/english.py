@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 
-from pipeline.core.errors import UserError
+from winnow.pipeline.core.errors import UserError
 
 from .base import Filter
 from .caption_words import captions

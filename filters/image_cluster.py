@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.core import fsio
-from pipeline.core.errors import UserError
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.errors import UserError
 
 from .base import EmbeddingFilter
 
@@ -153,7 +153,7 @@ def each_target(path: str, tag: str, rows: int = 65_536):
     """The target image embeddings a block of at most ``rows`` rows at a time (float32, rows without a value
     dropped): an ``.npy`` is read memory-mapped, a ``.pt`` or ``.npz`` file one file at a time, so memory is one
     block (or one such file), never the whole target."""
-    from pipeline.data.parts import load_npz
+    from winnow.pipeline.data.parts import load_npz
 
     for f in target_files(path, tag):
         arr = load_npz(f, tag)["img"] if f.endswith(".npz") else load_matrix(f, f"image_cluster.target {f}", mmap=True)
@@ -172,7 +172,7 @@ def load_target(path: str, tag: str) -> np.ndarray:
 def caption_mask(part, fasttext_model: str = "") -> np.ndarray:
     """DataComp's caption filter for the image-based baseline: fastText English, more than one fastText token,
     more than 5 characters."""
-    from pipeline.data.parts import read_part
+    from winnow.pipeline.data.parts import read_part
 
     from .caption_chars import CaptionCharsFilter
     from .caption_words import CaptionWordsFilter

@@ -66,8 +66,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.core import fsio
-from pipeline.core.errors import UserError
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.errors import UserError
 
 from .base import Filter
 from .caption_words import captions
@@ -237,7 +237,7 @@ class MetaclipFilter(Filter):
         return EnglishFilter(fasttext_model=self.fasttext_model).score(table, {}).to_numpy() == 1
 
     def prepare(self, context: Any) -> None:
-        from pipeline.data.ledger import OK
+        from winnow.pipeline.data.ledger import OK
 
         table = load_entries(self.entries)
         counts = np.zeros(len(table.names), np.int64)
@@ -256,7 +256,7 @@ class MetaclipFilter(Filter):
                     f"{int(np.minimum(counts, t).sum()):,} entry draws expected")
 
     def score(self, part, embeddings):
-        from pipeline.data.uid import uids_to_array
+        from winnow.pipeline.data.uid import uids_to_array
 
         if not self.counts_path:
             raise ValueError("metaclip: prepare() has not run")

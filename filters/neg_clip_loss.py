@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipeline.core.errors import UserError
+from winnow.pipeline.core.errors import UserError
 
 from .base import EmbeddingFilter
 
@@ -128,8 +128,8 @@ class NegClipLossFilter(EmbeddingFilter):
                             f"batch_size ({self.batch_size}) at least 1")
 
     def score(self, part, embeddings):
-        from pipeline.data.uid import uids_to_array
-        from pipeline.models.registry import default_device
+        from winnow.pipeline.data.uid import uids_to_array
+        from winnow.pipeline.models.registry import default_device
 
         img = self.array(embeddings, "img", len(part))
         txt = self.array(embeddings, "txt", len(part))

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.core import fsio
-from pipeline.core.errors import UserError
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.errors import UserError
 
 from .base import EmbeddingFilter
 from .image_cluster import each_target
@@ -131,7 +131,7 @@ class NormSimFilter(EmbeddingFilter):
         out = np.full(len(part), np.nan)
         if valid.any():
             if math.isinf(self.p):
-                from pipeline.models.registry import default_device
+                from winnow.pipeline.models.registry import default_device
 
                 out[valid] = norm_sim_inf(img[valid], _state(self.state_path, True), default_device())
             else:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipeline.core.errors import UserError
+from winnow.pipeline.core.errors import UserError
 
 from .base import EmbeddingFilter
 

@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.core.errors import UserError
+from winnow.pipeline.core.errors import UserError
 
 from .base import Filter
 from .caption_words import captions
@@ -45,7 +45,7 @@ def vocabulary(name: str) -> frozenset[str]:
     if name == "imagenet21k":
         return imagenet21k_words()
     if name == "synthetic":
-        from pipeline.synth.captions import SYNONYMS
+        from winnow.pipeline.synth.captions import SYNONYMS
 
         return frozenset(w for names in SYNONYMS.values() for n in names for w in [n.lower()] if " " not in w)
     if not os.path.isfile(name):

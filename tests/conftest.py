@@ -8,8 +8,8 @@ import tempfile
 import pytest
 from helpers import free_port, tiny_ingest_config, tiny_synth_config
 
-from pipeline.run.runner import ClusterConfig, Runner
-from pipeline.synth.world import build_world
+from winnow.pipeline.run.runner import ClusterConfig, Runner
+from winnow.pipeline.synth.world import build_world
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # The object-store tests' S3 API server (moto, started by tests/test_object_store.py) on a port chosen now, so that
@@ -53,8 +53,8 @@ def local_cluster():
 @pytest.fixture(scope="session")
 def tiny_pool(tiny_world, local_cluster, tmp_path_factory):
     """The tiny world ingested by img2dataset on the LocalCluster (4 shards of 60 rows)."""
-    from pipeline.stages.ingest import ingest
-    from pipeline.synth.server import WebPoolServer
+    from winnow.pipeline.stages.ingest import ingest
+    from winnow.pipeline.synth.server import WebPoolServer
 
     pool = str(tmp_path_factory.mktemp("pool"))
     cfg = tiny_ingest_config()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import socket
 from dataclasses import fields
 
-from pipeline.stages.ingest import IngestConfig
-from pipeline.synth.world import DefectRates, SynthConfig
+from winnow.pipeline.stages.ingest import IngestConfig
+from winnow.pipeline.synth.world import DefectRates, SynthConfig
 
 
 def free_port() -> int:
@@ -38,7 +38,7 @@ def make_pool(path, uids: list[str], captions: list[str] | None = None, shard_id
 
     from PIL import Image
 
-    from pipeline.data import shards
+    from winnow.pipeline.data import shards
 
     rows, images = [], {}
     for i, uid in enumerate(uids):

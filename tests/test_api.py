@@ -38,7 +38,7 @@ def test_readme_example_runs_as_a_script(tmp_path):
 
 def test_unknown_setting_names_the_allowed_ones(tmp_path):
     import winnow
-    from pipeline.core.errors import UserError
+    from winnow.pipeline.core.errors import UserError
 
     with pytest.raises(UserError, match="unknown key 'timout'.*timeout"):
         winnow.ingest(str(tmp_path / "urls.parquet"), str(tmp_path / "pool"), timout=3)
@@ -61,8 +61,8 @@ def test_cli_and_api_agree_for_every_command():
     import typing
 
     import winnow
-    from workflows.cli import COMMANDS, build_parser, options
-    from workflows.settings import RunConfig
+    from winnow.workflows.cli import COMMANDS, build_parser, options
+    from winnow.workflows.settings import RunConfig
 
     assert sorted(winnow.__all__) == sorted([c.name.replace("-", "_") for c in COMMANDS] +
                                             ["cluster", "scores", "uids_hex"])
@@ -101,3 +101,27 @@ def test_cli_and_api_agree_for_every_command():
     assert inspect.signature(winnow.subset).parameters["allow_empty"].default is False
     text = pydoc.render_doc(winnow.ingest)
     assert "timeout: float = 10.0" in text and "allow_hosts" in text
+
+
+def test_a_users_pipeline_py_and_filters_folder_do_not_shadow_winnow(tmp_path):
+    """A notebook's folder holding its own pipeline.py, filters/ and workflows.py: import winnow and a subset
+    still work, because everything Winnow installs lives under the one name winnow."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import pandas as pd
+
+    (tmp_path / "pipeline.py").write_text("raise ImportError('the user pipeline.py was imported')\n")
+    (tmp_path / "filters").mkdir()
+    (tmp_path / "filters" / "__init__.py").write_text("raise ImportError('the user filters/ was imported')\n")
+    (tmp_path / "workflows.py").write_text("raise ImportError('the user workflows.py was imported')\n")
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    pd.DataFrame({"uid": [f"{i:032x}" for i in range(10)], "text": ["a cat"] * 10,
+                  "clip_b32_similarity_score": np.linspace(0.1, 0.4, 10)}).to_parquet(meta / f"{'a' * 32}.parquet")
+    code = ("import winnow\nwith winnow.cluster(scheduler='sync'):\n"
+            "    kept = winnow.subset('clip_b32_threshold', 'meta', 'out', cache='cache')\nprint('kept', len(kept))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "kept 5" in result.stdout  # 0.27, 0.3, 0.33, 0.37 and 0.4 reach the recipe's 0.25

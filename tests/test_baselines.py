@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from filters.english import languages
-from filters.text_match import imagenet21k_words
-from pipeline.data.uid import UID_DTYPE
-from pipeline.stages.subset import subset
+from winnow.filters.english import languages
+from winnow.filters.text_match import imagenet21k_words
+from winnow.pipeline.data.uid import UID_DTYPE
+from winnow.pipeline.stages.subset import subset
 
 CAPTIONS = ["a golden retriever on the beach", "un chien sur la plage avec son maître", "dog", "a b",
             "vintage red dress for sale", "home sweet home sign", "ein Hund im Garten mit Ball", "the\nkitchen table",

@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
-from pipeline.core.budget import OverBudget, cpu_budget
-from pipeline.stages.ingest import _in_flight
+from winnow.pipeline.core.budget import OverBudget, cpu_budget
+from winnow.pipeline.stages.ingest import _in_flight
 
 
 def _spin(seconds: float) -> None:

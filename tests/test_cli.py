@@ -9,7 +9,7 @@ import pytest
 
 
 def winnow(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "winnow.workflows.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=120)
 
 
@@ -112,7 +112,7 @@ def test_a_cluster_whose_workers_die_while_starting_is_one_line(tmp_path):
     urls = tmp_path / "u.parquet"
     pd.DataFrame({"url": ["http://127.0.0.1:9/x.jpg"], "text": ["a"]}).to_parquet(urls)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-m", "workflows.cli", "ingest", str(urls), str(tmp_path / "p"),
+    result = subprocess.run([sys.executable, "-m", "winnow.workflows.cli", "ingest", str(urls), str(tmp_path / "p"),
                              "--workers", "2"], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -122,8 +122,8 @@ def test_a_cluster_whose_workers_die_while_starting_is_one_line(tmp_path):
 def test_serve_binds_loopback_only_whatever_the_world_says(tmp_path):
     assert_user_error(winnow("synth", str(tmp_path / "w"), "--set",
                              "synth.base_url=http://127.0.0.1@0.0.0.0:8123"), "must be a loopback http URL")
-    from pipeline.core.errors import UserError
-    from pipeline.synth.server import WebPoolServer
+    from winnow.pipeline.core.errors import UserError
+    from winnow.pipeline.synth.server import WebPoolServer
 
     site = tmp_path / "world" / "site"
     site.mkdir(parents=True)
@@ -140,7 +140,7 @@ def test_serve_binds_loopback_only_whatever_the_world_says(tmp_path):
 
 def test_help_imports_nothing_heavy():
     """`winnow --help` answers at once: no data library is imported for it (pandas alone costs ~0.25 s)."""
-    code = ("import sys, workflows.cli as c\ntry:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys, winnow.workflows.cli as c\ntry:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('pandas', 'numpy', 'torch', 'dask', 'pyarrow', 'fsspec') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr

@@ -7,12 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.data import shards
-from pipeline.data.parts import load_npz
-from pipeline.stages.embed import EmbedConfig, embed
-from pipeline.stages.reshard import reshard
-from pipeline.stages.subset import subset, write_subset
-from pipeline.data.uid import array_to_uids
+from winnow.pipeline.data import shards
+from winnow.pipeline.data.parts import load_npz
+from winnow.pipeline.stages.embed import EmbedConfig, embed
+from winnow.pipeline.stages.reshard import reshard
+from winnow.pipeline.stages.subset import subset, write_subset
+from winnow.pipeline.data.uid import array_to_uids
 
 pytestmark = pytest.mark.e2e
 TINY = EmbedConfig(model="winnow-tiny-clip", pretrained="", tag="tiny", batch_size=32, decode_threads=2)
@@ -46,7 +46,7 @@ def test_embedding_is_deterministic_and_matches_a_bare_forward_pass(embedded):
     import torch
     from PIL import Image
 
-    from pipeline.models.registry import load
+    from winnow.pipeline.models.registry import load
 
     model, preprocess, _ = load("winnow-tiny-clip", "", seed=0)
     sample = next(shards.iter_tar(shards.paths(embedded["pool"], 0)["tar"]))
@@ -105,8 +105,8 @@ def test_subset_reshard_and_train_with_open_clip_train(embedded, local_cluster, 
     first = next(shards.iter_tar(os.path.join(shard_dir, "00000000.tar")))
     assert first["jpg"] == source[first["__key__"].rsplit("-", 1)[0]]
 
-    from pipeline.models.registry import load
-    from pipeline.stages.train import TrainConfig, train
+    from winnow.pipeline.models.registry import load
+    from winnow.pipeline.stages.train import TrainConfig, train
 
     for arch in ("winnow-tiny-clip", "winnow-tiny-vitamin"):  # a plain ViT and a ViTamin tower
         ckpt = train(shard_dir, str(tmp_path / "logs"), arch, TrainConfig(model=arch, samples_seen=64, batch_size=16,
@@ -115,14 +115,14 @@ def test_subset_reshard_and_train_with_open_clip_train(embedded, local_cluster, 
         start, _, _ = load(arch, "", seed=0)  # the trainer's seed-0 initialisation
         trained = {k: v for k, v in model.state_dict().items() if v.dtype.is_floating_point}
         assert any(not v.equal(start.state_dict()[k]) for k, v in trained.items()), "training changed no weight"
-        from pipeline.stages.evaluate import evaluate
-        from pipeline.tasks import load_tasklist
-        from workflows.settings import demo_config_path
+        from winnow.pipeline.stages.evaluate import evaluate
+        from winnow.pipeline.tasks import load_tasklist
+        from winnow.workflows.settings import demo_config_path
 
         tasks = load_tasklist(str(demo_config_path().parent / "tasks" / "demo.yaml"),
                               {"world": embedded["world"]})
         summary = evaluate(arch, ckpt, tasks, str(tmp_path / "eval" / arch), device="cpu", log=lambda m: None)
-        from pipeline.tasks import Context, run_task
+        from winnow.pipeline.tasks import Context, run_task
 
         direct = run_task(tasks[0], Context(model, *load(arch, ckpt)[1:], device="cpu"))  # the same model, by hand
         assert summary["tasks"]["synthetic-shapes"] == pytest.approx(direct["acc1"], abs=1e-9)
@@ -135,7 +135,7 @@ def test_subset_reshard_and_train_with_open_clip_train(embedded, local_cluster, 
     train(shard_dir, str(tmp_path / "logs"), "pm", TrainConfig(samples_seen=64, batch_size=16, warmup=1,
                                                               patch_mixing=1.0), log=lambda m: None)
     assert "Patch Mixing: p=1.0" in (tmp_path / "logs" / "pm" / "out.log").read_text()
-    from pipeline.core.errors import UserError
+    from winnow.pipeline.core.errors import UserError
     with pytest.raises(UserError, match="exists"):  # open_clip_train would silently skip a reused name
         train(shard_dir, str(tmp_path / "logs"), arch, TrainConfig(model=arch, samples_seen=64, batch_size=16),
               log=lambda m: None)
@@ -181,8 +181,8 @@ def test_datacomp_metadata_is_filtered_as_is(tmp_path, local_cluster):
 
 def test_dfn_training_then_dfn_score_on_the_tiny_pool(embedded, local_cluster, tmp_path):
     """A filtering network trained on the clean set, embedding the pool under tag dfn, feeds the DFN recipes."""
-    from pipeline.stages.dfn import train_dfn
-    from pipeline.stages.train import TrainConfig
+    from winnow.pipeline.stages.dfn import train_dfn
+    from winnow.pipeline.stages.train import TrainConfig
 
     clean = os.path.join(embedded["world"], "clean")
     ckpt = train_dfn(clean, str(tmp_path / "dfn"), "dfn", TrainConfig(samples_seen=48, batch_size=16, warmup=1),

@@ -16,8 +16,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline.synth.datacomp_evalsets import write_evalsets
-from pipeline.tasks import load_tasklist, tasklists_dir
+from winnow.pipeline.synth.datacomp_evalsets import write_evalsets
+from winnow.pipeline.tasks import load_tasklist, tasklists_dir
 
 # aggregate_scores.py's groups (DataComp): the ImageNet shifts, VTAB's 13 and the retrieval tasks
 GROUPS = {"ImageNet dist. shifts": {"ImageNet Sketch", "ImageNet v2", "ImageNet-A", "ImageNet-O", "ImageNet-R",
@@ -43,7 +43,7 @@ def aggregate(results_file: str) -> dict:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A winnow-tiny-clip checkpoint in a run folder whose manifest names the model."""
-    from pipeline.models.registry import load
+    from winnow.pipeline.models.registry import load
 
     run = tmp_path_factory.mktemp("run")
     (run / "checkpoints").mkdir()
@@ -54,7 +54,7 @@ def checkpoint(tmp_path_factory):
 
 
 def winnow(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "winnow.workflows.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -131,8 +131,8 @@ def test_a_folder_with_some_eval_sets_runs_those_and_names_the_rest(checkpoint, 
 
 
 def test_datacomps_protocol_4_centroids_load_and_other_objects_do_not(tmp_path):
-    from filters.image_cluster import load_matrix
-    from pipeline.core.errors import UserError
+    from winnow.filters.image_cluster import load_matrix
+    from winnow.pipeline.core.errors import UserError
 
     centroids = np.random.default_rng(0).random((7, 4)).astype(np.float32)
     torch.save(centroids, tmp_path / "centroids.pt", pickle_protocol=4)  # as image_based_clustering.py saves

@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.core.errors import UserError
-from pipeline.stages.dedup import DedupConfig, dedup, dropped_uids, read_table
-from pipeline.stages.dedup_tasks import best_earlier, components, group_rows, keep_order, normalize
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.stages.dedup import DedupConfig, dedup, dropped_uids, read_table
+from winnow.pipeline.stages.dedup_tasks import best_earlier, components, group_rows, keep_order, normalize
 
 
 def planted(n=3000, d=64, copies=200, seed=0):
@@ -102,7 +102,7 @@ def test_exclude_duplicates_rule_drops_the_non_kept_members():
 
 
 def test_exclude_duplicates_rule_is_validated():
-    from pipeline.stages.subset import load_recipe
+    from winnow.pipeline.stages.subset import load_recipe
 
     with pytest.raises(UserError, match="exclude_duplicates takes table, kinds"):
         load_recipe({"name": "x", "select": [{"exclude_duplicates": {"table": "t.parquet"}}]})

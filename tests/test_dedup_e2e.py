@@ -6,14 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.models.copydetect import MODEL_NAME
-from pipeline.stages.copy_descriptor import CopyDescriptorConfig, train_descriptor
-from pipeline.stages.dedup import DedupConfig, dedup, read_table
-from pipeline.stages.embed import EmbedConfig, embed
-from pipeline.run.runner import ClusterConfig, Runner
-from pipeline.stages.subset import load_recipe, subset
-from pipeline.synth.truth import dedup_check
-from pipeline.data.uid import array_to_uids
+from winnow.pipeline.models.copydetect import MODEL_NAME
+from winnow.pipeline.stages.copy_descriptor import CopyDescriptorConfig, train_descriptor
+from winnow.pipeline.stages.dedup import DedupConfig, dedup, read_table
+from winnow.pipeline.stages.embed import EmbedConfig, embed
+from winnow.pipeline.run.runner import ClusterConfig, Runner
+from winnow.pipeline.stages.subset import load_recipe, subset
+from winnow.pipeline.synth.truth import dedup_check
+from winnow.pipeline.data.uid import array_to_uids
 
 pytestmark = pytest.mark.e2e
 # the demo's documented thresholds (manifests/demo.yaml)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from workflows.report import format_table, results_table, robustness_table
+from winnow.workflows.report import format_table, results_table, robustness_table
 
 TASKS = ["shapes", "retrieval"]
 
@@ -42,10 +42,10 @@ def test_main_table_averages_only_its_tasks_and_robustness_has_its_own():
 
 
 def test_a_step_whose_stages_are_up_to_date_is_marked_reused(tmp_path):
-    from pipeline.core import fsio
-    from pipeline.run.stage import Stage
-    from workflows.demo import Timings
-    from workflows.report import timing_text
+    from winnow.pipeline.core import fsio
+    from winnow.pipeline.run.stage import Stage
+    from winnow.workflows.demo import Timings
+    from winnow.workflows.report import timing_text
 
     timings = Timings(str(tmp_path))
 

@@ -11,14 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import filters.density_prune as dp
-from filters import build
-from pipeline.core.errors import UserError
-from pipeline.data.parts import list_parts
-from pipeline.data.uid import UID_DTYPE
-from pipeline.run.runner import ClusterConfig, Runner
-from pipeline.select.score import PoolContext
-from pipeline.stages.subset import subset
+import winnow.filters.density_prune as dp
+from winnow.filters import build
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.parts import list_parts
+from winnow.pipeline.data.uid import UID_DTYPE
+from winnow.pipeline.run.runner import ClusterConfig, Runner
+from winnow.pipeline.select.score import PoolContext
+from winnow.pipeline.stages.subset import subset
 
 QUIET = dict(log=lambda m: None)
 

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.data.evalsets import read_triplets
-from pipeline.evalsets import dist
-from pipeline.tasks import odd_one_out
+from winnow.pipeline.data.evalsets import read_triplets
+from winnow.pipeline.evalsets import dist
+from winnow.pipeline.tasks import odd_one_out
 
 
 def test_histogram_and_colour_matching_give_the_source_values_exactly():
@@ -52,9 +52,9 @@ def test_texture_network_is_fixed_by_its_seed_and_sized_to_the_image():
 @pytest.fixture(scope="module")
 def demo_dist(tmp_path_factory):  # minutes of L-BFGS on 2 cores: its tests get a long hang guard (900 s)
     """The demo's DiST set: the demo world's evaluation images (rendered alone) through the demo's settings."""
-    from pipeline.run.runner import ClusterConfig, Runner
-    from pipeline.synth.world import build_world
-    from workflows.settings import load
+    from winnow.pipeline.run.runner import ClusterConfig, Runner
+    from winnow.pipeline.synth.world import build_world
+    from winnow.workflows.settings import load
 
     cfg = load(None, [])
     synth = replace(cfg.synth, n_pool=12, n_clean=1)  # the evaluation set does not depend on the pool size
@@ -120,8 +120,8 @@ def test_reference_models_score_near_chance_on_the_demo_set(demo_dist):
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_build_is_deterministic_and_evaluates_as_a_task(demo_dist, tmp_path):
-    from pipeline.stages.evaluate import evaluate
-    from pipeline.tasks import load_tasklist
+    from winnow.pipeline.stages.evaluate import evaluate
+    from winnow.pipeline.tasks import load_tasklist
 
     cfg = replace(demo_dist["cfg"], per_class=1, steps=20, retries=0)
     source = os.path.join(demo_dist["world"], "eval")

@@ -17,11 +17,11 @@ import pytest
 import torch
 from helpers import make_pool
 
-from pipeline.core.errors import UserError
-from pipeline.run.runner import ClusterConfig, Runner
-from pipeline.stages.reshard import reshard
-from pipeline.stages.subset import write_subset
-from pipeline.stages.train import Launch, TrainConfig, train
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.run.runner import ClusterConfig, Runner
+from winnow.pipeline.stages.reshard import reshard
+from winnow.pipeline.stages.subset import write_subset
+from winnow.pipeline.stages.train import Launch, TrainConfig, train
 
 pytestmark = pytest.mark.e2e
 
@@ -66,7 +66,7 @@ def test_two_processes_keep_the_global_batch_and_repeat_their_weights(shards, tm
     one = train(shards, str(tmp_path), "one", TINY, log=lambda m: None)
     assert not _same(_weights(first), _weights(one))  # other ranks draw other batches
 
-    from pipeline.models.registry import load
+    from winnow.pipeline.models.registry import load
 
     net, _, _ = load("", first)  # the checkpoint loads as the model its run recorded
     assert sum(p.numel() for p in net.parameters()) > 0
@@ -84,8 +84,8 @@ def test_a_rank_that_dies_is_named_in_one_line_and_resume_finishes_the_run(shard
     line naming it; --resume continues from that checkpoint and ends with the weights of an uninterrupted run."""
     cfg = replace(TWO, samples_seen=2048)  # 64 steps in 2 epochs: seconds to act between the two checkpoints
     logs = str(tmp_path / "logs")
-    code = (f"import sys\nfrom pipeline.stages.train import Launch, TrainConfig, train\n"
-            f"from pipeline.core.errors import RunFailed\ntry:\n"
+    code = (f"import sys\nfrom winnow.pipeline.stages.train import Launch, TrainConfig, train\n"
+            f"from winnow.pipeline.core.errors import RunFailed\ntry:\n"
             f"    train({shards!r}, {logs!r}, 'cut', TrainConfig(**{asdict(cfg)!r}), launch=Launch(2), "
             f"log=lambda m: None)\nexcept RunFailed as exc:\n    print('FAILED', exc)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -94,7 +94,7 @@ def test_a_rank_that_dies_is_named_in_one_line_and_resume_finishes_the_run(shard
     while not os.path.exists(first) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if "pipeline.training.train_entry" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+               if "winnow.pipeline.training.train_entry" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
     assert victims, "rank 1 was not found"
     victims[0].send_signal(signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)

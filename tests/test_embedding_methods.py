@@ -9,14 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from filters import build
-from filters.neg_clip_loss import NegClipLossFilter, draw_batches, normaliser
-from filters.norm_sim import norm_sim_inf
-from pipeline.core.errors import UserError
-from pipeline.data.parts import list_parts
-from pipeline.data.uid import UID_DTYPE, uids_to_array
-from pipeline.select.score import PoolContext
-from pipeline.stages.subset import subset
+from winnow.filters import build
+from winnow.filters.neg_clip_loss import NegClipLossFilter, draw_batches, normaliser
+from winnow.filters.norm_sim import norm_sim_inf
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.parts import list_parts
+from winnow.pipeline.data.uid import UID_DTYPE, uids_to_array
+from winnow.pipeline.select.score import PoolContext
+from winnow.pipeline.stages.subset import subset
 
 QUIET = lambda m: None  # noqa: E731
 
@@ -184,7 +184,7 @@ def test_norm_sim_inf_reads_the_target_in_chunks(tmp_path):
 def test_norm_sim_reads_a_target_folder_block_by_block_and_drops_rows_without_a_value(tmp_path):
     """A target of several files (an .npy and an .npz) is read a block at a time; the scores equal those of the
     whole target held at once, and rows with a NaN are left out."""
-    from filters.image_cluster import each_target
+    from winnow.filters.image_cluster import each_target
 
     rng = np.random.default_rng(5)
     x, target = _unit(rng.normal(size=(9, 6))), _unit(rng.normal(size=(23, 6))).astype(np.float32)

@@ -17,17 +17,17 @@ import pytest
 import yaml
 from helpers import make_pool
 
-from pipeline.core.config import substitute
-from pipeline.core.errors import UserError
-from pipeline.data import manifest
-from workflows import cli
+from winnow.pipeline.core.config import substitute
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data import manifest
+from winnow.workflows import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UIDS = [f"{i:032x}" for i in range(1, 7)]
 
 
 def winnow(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "winnow.workflows.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
 
@@ -69,9 +69,9 @@ def not_runnable(text: str, command: str | None = None) -> list[str]:
 @pytest.mark.e2e
 def test_a_user_error_raised_in_a_dask_task_comes_back_as_that_error():
     script = """
-from pipeline.core.errors import UserError
-from pipeline.run.runner import ClusterConfig, Runner, TaskFailed
-from pipeline.stages.embed import EmbedTask, embed_shard
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.run.runner import ClusterConfig, Runner, TaskFailed
+from winnow.pipeline.stages.embed import EmbedTask, embed_shard
 
 with Runner(ClusterConfig(n_workers=1, retries=1), log=lambda m: None) as runner:
     try:
@@ -149,10 +149,10 @@ def test_a_run_that_committed_a_task_or_is_still_going_still_refuses(tmp_path, d
 
 @pytest.mark.e2e
 def test_an_ingest_killed_before_any_shard_does_not_block_the_corrected_command(tiny_world, tmp_path):
-    from pipeline.synth.hostile import HostileServer
-    from pipeline.synth.server import WebPoolServer
+    from winnow.pipeline.synth.hostile import HostileServer
+    from winnow.pipeline.synth.server import WebPoolServer
 
-    from pipeline.synth.world import read_truth
+    from winnow.pipeline.synth.world import read_truth
 
     truth = read_truth(tiny_world["path"])
     rows = pd.read_parquet(os.path.join(tiny_world["path"], "urls.parquet"))
@@ -163,7 +163,7 @@ def test_an_ingest_killed_before_any_shard_does_not_block_the_corrected_command(
         rows.loc[0, "url"] = f"{hold.url}/hold"
         rows.to_parquet(tmp_path / "urls.parquet")
         urls = str(tmp_path / "urls.parquet")
-        proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "ingest", urls, pool, "--shard-size", "10",
+        proc = subprocess.Popen([sys.executable, "-m", "winnow.workflows.cli", "ingest", urls, pool, "--shard-size", "10",
                                  *common], start_new_session=True, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, cwd=ROOT)
         try:
@@ -187,7 +187,7 @@ def pool(tmp_path):
 
 
 def test_another_recipe_in_a_subset_folder_is_refused_before_scoring(pool, tmp_path):
-    from pipeline.select.score import cache_root
+    from winnow.pipeline.select.score import cache_root
 
     out = str(tmp_path / "sub")
     assert winnow("subset", "no_filter", "--pool", pool, "--out", out, "--scheduler", "sync").returncode == 0
@@ -321,7 +321,7 @@ def test_ingest_flags_set_their_img2dataset_settings(capsys):
 
 # ------------------------------------------------------------------------------------ 8. the recipe grammar
 def test_the_recipe_example_in_the_formats_readme_is_a_valid_recipe():
-    from pipeline.stages.subset import RULES, load_recipe
+    from winnow.pipeline.stages.subset import RULES, load_recipe
 
     text = open(os.path.join(ROOT, "manifests", "README.md")).read()
     section = text.split("## Subset recipe", 1)[1].split("\n## ", 1)[0]
@@ -339,7 +339,7 @@ def test_a_long_shard_prints_rows_done_while_it_downloads(tmp_path):
     rows done appear while it runs; meanwhile a consumer of the pool is told the ingest is still running."""
     from PIL import Image
 
-    from pipeline.synth.server import WebPoolServer
+    from winnow.pipeline.synth.server import WebPoolServer
 
     site = tmp_path / "world" / "site"
     site.mkdir(parents=True)
@@ -353,7 +353,7 @@ def test_a_long_shard_prints_rows_done_while_it_downloads(tmp_path):
         pd.DataFrame({"url": [f"{server.url}/{i}.jpg" for i in range(40)],
                       "text": [f"red square {i}" for i in range(40)]}).to_parquet(tmp_path / "urls.parquet")
         log = open(tmp_path / "ingest.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "ingest", str(tmp_path / "urls.parquet"),
+        proc = subprocess.Popen([sys.executable, "-m", "winnow.workflows.cli", "ingest", str(tmp_path / "urls.parquet"),
                                  pool, "--shard-size", "40", "--thread-count", "1", "--allow-hosts", "127.0.0.1",
                                  "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 cwd=ROOT)
@@ -378,7 +378,7 @@ def test_a_pretrained_tag_offline_fails_at_once_naming_the_offline_choices(tmp_p
     pool = make_pool(tmp_path / "pool", UIDS)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "c"))
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "workflows.cli", "embed", pool, "--model", "ViT-B-32",
+    result = subprocess.run([sys.executable, "-m", "winnow.workflows.cli", "embed", pool, "--model", "ViT-B-32",
                              "--pretrained", "datacomp_xl_s13b_b90k", "--scheduler", "sync"],
                             capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     line = one_line(result, 2, "not in the local cache", "cannot be reached", "winnow-tiny-clip")
@@ -390,7 +390,7 @@ def test_a_pretrained_tag_offline_fails_at_once_naming_the_offline_choices(tmp_p
 def test_a_checkpoint_is_loaded_as_the_model_its_run_recorded(tmp_path):
     import torch
 
-    from pipeline.models.registry import load
+    from winnow.pipeline.models.registry import load
 
     run = tmp_path / "runs" / "basic-seed0"
     (run / "checkpoints").mkdir(parents=True)
@@ -410,7 +410,7 @@ def test_a_checkpoint_is_loaded_as_the_model_its_run_recorded(tmp_path):
 
 @pytest.mark.e2e
 def test_an_ingest_refused_by_the_url_policy_names_allow_hosts_and_the_rerun_names_what_differs(tmp_path):
-    from pipeline.synth.hostile import HostileServer
+    from winnow.pipeline.synth.hostile import HostileServer
 
     with HostileServer() as server:
         urls = tmp_path / "urls.parquet"
@@ -427,8 +427,8 @@ def test_an_ingest_refused_by_the_url_policy_names_allow_hosts_and_the_rerun_nam
 
 def test_near_misses_get_a_did_you_mean():
     import winnow
-    from pipeline.stages.subset import load_recipe
-    from pipeline.tasks import load_tasklist
+    from winnow.pipeline.stages.subset import load_recipe
+    from winnow.pipeline.tasks import load_tasklist
 
     with pytest.raises(UserError, match="recipe 'clip_l14_30pc' not found; did you mean clip_l14_30pct\\?"):
         load_recipe("clip_l14_30pc")

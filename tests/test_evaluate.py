@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.core.errors import UserError
-from pipeline.data.evalsets import read_evalset
-from pipeline.tasks import Context, Task, load_tasklist, run_task
-from pipeline.tasks.retrieval import metrics as retrieval_metrics
-from pipeline.tasks.zeroshot import metrics as zeroshot_metrics
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.evalsets import read_evalset
+from winnow.pipeline.tasks import Context, Task, load_tasklist, run_task
+from winnow.pipeline.tasks.retrieval import metrics as retrieval_metrics
+from winnow.pipeline.tasks.zeroshot import metrics as zeroshot_metrics
 
 
 def test_zeroshot_metrics_are_exact():
@@ -106,7 +106,7 @@ def test_tasklist_validation(tmp_path):
         load_tasklist(str(bad))
     with pytest.raises(UserError, match="not found"):
         load_tasklist(str(tmp_path / "missing.yaml"))
-    from workflows.settings import demo_config_path
+    from winnow.workflows.settings import demo_config_path
 
     tasks = load_tasklist(str(demo_config_path().parent / "tasks" / "demo.yaml"), {"world": "/w"})
     assert [t.kind for t in tasks] == ["zeroshot_classification", "retrieval"] and tasks[0].data == "/w/eval"
@@ -116,9 +116,9 @@ def test_tasklist_validation(tmp_path):
 def test_evaluate_a_tiny_checkpoint_on_the_synthetic_eval_set(tiny_world, tmp_path):
     import torch
 
-    from pipeline.stages.evaluate import evaluate
-    from pipeline.models.registry import load
-    from workflows.settings import demo_config_path
+    from winnow.pipeline.stages.evaluate import evaluate
+    from winnow.pipeline.models.registry import load
+    from winnow.workflows.settings import demo_config_path
 
     model, _, _ = load("winnow-tiny-clip", "", seed=3)
     ckpt = tmp_path / "epoch_1.pt"

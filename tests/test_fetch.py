@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.core.errors import UserError
-from pipeline.web.fetch import FetchError, FetchLimits, UrlPolicy, address_kind, fetch, parse_url
-from pipeline.data.images import open_rgb, reencode_high_depth
-from pipeline.stages.ingest import IngestConfig, check_input, split_input
-from pipeline.synth.hostile import HostileServer, images
-from pipeline.data.uid import DuplicateFinder, uids_to_array
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.web.fetch import FetchError, FetchLimits, UrlPolicy, address_kind, fetch, parse_url
+from winnow.pipeline.data.images import open_rgb, reencode_high_depth
+from winnow.pipeline.stages.ingest import IngestConfig, check_input, split_input
+from winnow.pipeline.synth.hostile import HostileServer, images
+from winnow.pipeline.data.uid import DuplicateFinder, uids_to_array
 
 LIMITS = FetchLimits(timeout=10, deadline=20, max_bytes=16 << 20, retries=2, max_redirects=5)
 

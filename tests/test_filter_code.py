@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from filters import EmbeddingFilter, code_version
-from pipeline.select.score import score
+from winnow.filters import EmbeddingFilter, code_version
+from winnow.pipeline.select.score import score
 
 
 def metadata(folder, rows: int = 30) -> None:
@@ -72,7 +72,7 @@ def test_cached_scores_follow_the_filters_code_and_the_npz_files(tmp_path, monke
             from dataclasses import dataclass
             import numpy as np
             import pandas as pd
-            from filters import EmbeddingFilter
+            from winnow.filters import EmbeddingFilter
 
             @dataclass
             class MyNorm(EmbeddingFilter):

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from filters import REGISTRY, build
-from pipeline.core.errors import UserError
+from winnow.filters import REGISTRY, build
+from winnow.pipeline.core.errors import UserError
 
 TAG = "t"
 
@@ -100,7 +100,7 @@ def test_missing_embeddings_name_the_fix(tmp_path):
 
 
 def test_basic_filter_boundaries():
-    from pipeline.stages.subset import Rows, apply, load_recipe
+    from winnow.pipeline.stages.subset import Rows, apply, load_recipe
 
     table = pd.DataFrame({
         "uid": [f"{i:032x}" for i in range(8)], "state": "ok",
@@ -126,7 +126,7 @@ def test_english_filter_is_fasttext_lid176_offline_with_numpy_2():
     replaced by spaces; batched prediction equals one-by-one prediction; numpy 2 does not crash it."""
     import fasttext_pybind
 
-    from filters.english import languages, shipped_model
+    from winnow.filters.english import languages, shipped_model
 
     assert int(np.__version__.split(".")[0]) >= 2  # the environment this must work in (fasttext-wheel crashes)
     captions = ["a photo of a red star", "una foto de un círculo rojo con rayas", "ein Foto von einem roten Kreis",
@@ -203,8 +203,8 @@ def test_text_match_counts_vocabulary_words():
 
 def test_pool_context_samples_part_by_part_with_a_bound(tmp_path):
     """prepare() sees at most about max_rows embeddings, drawn from a seed; all finite rows when the pool is small."""
-    from pipeline.data.parts import list_parts
-    from pipeline.select.score import PoolContext
+    from winnow.pipeline.data.parts import list_parts
+    from winnow.pipeline.select.score import PoolContext
 
     rng = np.random.default_rng(0)
     rows = []

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.ledger import STATES
-from pipeline.web.fetch import FetchError, FetchLimits, UrlPolicy, fetch
+from winnow.pipeline.data.ledger import STATES
+from winnow.pipeline.web.fetch import FetchError, FetchLimits, UrlPolicy, fetch
 
 SECRET = "FUZZ-SECRET-7731"
 CASES = 300
@@ -119,7 +119,7 @@ def test_damaged_images_end_as_one_state_and_never_raise():
     from img2dataset.resizer import Resizer  # noqa: F401 - imported the way the download process does
     import exifread
 
-    from pipeline.web.ingest_child import _img2dataset, _prepare
+    from winnow.pipeline.web.ingest_child import _img2dataset, _prepare
 
     _, resizer_module = _img2dataset()
     resizer = resizer_module.Resizer(image_size=32, resize_mode="keep_ratio_largest", resize_only_if_bigger=True,

@@ -22,9 +22,9 @@ def _pool(tmp_path, n: int = 96) -> str:
 
 
 def test_embed_on_cuda_matches_the_cpu(tmp_path):
-    from pipeline.data import shards
-    from pipeline.run.runner import ClusterConfig, Runner
-    from pipeline.stages.embed import EmbedConfig, embed
+    from winnow.pipeline.data import shards
+    from winnow.pipeline.run.runner import ClusterConfig, Runner
+    from winnow.pipeline.stages.embed import EmbedConfig, embed
 
     pool = _pool(tmp_path)
     with Runner(ClusterConfig(scheduler="sync"), log=lambda m: None) as runner:
@@ -39,8 +39,8 @@ def test_embed_on_cuda_matches_the_cpu(tmp_path):
 
 
 def test_negcliploss_and_normsim_on_cuda_match_the_cpu():
-    from filters.neg_clip_loss import draw_batches, normaliser
-    from filters.norm_sim import norm_sim_inf
+    from winnow.filters.neg_clip_loss import draw_batches, normaliser
+    from winnow.filters.norm_sim import norm_sim_inf
 
     rng = np.random.default_rng(0)
     img, txt = rng.standard_normal((500, 64)).astype(np.float32), rng.standard_normal((500, 64)).astype(np.float32)
@@ -56,12 +56,12 @@ def test_negcliploss_and_normsim_on_cuda_match_the_cpu():
 
 
 def _data(tmp_path) -> str:
-    from pipeline.run.runner import ClusterConfig, Runner
-    from pipeline.stages.reshard import reshard
-    from pipeline.stages.subset import write_subset
+    from winnow.pipeline.run.runner import ClusterConfig, Runner
+    from winnow.pipeline.stages.reshard import reshard
+    from winnow.pipeline.stages.subset import write_subset
 
     pool = _pool(tmp_path, 300)
-    from pipeline.data import shards
+    from winnow.pipeline.data import shards
 
     uids = list(shards.read_table(pool, 0)["uid"])
     write_subset(str(tmp_path / "sub"), uids, {})
@@ -72,10 +72,10 @@ def _data(tmp_path) -> str:
 
 
 def test_training_on_cuda_and_its_evaluation_matches_the_cpus(tmp_path):
-    from pipeline.stages.evaluate import evaluate
-    from pipeline.stages.train import Launch, TrainConfig, train
-    from pipeline.synth.datacomp_evalsets import write_evalsets
-    from pipeline.tasks import load_tasklist
+    from winnow.pipeline.stages.evaluate import evaluate
+    from winnow.pipeline.stages.train import Launch, TrainConfig, train
+    from winnow.pipeline.synth.datacomp_evalsets import write_evalsets
+    from winnow.pipeline.tasks import load_tasklist
 
     data = _data(tmp_path)
     cfg = TrainConfig(samples_seen=512, batch_size=32, warmup=2, epochs=1, seed=0, precision="fp32")

@@ -16,10 +16,10 @@ import pytest
 from helpers import tiny_ingest_config
 from PIL import Image
 
-from pipeline.data import shards
-from pipeline.stages.ingest import ingest
-from pipeline.run.runner import ClusterConfig, Runner
-from pipeline.synth.hostile import SECRET, Canary, HostileServer, hostile_rows
+from winnow.pipeline.data import shards
+from winnow.pipeline.stages.ingest import ingest
+from winnow.pipeline.run.runner import ClusterConfig, Runner
+from winnow.pipeline.synth.hostile import SECRET, Canary, HostileServer, hostile_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -152,7 +152,7 @@ def test_a_killed_download_process_loses_only_its_rows_in_flight(tmp_path):
                     if {f"-{i}" for i in range(6)} <= set(f.read().split()):
                         break
                 time.sleep(0.05)
-            for proc in _children("pipeline.web.ingest_child"):
+            for proc in _children("winnow.pipeline.web.ingest_child"):
                 proc.kill()
                 killed.append(proc.pid)
             server.release.set()

@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 import webdataset as wds
 
-from pipeline.data import shards
-from pipeline.stages.ingest import ingest
-from pipeline.data.ledger import STATES
-from pipeline.data.manifest import read_manifest
-from pipeline.data.pool import ledger, read_states
-from pipeline.synth.server import WebPoolServer
-from pipeline.synth.world import expected_state, read_truth
+from winnow.pipeline.data import shards
+from winnow.pipeline.stages.ingest import ingest
+from winnow.pipeline.data.ledger import STATES
+from winnow.pipeline.data.manifest import read_manifest
+from winnow.pipeline.data.pool import ledger, read_states
+from winnow.pipeline.synth.server import WebPoolServer
+from winnow.pipeline.synth.world import expected_state, read_truth
 
 from helpers import tiny_ingest_config
 
@@ -86,7 +86,7 @@ def test_manifest_records_provenance_and_a_rerun_is_skipped(ingested, local_clus
 
 
 def test_uids_are_derived_when_the_input_has_none(tmp_path, tiny_world, local_cluster):
-    from pipeline.data.uid import derive_uid
+    from winnow.pipeline.data.uid import derive_uid
 
     urls = pd.read_parquet(os.path.join(tiny_world["path"], "urls.parquet")).iloc[:20]
     truth = read_truth(tiny_world["path"]).set_index("uid")
@@ -133,7 +133,7 @@ def test_same_command_runs_on_an_existing_scheduler(tmp_path, tiny_world):
     pool = tmp_path / "pool"
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             WebPoolServer(tiny_world["path"], port=tiny_world["port"]):
-        result = subprocess.run([sys.executable, "-m", "workflows.cli", "ingest", str(tmp_path / "urls.parquet"),
+        result = subprocess.run([sys.executable, "-m", "winnow.workflows.cli", "ingest", str(tmp_path / "urls.parquet"),
                                  str(pool), "--scheduler", cluster.scheduler_address, "--set", "ingest.timeout=5",
                                  "--set", "ingest.deadline=10", "--set", "ingest.stall_seconds=30",
                                  "--set", "ingest.allow_hosts=[127.0.0.1]"], capture_output=True, text=True, timeout=240)

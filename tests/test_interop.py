@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from test_tasks import COLOURS, ColourModel, png, preprocess, tokenizer, write_set
 
-from pipeline.core.errors import UserError
-from pipeline.tasks import Context, Task, average_of, load_tasklist, run_task_samples, samples_path
-from pipeline.tasks.retrieval import hits, metrics as retrieval_metrics, per_image
-from pipeline.tasks.zeroshot import metrics as zeroshot_metrics, per_image as zeroshot_per_image
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.tasks import Context, Task, average_of, load_tasklist, run_task_samples, samples_path
+from winnow.pipeline.tasks.retrieval import hits, metrics as retrieval_metrics, per_image
+from winnow.pipeline.tasks.zeroshot import metrics as zeroshot_metrics, per_image as zeroshot_per_image
 
 # DataComp's tasklist.yml shape (keys, fields, document markers); entries copied in kind, not in full
 DATACOMP_TASKLIST = """---
@@ -215,7 +215,7 @@ def datacomp_resume(tasklist, results_file):
 def test_datacomp_tasklist_evaluates_into_rows_datacomps_readers_read(tmp_path, capsys):
     import yaml
 
-    from workflows.cli import main
+    from winnow.workflows.cli import main
 
     (tmp_path / "tasklist.yml").write_text(DATACOMP_TASKLIST)
     datacomp_data(str(tmp_path / "data"))

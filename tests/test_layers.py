@@ -14,26 +14,32 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYERS = ["pipeline.core", "pipeline.data", "pipeline.web", "pipeline.run", "pipeline.models", "pipeline.tasks",
-          "pipeline.evalsets", "pipeline.synth", "pipeline.training", "filters", "pipeline.select", "pipeline.stages",
-          "workflows"]
-PACKAGES = ("pipeline", "filters", "workflows", "manifests")
+LAYERS = [f"winnow.{name}" for name in (
+    "pipeline.core", "pipeline.data", "pipeline.web", "pipeline.run", "pipeline.models", "pipeline.tasks",
+    "pipeline.evalsets", "pipeline.synth", "pipeline.training", "filters", "pipeline.select", "pipeline.stages",
+    "workflows")]
+PACKAGES = ("pipeline", "filters", "workflows", "manifests")  # folders, installed as winnow.<folder>
 
 
 def modules() -> dict[str, str]:
-    """Module name -> file, for every module of the project's packages."""
+    """Module name -> file, for every module of the project's packages (``workflows/api`` is ``winnow`` itself)."""
     out = {}
     for package in PACKAGES:
         for folder, _, files in os.walk(os.path.join(ROOT, package)):
             for f in files:
                 if f.endswith(".py"):
                     rel = os.path.relpath(os.path.join(folder, f), ROOT)[:-3].replace(os.sep, ".")
+                    rel = "winnow" + rel.removeprefix("workflows.api") if rel.startswith("workflows.api") else \
+                        f"winnow.{rel}"
                     out[rel.removesuffix(".__init__")] = os.path.join(folder, f)
     return out
 
 
 def layer(module: str) -> int:
-    """Index of the module's layer; the bare packages (``pipeline``: the version; ``manifests``: data) are 0."""
+    """Index of the module's layer; the bare packages (``pipeline``: the version; ``manifests``: data) are 0,
+    ``winnow`` itself (the Python API, an entry point) is the top layer's."""
+    if module == "winnow":
+        return len(LAYERS) - 1
     for i, prefix in reversed(list(enumerate(LAYERS))):
         if module == prefix or module.startswith(prefix + "."):
             return i
@@ -119,9 +125,10 @@ def test_there_is_no_import_cycle(graph):
 
 def test_the_checks_catch_what_they_are_for():
     """The graph code itself: an upward edge and a cycle in a made-up graph are found."""
-    edges = {"pipeline.core.a": {"pipeline.stages.b"}, "pipeline.stages.b": {"pipeline.stages.c"},
-             "pipeline.stages.c": {"pipeline.stages.b"}}
-    assert layer("pipeline.stages.b") > layer("pipeline.core.a")
-    assert cycles(edges) == [["pipeline.stages.b", "pipeline.stages.c"]]
+    edges = {"winnow.pipeline.core.a": {"winnow.pipeline.stages.b"},
+             "winnow.pipeline.stages.b": {"winnow.pipeline.stages.c"},
+             "winnow.pipeline.stages.c": {"winnow.pipeline.stages.b"}}
+    assert layer("winnow.pipeline.stages.b") > layer("winnow.pipeline.core.a")
+    assert cycles(edges) == [["winnow.pipeline.stages.b", "winnow.pipeline.stages.c"]]
     known = modules()
-    assert "pipeline.stages.ingest" in known and "workflows.cli" in known and "filters.clip" in known
+    assert "winnow.pipeline.stages.ingest" in known and "winnow.workflows.cli" in known and "winnow.filters.clip" in known

@@ -3,9 +3,9 @@ import io
 import pytest
 from PIL import Image
 
-from pipeline.data.images import inspect_image, open_rgb
-from pipeline.data.ledger import STATES, classify, format_counts
-from pipeline.synth.render import bomb_png
+from winnow.pipeline.data.images import inspect_image, open_rgb
+from winnow.pipeline.data.ledger import STATES, classify, format_counts
+from winnow.pipeline.synth.render import bomb_png
 
 
 @pytest.mark.parametrize("status, message, state", [

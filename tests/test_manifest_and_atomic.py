@@ -2,9 +2,9 @@ import os
 
 import pytest
 
-from pipeline.core import fsio
-from pipeline.core.errors import UserError
-from pipeline.data.manifest import MANIFEST, RUN, StageRun, describe_inputs
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.manifest import MANIFEST, RUN, StageRun, describe_inputs
 
 
 def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):
@@ -67,7 +67,7 @@ def test_a_live_run_holds_its_folder_and_a_dead_ones_lock_is_taken_over(tmp_path
     import signal
 
     out = str(tmp_path / "out")
-    holder = _child(f"from pipeline.data.manifest import StageRun\n"
+    holder = _child(f"from winnow.pipeline.data.manifest import StageRun\n"
                     f"StageRun('ingest', {out!r}, params={{'x': 1}}).open()\n"
                     f"print('held', flush=True)\nimport time\ntime.sleep(600)\n")
     try:
@@ -89,12 +89,12 @@ def test_a_rerun_removes_what_killed_writers_left_and_keeps_what_live_ones_write
     import signal
     import tempfile
 
-    from pipeline.run.stage import Stage
+    from winnow.pipeline.run.stage import Stage
 
     out = tmp_path / "shards"
     out.mkdir()
     (out / "_run.json").write_text('{"stage": "reshard", "params": {}, "inputs": []}')
-    killed = _child(f"import os, signal\nfrom pipeline.core import fsio\n"
+    killed = _child(f"import os, signal\nfrom winnow.pipeline.core import fsio\n"
                     f"staging = fsio.scratch_dir('work')\nprint(staging, flush=True)\n"
                     f"with fsio.atomic_open({str(out / '00000002.tar')!r}, 'wb') as f:\n"
                     f"    f.write(b'x' * 1000); f.flush()\n    os.kill(os.getpid(), signal.SIGKILL)\n")

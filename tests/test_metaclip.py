@@ -12,11 +12,11 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-import filters.metaclip as mc
-from filters.english import languages
-from pipeline.core.errors import UserError
-from pipeline.data.uid import UID_DTYPE
-from pipeline.stages.subset import subset
+import winnow.filters.metaclip as mc
+from winnow.filters.english import languages
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.uid import UID_DTYPE
+from winnow.pipeline.stages.subset import subset
 
 QUIET = dict(log=lambda m: None)
 MARKS = ",.;:?!`"

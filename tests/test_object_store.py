@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from helpers import free_port, tiny_ingest_config
 
-from pipeline.core import fsio
-from pipeline.data import shards
+from winnow.pipeline.core import fsio
+from winnow.pipeline.data import shards
 
 pytestmark = pytest.mark.e2e
 BIN = os.path.dirname(sys.executable)
@@ -67,13 +67,13 @@ def same_files(local: str, remote: str, names: list[str]) -> None:
 
 
 def test_the_chain_on_s3_gives_the_local_outputs(tiny_world, tiny_pool, local_cluster, bucket, tmp_path):
-    from pipeline.data.pool import read_states
-    from pipeline.stages.dedup import DedupConfig, dedup
-    from pipeline.stages.embed import EmbedConfig, embed
-    from pipeline.stages.ingest import ingest
-    from pipeline.stages.reshard import reshard
-    from pipeline.stages.subset import subset
-    from pipeline.synth.server import WebPoolServer
+    from winnow.pipeline.data.pool import read_states
+    from winnow.pipeline.stages.dedup import DedupConfig, dedup
+    from winnow.pipeline.stages.embed import EmbedConfig, embed
+    from winnow.pipeline.stages.ingest import ingest
+    from winnow.pipeline.stages.reshard import reshard
+    from winnow.pipeline.stages.subset import subset
+    from winnow.pipeline.synth.server import WebPoolServer
 
     quiet = lambda m: None
     local, remote = tiny_pool["pool"], f"{bucket}/pool"
@@ -97,7 +97,7 @@ def test_the_chain_on_s3_gives_the_local_outputs(tiny_world, tiny_pool, local_cl
         rs = str(tmp_path / "shards") if where == "local" else f"{bucket}/shards"
         reshard(pool, fsio.join(sub, "uids.npy"), rs, local_cluster, shard_size=50, log=quiet)
         outs[where] = {"sub": sub, "dedup": dd, "shards": rs}
-    from pipeline.stages.ledger import report
+    from winnow.pipeline.stages.ledger import report
 
     mine = lambda text: [ln for ln in text.splitlines() if not ln.startswith("embed '") or "objstore" in ln]
     assert "embed 'objstore'" in report(remote) and mine(report(remote)) == mine(report(local))
@@ -112,7 +112,7 @@ def test_the_chain_on_s3_gives_the_local_outputs(tiny_world, tiny_pool, local_cl
 
 
 def test_an_exception_mid_write_leaves_no_object(bucket):
-    from pipeline.data.shards import TarWriter
+    from winnow.pipeline.data.shards import TarWriter
 
     target = f"{bucket}/atomic/00000002.tar"
     with pytest.raises(RuntimeError, match="injected"), TarWriter(target) as tar:
@@ -128,7 +128,7 @@ def test_an_exception_mid_write_leaves_no_object(bucket):
 
 def test_a_killed_writer_leaves_no_object(bucket):
     target = f"{bucket}/killed/part.bin"
-    code = ("import sys, time\nfrom pipeline.core import fsio\n"
+    code = ("import sys, time\nfrom winnow.pipeline.core import fsio\n"
             f"with fsio.atomic_open({target!r}, 'wb') as f:\n"
             "    f.write(b'y' * 100000)\n    print('writing', flush=True)\n    time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -165,8 +165,8 @@ def test_workers_started_in_another_folder_read_and_write_the_commands_paths(tin
             p.terminate()
             p.wait(30)
     assert not list(elsewhere.iterdir())  # nothing landed in the workers' folder
-    from pipeline.stages.reshard import reshard
-    from pipeline.stages.subset import subset
+    from winnow.pipeline.stages.reshard import reshard
+    from winnow.pipeline.stages.subset import subset
 
     ref = str(home / "ref_sub")  # the reference: the same two steps on the local cluster, with absolute paths
     subset("basic", str(home / "pool"), ref, local_cluster, log=lambda m: None)
@@ -184,8 +184,8 @@ def test_eval_sets_and_checkpoints_are_read_from_the_object_store(tiny_world, bu
     import s3fs
     import torch
 
-    from pipeline.data.evalsets import labeled_files, read_evalset, read_labeled
-    from pipeline.models.registry import load
+    from winnow.pipeline.data.evalsets import labeled_files, read_evalset, read_labeled
+    from winnow.pipeline.models.registry import load
 
     local = os.path.join(tiny_world["path"], "eval")
     s3fs.S3FileSystem().put(local, f"{bucket[5:]}/eval", recursive=True)
@@ -200,7 +200,7 @@ def test_eval_sets_and_checkpoints_are_read_from_the_object_store(tiny_world, bu
     fsio.write_bytes(f"{bucket}/ckpt/epoch_1.pt", (tmp_path / "ckpt.pt").read_bytes())
     remote, _, _ = load("winnow-tiny-clip", f"{bucket}/ckpt/epoch_1.pt")
     assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), remote.state_dict().values()))
-    from pipeline.core.errors import UserError
+    from winnow.pipeline.core.errors import UserError
 
     with pytest.raises(UserError, match="checkpoint not found"):
         load("winnow-tiny-clip", f"{bucket}/ckpt/missing.pt")
@@ -214,13 +214,13 @@ def test_training_and_its_evaluation_read_and_write_the_object_store(tiny_world,
     import glob
     import tempfile
 
-    from pipeline.stages.evaluate import evaluate
-    from pipeline.stages.reshard import reshard
-    from pipeline.stages.subset import subset
-    from pipeline.stages.train import TrainConfig, train
-    from pipeline.tasks import load_tasklist
-    from workflows.compare import compare_runs
-    from workflows.report import html_report
+    from winnow.pipeline.stages.evaluate import evaluate
+    from winnow.pipeline.stages.reshard import reshard
+    from winnow.pipeline.stages.subset import subset
+    from winnow.pipeline.stages.train import TrainConfig, train
+    from winnow.pipeline.tasks import load_tasklist
+    from winnow.workflows.compare import compare_runs
+    from winnow.workflows.report import html_report
 
     quiet = lambda m: None  # noqa: E731
     sub = str(tmp_path / "sub")

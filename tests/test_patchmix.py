@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.evalsets.patchmix import blob_mask, drop_patches, mix_patches, occlude, patch_count, shuffle_tiles
-from pipeline.tasks.curves import area_under_curve
+from winnow.pipeline.evalsets.patchmix import blob_mask, drop_patches, mix_patches, occlude, patch_count, shuffle_tiles
+from winnow.pipeline.tasks.curves import area_under_curve
 
 
 def cells_equal_to(img, ref, grid):
@@ -70,9 +70,9 @@ def test_patchmix_evalset_from_the_tiny_world(tiny_world, tmp_path):
 
     import pandas as pd
 
-    from pipeline.stages.evaluate import evaluate
-    from pipeline.tasks import load_tasklist
-    from pipeline.evalsets.patchmix import PatchmixConfig, build_patchmix
+    from winnow.pipeline.stages.evaluate import evaluate
+    from winnow.pipeline.tasks import load_tasklist
+    from winnow.pipeline.evalsets.patchmix import PatchmixConfig, build_patchmix
 
     source = os.path.join(tiny_world["path"], "eval")
     tasks = build_patchmix(source, str(tmp_path / "pm"), PatchmixConfig(seed=3, size=56), log=lambda m: None)
@@ -110,7 +110,7 @@ def test_occluder_covers_the_target_share_with_the_other_image(level):
 def test_training_mix_replaces_exactly_the_cells_it_reports_from_the_flipped_partner():
     import torch
 
-    from pipeline.training.patchmix import mix_batch
+    from winnow.pipeline.training.patchmix import mix_batch
 
     b, grid, side = 6, 7, 30  # 30 px: 4 px patches, a 2 px edge that is never mixed
     images = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 3, side, side).clone()
@@ -131,7 +131,7 @@ def test_training_mix_replaces_exactly_the_cells_it_reports_from_the_flipped_par
 def test_soft_clip_loss_interpolates_targets_by_area():
     import torch
 
-    from pipeline.training.patchmix import soft_clip_loss
+    from winnow.pipeline.training.patchmix import soft_clip_loss
 
     torch.manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)

@@ -3,8 +3,8 @@ its markers is exactly what `make readme-figures` renders from `benchmarks/resul
 
 import json
 
-from workflows import readme
-from workflows.settings import demo_config_path, load
+from winnow.workflows import readme
+from winnow.workflows.settings import demo_config_path, load
 
 
 def test_the_readme_block_is_rendered_from_the_recorded_demo_figures():

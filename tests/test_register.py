@@ -5,12 +5,12 @@ import os
 import pandas as pd
 import pytest
 
-from pipeline.core.errors import UserError
-from pipeline.data.pool import ledger
-from pipeline.stages.register import register
-from pipeline.run.runner import ClusterConfig, Runner
-from pipeline.synth.server import WebPoolServer
-from pipeline.synth.world import read_truth
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.pool import ledger
+from winnow.pipeline.stages.register import register
+from winnow.pipeline.run.runner import ClusterConfig, Runner
+from winnow.pipeline.synth.server import WebPoolServer
+from winnow.pipeline.synth.world import read_truth
 
 pytestmark = pytest.mark.e2e
 

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.core import fsio
-from pipeline.tasks import Task, samples_path
-from pipeline.tasks.stats import compare, estimate
+from winnow.pipeline.core import fsio
+from winnow.pipeline.tasks import Task, samples_path
+from winnow.pipeline.tasks.stats import compare, estimate
 
 # ------------------------------------------------------------------------------------------------ statistics
 
@@ -123,7 +123,7 @@ def make_pool(pool, rows_per_shard=24, shards=2):
     """A pool of small images with varied captions and sizes, a few failed rows."""
     from PIL import Image
 
-    from pipeline.data.shards import write_shard
+    from winnow.pipeline.data.shards import write_shard
 
     words = ["a red circle on grass", "dog", "the blue square", "photo", "a green triangle near water", "x y"]
     uids = []
@@ -150,7 +150,7 @@ def make_pool(pool, rows_per_shard=24, shards=2):
 def demo_folder(tmp_path_factory):
     """A demo-shaped folder: pool, two one-filter subsets made by `subset`, a dedup table, a world's truth,
     trained runs of three subsets (3, 3 and 1 seeds) and the demo's summary with timings."""
-    from pipeline.stages.subset import subset
+    from winnow.pipeline.stages.subset import subset
 
     root = tmp_path_factory.mktemp("demo")
     pool = root / "pool"
@@ -181,7 +181,7 @@ def demo_folder(tmp_path_factory):
 
 
 def test_compare_groups_seeds_and_tests_against_the_first(demo_folder):
-    result = subprocess.run([sys.executable, "-m", "workflows.cli", "compare", str(demo_folder / "train" /
+    result = subprocess.run([sys.executable, "-m", "winnow.workflows.cli", "compare", str(demo_folder / "train" /
                              "no_filter-seed0"), *[str(demo_folder / "train" / f"caption_words-seed{k}")
                                                    for k in range(3)]], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -195,7 +195,7 @@ def test_compare_groups_seeds_and_tests_against_the_first(demo_folder):
 
 
 def test_three_seeds_each_give_a_holm_adjusted_verdict(demo_folder):
-    from workflows.compare import compare_runs
+    from winnow.workflows.compare import compare_runs
 
     text = compare_runs([str(demo_folder / "train" / f"{n}-seed{k}") for n in ("no_filter", "caption_words")
                          for k in range(3)])
@@ -204,7 +204,7 @@ def test_three_seeds_each_give_a_holm_adjusted_verdict(demo_folder):
 
 
 def test_holm_adjusts_a_family_of_p_values():
-    from pipeline.tasks.stats import holm
+    from winnow.pipeline.tasks.stats import holm
 
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert holm([0.5]) == [0.5] and holm([0.9, 0.8]) == [1.0, 1.0] and holm([0.2, 0.01]) == [0.2, 0.02]
@@ -221,7 +221,7 @@ def test_runs_evaluated_on_other_eval_data_are_never_paired(tmp_path):
         summary["details"] = {t.name: {"fingerprint": fp} for t in TASKS}
         fsio.write_json(os.path.join(run, "eval", "summary.json"), summary)
     for command in (["compare", a, b], ["report", a, b, "--out", str(tmp_path / "r.html")]):
-        result = subprocess.run([sys.executable, "-m", "workflows.cli", *command], capture_output=True, text=True,
+        result = subprocess.run([sys.executable, "-m", "winnow.workflows.cli", *command], capture_output=True, text=True,
                                 timeout=120)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 2 and len(lines) == 1, result.stderr
@@ -231,7 +231,7 @@ def test_runs_evaluated_on_other_eval_data_are_never_paired(tmp_path):
 
 
 def test_runs_without_samples_show_intervals_unavailable(tmp_path):
-    from workflows.compare import compare_runs
+    from winnow.workflows.compare import compare_runs
 
     rng = np.random.default_rng(5)
     runs = [write_training(tmp_path, f"old-seed{k}", 10, 0.3, rng, samples=False) for k in range(2)]
@@ -240,7 +240,7 @@ def test_runs_without_samples_show_intervals_unavailable(tmp_path):
 
 
 def test_compare_names_what_it_needs():
-    result = subprocess.run([sys.executable, "-m", "workflows.cli", "compare", "/nonexistent/run"],
+    result = subprocess.run([sys.executable, "-m", "winnow.workflows.cli", "compare", "/nonexistent/run"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("winnow: error: ") and "Traceback" not in result.stderr
 
@@ -255,7 +255,7 @@ def browser() -> str | None:
 
 
 def test_report_has_its_sections_from_files(demo_folder, tmp_path):
-    from workflows.report import html_report
+    from winnow.workflows.report import html_report
 
     out = html_report([str(demo_folder)], str(tmp_path / "r.html"), log=lambda m: None)
     page = open(out).read()
@@ -271,7 +271,7 @@ def test_report_has_its_sections_from_files(demo_folder, tmp_path):
 
 @pytest.mark.skipif(browser() is None, reason="no Chromium installed (apt-get install chromium)")
 def test_report_renders_in_a_browser_without_console_errors(demo_folder, tmp_path):
-    from workflows.report import html_report
+    from winnow.workflows.report import html_report
 
     out = html_report([str(demo_folder)], str(tmp_path / "report.html"), log=lambda m: None)
     shot = tmp_path / "report.png"
@@ -296,7 +296,7 @@ def test_report_renders_in_a_browser_without_console_errors(demo_folder, tmp_pat
 def test_report_command_on_training_runs_only(demo_folder, tmp_path):
     runs = [str(demo_folder / "train" / n) for n in ("no_filter-seed0", "no_filter-seed1", "aspect_ratio-seed0")]
     out = tmp_path / "only_runs.html"
-    result = subprocess.run([sys.executable, "-m", "workflows.cli", "report", *runs, "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "winnow.workflows.cli", "report", *runs, "--out", str(out)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     page = out.read_text()
@@ -308,7 +308,7 @@ def test_counts_with_gaps_show_as_whole_numbers():
     """A count column read back from JSON (numbers and nulls) shows 412, not 412.000; shares keep 3 decimals."""
     import pandas as pd
 
-    from workflows import html
+    from winnow.workflows import html
 
     page = html.table(pd.DataFrame([{"kind": "a", "dropped": None, "precision": None},
                                     {"kind": "b", "dropped": 412.0, "precision": 0.84}]))
@@ -321,7 +321,7 @@ def test_the_report_opens_with_its_answer_in_the_first_screen(demo_folder, tmp_p
     and its words name the best subset and the verdict."""
     from PIL import Image
 
-    from workflows.report import html_report
+    from winnow.workflows.report import html_report
 
     out = html_report([str(demo_folder)], str(tmp_path / "report.html"), log=lambda m: None)
     page = open(out).read()

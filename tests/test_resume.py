@@ -16,11 +16,11 @@ import pytest
 import yaml
 from helpers import tiny_ingest_config
 
-from pipeline.data import shards
-from pipeline.stages.ingest import ingest
-from pipeline.synth.hostile import HostileServer
-from pipeline.synth.server import WebPoolServer
-from pipeline.synth.world import read_truth
+from winnow.pipeline.data import shards
+from winnow.pipeline.stages.ingest import ingest
+from winnow.pipeline.synth.hostile import HostileServer
+from winnow.pipeline.synth.server import WebPoolServer
+from winnow.pipeline.synth.world import read_truth
 
 pytestmark = pytest.mark.e2e
 
@@ -52,7 +52,7 @@ def test_killed_ingest_resumes_without_redoing_finished_shards(tiny_world, local
         rows.loc[HELD * SHARD, "url"] = f"{hold.url}/hold"
         rows.to_parquet(tmp_path / "urls.parquet")
         urls = str(tmp_path / "urls.parquet")
-        proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "ingest", urls, killed, "--config",
+        proc = subprocess.Popen([sys.executable, "-m", "winnow.workflows.cli", "ingest", urls, killed, "--config",
                                  str(config_file), "--workers", "1"], start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -84,7 +84,7 @@ def test_a_second_identical_ingest_is_refused_while_the_first_runs(tmp_path):
     with HostileServer() as hold:
         urls = tmp_path / "urls.parquet"
         pd.DataFrame({"url": [f"{hold.url}/hold", f"{hold.url}/ok.jpg"], "text": ["held", "ok"]}).to_parquet(urls)
-        cmd = [sys.executable, "-m", "workflows.cli", "ingest", str(urls), str(tmp_path / "pool"), "--workers", "1",
+        cmd = [sys.executable, "-m", "winnow.workflows.cli", "ingest", str(urls), str(tmp_path / "pool"), "--workers", "1",
                "--allow-hosts", "127.0.0.1", "--set", "ingest.shard_size=1"]
         first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from helpers import make_pool
 
-from pipeline.data import manifest
-from pipeline.stages.register import register
-from pipeline.run.runner import ClusterConfig, Runner
-from pipeline.data.uid import uids_to_array
+from winnow.pipeline.data import manifest
+from winnow.pipeline.stages.register import register
+from winnow.pipeline.run.runner import ClusterConfig, Runner
+from winnow.pipeline.data.uid import uids_to_array
 
 pytestmark = pytest.mark.e2e  # real CLI processes, loopback servers, a Dask cluster, mounted disks
 
@@ -22,7 +22,7 @@ UIDS = [f"{i:032x}" for i in range(1, 7)]
 
 
 def winnow(*args, cwd=None, **kw):
-    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "winnow.workflows.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=240, **kw)
 
 
@@ -187,7 +187,7 @@ def test_a_run_that_downloads_nothing_exits_non_zero_with_a_hint(tmp_path):
 
 def _quick_urls(tiny_world) -> pd.DataFrame:
     """The tiny world's URL list without the rows that answer slowly on purpose."""
-    from pipeline.synth.world import read_truth
+    from winnow.pipeline.synth.world import read_truth
 
     urls = pd.read_parquet(os.path.join(tiny_world["path"], "urls.parquet"))
     return urls[~read_truth(tiny_world["path"])["defect"].isin(["hang", "slow"]).to_numpy()]
@@ -199,7 +199,7 @@ def test_a_write_failure_inside_a_worker_is_one_line(tmp_path, tiny_world):
     import resource
     import signal
 
-    from pipeline.synth.server import WebPoolServer
+    from winnow.pipeline.synth.server import WebPoolServer
 
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG
@@ -245,7 +245,7 @@ def test_a_read_only_output_folder_is_one_line(tmp_path, mounted):
 
 
 def test_a_full_disk_is_one_line_and_keeps_finished_shards(tmp_path, tiny_world, mounted):
-    from pipeline.synth.server import WebPoolServer
+    from winnow.pipeline.synth.server import WebPoolServer
 
     urls = _quick_urls(tiny_world).iloc[:60]
     urls.to_parquet(tmp_path / "u.parquet")
@@ -269,7 +269,7 @@ def test_reshard_never_writes_one_key_twice(tmp_path):
     the first in pool order is the sample, so webdataset (and open_clip_train) can read the tar."""
     import webdataset as wds
 
-    from pipeline.stages.reshard import reshard
+    from winnow.pipeline.stages.reshard import reshard
 
     uids = [UIDS[0], UIDS[1], UIDS[0], UIDS[2]]
     pool = make_pool(tmp_path / "pool", uids, captions=["first", "b", "second", "c"])
@@ -283,9 +283,9 @@ def test_reshard_never_writes_one_key_twice(tmp_path):
 
 
 def test_training_refuses_shards_whose_captions_are_all_empty(tmp_path):
-    from pipeline.core.errors import UserError
-    from pipeline.stages.reshard import reshard
-    from pipeline.stages.train import check_shards
+    from winnow.pipeline.core.errors import UserError
+    from winnow.pipeline.stages.reshard import reshard
+    from winnow.pipeline.stages.train import check_shards
 
     pool = make_pool(tmp_path / "pool", UIDS, captions=[""] * len(UIDS))
     np.save(tmp_path / "uids.npy", uids_to_array(UIDS))

@@ -2,9 +2,9 @@
 
 import pytest
 
-from pipeline.core.errors import UserError
-from pipeline.models.scales import SCALES, get
-from pipeline.stages.train import from_scale
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.models.scales import SCALES, get
+from winnow.pipeline.stages.train import from_scale
 
 
 @pytest.mark.parametrize("name, model, batch, lr, warmup, seen, beta2", [
@@ -25,7 +25,7 @@ def test_vitamin_of_matching_size_and_errors():
         ["winnow-tiny-vitamin", "ViTamin-S", "ViTamin-B", "ViTamin-L"]
     import open_clip
 
-    from pipeline.models.registry import register
+    from winnow.pipeline.models.registry import register
     register()
     assert all(SCALES[n].arch(a) in open_clip.list_models() for n in SCALES for a in ("clip", "vit", "vitamin"))
     assert SCALES["tiny"].arch("clip") == SCALES["tiny"].arch("vit") == "winnow-tiny-clip"

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.core.errors import UserError
-from pipeline.stages.subset import Rows, apply, load_recipe, recipes_dir, top_fraction_threshold, write_subset
-from pipeline.data.uid import UID_DTYPE, array_to_uids
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.stages.subset import Rows, apply, load_recipe, recipes_dir, top_fraction_threshold, write_subset
+from winnow.pipeline.data.uid import UID_DTYPE, array_to_uids
 
 
 def _frame(scores, state=None):
@@ -73,7 +73,7 @@ def test_top_fraction_of_kept_ranks_among_the_rows_kept_so_far():
 def test_top_fraction_of_kept_over_parts_equals_the_whole_pool_at_once(tmp_path):
     """subset() finds an of: kept threshold with one more pass over the parts; the result equals the rule
     applied to the whole pool held at once."""
-    from pipeline.stages.subset import subset
+    from winnow.pipeline.stages.subset import subset
 
     rng = np.random.default_rng(4)
     frames = []
@@ -128,7 +128,7 @@ def test_every_shipped_recipe_parses():
         recipe = load_recipe(path.stem, {"imagenet1k": "/x.npy", "world": "/w", "pool": "/p"})
         assert recipe.name == path.stem and recipe.description
         for spec in recipe.all_filters():
-            from filters import build
+            from winnow.filters import build
 
             build(spec)
     with pytest.raises(UserError, match="--var imagenet1k"):
@@ -154,7 +154,7 @@ def test_unknown_score_column_names_what_exists():
 
 
 def test_shipped_recipes_take_their_knobs_as_variables_with_datacomp_defaults():
-    from pipeline.stages.subset import check_variables, load_recipe
+    from winnow.pipeline.stages.subset import check_variables, load_recipe
 
     rule = lambda name, **v: load_recipe(name, v).select[-1]  # noqa: E731
     assert rule("clip_l14_30pct") == {"top_fraction": {"column": "clip_l14_score", "fraction": 0.3}}
@@ -188,7 +188,7 @@ def _metadata(folder, names, rows=20, uid=None, extra=None):
     ("missing_column", "has no column 'original_width', which 'min_side' needs"),
     ("bad_uid", "uid 'xyz' is not hexadecimal")])
 def test_every_metadata_problem_is_one_line_naming_the_file(tmp_path, problem, fragment):
-    from pipeline.stages.subset import subset
+    from winnow.pipeline.stages.subset import subset
 
     _metadata(tmp_path, ["a" * 32, "b" * 32])
     bad = tmp_path / f"{'c' * 32}.parquet"
@@ -207,7 +207,7 @@ def test_every_metadata_problem_is_one_line_naming_the_file(tmp_path, problem, f
 
 
 def test_a_file_added_to_a_metadata_folder_is_scored(tmp_path):
-    from pipeline.stages.subset import subset
+    from winnow.pipeline.stages.subset import subset
 
     _metadata(tmp_path, ["a" * 32])
     first = subset("clip_b32_threshold", str(tmp_path), str(tmp_path / "o1"), None, log=lambda m: None)
@@ -219,8 +219,8 @@ def test_a_file_added_to_a_metadata_folder_is_scored(tmp_path):
 def test_sorted_runs_are_written_as_one_sorted_uid_file(tmp_path):
     """write_runs merges each part's sorted uids a bucket of upper halves at a time; uids sharing an upper half
     (and repeats) land in one bucket and come out in numeric order, as a whole-array lexsort gives."""
-    from pipeline.data.uid import sort_order, sort_uids
-    from pipeline.stages.subset import write_runs
+    from winnow.pipeline.data.uid import sort_order, sort_uids
+    from winnow.pipeline.stages.subset import write_runs
 
     rng = np.random.default_rng(3)
     runs = []

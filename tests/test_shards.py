@@ -5,8 +5,8 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data import shards
-from pipeline.data.uid import derive_uid
+from winnow.pipeline.data import shards
+from winnow.pipeline.data.uid import derive_uid
 
 
 def _rows_and_images(n=5):

@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.core.errors import UserError
-from pipeline.synth.render import CLASSES, render, shape_mask
-from pipeline.synth.world import DUPLICATES, EXPECTED_STATE, DefectRates, SynthConfig, plan_pool, pool_payload
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.synth.render import CLASSES, render, shape_mask
+from winnow.pipeline.synth.world import DUPLICATES, EXPECTED_STATE, DefectRates, SynthConfig, plan_pool, pool_payload
 
 
 def test_plan_is_deterministic_per_seed():
@@ -35,7 +35,7 @@ def test_pool_uids_unique_and_captions_follow_their_defect():
     mism = plan[plan.defect == "mismatch"]
     assert (mism["caption_cls"] != mism["cls"]).all()
     good = plan[plan.defect == "none"]
-    from pipeline.synth.captions import SYNONYMS
+    from winnow.pipeline.synth.captions import SYNONYMS
     assert all(any(s.lower() in t.lower() for s in SYNONYMS[c]) for t, c in zip(good["text"], good["cls"]))
 
 
@@ -58,7 +58,7 @@ def test_every_class_has_a_distinct_silhouette_and_renders_deterministically():
     for i in range(len(CLASSES)):
         for j in range(i + 1, len(CLASSES)):
             assert (masks[i] ^ masks[j]).mean() > 0.03, (CLASSES[i], CLASSES[j])
-    from pipeline.synth.world import _spec_for
+    from winnow.pipeline.synth.world import _spec_for
     spec = _spec_for(SynthConfig(), 1, 5)
     assert np.array_equal(np.asarray(render(spec)), np.asarray(render(spec)))
 
@@ -86,7 +86,7 @@ def test_world_layout_and_disjoint_sets(tiny_world):
     classes = pd.read_parquet(os.path.join(world, "classes.parquet"))
     assert classes.set_index("class")["pool"].to_dict() == truth["cls"].value_counts().to_dict()
     assert (truth.loc[truth.defect == "boilerplate", "cluster"] >= 0).all()
-    from pipeline.data.shards import iter_tar, list_shards, read_table
+    from winnow.pipeline.data.shards import iter_tar, list_shards, read_table
     clean = pd.concat([read_table(os.path.join(world, "clean"), i) for i in list_shards(os.path.join(world, "clean"))])
     assert len(clean) == 24 and not set(clean["uid"]) & set(truth["uid"])
     classes = open(os.path.join(world, "eval", "classnames.txt")).read().split("\n")[:-1]
@@ -106,7 +106,7 @@ def test_world_layout_and_disjoint_sets(tiny_world):
 
 
 def test_pool_classes_follow_the_long_tail_and_every_class_is_there():
-    from pipeline.synth.world import class_table
+    from winnow.pipeline.synth.world import class_table
 
     cfg = SynthConfig(seed=5, n_pool=3000)
     plan, table = plan_pool(cfg), class_table(cfg)
@@ -154,8 +154,8 @@ def test_boilerplate_clusters_are_near_identical_samples_of_one_class():
 
 
 def test_uninformative_captions_name_no_class_and_mostly_pass_the_basic_filter():
-    from pipeline.synth.captions import SYNONYMS, TEXTURE_WORDS, uninformative
-    from pipeline.synth.render import COLORS
+    from winnow.pipeline.synth.captions import SYNONYMS, TEXTURE_WORDS, uninformative
+    from winnow.pipeline.synth.render import COLORS
 
     words = [w.lower() for w in [*sum(SYNONYMS.values(), []), *COLORS, *sum(TEXTURE_WORDS.values(), [])]]
     rng = np.random.default_rng(0)
@@ -171,7 +171,7 @@ def test_uninformative_captions_name_no_class_and_mostly_pass_the_basic_filter()
 
 
 def test_per_class_accuracy_on_fixed_embeddings():
-    from pipeline.tasks.zeroshot import metrics, per_class
+    from winnow.pipeline.tasks.zeroshot import metrics, per_class
 
     weights = np.eye(3)
     # class a: 2 images, both right; class b: 3 images, one right; class c: 1 image, wrong (taken for a)
@@ -187,12 +187,12 @@ def test_report_shows_head_and_tail_accuracy_from_the_worlds_class_frequencies(t
     import json
     from dataclasses import asdict
 
-    from pipeline.core import fsio
-    from pipeline.data.shards import write_table
-    from pipeline.synth.world import class_table
-    from pipeline.tasks import Task
-    from workflows.compare import find_runs, group_runs
-    from workflows.report import html_report, tail_tables
+    from winnow.pipeline.core import fsio
+    from winnow.pipeline.data.shards import write_table
+    from winnow.pipeline.synth.world import class_table
+    from winnow.pipeline.tasks import Task
+    from winnow.workflows.compare import find_runs, group_runs
+    from winnow.workflows.report import html_report, tail_tables
 
     table = class_table(SynthConfig())
     write_table(str(tmp_path / "world" / "classes.parquet"), table)

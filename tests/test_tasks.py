@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.tasks import KINDS, Context, Task, run_task
+from winnow.pipeline.tasks import KINDS, Context, Task, run_task
 
 COLOURS = ["red", "green", "blue", "yellow", "cyan", "magenta"]
 RGB = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
@@ -120,7 +120,7 @@ def test_every_kind_reports_its_metrics(kind, tmp_path):
 
 
 def test_group_metrics_as_wilds_computes_them():
-    from pipeline.tasks.groups import grouped, macro
+    from winnow.pipeline.tasks.groups import grouped, macro
 
     meta = np.array([[0, 5], [0, 5], [1, 6], [1, 6], [3, 7], [3, 7]])  # region 2 has no item
     out = grouped(np.array([1, 0, 1, 1, 0, 1]), meta, ["region", "year"], ["region"], "acc")
@@ -133,8 +133,8 @@ def test_group_metrics_as_wilds_computes_them():
 
 
 def test_fairface_tables_and_winogavil_scores_by_hand():
-    from pipeline.tasks.fairness import FIELDS, faces
-    from pipeline.tasks.winogavil import prompt, scores, summarize
+    from winnow.pipeline.tasks.fairness import FIELDS, faces
+    from winnow.pipeline.tasks.winogavil import prompt, scores, summarize
 
     meta = np.array([[0, 0, 0, 1], [1, 1, 1, 0], [2, 0, 1, 0], [3, 1, 2, 1]])  # age, gender, race, race_binary
     pred = np.array([[1, 0, 0, 0], [1, 1, 1, 18], [0, 0, 5, 15], [2, 1, 3, 3]])  # race, gender, age, toxic
@@ -152,7 +152,7 @@ def test_fairface_tables_and_winogavil_scores_by_hand():
 
 
 def test_a_main_metric_the_kind_does_not_report_is_a_user_error(tmp_path):
-    from pipeline.core.errors import UserError
+    from winnow.pipeline.core.errors import UserError
 
     data_for("retrieval", str(tmp_path))
     with pytest.raises(UserError, match="main_metric 'acc1' is not one of"):

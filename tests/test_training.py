@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 from helpers import make_pool
 
-from pipeline.core.errors import UserError
-from pipeline.data import shards
-from pipeline.run.runner import ClusterConfig, Runner
-from pipeline.stages.reshard import reshard
-from pipeline.stages.subset import write_subset
-from pipeline.stages.train import Progress, TrainConfig, train
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data import shards
+from winnow.pipeline.run.runner import ClusterConfig, Runner
+from winnow.pipeline.stages.reshard import reshard
+from winnow.pipeline.stages.subset import write_subset
+from winnow.pipeline.stages.train import Progress, TrainConfig, train
 
 COLORS = ["red", "green", "blue", "yellow", "black"]
 TINY = TrainConfig(samples_seen=256, batch_size=32, warmup=2, epochs=2, seed=0)  # 8 steps of 32 in 2 epochs
@@ -93,7 +93,7 @@ def test_progress_is_one_line_per_interval_and_always_the_last_step():
 def test_resume_and_other_settings_are_refused_with_commands_that_work(data, tmp_path):
     from dataclasses import asdict
 
-    from pipeline.run.stage import Stage
+    from winnow.pipeline.run.stage import Stage
 
     logs = str(tmp_path / "logs")
     Stage("train", os.path.join(logs, "x"), asdict(TINY), inputs=[os.path.join(data["shards"], "_manifest.json")],
@@ -118,7 +118,7 @@ def test_resume_and_other_settings_are_refused_with_commands_that_work(data, tmp
 def test_checkpoint_loads_without_the_random_init_warning(tmp_path, caplog):
     import torch
 
-    from pipeline.models.registry import load
+    from winnow.pipeline.models.registry import load
 
     caplog.set_level(logging.INFO)
     model, _, _ = load("winnow-tiny-clip", "", seed=1)
@@ -142,7 +142,7 @@ def test_checkpoint_loads_without_the_random_init_warning(tmp_path, caplog):
     ("winnow-tiny-clip", "runs/nope/epoch_1.pt", "checkpoint not found: runs/nope/epoch_1.pt"),
 ])
 def test_wrong_model_or_tag_is_one_line(model, pretrained, message):
-    from pipeline.models.registry import load
+    from winnow.pipeline.models.registry import load
 
     with pytest.raises(UserError) as err:
         load(model, pretrained)
@@ -152,7 +152,7 @@ def test_wrong_model_or_tag_is_one_line(model, pretrained, message):
 def test_checkpoint_of_another_model_is_one_line(tmp_path):
     import torch
 
-    from pipeline.models.registry import load
+    from winnow.pipeline.models.registry import load
 
     ckpt = str(tmp_path / "clip.pt")
     torch.save({"state_dict": load("winnow-tiny-clip", "")[0].state_dict()}, ckpt)
@@ -163,7 +163,7 @@ def test_checkpoint_of_another_model_is_one_line(tmp_path):
 
 
 def test_embed_with_a_wrong_tag_is_one_line(data):
-    result = subprocess.run([sys.executable, "-m", "workflows.cli", "embed", data["pool"], "--model",
+    result = subprocess.run([sys.executable, "-m", "winnow.workflows.cli", "embed", data["pool"], "--model",
                              "winnow-tiny-clip", "--pretrained", "openai", "--scheduler", "sync"],
                             capture_output=True, text=True, timeout=300)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -201,7 +201,7 @@ def test_training_streams_progress_and_is_repeatable_and_resumable(data):
 
     os.remove(second)  # as if the run had stopped after its first epoch
     os.remove(os.path.join(logs, "b", "_manifest.json"))
-    cli = [sys.executable, "-m", "workflows.cli"]
+    cli = [sys.executable, "-m", "winnow.workflows.cli"]
     refused = subprocess.run([*cli, "train", data["shards"], "--name", "b", "--logs", logs, "--seed", "1"],
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "seed 0 (here 1)" in refused.stderr, refused.stderr

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.data.uid import UID_DTYPE, array_to_uids, derive_uid, normalize_uid, uids_to_array
+from winnow.pipeline.data.uid import UID_DTYPE, array_to_uids, derive_uid, normalize_uid, uids_to_array
 
 
 def test_derived_uid_is_128_bit_lowercase_hex_and_deterministic():
@@ -45,7 +45,7 @@ def test_subset_array_is_sorted_u8_u8_with_upper_and_lower_halves():
 
 def test_uids_are_read_as_datacomp_reads_them():
     """DataComp packs a uid as (int(uid[:16], 16), int(uid[16:32], 16)): upper case and 31-character uids too."""
-    from pipeline.core.errors import UserError
+    from winnow.pipeline.core.errors import UserError
 
     given = ["0123456789abcdef0123456789abcdef", "FEDCBA9876543210FEDCBA9876543210",
              "123456789abcdef0123456789abcdef", "abc"]

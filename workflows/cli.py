@@ -1,6 +1,6 @@
 """The ``winnow`` command: one table of subcommands, each mapped to its module in one hop.
 
-Every subcommand reads the run configuration (:class:`workflows.settings.RunConfig`: ``--config FILE``, then
+Every subcommand reads the run configuration (:class:`winnow.workflows.settings.RunConfig`: ``--config FILE``, then
 ``--set section.key=value``); a flag is a short name for one key of it (``winnow embed --tag b32`` is
 ``--set embed.tag=b32``), so the config dataclasses are the one source of defaults. User errors (bad config,
 bad path, bad layout) print one line, ``winnow: error: ...``, and exit 2; a failed run exits 1 with one line.
@@ -15,8 +15,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from pipeline.core.errors import RunFailed, UserError, describe
-from pipeline.run.runner import TaskFailed
+from winnow.pipeline.core.errors import RunFailed, UserError, describe
+from winnow.pipeline.run.runner import TaskFailed
 
 DESCRIPTION = """\
 Winnow curates vision-language training data: web image-text pools in, DataComp-style subsets out.
@@ -72,19 +72,19 @@ class Command:
     args: list[tuple[str, str]] = field(default_factory=list)  # positionals: (name, help)
     flags: list[Flag] = field(default_factory=list)
     stage: bool = True  # writes an output folder: --overwrite; runs on the cluster: --scheduler / --workers
-    sections: tuple[str, ...] = ()  # config sections (workflows.settings.RunConfig) it reads; "{kind}": per kind
+    sections: tuple[str, ...] = ()  # config sections (winnow.workflows.settings.RunConfig) it reads; "{kind}": per kind
 
 
 PARTIAL = Flag("--allow-partial", help="use the finished shards of a pool whose ingest has not finished", switch=True)
 COMMANDS = [
-    Command("demo", "run the main job end to end on the embedded synthetic pool", "workflows.demo:main",
+    Command("demo", "run the main job end to end on the embedded synthetic pool", "winnow.workflows.demo:main",
             flags=[Flag("--out", help="run folder", default="runs/demo")]),
-    Command("synth", "write a synthetic web world with known ground truth", "workflows.commands:synth",
+    Command("synth", "write a synthetic web world with known ground truth", "winnow.workflows.commands:synth",
             [("world", "output folder")], sections=("synth",)),
-    Command("serve", "serve a synthetic world's images on 127.0.0.1 until Ctrl-C", "workflows.commands:serve",
+    Command("serve", "serve a synthetic world's images on 127.0.0.1 until Ctrl-C", "winnow.workflows.commands:serve",
             [("world", "a folder written by `winnow synth`")],
             [Flag("--port", help="port (default: the one in the world's base_url)")], stage=False),
-    Command("ingest", "download a URL list (parquet/csv/tsv/jsonl) into a pool", "workflows.commands:ingest",
+    Command("ingest", "download a URL list (parquet/csv/tsv/jsonl) into a pool", "winnow.workflows.commands:ingest",
             [("urls", "URL list file or folder; columns url and text/caption, optionally uid"),
              ("pool", "output pool folder (local path or fsspec URL)")],
             [Flag("--shard-size", "ingest.shard_size", "rows per shard (img2dataset's number_sample_per_shard)"),
@@ -97,13 +97,13 @@ COMMANDS = [
              Flag("--allow-hosts", "ingest.allow_hosts", "hosts, addresses or networks fetched although not "
                   "public, e.g. 127.0.0.1 (repeatable)", many=True)], sections=("ingest",)),
     Command("register", "validate an existing img2dataset/DataComp pool and record its manifest",
-            "workflows.commands:register", [("pool", "pool folder")]),
-    Command("ledger", "print how every input row of a pool ended (counts per state)", "workflows.commands:ledger",
+            "winnow.workflows.commands:register", [("pool", "pool folder")]),
+    Command("ledger", "print how every input row of a pool ended (counts per state)", "winnow.workflows.commands:ledger",
             [("pool", "pool folder")],
             [Flag("--truth", help="a synthetic world folder: also compare states with its planted defects")],
             stage=False),
     Command("embed", "store image and text embeddings of every ok sample (DataComp .npz layout)",
-            "workflows.commands:embed", [("pool", "pool folder")],
+            "winnow.workflows.commands:embed", [("pool", "pool folder")],
             [Flag("--model", "embed.model", "open_clip architecture"),
              Flag("--pretrained", "embed.pretrained", "open_clip tag or checkpoint path; '' for random init"),
              Flag("--tag", "embed.tag", "name of the arrays: <tag>_img, <tag>_txt"),
@@ -111,7 +111,7 @@ COMMANDS = [
              Flag("--batch-size", "embed.batch_size"), Flag("--device", "embed.device"),
              Flag("--precision", "embed.precision"), PARTIAL], sections=("embed",)),
     Command("dedup", "exact, near, semantic duplicates and eval-set contamination of a pool",
-            "workflows.commands:dedup", [("pool", "pool folder, embedded with `winnow embed --tag TAG`")],
+            "winnow.workflows.commands:dedup", [("pool", "pool folder, embedded with `winnow embed --tag TAG`")],
             [Flag("--tag", "dedup.tag", "embedding tag to compare images with"),
              Flag("--keep-tag", "dedup.keep_tag", "tag whose image-text cosine decides which copy is kept"),
              Flag("--near-threshold", "dedup.near_threshold", "cosine for near duplicates"),
@@ -121,10 +121,10 @@ COMMANDS = [
              Flag("--contamination-threshold", "dedup.contamination_threshold"),
              Flag("--out", help="output folder (default POOL/dedup/TAG)"), PARTIAL], sections=("dedup",)),
     Command("copy-descriptor", "train a small copy-detection descriptor on a pool's own images",
-            "workflows.commands:copy_descriptor", [("pool", "pool folder")],
+            "winnow.workflows.commands:copy_descriptor", [("pool", "pool folder")],
             [Flag("--out", help="folder for descriptor.pt", required=True),
              Flag("--steps", "copy_descriptor.steps", "training steps")], sections=("copy_descriptor",)),
-    Command("evalset", "build an evaluation set from labeled images: patchmix or dist", "workflows.commands:evalset",
+    Command("evalset", "build an evaluation set from labeled images: patchmix or dist", "winnow.workflows.commands:evalset",
             [("kind", "patchmix: foreign patches, tile shuffles, patch drops, occlusion; dist: texture-synthesis "
                       "triplets for the odd-one-out test"),
              ("source", "labeled images: an eval set folder (test/*.tar with .cls) or a folder of class folders")],
@@ -135,7 +135,7 @@ COMMANDS = [
              Flag("--batch", "dist.batch", "dist: images synthesised together"),
              Flag("--vgg19", "dist.vgg19", "dist: a local torchvision VGG-19 state dict as the texture network"),
              Flag("--device", "dist.device")], sections=("{kind}",)),
-    Command("subset", "score a pool with a recipe's filters and write its uids.npy", "workflows.commands:subset",
+    Command("subset", "score a pool with a recipe's filters and write its uids.npy", "winnow.workflows.commands:subset",
             [("recipe", "recipe name (manifests/subsets/NAME.yaml) or YAML path")],
             [Flag("--pool", help="pool folder, or a DataComp metadata folder", required=True),
              Flag("--out", help="output folder for uids.npy and subset.json", required=True),
@@ -147,12 +147,12 @@ COMMANDS = [
                   "~/.cache/winnow; with workers on other machines, a folder or URL they all see)"), PARTIAL,
              Flag("--allow-empty", help="write an empty subset instead of stopping when no row is kept",
                   switch=True)]),
-    Command("reshard", "materialise a subset into new WebDataset shards (byte copy)", "workflows.commands:reshard",
+    Command("reshard", "materialise a subset into new WebDataset shards (byte copy)", "winnow.workflows.commands:reshard",
             [("pool", "pool folder the subset was selected from"), ("subset", "uids.npy (sorted u8,u8)"),
              ("out", "output folder")],
             [Flag("--shard-size", "reshard.shard_size", "samples per output shard"), PARTIAL], sections=("reshard",)),
     Command("train", "train the fixed CLIP/ViTamin of a scale on resharded shards (open_clip_train)",
-            "workflows.commands:train", [("data", "a `winnow reshard` output folder")],
+            "winnow.workflows.commands:train", [("data", "a `winnow reshard` output folder")],
             [Flag("--name", help="run name", required=True),
              Flag("--scale", "train.scale", "tiny (CPU), small, medium, large or xlarge (DataComp's values)"),
              Flag("--arch", "train.arch", "clip (the scale's CLIP; vit is an alias) or vitamin"),
@@ -172,14 +172,14 @@ COMMANDS = [
              Flag("--tasks", help="task list to evaluate the final checkpoint on (as evaluate's --tasks)"),
              Flag("--var", help="fill ${NAME} in the task list (NAME=VALUE, repeatable)", many=True, pairs=True,
                   api="variables")], sections=("train",)),
-    Command("dfn", "data filtering networks: `winnow dfn train HQ_POOL --out DIR`", "workflows.commands:dfn",
+    Command("dfn", "data filtering networks: `winnow dfn train HQ_POOL --out DIR`", "winnow.workflows.commands:dfn",
             [("action", "train"), ("hq_pool", "a pool of trusted image-text pairs")],
             [Flag("--out", help="folder for the resharded set and the training run", required=True),
              Flag("--name", help="run name", default="dfn"),
              Flag("--scale", "dfn.scale"), Flag("--arch", "dfn.arch"),
              Flag("--pretrained", "dfn.pretrained", "fine-tune from an open_clip tag or checkpoint (as DFN does)")],
             sections=("dfn",)),
-    Command("evaluate", "evaluate an open_clip model on a task list", "workflows.commands:evaluate",
+    Command("evaluate", "evaluate an open_clip model on a task list", "winnow.workflows.commands:evaluate",
             [("checkpoint", "checkpoint path, or an open_clip pretrained tag with --model")],
             [Flag("--model", "evaluate.model", "open_clip architecture"),
              Flag("--tasks", help="task list: a shipped name (manifests/tasks/NAME.yaml, e.g. demo) or a YAML "
@@ -190,10 +190,10 @@ COMMANDS = [
              Flag("--out", help="folder for eval_results.jsonl and summary.json", required=True),
              Flag("--device", "evaluate.device")], sections=("evaluate",)),
     Command("report", "one self-contained HTML report of demo, training or evaluation folders",
-            "workflows.commands:report", [("runs...", "demo folders, training run folders, evaluation folders")],
+            "winnow.workflows.commands:report", [("runs...", "demo folders, training run folders, evaluation folders")],
             [Flag("--out", help="the HTML file to write", default="report.html")], stage=False),
     Command("compare", "the training table of runs: means, 95%% intervals, seed spread, tests vs the first",
-            "workflows.commands:compare", [("runs...", "training run or evaluation folders (<subset>-seed<k> "
+            "winnow.workflows.commands:compare", [("runs...", "training run or evaluation folders (<subset>-seed<k> "
                                                        "are seeds of one subset), or demo folders")], stage=False),
 ]
 BY_NAME = {c.name: c for c in COMMANDS}
@@ -202,8 +202,8 @@ BY_NAME = {c.name: c for c in COMMANDS}
 def _flag_help(flag: Flag) -> str:
     if not flag.key:
         return flag.help + (f" (default {flag.default})" if flag.default else "")
-    from pipeline.core.config import default_of
-    from workflows.settings import RunConfig
+    from winnow.pipeline.core.config import default_of
+    from winnow.workflows.settings import RunConfig
 
     key = flag.key.replace("{kind}", "dist")
     text = f"sets {flag.key}" if not flag.help else f"{flag.help}; sets {flag.key}"
@@ -265,7 +265,7 @@ def config_keys() -> dict[str, bool]:
     import dataclasses
     import typing
 
-    from workflows.settings import RunConfig
+    from winnow.workflows.settings import RunConfig
 
     def walk(cls, prefix: str):
         for name, tp in typing.get_type_hints(cls).items():
@@ -327,7 +327,7 @@ def flag_values(command: Command, args: argparse.Namespace) -> dict:
 
 
 def load_config(command: Command, args: argparse.Namespace):
-    from workflows.settings import demo_config_path, load
+    from winnow.workflows.settings import demo_config_path, load
 
     path = args.config or (str(demo_config_path()) if command.name == "demo" else None)
     check_overrides(args.overrides)
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"winnow: error: {_unknown(parser, args.command, extra)}", file=sys.stderr)
         return 2
     if args.version:
-        from pipeline import __version__
+        from winnow.pipeline import __version__
 
         print(f"winnow {__version__}")
         return 0
@@ -363,7 +363,7 @@ MAYBE_PATHS = {"recipe", "checkpoint", "tasks"}  # a name or a path: changed onl
 
 def absolute_paths(command: Command, args: argparse.Namespace, cfg) -> None:
     """Every local path of the command made absolute, in ``args`` and in ``cfg``, before any task is built."""
-    from pipeline.core.fsio import absolute
+    from winnow.pipeline.core.fsio import absolute
 
     names = [n for n in [a for a, _ in command.args] + [f.name.lstrip("-").replace("-", "_") for f in command.flags
                                                         if not f.key] if n not in NAMES]
@@ -376,7 +376,7 @@ def absolute_paths(command: Command, args: argparse.Namespace, cfg) -> None:
             setattr(args, name, absolute(value, only_existing=name in MAYBE_PATHS))
     import dataclasses
 
-    for section in dataclasses.fields(cfg):  # config fields declared as paths (pipeline.core.config.path)
+    for section in dataclasses.fields(cfg):  # config fields declared as paths (winnow.pipeline.core.config.path)
         obj = getattr(cfg, section.name)
         for f in dataclasses.fields(obj) if dataclasses.is_dataclass(obj) else ():
             kind = f.metadata.get("path")
@@ -414,7 +414,7 @@ def run(command: Command, args: argparse.Namespace) -> int:
         print("winnow: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     finally:
-        from pipeline.data.manifest import release_all
+        from winnow.pipeline.data.manifest import release_all
 
         release_all()
     return 0

@@ -1,7 +1,7 @@
 """What each ``winnow`` subcommand does with its arguments and the run config: call its stage, print the result,
 and return it (the Python API, :mod:`winnow`, returns what these return).
 
-One function per subcommand (the table in :mod:`workflows.cli` names it); the work itself is in the stage module
+One function per subcommand (the table in :mod:`winnow.workflows.cli` names it); the work itself is in the stage module
 that ``pipeline/README.md`` maps the command to.
 """
 
@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 
-from pipeline.core.errors import RunFailed, UserError
+from winnow.pipeline.core.errors import RunFailed, UserError
 
 
 def _runner(cfg):
     """The cluster of an enclosing ``with winnow.cluster():``, else a new one for this command."""
     from contextlib import nullcontext
 
-    from pipeline.run.runner import Runner
+    from winnow.pipeline.run.runner import Runner
 
     active = Runner.active()
     return nullcontext(active) if active is not None else Runner(cfg.cluster)
@@ -33,7 +33,7 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def synth(args, cfg) -> dict:
-    from pipeline.synth.world import build_world
+    from winnow.pipeline.synth.world import build_world
 
     with _runner(cfg) as runner:
         doc = build_world(cfg.synth, args.world, runner, overwrite=args.overwrite)
@@ -43,15 +43,15 @@ def synth(args, cfg) -> dict:
 
 
 def serve(args, cfg) -> None:
-    from pipeline.synth.server import serve_world
+    from winnow.pipeline.synth.server import serve_world
 
     serve_world(args.world, int(args.port) if args.port else None)
 
 
 def ingest(args, cfg) -> dict[str, int]:
-    from pipeline.data.ledger import format_counts
-    from pipeline.data.pool import ledger, refused_host
-    from pipeline.stages.ingest import ingest as run_ingest
+    from winnow.pipeline.data.ledger import format_counts
+    from winnow.pipeline.data.pool import ledger, refused_host
+    from winnow.pipeline.stages.ingest import ingest as run_ingest
 
     with _runner(cfg) as runner:
         run_ingest(args.urls, args.pool, cfg.ingest, runner, overwrite=args.overwrite)
@@ -70,7 +70,7 @@ def ingest(args, cfg) -> dict[str, int]:
 
 
 def register(args, cfg) -> dict:
-    from pipeline.stages.register import register as run_register
+    from winnow.pipeline.stages.register import register as run_register
 
     with _runner(cfg) as runner:
         doc = run_register(args.pool, runner)
@@ -80,15 +80,15 @@ def register(args, cfg) -> dict:
 
 
 def ledger(args, cfg) -> dict[str, int]:
-    from pipeline.data.pool import ledger as counts
-    from pipeline.stages.ledger import report
+    from winnow.pipeline.data.pool import ledger as counts
+    from winnow.pipeline.stages.ledger import report
 
     print(report(args.pool, args.truth))
     return dict(counts(args.pool)[0])
 
 
 def embed(args, cfg) -> dict:
-    from pipeline.stages.embed import embed as run_embed
+    from winnow.pipeline.stages.embed import embed as run_embed
 
     with _runner(cfg) as runner:
         doc = run_embed(args.pool, cfg.embed, runner, out=args.out, overwrite=args.overwrite,
@@ -98,7 +98,7 @@ def embed(args, cfg) -> dict:
 
 
 def dedup(args, cfg) -> dict:
-    from pipeline.stages.dedup import dedup as run_dedup
+    from winnow.pipeline.stages.dedup import dedup as run_dedup
 
     with _runner(cfg) as runner:
         doc = run_dedup(args.pool, cfg.dedup, runner, out=args.out, overwrite=args.overwrite,
@@ -108,8 +108,8 @@ def dedup(args, cfg) -> dict:
 
 
 def copy_descriptor(args, cfg) -> str:
-    from pipeline.models.copydetect import MODEL_NAME
-    from pipeline.stages.copy_descriptor import train_descriptor
+    from winnow.pipeline.models.copydetect import MODEL_NAME
+    from winnow.pipeline.stages.copy_descriptor import train_descriptor
 
     path = train_descriptor(args.pool, args.out, cfg.copy_descriptor, overwrite=args.overwrite)
     print(f"copy-descriptor: {path}\nnext: winnow embed {args.pool} --model {MODEL_NAME} --pretrained {path} "
@@ -119,12 +119,12 @@ def copy_descriptor(args, cfg) -> str:
 
 def evalset(args, cfg):
     if args.kind == "patchmix":
-        from pipeline.evalsets.patchmix import build_patchmix
+        from winnow.pipeline.evalsets.patchmix import build_patchmix
 
         result = build_patchmix(args.source, args.out, cfg.patchmix, overwrite=args.overwrite)
         what = f"{len(result)} conditions"
     elif args.kind == "dist":
-        from pipeline.evalsets.dist import build_dist
+        from winnow.pipeline.evalsets.dist import build_dist
 
         result = build_dist(args.source, args.out, cfg.dist, overwrite=args.overwrite)
         what = f"{result['kept']} triplets"
@@ -135,10 +135,10 @@ def evalset(args, cfg):
 
 
 def subset(args, cfg):
-    from pipeline.core.fsio import join, load_npy
-    from pipeline.run.runner import Runner
-    from pipeline.stages.subset import check_variables
-    from pipeline.stages.subset import subset as run_subset
+    from winnow.pipeline.core.fsio import join, load_npy
+    from winnow.pipeline.run.runner import Runner
+    from winnow.pipeline.stages.subset import check_variables
+    from winnow.pipeline.stages.subset import subset as run_subset
 
     check_variables(args.recipe, _pairs(args.var, "--var"))
     with _runner(cfg) as runner:
@@ -150,7 +150,7 @@ def subset(args, cfg):
 
 
 def reshard(args, cfg) -> dict:
-    from pipeline.stages.reshard import reshard as run_reshard
+    from winnow.pipeline.stages.reshard import reshard as run_reshard
 
     with _runner(cfg) as runner:
         doc = run_reshard(args.pool, args.subset, args.out, runner, shard_size=cfg.reshard.shard_size,
@@ -160,12 +160,12 @@ def reshard(args, cfg) -> dict:
 
 
 def train(args, cfg) -> str:
-    from pipeline.stages.train import recorded_config
-    from pipeline.stages.train import train as run_train
+    from winnow.pipeline.stages.train import recorded_config
+    from winnow.pipeline.stages.train import train as run_train
 
     tcfg = recorded_config(cfg.train.logs, args.name, args.data) if args.resume else cfg.train.config()
     if args.tasks:  # read before training: a wrong task list fails now, not after the run
-        from pipeline.tasks import load_tasklist
+        from winnow.pipeline.tasks import load_tasklist
 
         tasks = load_tasklist(args.tasks, _pairs(args.var, "--var"))
     launch = cfg.train.launch()
@@ -179,8 +179,8 @@ def train(args, cfg) -> str:
     if launch.node_rank > 0:
         return ckpt  # the rank-0 machine evaluates
     if args.tasks:
-        from pipeline.core.fsio import join
-        from pipeline.stages.evaluate import evaluate
+        from winnow.pipeline.core.fsio import join
+        from winnow.pipeline.stages.evaluate import evaluate
 
         out = join(cfg.train.logs, args.name, "eval")
         summary = evaluate(tcfg.model, ckpt, tasks, out, overwrite=args.overwrite)
@@ -191,7 +191,7 @@ def train(args, cfg) -> str:
 
 
 def dfn(args, cfg) -> str:
-    from pipeline.stages.dfn import train_dfn
+    from winnow.pipeline.stages.dfn import train_dfn
 
     if args.action != "train":
         raise UserError(f"dfn {args.action!r}: the dfn command has one action, `winnow dfn train HQ_POOL --out DIR`")
@@ -204,9 +204,9 @@ def dfn(args, cfg) -> str:
 
 
 def evaluate(args, cfg) -> dict:
-    from pipeline.run.runner import Runner
-    from pipeline.stages.evaluate import evaluate as run_evaluate
-    from pipeline.tasks import load_tasklist
+    from winnow.pipeline.run.runner import Runner
+    from winnow.pipeline.stages.evaluate import evaluate as run_evaluate
+    from winnow.pipeline.tasks import load_tasklist
 
     tasks = load_tasklist(args.tasks, _pairs(args.var, "--var"))
     if not (args.scheduler or args.workers or Runner.active()):  # one process: the model is loaded once
@@ -218,13 +218,13 @@ def evaluate(args, cfg) -> dict:
 
 
 def report(args, cfg) -> str:
-    from workflows.report import html_report
+    from winnow.workflows.report import html_report
 
     return html_report(args.runs, args.out)
 
 
 def compare(args, cfg) -> str:
-    from workflows.compare import compare_runs
+    from winnow.workflows.compare import compare_runs
 
     text = compare_runs(args.runs)
     print(text)

@@ -1,6 +1,6 @@
 """Comparing trained subsets: the evaluations found in run folders, seeds grouped, and one table of means, 95%
-intervals, seed spreads and paired tests (:mod:`pipeline.tasks.stats`). ``winnow compare`` prints it; the HTML
-report (:mod:`workflows.report`) shows it.
+intervals, seed spreads and paired tests (:mod:`winnow.pipeline.tasks.stats`). ``winnow compare`` prints it; the HTML
+report (:mod:`winnow.workflows.report`) shows it.
 
 A RUN is a demo folder (every ``train/*/eval``), a training run folder (``<logs>/<name>`` with ``eval/``) or an
 evaluation folder (``summary.json`` + ``eval_results.jsonl``). Runs named ``<subset>-seed<k>`` are seeds of one
@@ -16,11 +16,11 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from pipeline.core import fsio
-from pipeline.core.errors import UserError
-from pipeline.data.manifest import read_manifest
-from pipeline.tasks import Task, samples_path
-from pipeline.tasks.stats import ONE_SEED, Difference, Estimate, compare, estimate, holm, verdict
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.manifest import read_manifest
+from winnow.pipeline.tasks import Task, samples_path
+from winnow.pipeline.tasks.stats import ONE_SEED, Difference, Estimate, compare, estimate, holm, verdict
 
 SEED = re.compile(r"^(?P<subset>.+)-seed(?P<seed>\d+)$")
 METHOD = ("95% interval: eval images resampled (paired across tasks) and, with 2 or more seeds, the seed-to-seed "
@@ -59,7 +59,7 @@ class EvalRun:
     def losses(self) -> list[tuple[int, float]]:
         """(samples seen, loss) of every step line its training run logged (``out.log`` of the run folder holding
         this evaluation as ``eval/``); [] when there is none."""
-        from pipeline.stages.train import step_loss
+        from winnow.pipeline.stages.train import step_loss
 
         parent, leaf = self.out.rstrip("/").rsplit("/", 1)
         path = fsio.join(parent, "out.log")

@@ -4,9 +4,9 @@ synth -> eval sets (DiST, Patch Mixing) -> serve -> ingest -> train the fixed ti
 model is the CLIP scorer, the demo's stand-in for OpenAI's CLIP) -> embed the pool with it -> fine-tune it on the
 clean set into a data filtering network (DFN) and embed the pool with that -> copy descriptor, dedup and
 decontamination -> score and select every recipe, measured against the planted truth -> train and evaluate the
-same fixed model on each subset -> report (:mod:`workflows.report`).
+same fixed model on each subset -> report (:mod:`winnow.workflows.report`).
 
-Every step is a stage (:class:`pipeline.run.stage.Stage`): a rerun reuses what is up to date and resumes what was
+Every step is a stage (:class:`winnow.pipeline.run.stage.Stage`): a rerun reuses what is up to date and resumes what was
 interrupted; ``--overwrite`` replaces what was made with other settings.
 """
 
@@ -19,29 +19,29 @@ from dataclasses import asdict, replace
 
 import numpy as np
 
-from pipeline.core import fsio
-from pipeline.data.manifest import MANIFEST
-from pipeline.data.pool import ledger
-from pipeline.evalsets.dist import build_dist
-from pipeline.evalsets.patchmix import build_patchmix
-from pipeline.models import copydetect
-from pipeline.run.runner import Runner
-from pipeline.stages.copy_descriptor import train_descriptor
-from pipeline.stages.dedup import TABLE as DEDUP_TABLE
-from pipeline.stages.dedup import dedup, read_table
-from pipeline.stages.dedup import default_out as dedup_out
-from pipeline.stages.dfn import train_dfn
-from pipeline.stages.embed import EmbedConfig, embed
-from pipeline.stages.ingest import ingest
-from pipeline.stages.reshard import reshard
-from pipeline.stages.subset import subset
-from pipeline.stages.train import RunTask, from_scale, train_and_evaluate
-from pipeline.synth.server import WebPoolServer
-from pipeline.synth.truth import dedup_check, ingest_check, selection_check
-from pipeline.synth.world import build_world
-from pipeline.tasks import load_tasklist
-from workflows import report
-from workflows.settings import RunConfig, tasks_path
+from winnow.pipeline.core import fsio
+from winnow.pipeline.data.manifest import MANIFEST
+from winnow.pipeline.data.pool import ledger
+from winnow.pipeline.evalsets.dist import build_dist
+from winnow.pipeline.evalsets.patchmix import build_patchmix
+from winnow.pipeline.models import copydetect
+from winnow.pipeline.run.runner import Runner
+from winnow.pipeline.stages.copy_descriptor import train_descriptor
+from winnow.pipeline.stages.dedup import TABLE as DEDUP_TABLE
+from winnow.pipeline.stages.dedup import dedup, read_table
+from winnow.pipeline.stages.dedup import default_out as dedup_out
+from winnow.pipeline.stages.dfn import train_dfn
+from winnow.pipeline.stages.embed import EmbedConfig, embed
+from winnow.pipeline.stages.ingest import ingest
+from winnow.pipeline.stages.reshard import reshard
+from winnow.pipeline.stages.subset import subset
+from winnow.pipeline.stages.train import RunTask, from_scale, train_and_evaluate
+from winnow.pipeline.synth.server import WebPoolServer
+from winnow.pipeline.synth.truth import dedup_check, ingest_check, selection_check
+from winnow.pipeline.synth.world import build_world
+from winnow.pipeline.tasks import load_tasklist
+from winnow.workflows import report
+from winnow.workflows.settings import RunConfig, tasks_path
 
 
 def main(args, cfg: RunConfig) -> dict:

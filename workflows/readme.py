@@ -3,7 +3,7 @@
 ``make demo`` writes ``runs/demo/report/figures.json`` (:func:`figures`: the training comparison, the dedup check,
 the ledger and the time, plus the demo settings they depend on) and says at its end whether they equal the ones
 recorded in ``benchmarks/results/demo.json``, which the README quotes. ``make readme-figures``
-(``python -m workflows.readme runs/demo``) records a demo's figures and rewrites the README's block between
+(``python -m winnow.workflows.readme runs/demo``) records a demo's figures and rewrites the README's block between
 ``<!-- demo-figures -->`` and ``<!-- /demo-figures -->`` from them (:func:`block`); ``tests/test_readme.py`` checks
 that the block is what the recorded figures give and that they were made with the current demo settings.
 """
@@ -30,7 +30,7 @@ def settings(cfg: dict) -> dict:
 
 def figures(summary: dict, rows: list) -> dict:
     """What the README quotes from one demo run: ``summary`` is the demo's ``report/summary.json`` and ``rows``
-    its training table (:func:`workflows.compare.table`)."""
+    its training table (:func:`winnow.workflows.compare.table`)."""
     base = rows[0]
     comparison = []
     for r in rows:

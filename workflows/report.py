@@ -4,7 +4,7 @@ closing printout, ``report.md`` and tables (:func:`write`), which end with the s
 The page's sections appear when their data exists: from a demo folder the pool's ledger, each one-filter subset
 (score histogram with its threshold, kept and dropped examples), each recipe (size, planted-defect precision and
 recall on the synthetic world), duplicate groups and the timings; from every evaluated run (demo, training or
-evaluation folders, :mod:`workflows.compare`) the training table with intervals and paired tests, accuracy vs
+evaluation folders, :mod:`winnow.workflows.compare`) the training table with intervals and paired tests, accuracy vs
 subset size, DiST and the Patch Mixing curves.
 """
 
@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipeline.core import fsio
-from pipeline.core.errors import UserError
-from pipeline.data.ledger import OK, format_counts
-from pipeline.data.manifest import read_manifest
-from workflows import html
-from pipeline.tasks.stats import ONE_SEED, verdict
-from workflows.compare import (
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.ledger import OK, format_counts
+from winnow.pipeline.data.manifest import read_manifest
+from winnow.workflows import html
+from winnow.pipeline.tasks.stats import ONE_SEED, verdict
+from winnow.workflows.compare import (
     METHOD,
     Group,
     ci_text,
@@ -139,7 +139,7 @@ def write(out: str, report: str, summary: dict, r: Results, log=print) -> str:
     r.robust.to_csv(os.path.join(report, "robustness.csv"), index=False, float_format="%.4f")
     rows = _training_rows(group_runs(find_runs([out])))
     training = format_text(rows)
-    from workflows import readme
+    from winnow.workflows import readme
 
     fsio.write_json(os.path.join(report, "figures.json"), readme.figures(summary, rows))
     lines = [
@@ -168,7 +168,7 @@ def write(out: str, report: str, summary: dict, r: Results, log=print) -> str:
 
 def _readme_line(report: str) -> str:
     """Whether this run's figures are the ones the README quotes (``benchmarks/results/demo.json``)."""
-    from workflows import readme
+    from winnow.workflows import readme
 
     run = fsio.read_json(os.path.join(report, "figures.json"))
     if not readme.RECORDED.is_file():
@@ -246,7 +246,7 @@ def html_report(paths: list[str], out: str, log=print) -> str:
 
 def _funnel_line(demo: str, rows: list) -> str:
     """The pool in one line: input rows, ok, the main failures, then each trained subset's size."""
-    from pipeline.data.pool import ledger
+    from winnow.pipeline.data.pool import ledger
 
     counts, total = ledger(os.path.join(demo, "pool"))
     total = total or sum(counts.values())
@@ -300,8 +300,8 @@ class Images:
     def load(self) -> None:
         from PIL import Image
 
-        from pipeline.data.images import encode_jpeg, open_rgb
-        from pipeline.data.shards import image_bytes, iter_tar
+        from winnow.pipeline.data.images import encode_jpeg, open_rgb
+        from winnow.pipeline.data.shards import image_bytes, iter_tar
 
         for stem, keys in self.want.items():
             tar = os.path.join(self.pool, f"{stem}.tar")
@@ -323,7 +323,7 @@ class Images:
 
 
 def _ledger_section(demo: str) -> str:
-    from pipeline.data.pool import ledger
+    from winnow.pipeline.data.pool import ledger
 
     counts, total = ledger(os.path.join(demo, "pool"))
     rows = sum(counts.values())
@@ -363,9 +363,9 @@ def _subset_lines(folder: str, doc: dict) -> list[tuple[float, str]]:
 
 def _filter_data(folder: str, images: Images, max_parts: int = 4) -> dict:
     """A one-filter subset: its score column over the pool's candidates, thresholds, and examples."""
-    from pipeline.data.parts import list_parts, read_part
-    from pipeline.data.uid import isin_uids, uids_to_array
-    from pipeline.select.score import load_array
+    from winnow.pipeline.data.parts import list_parts, read_part
+    from winnow.pipeline.data.uid import isin_uids, uids_to_array
+    from winnow.pipeline.select.score import load_array
 
     doc = fsio.read_json(os.path.join(folder, "subset.json"))
     column, cache = next(iter(doc["scores"].items()))
@@ -425,7 +425,7 @@ def _recipes_section(demo: str) -> str:
     df = pd.DataFrame(rows)
     text = html.note("Size: samples a recipe keeps (of the downloaded ones).")
     if os.path.isfile(os.path.join(world, "truth.parquet")):
-        from pipeline.synth.truth import selection_check
+        from winnow.pipeline.synth.truth import selection_check
 
         recall, _ = selection_check(pool, world, arrays)
         df = df.merge(recall.drop(columns=["kept"]), on="subset")
@@ -437,7 +437,7 @@ def _recipes_section(demo: str) -> str:
 
 def _dedup_data(demo: str, images: Images, per_kind: int = 3, max_members: int = 6) -> pd.DataFrame | None:
     """A few duplicate groups per kind (largest first), with each member's image asked for."""
-    from pipeline.data.parts import list_parts, read_part
+    from winnow.pipeline.data.parts import list_parts, read_part
 
     found = sorted(glob.glob(os.path.join(demo, "pool", "dedup", "*", "duplicates.parquet")))
     tag = _demo_summary(demo).get("config", {}).get("demo", {}).get("dedup", {}).get("tag")
@@ -561,10 +561,10 @@ def tail_tables(groups: list[Group]) -> list[tuple[str, pd.DataFrame, pd.DataFra
     """Per zero-shot task on a synthetic world's evaluation set (the set's parent folder holds the world's
     ``classes.parquet``): (task, the world's classes, one row per subset with the mean over seeds of the top-1
     accuracy averaged over the head classes and over the tail classes, and tail - head). The head and tail are the
-    most and least frequent thirds of the classes in the pool (:func:`pipeline.synth.world.class_table`); subsets
+    most and least frequent thirds of the classes in the pool (:func:`winnow.pipeline.synth.world.class_table`); subsets
     evaluated without per-class accuracy are left out."""
-    from pipeline.synth.world import read_classes
-    from pipeline.tasks.zeroshot import CLASS_PREFIX, KIND
+    from winnow.pipeline.synth.world import read_classes
+    from winnow.pipeline.tasks.zeroshot import CLASS_PREFIX, KIND
 
     out = []
     for task in groups[0].tasks:
@@ -617,7 +617,7 @@ def _chance(group: Group, tasks: list[str]) -> float | None:
 
 
 def _robustness_section(groups: list[Group]) -> str:
-    from pipeline.evalsets.patchmix import TILES
+    from winnow.pipeline.evalsets.patchmix import TILES
 
     out = ""
     dist = [t for t in groups[0].tasks if t.kind == "odd_one_out"]
@@ -656,7 +656,7 @@ def _robustness_section(groups: list[Group]) -> str:
         xlabel = {"occlude": "occluded share", "shuffle": "tiles shuffled"}.get(
             curve, "share of patches replaced" if curve.startswith("mix") else "share of patches dropped")
         charts.append(html.lines(series, xlabel, "zero-shot accuracy", f"Patch Mixing: {curve}", chance, ticks))
-    from pipeline.tasks.curves import trapezoid_weights
+    from winnow.pipeline.tasks.curves import trapezoid_weights
 
     points = {c: [t for t in groups[0].tasks if t.curve == c] for c in curves}
     for g in groups:

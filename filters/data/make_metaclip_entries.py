@@ -10,7 +10,7 @@ Wikipedia sources need dumps and page-view logs, so the shipped list takes what 
 - ``number``: 0 to 99, as MetaCLIP;
 - ``imagenet1k``: the 1,000 ImageNet class names of OpenAI's CLIP, as open_clip ships them
   (``open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES``);
-- ``synthetic``: the class names and synonyms of Winnow's synthetic world (``pipeline.synth.captions.SYNONYMS``).
+- ``synthetic``: the class names and synonyms of Winnow's synthetic world (``winnow.pipeline.synth.captions.SYNONYMS``).
 
 Each entry is lower-cased, ``_`` becomes a space and runs of whitespace one space. An entry holding one of
 ``, . ; : ? ! ``` is dropped: MetaCLIP's matching puts spaces around those marks in the caption, so such an
@@ -54,8 +54,8 @@ def main() -> None:
     ap.add_argument("--wordnet", default="/usr/share/wordnet", help="WordNet 3.0 dict folder (index.* files)")
     ap.add_argument("--out", default=os.path.join(HERE, "metaclip_entries.tsv"))
     args = ap.parse_args()
-    sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root, for pipeline.synth
-    from pipeline.synth.captions import SYNONYMS
+    sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root, for winnow.pipeline.synth
+    from winnow.pipeline.synth.captions import SYNONYMS
 
     lemmas, version = wordnet_lemmas(args.wordnet)
     sources = {"wordnet": lemmas, "number": [str(i) for i in range(100)],

@@ -1,6 +1,6 @@
-"""``python -m pipeline.core.cat URL``: the bytes of a file or object (any fsspec URL) on standard output.
+"""``python -m winnow.pipeline.core.cat URL``: the bytes of a file or object (any fsspec URL) on standard output.
 
-WebDataset reads shards through ``pipe:`` commands; open_clip_train is given ``pipe:python -m pipeline.core.cat
+WebDataset reads shards through ``pipe:`` commands; open_clip_train is given ``pipe:python -m winnow.pipeline.core.cat
 s3://bucket/shards/{00000000..00000009}.tar`` for shards on an object store, so any filesystem fsspec knows
 works without a cloud vendor's command-line tool.
 """
@@ -8,7 +8,7 @@ works without a cloud vendor's command-line tool.
 import shutil
 import sys
 
-from pipeline.core import fsio
+from winnow.pipeline.core import fsio
 
 
 def main(url: str) -> None:

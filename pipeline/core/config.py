@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
-from pipeline.core.errors import UserError, did_you_mean
+from winnow.pipeline.core.errors import UserError, did_you_mean
 
 T = TypeVar("T")
 

@@ -263,7 +263,7 @@ def load_npy(path: str, what: str, mmap: bool = False):
 
     import numpy as np
 
-    from pipeline.core.errors import UserError
+    from winnow.pipeline.core.errors import UserError
 
     fs, p = get_fs(path)
     if not fs.exists(p):

@@ -15,9 +15,9 @@ import os
 
 import numpy as np
 
-from pipeline.core import fsio
-from pipeline.core.errors import UserError
-from pipeline.data.shards import image_bytes, iter_tar
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.shards import image_bytes, iter_tar
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 #: the odd-one-out members of a DiST triplet, in the order they are stored

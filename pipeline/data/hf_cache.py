@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from pipeline.core import fsio
-from pipeline.core.errors import UserError
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.errors import UserError
 
 
 def dataset_dir(hf_cache: str, repo: str) -> str:

@@ -2,7 +2,7 @@
 
 ``inspect_image`` reads only magic bytes, the header (through PIL's lazy ``Image.open``) and the tail, so a
 decompression bomb is refused before a pixel buffer is allocated. It returns None for bytes that look like a
-complete image, else a ledger message that starts with the state code (see :mod:`pipeline.data.ledger`).
+complete image, else a ledger message that starts with the state code (see :mod:`winnow.pipeline.data.ledger`).
 """
 
 from __future__ import annotations

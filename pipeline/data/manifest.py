@@ -29,9 +29,9 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import __version__
-from pipeline.core import fsio
-from pipeline.core.errors import UserError
+from winnow.pipeline import __version__
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.errors import UserError
 
 MANIFEST = "_manifest.json"
 RUN = "_run.json"

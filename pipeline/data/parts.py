@@ -16,10 +16,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core import fsio
-from pipeline.core.errors import UserError
-from pipeline.data import shards
-from pipeline.data.ledger import OK, states_of
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data import shards
+from winnow.pipeline.data.ledger import OK, states_of
 
 
 @dataclass(frozen=True)

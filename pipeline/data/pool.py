@@ -6,10 +6,10 @@ from collections import Counter
 
 import pandas as pd
 
-from pipeline.core import fsio
-from pipeline.data import manifest, shards
-from pipeline.core.errors import UserError
-from pipeline.data.ledger import states_of
+from winnow.pipeline.core import fsio
+from winnow.pipeline.data import manifest, shards
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.ledger import states_of
 
 def ledger(pool: str) -> tuple[dict[str, int], int | None]:
     """Counts per state over every shard's parquet, and the input row count from the manifest (if any)."""

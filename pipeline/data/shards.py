@@ -26,8 +26,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core import fsio
-from pipeline.data.ledger import OK, states_of
+from winnow.pipeline.core import fsio
+from winnow.pipeline.data.ledger import OK, states_of
 
 INPUTS = "_inputs"  # ingest's split input shards, present while an ingest is unfinished
 SHARD_RE = re.compile(r"^(\d+)\.tar$")
@@ -105,7 +105,7 @@ def iter_tar(tar_path: str) -> Iterator[dict]:
 class TarWriter:
     """The one tar writer (WebDataset layout: a sample is its members ``<key>.<ext>``, adjacent).
 
-    The tar appears at ``path`` only when the block ends without an error (:func:`pipeline.core.fsio.atomic_open`).
+    The tar appears at ``path`` only when the block ends without an error (:func:`winnow.pipeline.core.fsio.atomic_open`).
     Members are USTAR entries with mode 0444 and mtime 0 unless given, so a tar's bytes depend only on what is
     written into it.
     """

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from pipeline.core.errors import UserError
+from winnow.pipeline.core.errors import UserError
 
 UID_DTYPE = np.dtype("u8,u8")
 _HEX = re.compile(r"^[0-9a-f]{1,32}$")

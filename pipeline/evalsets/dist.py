@@ -33,7 +33,7 @@ Quality gates, per synthesis, written to the manifest:
 A source whose syntheses fail is redone with new seeds up to ``retries`` times, then dropped; the manifest
 and ``gates.json`` count both.
 
-The test (:mod:`pipeline.tasks.odd_one_out`): embed the three images, L2-normalise, ``odd = argmin_i sum_{j != i} cos(e_i,
+The test (:mod:`winnow.pipeline.tasks.odd_one_out`): embed the three images, L2-normalise, ``odd = argmin_i sum_{j != i} cos(e_i,
 e_j)``; a trial is right when the odd one is the original; chance is 1/3. Two reference "models" check the
 set (:func:`baseline_scores`): ``pixels`` (the raw pixel vector) and ``texture`` (the Gram matrices of every
 stage of a second random network, another seed and the full five stages whatever the image size, each
@@ -48,9 +48,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.core.config import path
-from pipeline.data.evalsets import MEMBERS
-from pipeline.tasks.odd_one_out import metrics as odd_one_out_metrics
+from winnow.pipeline.core.config import path
+from winnow.pipeline.data.evalsets import MEMBERS
+from winnow.pipeline.tasks.odd_one_out import metrics as odd_one_out_metrics
 
 
 
@@ -125,7 +125,7 @@ def vgg19_net(path: str, device: str = "cpu"):
     from torch import nn
     from torchvision.models import vgg19
 
-    from pipeline.core.errors import UserError
+    from winnow.pipeline.core.errors import UserError
 
     if not os.path.isfile(path):
         raise UserError(f"VGG-19 checkpoint not found: {path}")
@@ -323,9 +323,9 @@ def build_dist(source: str, out: str, cfg: DistConfig, overwrite: bool = False, 
     gate measurement, the failed gates); ``gates.json`` (counts, config, the reference models' scores);
     ``tasks.yaml`` (one odd-one-out task).
     """
-    from pipeline.core import fsio
-    from pipeline.data.evalsets import labeled_files
-    from pipeline.run.stage import Stage
+    from winnow.pipeline.core import fsio
+    from winnow.pipeline.data.evalsets import labeled_files
+    from winnow.pipeline.run.stage import Stage
 
     stage = Stage("dist", out, asdict(cfg), inputs=labeled_files(source), overwrite=overwrite, protect=[source],
                   log=log)
@@ -342,11 +342,11 @@ def _build(source: str, out: str, cfg: DistConfig, log) -> dict:
     import yaml
     from PIL import Image
 
-    from pipeline.core import fsio
-    from pipeline.data import shards
-    from pipeline.data.evalsets import per_class, read_labeled, write_evalset_meta
-    from pipeline.models.registry import default_device
-    from pipeline.data.images import square_image
+    from winnow.pipeline.core import fsio
+    from winnow.pipeline.data import shards
+    from winnow.pipeline.data.evalsets import per_class, read_labeled, write_evalset_meta
+    from winnow.pipeline.models.registry import default_device
+    from winnow.pipeline.data.images import square_image
 
     device = default_device() if cfg.device == "auto" else cfg.device
     data = read_labeled(source)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.core.errors import UserError
+from winnow.pipeline.core.errors import UserError
 
 
 def _check(img: np.ndarray, grid: int) -> int:
@@ -168,9 +168,9 @@ def build_patchmix(source: str, out: str, cfg: PatchmixConfig | None = None, ove
     """
     import os
 
-    from pipeline.core import fsio
-    from pipeline.data.evalsets import labeled_files
-    from pipeline.run.stage import Stage
+    from winnow.pipeline.core import fsio
+    from winnow.pipeline.data.evalsets import labeled_files
+    from winnow.pipeline.run.stage import Stage
 
     cfg = cfg or PatchmixConfig()
     stage = Stage("patchmix", out, asdict(cfg), inputs=labeled_files(source), overwrite=overwrite, protect=[source],
@@ -190,12 +190,12 @@ def _build(source: str, out: str, seed: int, size: int, per_class: int, log) -> 
     import yaml
     from PIL import Image
 
-    from pipeline.core import fsio
-    from pipeline.data import shards
-    from pipeline.data.evalsets import per_class as first_per_class
-    from pipeline.data.evalsets import read_labeled, write_evalset_meta
-    from pipeline.data.images import square_image
-    from pipeline.data.images import encode_jpeg
+    from winnow.pipeline.core import fsio
+    from winnow.pipeline.data import shards
+    from winnow.pipeline.data.evalsets import per_class as first_per_class
+    from winnow.pipeline.data.evalsets import read_labeled, write_evalset_meta
+    from winnow.pipeline.data.images import square_image
+    from winnow.pipeline.data.images import encode_jpeg
 
     data = read_labeled(source)
     chosen = first_per_class(data["labels"], per_class)

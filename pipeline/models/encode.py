@@ -1,5 +1,5 @@
 """The one image encoder and text encoder: pool images (``embed``), evaluation images (``evaluate``) and the
-images dedup checks for contamination all take the same path, :func:`pipeline.data.images.open_rgb` then the
+images dedup checks for contamination all take the same path, :func:`winnow.pipeline.data.images.open_rgb` then the
 model's own preprocessing.
 
 Images are decoded and preprocessed by a thread pool, one batch ahead of the model. An image that cannot be
@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from pipeline.core.errors import UserError
-from pipeline.data.images import DEFAULT_MAX_PIXELS, open_rgb
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.images import DEFAULT_MAX_PIXELS, open_rgb
 
 _MODELS: dict[tuple, tuple] = {}
 _MODELS_LOCK = threading.Lock()
@@ -25,7 +25,7 @@ _MODELS_LOCK = threading.Lock()
 
 def cached_model(model: str, pretrained: str, device: str, seed: int = 0):
     """``(model, preprocess, tokenizer)``, built once per process (each Dask worker keeps its own)."""
-    from pipeline.models.registry import load
+    from winnow.pipeline.models.registry import load
 
     key = (model, pretrained, device, seed)
     with _MODELS_LOCK:

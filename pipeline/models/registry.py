@@ -19,8 +19,8 @@ import logging
 import os
 from pathlib import Path
 
-from pipeline.models import copydetect
-from pipeline.core.errors import UserError
+from winnow.pipeline.models import copydetect
+from winnow.pipeline.core.errors import UserError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_VITAMIN = "winnow_vitamin_tiny"
@@ -63,7 +63,7 @@ def load(model: str, pretrained: str = "", device: str = "cpu", seed: int = 0):
     if model == copydetect.MODEL_NAME:  # the copy-detection descriptor: images only
         return copydetect.load(pretrained, device), copydetect.preprocess, None
     if "://" in pretrained:  # a checkpoint on an object store: read through a local copy
-        from pipeline.core import fsio
+        from winnow.pipeline.core import fsio
 
         if not fsio.exists(pretrained):
             raise UserError(f"checkpoint not found: {pretrained}")
@@ -105,7 +105,7 @@ OFFLINE_CHOICES = ("offline, give a checkpoint file (--pretrained PATH), '' for 
 def trained_as(checkpoint: str) -> str | None:
     """The open_clip model a ``winnow train`` checkpoint (``<run>/checkpoints/epoch_N.pt``) was trained as, read
     from its run's manifest; None for other files."""
-    from pipeline.core import fsio
+    from winnow.pipeline.core import fsio
 
     path = checkpoint if "://" in checkpoint else os.path.abspath(checkpoint)
     run = path.rstrip("/").rsplit("/", 2)[0]

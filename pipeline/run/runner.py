@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.core.errors import RunFailed, UserError, describe
+from winnow.pipeline.core.errors import RunFailed, UserError, describe
 
 
 @dataclass

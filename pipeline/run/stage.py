@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.core import fsio
-from pipeline.data.manifest import StageRun, describe_inputs, read_manifest, unlock
+from winnow.pipeline.core import fsio
+from winnow.pipeline.data.manifest import StageRun, describe_inputs, read_manifest, unlock
 
 
 class Stage:
@@ -31,8 +31,8 @@ class Stage:
         out: the output folder (its ``_run.json`` and ``_manifest.json`` live there).
         params: the stage's configuration; another value is another run.
         inputs: files whose content fingerprints identify the input (another content is another run).
-        runner: a :class:`pipeline.run.runner.Runner` for :meth:`map` (None: tasks run in this process).
-        overwrite / protect / enclosing: see :meth:`pipeline.data.manifest.StageRun.open`.
+        runner: a :class:`winnow.pipeline.run.runner.Runner` for :meth:`map` (None: tasks run in this process).
+        overwrite / protect / enclosing: see :meth:`winnow.pipeline.data.manifest.StageRun.open`.
     """
 
     def __init__(self, name: str, out: str, params: dict, inputs: Sequence[str] = (), runner=None,

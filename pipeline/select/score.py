@@ -29,17 +29,17 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.core import fsio
-from pipeline.core.errors import UserError
-from pipeline.data import manifest
-from pipeline.data.ledger import OK
-from pipeline.data.parts import Part, embedding_path, list_parts, load_embeddings, part_rows, read_part
-from pipeline.run.stage import Stage
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data import manifest
+from winnow.pipeline.data.ledger import OK
+from winnow.pipeline.data.parts import Part, embedding_path, list_parts, load_embeddings, part_rows, read_part
+from winnow.pipeline.run.stage import Stage
 
 
 def spec_hash(filt) -> str:
     """The cache name of a filter: its key, parameters and code version."""
-    from filters import code_version
+    from winnow.filters import code_version
 
     blob = json.dumps({"key": filt.key, "params": filt.params(), "code": code_version(type(filt))}, sort_keys=True,
                       default=str)
@@ -93,7 +93,7 @@ class PoolContext:
 
     def uids(self, part: Part) -> np.ndarray:
         """The part's uids (``u8,u8``) in row order."""
-        from pipeline.data.uid import uids_to_array
+        from winnow.pipeline.data.uid import uids_to_array
 
         return uids_to_array(read_part(part, ["uid"])["uid"].array, sort=False)
 
@@ -182,9 +182,9 @@ class ScoreTask:
 
 def score_part(task: ScoreTask) -> int:
     """Read the part once, write its rows file and each filter's scores; return its row count."""
-    from filters import REGISTRY
+    from winnow.filters import REGISTRY
 
-    from pipeline.data.uid import sort_order, uids_to_array
+    from winnow.pipeline.data.uid import sort_order, uids_to_array
 
     filters = [((spec.get("cls") or REGISTRY[spec["key"]])(**spec["params"]), out) for spec, out in task.filters]
     wanted = sorted({c for filt, _ in filters for c in filt.columns()})
@@ -214,7 +214,7 @@ def score_part(task: ScoreTask) -> int:
 def check_parts(parts: list[Part], filters) -> None:
     """Every part readable as parquet, with a uid column and the columns the filters need, before any work:
     each problem is one line naming the file."""
-    from pipeline.core.errors import describe
+    from winnow.pipeline.core.errors import describe
 
     for part in parts:
         try:
@@ -257,9 +257,9 @@ class Scores:
 def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = None, cache: str = "",
           log=print) -> Scores:
     """Compute (or reuse) the rows and each filter's scores over the pool, in one pass over its parts."""
-    from filters import build
+    from winnow.filters import build
 
-    from filters import code_version
+    from winnow.filters import code_version
 
     parts = list_parts(pool)
     filters = [build(spec) for spec in specs]

@@ -1,4 +1,4 @@
-"""``winnow copy-descriptor``: train the small copy-detection descriptor (:mod:`pipeline.models.copydetect`) on a
+"""``winnow copy-descriptor``: train the small copy-detection descriptor (:mod:`winnow.pipeline.models.copydetect`) on a
 pool's own images, without labels (InfoNCE between two web-copy-like views, hard negatives of similar colour)."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from pipeline.core import fsio
-from pipeline.core.errors import UserError
-from pipeline.data import shards
-from pipeline.data.images import open_rgb
-from pipeline.data.manifest import MANIFEST
-from pipeline.run.stage import Stage
-from pipeline.models.copydetect import SIDE, colour_key, framed, augment, build
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data import shards
+from winnow.pipeline.data.images import open_rgb
+from winnow.pipeline.data.manifest import MANIFEST
+from winnow.pipeline.run.stage import Stage
+from winnow.pipeline.models.copydetect import SIDE, colour_key, framed, augment, build
 
 
 def pool_images(pool: str, limit: int, side: int = 2 * SIDE) -> list:

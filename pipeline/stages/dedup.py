@@ -20,12 +20,12 @@
 Memory is bounded per process, whatever the pool's size: every pass is a task of one part (its rows and
 embeddings) or of one bucket of clusters or of exact-duplicate hashes, sized from ``worker_memory_gib``; the
 driver holds the training sample (also sized from it) and, at the end, the duplicates themselves. The steps
-are in :mod:`pipeline.stages.dedup_tasks`. Any fsspec URL works for the pool and the output.
+are in :mod:`winnow.pipeline.stages.dedup_tasks`. Any fsspec URL works for the pool and the output.
 
 Keep order, deterministic whatever the worker count: the highest image-text cosine (the CLIP score under
 ``keep_tag``, by default ``tag``; samples without a caption embedding rank last), then the smallest uid. In each
 group the first sample in that order is kept. Selection drops the rest with the rule
-``exclude_duplicates: {table: ..., kinds: [...]}`` (see :mod:`pipeline.stages.subset`).
+``exclude_duplicates: {table: ..., kinds: [...]}`` (see :mod:`winnow.pipeline.stages.subset`).
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from pipeline.core import fsio
-from pipeline.core.config import path
-from pipeline.core.errors import UserError
-from pipeline.data import manifest, shards
-from pipeline.data.parts import list_parts, part_rows
-from pipeline.data.pool import require_finished
-from pipeline.run.stage import Stage
-from pipeline.stages.dedup_tasks import (
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.config import path
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data import manifest, shards
+from winnow.pipeline.data.parts import list_parts, part_rows
+from winnow.pipeline.data.pool import require_finished
+from winnow.pipeline.run.stage import Stage
+from winnow.pipeline.stages.dedup_tasks import (
     TABLE_COLUMNS,
     AssignTask,
     BucketTask,
@@ -212,7 +212,7 @@ def embedding_dim(pool: str, part, tag: str) -> int:
     """The width of ``tag``'s image embeddings, from the first part's ``.npz`` header (no array is read)."""
     import zipfile
 
-    from pipeline.data.parts import embedding_path
+    from winnow.pipeline.data.parts import embedding_path
 
     with fsio.open_read(embedding_path(pool, part, tag, None)) as f, zipfile.ZipFile(f) as z:
         name = f"{tag}_img.npy"
@@ -258,11 +258,11 @@ def _table(work: str, contaminated, near_outputs: list[str], buckets: list[str],
 
 def _embed_evalsets(pool: str, cfg: DedupConfig, work: str, log) -> tuple:
     """Each eval set's images embedded by the model of the pool's tag, through the pool's decoding path
-    (:mod:`pipeline.stages.embed`); ``(name, .npy path)`` pairs for the scan tasks."""
-    from pipeline.data.evalsets import read_evalset
-    from pipeline.data.images import input_side
-    from pipeline.models.encode import cached_model, embed_images
-    from pipeline.models.registry import default_device
+    (:mod:`winnow.pipeline.stages.embed`); ``(name, .npy path)`` pairs for the scan tasks."""
+    from winnow.pipeline.data.evalsets import read_evalset
+    from winnow.pipeline.data.images import input_side
+    from winnow.pipeline.models.encode import cached_model, embed_images
+    from winnow.pipeline.models.registry import default_device
 
     params = (manifest.read_manifest(fsio.join(pool, "embeddings", cfg.tag)) or {}).get("params", {})
     if "model" not in params:

@@ -1,6 +1,6 @@
 """Dedup's worker tasks and building blocks, each with memory bounded by one part or one bucket (never the pool).
 
-The driver (:mod:`pipeline.stages.dedup`) runs four maps; every task writes its files under ``<out>/_work`` and a
+The driver (:mod:`winnow.pipeline.stages.dedup`) runs four maps; every task writes its files under ``<out>/_work`` and a
 marker last, so a killed run resumes task by task:
 
 1. ``scan_part`` (one per part): the part's ok rows (global row, uid, keep score), a random sample of their image
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipeline.core import fsio
-from pipeline.core.errors import UserError
-from pipeline.data.parts import Part, load_embeddings, read_part
-from pipeline.data.shards import write_table
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.parts import Part, load_embeddings, read_part
+from winnow.pipeline.data.shards import write_table
 
 FLAT_CLUSTERS = 256  # up to this many clusters, one flat k-means; above, two levels (sqrt(K) coarse clusters)
 COARSE_PROBE = 16  # two levels: a row's nearest clusters are looked for within its 16 nearest coarse clusters
@@ -221,7 +221,7 @@ class ScanTask:
 
 
 def scan_part(task: ScanTask) -> dict:
-    from filters.clip import ClipFilter
+    from winnow.filters.clip import ClipFilter
 
     scorer = ClipFilter(tag=task.keep_tag or task.tag)
     table = read_part(task.part, ["uid", "caption", "sha256", scorer.precomputed])

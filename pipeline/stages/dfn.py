@@ -1,18 +1,18 @@
 """``winnow dfn train``: a data filtering network (DFN), a CLIP trained on a high-quality image-text pool.
 
 The pool is taken whole (every downloaded sample), resharded under ``out/shards`` and trained with the fixed
-trainer of a scale (:mod:`pipeline.stages.train`); ``cfg.pretrained`` fine-tunes from a checkpoint, as the DFN
+trainer of a scale (:mod:`winnow.pipeline.stages.train`); ``cfg.pretrained`` fine-tunes from a checkpoint, as the DFN
 paper fine-tunes OpenAI's CLIP. Embed the candidate pool with the result under its own tag to get
-``dfn_<tag>_score`` (:mod:`filters.dfn`).
+``dfn_<tag>_score`` (:mod:`winnow.filters.dfn`).
 """
 
 from __future__ import annotations
 
 import os
 
-from pipeline.stages.reshard import reshard
-from pipeline.stages.subset import subset
-from pipeline.stages.train import TrainConfig, train
+from winnow.pipeline.stages.reshard import reshard
+from winnow.pipeline.stages.subset import subset
+from winnow.pipeline.stages.train import TrainConfig, train
 
 
 def train_dfn(hq_pool: str, out: str, name: str, cfg: TrainConfig, runner, log=print) -> str:

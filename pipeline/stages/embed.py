@@ -24,18 +24,18 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from pipeline.core import fsio
-from pipeline.core.config import path
-from pipeline.data import manifest, shards
-from pipeline.core.errors import UserError
-from pipeline.data.pool import require_finished
-from pipeline.data.images import input_side
-from pipeline.models.copydetect import MODEL_NAME
-from pipeline.models.encode import cached_model, encode_images, encode_texts
-from pipeline.models.registry import check, resolve_model, weights_reachable
-from pipeline.run.runner import task_progress
-from pipeline.run.stage import Stage, sum_counts
-from pipeline.data.ledger import OK
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.config import path
+from winnow.pipeline.data import manifest, shards
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.pool import require_finished
+from winnow.pipeline.data.images import input_side
+from winnow.pipeline.models.copydetect import MODEL_NAME
+from winnow.pipeline.models.encode import cached_model, encode_images, encode_texts
+from winnow.pipeline.models.registry import check, resolve_model, weights_reachable
+from winnow.pipeline.run.runner import task_progress
+from winnow.pipeline.run.stage import Stage, sum_counts
+from winnow.pipeline.data.ledger import OK
 
 
 
@@ -83,7 +83,7 @@ class EmbedTask:
 
 
 def _device(cfg: EmbedConfig) -> str:
-    from pipeline.models.registry import default_device
+    from winnow.pipeline.models.registry import default_device
 
     return default_device() if cfg.device == "auto" else cfg.device
 

@@ -1,12 +1,12 @@
-"""``winnow evaluate``: one open_clip model on a task list (:mod:`pipeline.tasks`).
+"""``winnow evaluate``: one open_clip model on a task list (:mod:`winnow.pipeline.tasks`).
 
 A stage whose units are the tasks: each task's result is written as ``tasks/<stem>.json`` when it is done, so an
 interrupted evaluation resumes at the next task, and the same model on the same task list is not evaluated twice.
-Writes, per task, ``samples/<stem>.npy`` (:func:`pipeline.tasks.samples_path`: the main metric per eval item, for
+Writes, per task, ``samples/<stem>.npy`` (:func:`winnow.pipeline.tasks.samples_path`: the main metric per eval item, for
 bootstrap intervals and paired tests), and at the end ``eval_results.jsonl``, one line per task exactly as
 DataComp's ``evaluate.py`` writes it (``key``, ``dataset`` = the task's name, ``metrics`` with ``main_metric``;
 its resume logic and ``aggregate_scores.py`` read it), and ``summary.json``: the average
-(:func:`pipeline.tasks.average_of`), every task's main metric, the curves with their areas, and per task what the
+(:func:`winnow.pipeline.tasks.average_of`), every task's main metric, the curves with their areas, and per task what the
 results line leaves out (kind, data, main metric's name, random score, diagnostic, samples file).
 """
 
@@ -19,10 +19,10 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline.core import fsio
-from pipeline.run.stage import Stage
-from pipeline.tasks import Context, Task, average_of, run_task_samples, samples_path, stem
-from pipeline.tasks.curves import summarize
+from winnow.pipeline.core import fsio
+from winnow.pipeline.run.stage import Stage
+from winnow.pipeline.tasks import Context, Task, average_of, run_task_samples, samples_path, stem
+from winnow.pipeline.tasks.curves import summarize
 
 @dataclass
 class EvaluateConfig:
@@ -73,7 +73,7 @@ def evaluate_task(t: EvalTask) -> dict:
     device = _device(t.device)
     key = (t.model, t.pretrained, device)
     if key not in _CONTEXT:
-        from pipeline.models.registry import load
+        from winnow.pipeline.models.registry import load
 
         _CONTEXT.clear()
         _CONTEXT[key] = Context(*load(t.model, t.pretrained, device=device), device=device)
@@ -81,7 +81,7 @@ def evaluate_task(t: EvalTask) -> dict:
     if samples is not None:
         with fsio.atomic_open(samples_path(t.out, t.task.name)) as f:
             np.save(f, samples)
-    from pipeline.data.evalsets import fingerprint
+    from winnow.pipeline.data.evalsets import fingerprint
 
     line = {"key": t.task.key or t.task.name, "dataset": t.task.name,
             "metrics": {**metrics, "main_metric": metrics.get(t.task.main_metric) if t.task.main_metric else None},
@@ -97,7 +97,7 @@ def evaluate(model_name: str, pretrained: str, tasks: list[Task], out: str, devi
     (each loads the model once; on several GPUs, one GPU per worker), the largest first."""
     missing = [t for t in tasks if t.missing]
     tasks = [t for t in tasks if not t.missing]
-    from pipeline.models.registry import check, default_device, resolve_model, weights_reachable
+    from winnow.pipeline.models.registry import check, default_device, resolve_model, weights_reachable
 
     model_name = resolve_model(model_name, pretrained)
     if "://" not in pretrained and not check(model_name, pretrained) and pretrained:

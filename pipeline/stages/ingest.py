@@ -6,11 +6,11 @@ Flow (``ingest``, on the driver):
    row ``r`` of the input always lands in shard ``r // shard_size``, so shard ids are stable across runs. The
    url and caption columns are found by name (``url``/``URL``; ``text`` as DataComp, ``caption`` as
    img2dataset) or set in the config; text is decoded with ``encoding``, bad bytes replaced. uids are carried
-   from ``uid_col`` or derived (:mod:`pipeline.data.uid`); a uid seen at an earlier input row makes the later row a
+   from ``uid_col`` or derived (:mod:`winnow.pipeline.data.uid`); a uid seen at an earlier input row makes the later row a
    ``duplicate_uid`` (``_inputs/_duplicates.parquet``), decided by input order alone.
 2. ``ingest_shard`` runs once per shard on the cluster. It drives a long-lived download process (one per Dask
-   worker, :mod:`pipeline.web.ingest_child`) that runs img2dataset's per-shard downloader with Winnow's fetch
-   (:mod:`pipeline.web.fetch`: URL policy, per-URL deadline, byte cap) into a private temporary folder, then adds
+   worker, :mod:`winnow.pipeline.web.ingest_child`) that runs img2dataset's per-shard downloader with Winnow's fetch
+   (:mod:`winnow.pipeline.web.fetch`: URL policy, per-URL deadline, byte cap) into a private temporary folder, then adds
    the ledger ``state`` column and moves tar, parquet and finally ``_stats.json`` (the commit marker) into the
    pool, each atomically.
 3. A shard with a ``_stats.json`` is complete and is not redone when an interrupted run is resumed.
@@ -42,14 +42,14 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
-from pipeline.core import fsio
-from pipeline.data import shards
-from pipeline.core.errors import UserError
-from pipeline.data.ledger import OK, classify
-from pipeline.data.pool import ledger
-from pipeline.data.uid import DuplicateFinder, derive_uid, normalize_uid, uids_to_array
-from pipeline.run.runner import task_progress
-from pipeline.run.stage import Stage
+from winnow.pipeline.core import fsio
+from winnow.pipeline.data import shards
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.ledger import OK, classify
+from winnow.pipeline.data.pool import ledger
+from winnow.pipeline.data.uid import DuplicateFinder, derive_uid, normalize_uid, uids_to_array
+from winnow.pipeline.run.runner import task_progress
+from winnow.pipeline.run.stage import Stage
 
 INPUTS = shards.INPUTS
 TMP = "_tmp"
@@ -340,11 +340,11 @@ def _one_line(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------- the download process
 class _DownloadProcess:
-    """A child process running :mod:`pipeline.web.ingest_child`, kept alive across the shards of one worker."""
+    """A child process running :mod:`winnow.pipeline.web.ingest_child`, kept alive across the shards of one worker."""
 
     def __init__(self) -> None:
         env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.web.ingest_child"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "winnow.pipeline.web.ingest_child"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                      errors="replace")
         self.replies: queue.Queue = queue.Queue()

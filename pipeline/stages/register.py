@@ -12,11 +12,11 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass
 
-from pipeline.core import fsio
-from pipeline.core.errors import UserError
-from pipeline.data import manifest, shards
-from pipeline.data.ledger import OK, states_of
-from pipeline.data.uid import normalize_uid
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data import manifest, shards
+from winnow.pipeline.data.ledger import OK, states_of
+from winnow.pipeline.data.uid import normalize_uid
 
 REQUIRED_COLUMNS = ("uid", "key", "status")
 

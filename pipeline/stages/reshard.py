@@ -26,12 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipeline.core import fsio
-from pipeline.data import shards
-from pipeline.core.errors import UserError
-from pipeline.data.pool import require_finished
-from pipeline.data.uid import UID_DTYPE, sort_uids, uids_to_array
-from pipeline.run.stage import Stage
+from winnow.pipeline.core import fsio
+from winnow.pipeline.data import shards
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.pool import require_finished
+from winnow.pipeline.data.uid import UID_DTYPE, sort_uids, uids_to_array
+from winnow.pipeline.run.stage import Stage
 
 
 @dataclass

@@ -40,21 +40,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.core import fsio
-from pipeline.data import manifest
-from pipeline.core.config import parse_yaml, substitute
-from pipeline.core.errors import RunFailed, UserError, did_you_mean
-from pipeline.data.ledger import OK
-from pipeline.data.parts import Part
-from pipeline.data.pool import require_finished
-from pipeline.data.uid import UID_DTYPE, isin_uids, sort_halves, sort_uids, uids_to_array
-from pipeline.run.stage import Stage
+from winnow.pipeline.core import fsio
+from winnow.pipeline.data import manifest
+from winnow.pipeline.core.config import parse_yaml, substitute
+from winnow.pipeline.core.errors import RunFailed, UserError, did_you_mean
+from winnow.pipeline.data.ledger import OK
+from winnow.pipeline.data.parts import Part
+from winnow.pipeline.data.pool import require_finished
+from winnow.pipeline.data.uid import UID_DTYPE, isin_uids, sort_halves, sort_uids, uids_to_array
+from winnow.pipeline.run.stage import Stage
 
 RULES = ("threshold", "top_fraction", "exclude_uids", "exclude_duplicates", "intersect", "union")
 
 
 def recipes_dir() -> Path:
-    import manifests
+    from winnow import manifests
 
     return Path(manifests.__file__).parent / "subsets"
 
@@ -70,7 +70,7 @@ class Recipe:
         """Plain data (sub-recipes of intersect/union included), as recorded in the subset's manifest."""
         select = [{k: [r.to_dict() for r in v] if k in ("intersect", "union") else v for k, v in rule.items()}
                   for rule in self.select]
-        from filters import plain
+        from winnow.filters import plain
 
         return {"name": self.name, "filters": [plain(f) for f in self.filters], "select": select}
 
@@ -120,7 +120,7 @@ def load_recipe(ref: str | dict | Recipe, variables: dict[str, str] | None = Non
         raise UserError(f"recipe {doc.get('name', ref)!r}: unknown key {sorted(unknown)[0]!r}; "
                         "use name, description, filters, select")
     name = str(doc.get("name", "inline"))
-    from filters import spec_of
+    from winnow.filters import spec_of
 
     return Recipe(name=name, filters=[spec_of(f) for f in doc.get("filters") or []],
                   select=[_check_rule(rule, name, variables, used) for rule in doc.get("select") or []],
@@ -329,7 +329,7 @@ def apply(recipe: Recipe, rows: Rows, log: list[dict] | None = None) -> np.ndarr
 def _exclusion_list(kind: str, arg) -> np.ndarray:
     if kind == "exclude_uids":
         return read_uid_list(str(arg))
-    from pipeline.stages.dedup import dropped_uids, read_table
+    from winnow.pipeline.stages.dedup import dropped_uids, read_table
 
     return uids_to_array(sorted(dropped_uids(read_table(str(arg["table"])), list(arg["kinds"]), arg.get("eps"))))
 
@@ -419,9 +419,9 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
     Memory: the whole pool's values of each top-fraction column (to find its threshold; for ``of: kept``, the
     values of the rows kept before it, found by one more pass over the parts), one part's arrays, and the kept
     uids (16 bytes each); no frame and no uid string."""
-    from filters import plain
+    from winnow.filters import plain
 
-    from pipeline.select.score import score
+    from winnow.pipeline.select.score import score
 
     require_finished(pool, allow_partial, "subset", log)
     variables = {"pool": str(pool), **(variables or {})}

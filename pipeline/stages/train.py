@@ -1,6 +1,6 @@
 """``winnow train``: OpenCLIP's own trainer (``open_clip_train.main``) on resharded WebDataset shards.
 
-A training run is a stage (:class:`pipeline.run.stage.Stage`) whose folder is open_clip_train's run folder
+A training run is a stage (:class:`winnow.pipeline.run.stage.Stage`) whose folder is open_clip_train's run folder
 (``<logs>/<name>``): the same config on the same shards (their reshard manifest) is reused, another config
 under the same name is refused unless ``overwrite``, and an interrupted run restarts from its latest checkpoint
 (``resume``: with the settings it was started with). While open_clip_train runs, its step lines are read from
@@ -9,7 +9,7 @@ open_clip_train's sharp edges: a reused ``--name`` would exit 0 without training
 caption make its loader hang (checked here first), and on CPU it needs ``--precision fp32``.
 
 Repeatable: the same shards, config and seed give the same weights on the CPU (the loader's shuffles and
-augmentations are seeded, see :mod:`pipeline.training.train_entry`) for the same number of torch threads, which the
+augmentations are seeded, see :mod:`winnow.pipeline.training.train_entry`) for the same number of torch threads, which the
 start line prints: a matrix product summed over another number of threads rounds differently.
 """
 
@@ -29,12 +29,12 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
-from pipeline.core import fsio
-from pipeline.core.config import path
-from pipeline.core.errors import RunFailed, UserError
-from pipeline.data.manifest import LOCK, MANIFEST, RUN, describe_inputs
-from pipeline.run.runner import task_progress
-from pipeline.run.stage import Stage
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.config import path
+from winnow.pipeline.core.errors import RunFailed, UserError
+from winnow.pipeline.data.manifest import LOCK, MANIFEST, RUN, describe_inputs
+from winnow.pipeline.run.runner import task_progress
+from winnow.pipeline.run.stage import Stage
 
 
 @dataclass
@@ -134,7 +134,7 @@ class TrainSpec:
     """What ``winnow train`` (and ``winnow dfn train``) is asked for; the scale fixes every hyper-parameter.
 
     Args:
-        scale: ``tiny`` (CPU) or DataComp's ``small``/``medium``/``large``/``xlarge`` (:mod:`pipeline.models.scales`).
+        scale: ``tiny`` (CPU) or DataComp's ``small``/``medium``/``large``/``xlarge`` (:mod:`winnow.pipeline.models.scales`).
         arch: ``clip`` (the scale's CLIP; ``vit`` is an alias) or ``vitamin`` (a ViTamin of matching size).
         seed: training seed.
         pretrained: start from an open_clip tag or checkpoint (DFN fine-tuning); empty: from scratch.
@@ -172,8 +172,8 @@ class TrainSpec:
 
 
 def from_scale(scale_name: str, arch: str = "vit", seed: int = 0, pretrained: str = "") -> TrainConfig:
-    """The fixed hyper-parameters of a scale (see :mod:`pipeline.models.scales`); only the data varies."""
-    from pipeline.models.scales import get
+    """The fixed hyper-parameters of a scale (see :mod:`winnow.pipeline.models.scales`); only the data varies."""
+    from winnow.pipeline.models.scales import get
 
     scale = get(scale_name)
     return TrainConfig(model=scale.arch(arch), pretrained=pretrained, samples_seen=scale.samples_seen,
@@ -185,7 +185,7 @@ def image_size(model: str) -> int:
     """The input side of an open_clip model config (224 when the config does not say)."""
     import open_clip
 
-    from pipeline.models.registry import register
+    from winnow.pipeline.models.registry import register
 
     register()
     size = (open_clip.get_model_config(model) or {}).get("vision_cfg", {}).get("image_size", 224)
@@ -222,7 +222,7 @@ def check_shards(data_dir: str) -> tuple[str, int]:
     n = fsio.read_json(meta)["output_shard_count"]
     pattern = fsio.join(data_dir, f"{{{0:08d}..{n - 1:08d}}}.tar")
     if not fsio.is_local(data_dir):  # webdataset reads other filesystems through a pipe
-        pattern = f"pipe:{sys.executable} -m pipeline.core.cat {pattern}"
+        pattern = f"pipe:{sys.executable} -m winnow.pipeline.core.cat {pattern}"
     return pattern, count
 
 
@@ -275,7 +275,7 @@ class RunFolder:
     """Where open_clip_train writes a run (``<logs>/<name>``): the folder itself when local; for an fsspec URL, a
     local scratch folder whose files (checkpoints once written, logs as they grow) are uploaded to the URL while
     the run goes and when it ends, then removed. open_clip_train saves checkpoints atomically here
-    (:mod:`pipeline.training.train_entry`), so an upload never sees a half-written one."""
+    (:mod:`winnow.pipeline.training.train_entry`), so an upload never sees a half-written one."""
 
     SYNC_SECONDS = 10.0
 
@@ -354,7 +354,7 @@ class RunTask:
     logs: str
     name: str
     config: TrainConfig
-    tasks: tuple  # pipeline.tasks.Task
+    tasks: tuple  # winnow.pipeline.tasks.Task
     eval_out: str
     overwrite: bool = False
 
@@ -362,7 +362,7 @@ class RunTask:
 def train_and_evaluate(t: RunTask) -> dict:
     """Train (or reuse) one run, evaluate (or reuse) its checkpoint; returns the evaluation summary with the
     checkpoint's path."""
-    from pipeline.stages.evaluate import evaluate
+    from winnow.pipeline.stages.evaluate import evaluate
 
     quiet = lambda m: None  # noqa: E731 - the runner reports runs as they finish
     ckpt = train(t.data, t.logs, t.name, t.config, overwrite=t.overwrite, log=quiet)
@@ -517,7 +517,7 @@ def _run_open_clip(pattern: str, count: int, data_dir: str, folder: RunFolder, c
     log(f"train: {cfg.model} on {count:,} samples in {data_dir}, {cfg.samples_seen:,} samples seen ({where}); "
         f"{cfg.batch_line()} -> {run_dir} (step log: {fsio.join(run_dir, 'out.log')})")
     ranks = os.path.join(folder.path, "ranks") if launch.world > 1 else ""
-    command = _launcher(launch, ranks) + ["-m", "pipeline.training.train_entry"]
+    command = _launcher(launch, ranks) + ["-m", "winnow.pipeline.training.train_entry"]
     env["WINNOW_TRAIN_ARGS"] = json.dumps(argv)  # not on the command line: torchrun would read --logs as its own
     progress, tail = Progress(cfg, progress_every), collections.deque(maxlen=40)
     with subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -28,7 +28,7 @@ import tarfile
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.core import fsio
+from winnow.pipeline.core import fsio
 
 #: metadata fields of each dataset's .npy rows (DataComp's evaluators read them in this order)
 META = {"wilds/iwildcam": ["location", "sequence", "year", "month", "day", "hour", "minute", "second", "y"],
@@ -189,7 +189,7 @@ def write_evalsets(folder: str, tasklist: str = "datacomp", per_class: int = 2, 
     ``{task key: items written}``."""
     import yaml
 
-    from pipeline.tasks import tasklists_dir
+    from winnow.pipeline.tasks import tasklists_dir
 
     path = tasklist if os.path.isfile(tasklist) else str(tasklists_dir() / f"{tasklist}.yaml")
     with open(path) as f:

@@ -128,7 +128,7 @@ def _texture(kind: str, w: int, h: int, a: np.ndarray, b: np.ndarray, period: fl
 
 
 def render(spec: dict) -> Image.Image:
-    """Render one image from its spec (see :func:`pipeline.synth.world.image_spec` for the fields)."""
+    """Render one image from its spec (see :func:`winnow.pipeline.synth.world.image_spec` for the fields)."""
     rng = np.random.default_rng(spec["seed"])
     w, h = spec["w"], spec["h"]
     fg = np.array(COLORS[spec["color"]], np.float32)

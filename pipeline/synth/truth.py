@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.data.pool import read_states
-from pipeline.data.uid import array_to_uids
+from winnow.pipeline.data.pool import read_states
+from winnow.pipeline.data.uid import array_to_uids
 from .world import expected_state, read_truth
 
 

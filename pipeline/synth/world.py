@@ -37,14 +37,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline.core import fsio
-from pipeline.data import shards
-from pipeline.core.errors import UserError
-from pipeline.data.uid import derive_uid
-from pipeline.synth import captions as cap
-from pipeline.data.images import encode_jpeg
-from pipeline.run.stage import Stage
-from pipeline.synth.render import CLASSES, COLORS, TEXTURES, bomb_png, decode, render
+from winnow.pipeline.core import fsio
+from winnow.pipeline.data import shards
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.uid import derive_uid
+from winnow.pipeline.synth import captions as cap
+from winnow.pipeline.data.images import encode_jpeg
+from winnow.pipeline.run.stage import Stage
+from winnow.pipeline.synth.render import CLASSES, COLORS, TEXTURES, bomb_png, decode, render
 
 POOL, CLEAN, EVAL, RANKS, BOILERPLATE = 1, 2, 3, 4, 5  # seed streams
 
@@ -419,7 +419,7 @@ def _render(task: RenderTask) -> int:
 
 
 def config_from_dict(d: dict) -> SynthConfig:
-    from pipeline.core.config import from_dict
+    from winnow.pipeline.core.config import from_dict
 
     return from_dict(SynthConfig, d, "synth")
 

@@ -6,7 +6,7 @@ Winnow's own::
     tasks:
       - name: synthetic-shapes            # shown in results (their ``dataset``)
         kind: zeroshot_classification     # a key of KINDS
-        data: runs/demo/world/eval        # an eval set folder (pipeline.data.evalsets); ${var} placeholders allowed
+        data: runs/demo/world/eval        # an eval set folder (winnow.pipeline.data.evalsets); ${var} placeholders allowed
         main_metric: acc1                 # one of the kind's METRICS
         random_score: 0.0833
         curve: mix-g7                     # optional: tasks sharing a curve are its points (x, main metric)
@@ -37,10 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core import fsio
-from pipeline.core.config import parse_yaml, substitute
-from pipeline.core.errors import UserError, did_you_mean
-from pipeline.tasks import fairness, odd_one_out, retrieval, wilds, winogavil, zeroshot
+from winnow.pipeline.core import fsio
+from winnow.pipeline.core.config import parse_yaml, substitute
+from winnow.pipeline.core.errors import UserError, did_you_mean
+from winnow.pipeline.tasks import fairness, odd_one_out, retrieval, wilds, winogavil, zeroshot
 
 KINDS = {m.KIND: m for m in (zeroshot, retrieval, odd_one_out, wilds, fairness, winogavil)}
 FIELDS = ("name", "kind", "data", "main_metric", "random_score", "curve", "x", "key")
@@ -97,7 +97,7 @@ def samples_path(out: str, name: str) -> str:
 
 
 def tasklists_dir() -> Path:
-    import manifests
+    from winnow import manifests
 
     return Path(manifests.__file__).parent / "tasks"
 

@@ -1,6 +1,6 @@
 """Curves: tasks that share a ``curve`` are its points (x, main metric), summarised by the normalised area
 under them (Patch Mixing's summary metric). Curves are diagnostics: reported beside a model's average
-(:func:`pipeline.tasks.average_of`), never in it."""
+(:func:`winnow.pipeline.tasks.average_of`), never in it."""
 
 from __future__ import annotations
 

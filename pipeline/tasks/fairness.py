@@ -1,5 +1,5 @@
 """DataComp's fairness tasks, scored as DataComp scores them from each image's ``.npy`` metadata row
-(:mod:`pipeline.tasks.groups`).
+(:mod:`winnow.pipeline.tasks.groups`).
 
 - ``fairness/dollar_street`` (fields income_ds, income_meta, region): zero-shot classification, and top-5
   accuracy per income group: ``acc_top5_avg``, ``acc_top5_income_ds:k``, ``acc_top5_wg`` (DataComp's main metric).
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.core.errors import UserError
-from pipeline.data.evalsets import read_evalset
-from pipeline.models.encode import embed_images
-from pipeline.tasks import zeroshot
-from pipeline.tasks.groups import grouped
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.evalsets import read_evalset
+from winnow.pipeline.models.encode import embed_images
+from winnow.pipeline.tasks import zeroshot
+from winnow.pipeline.tasks.groups import grouped
 
 KIND = "fairness"
 METRICS = ("acc1", "acc5", "mean_per_class_recall", "acc_top5_avg", "acc_top5_wg", "acc_avg", "acc_wg")

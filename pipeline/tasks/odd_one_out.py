@@ -1,4 +1,4 @@
-"""DiST's odd-one-out test (:mod:`pipeline.evalsets.dist`): embed (original, synth A, synth B), L2-normalise,
+"""DiST's odd-one-out test (:mod:`winnow.pipeline.evalsets.dist`): embed (original, synth A, synth B), L2-normalise,
 ``odd = argmin_i sum_{j != i} cos(e_i, e_j)``; a trial is right when the odd one is the original (chance 1/3).
 ``acc`` comes with a bootstrap 95% interval. A diagnostic: reported beside a model's average, never in it; the
 eval item of its per-item outcomes is the triplet (its credit)."""
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.evalsets import read_triplets
-from pipeline.models.encode import embed_images
+from winnow.pipeline.data.evalsets import read_triplets
+from winnow.pipeline.models.encode import embed_images
 
 KIND = "odd_one_out"
 METRICS = ("acc", "acc_ci_low", "acc_ci_high", "n")

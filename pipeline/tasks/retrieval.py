@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.core.errors import UserError
-from pipeline.data.evalsets import read_evalset, split_captions
-from pipeline.models.encode import embed_images, encode_texts
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.evalsets import read_evalset, split_captions
+from winnow.pipeline.models.encode import embed_images, encode_texts
 
 KIND = "retrieval"
 METRICS = tuple(f"{d}_recall@{k}" for d in ("image_retrieval", "text_retrieval", "mean") for k in (1, 5, 10))
@@ -70,7 +70,7 @@ def read(folder: str) -> dict:
     (a folder ``.../hf_cache/nlphuji___<name>``, as DataComp's ``download_evalsets.py`` leaves it)."""
     if "___" not in folder.rstrip("/").rsplit("/", 1)[-1]:
         return read_evalset(folder)
-    from pipeline.data.hf_cache import image_bytes, read_split
+    from winnow.pipeline.data.hf_cache import image_bytes, read_split
 
     hf_cache = folder.rstrip("/").rsplit("/", 1)[0]
     table = read_split(folder)

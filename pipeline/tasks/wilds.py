@@ -1,5 +1,5 @@
 """DataComp's WILDS tasks: zero-shot classification of iWildCam, Camelyon17 and FMoW, with the WILDS metrics
-DataComp adds from each image's ``.npy`` metadata row (:mod:`pipeline.tasks.groups`).
+DataComp adds from each image's ``.npy`` metadata row (:mod:`winnow.pipeline.tasks.groups`).
 
 - ``wilds/iwildcam`` (fields location, sequence, year, month, day, hour, minute, second, y): ``acc_avg``,
   ``recall-macro_all``, ``F1-macro_all`` (DataComp's main metric).
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.core.errors import UserError
-from pipeline.tasks import zeroshot
-from pipeline.tasks.groups import grouped, macro
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.tasks import zeroshot
+from winnow.pipeline.tasks.groups import grouped, macro
 
 KIND = "wilds"
 METRICS = ("acc1", "acc5", "mean_per_class_recall", "acc_avg", "recall-macro_all", "F1-macro_all", "acc_wg",

@@ -3,7 +3,7 @@ every candidate image; the k most similar are the prediction, k being the number
 is the Jaccard index of predicted and true sets (scikit-learn's binary ``jaccard_score``). Reported over all
 instances and by number of candidates (5, 6, 10, 12, 5-6, 10-12); DataComp's main metric is ``jaccard_score_10-12``.
 
-Read from the Hugging Face cache of ``nlphuji/winogavil`` (:mod:`pipeline.data.hf_cache`: ``cue``, ``candidates``,
+Read from the Hugging Face cache of ``nlphuji/winogavil`` (:mod:`winnow.pipeline.data.hf_cache`: ``cue``, ``candidates``,
 ``associations``, ``candidate_images``). Per item: each instance's score, over the instances the main metric
 averages (10 or 12 candidates).
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.hf_cache import image_bytes, read_split
-from pipeline.models.encode import embed_images, encode_texts
+from winnow.pipeline.data.hf_cache import image_bytes, read_split
+from winnow.pipeline.models.encode import embed_images, encode_texts
 
 KIND = "winogavil"
 GROUPS = {"5": (5, 5), "6": (6, 6), "10": (10, 10), "12": (12, 12), "5-6": (5, 6), "10-12": (10, 12)}

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.core.errors import UserError
-from pipeline.data.evalsets import read_evalset
-from pipeline.models.encode import embed_images, encode_texts
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.evalsets import read_evalset
+from winnow.pipeline.models.encode import embed_images, encode_texts
 
 KIND = "zeroshot_classification"
 METRICS = ("acc1", "acc5", "mean_per_class_recall")

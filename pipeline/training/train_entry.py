@@ -1,19 +1,19 @@
-"""``python -m pipeline.training.train_entry ARGS``: OpenCLIP's own trainer, with Winnow's tiny configs registered
+"""``python -m winnow.pipeline.training.train_entry ARGS``: OpenCLIP's own trainer, with Winnow's tiny configs registered
 (the arguments may also come as a JSON list in ``WINNOW_TRAIN_ARGS``, as torchrun's workers get them).
 
 open_clip_train has no flag for extra model configs, so this registers them and then hands the arguments to
-``open_clip_train.main.main`` unchanged. With ``WINNOW_DRAFT_SIDE=N`` set (``pipeline.stages.train`` sets it to twice
+``open_clip_train.main.main`` unchanged. With ``WINNOW_DRAFT_SIDE=N`` set (``winnow.pipeline.stages.train`` sets it to twice
 the model's input size), JPEGs are decoded with PIL's draft mode: the DCT is scaled down while decoding so
 that both sides stay >= N. The trainer's own resize then sees at least twice the pixels it keeps, so the input
 tensors are practically unchanged, while decoding a 400 px JPEG for a 32 px model costs a fraction of a full
 decode: on a CPU, decoding is what bounds a tiny model's training speed.
 
 With ``WINNOW_PATCH_MIXING=prob,r_max,grid,smoothing`` set (``TrainConfig.patch_mixing``), every training batch
-goes through Patch Mixing (:func:`pipeline.training.patchmix.mix_batch`) and the contrastive loss gets the
-area-interpolated targets (:func:`pipeline.training.patchmix.soft_clip_loss`); the trainer itself is unchanged.
+goes through Patch Mixing (:func:`winnow.pipeline.training.patchmix.mix_batch`) and the contrastive loss gets the
+area-interpolated targets (:func:`winnow.pipeline.training.patchmix.soft_clip_loss`); the trainer itself is unchanged.
 
 Every epoch's shard draws, sample shuffle and augmentations are seeded from ``--seed``, the epoch and the process's
-rank (:func:`use_epoch_seeds`; for ``--dataset-resampled``, which ``pipeline.stages.train`` always passes).
+rank (:func:`use_epoch_seeds`; for ``--dataset-resampled``, which ``winnow.pipeline.stages.train`` always passes).
 Checkpoints are saved atomically (:func:`use_atomic_checkpoints`). Under torchrun each rank runs this module.
 """
 
@@ -24,8 +24,8 @@ import os
 import random
 import sys
 
-from pipeline.data.images import open_rgb
-from pipeline.models.registry import register
+from winnow.pipeline.data.images import open_rgb
+from winnow.pipeline.models.registry import register
 
 
 def use_draft_decoding(side: int) -> None:
@@ -76,7 +76,7 @@ def use_atomic_checkpoints() -> None:
     object store could pick up). Here every ``.pt`` is written under a temporary name and renamed when whole."""
     import torch
 
-    from pipeline.core.fsio import temp_path
+    from winnow.pipeline.core.fsio import temp_path
 
     save = torch.save
 
@@ -166,7 +166,7 @@ def use_patch_mixing(prob: float, r_max: float, grid: int, smoothing: float) -> 
     import torch
     import open_clip_train.main as trainer_main
 
-    from pipeline.training.patchmix import mix_batch, soft_clip_loss
+    from winnow.pipeline.training.patchmix import mix_batch, soft_clip_loss
 
     epoch_fn = trainer_main.train_one_epoch
     state: dict = {}

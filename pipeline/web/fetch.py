@@ -16,7 +16,7 @@ function that turns a URL into bytes, and it holds these promises:
   read in chunks and abandoned at ``max_bytes + 1``; an unrequested gzip/deflate encoding is decoded with the
   same cap on its output (a gzip bomb stops at the cap). Memory per URL stays below ``max_bytes`` plus a chunk.
 - **Messages.** Failures raise :class:`FetchError`, whose text starts with a ledger state
-  (:mod:`pipeline.data.ledger`) and never contains anything of the response body.
+  (:mod:`winnow.pipeline.data.ledger`) and never contains anything of the response body.
 
 Retries are spent only on failures that may pass (connection errors, 429 and 5xx answers, a read timeout) and
 only while the deadline allows. No proxy from the environment is used: the policy must see the address that is
@@ -192,7 +192,7 @@ _WATCHDOG = _Watchdog()
 @dataclass(frozen=True)
 class FetchLimits:
     """Per-URL bounds: ``timeout`` per network wait, ``deadline`` for everything, ``max_bytes`` of body (the
-    values and their defaults come from :class:`pipeline.stages.ingest.IngestConfig`)."""
+    values and their defaults come from :class:`winnow.pipeline.stages.ingest.IngestConfig`)."""
 
     timeout: float
     deadline: float

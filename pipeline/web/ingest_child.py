@@ -1,15 +1,15 @@
 """The download process: img2dataset's own per-shard machinery, driven over a pipe.
 
-One such process runs beside each Dask worker (see :mod:`pipeline.stages.ingest`). It reads one JSON job per line on
+One such process runs beside each Dask worker (see :mod:`winnow.pipeline.stages.ingest`). It reads one JSON job per line on
 stdin, runs ``img2dataset.downloader.Downloader.download_shard`` for it (its thread pool, hashing, EXIF and
 resizer), and answers one JSON line. Four things are Winnow's:
 
-- each row's whole work runs in its download thread: the fetch (:func:`pipeline.web.fetch.fetch`: URL policy,
+- each row's whole work runs in its download thread: the fetch (:func:`winnow.pipeline.web.fetch.fetch`: URL policy,
   per-URL deadline, byte cap, replacing img2dataset's urllib download), then :func:`_prepare`: the checks of
-  :func:`pipeline.data.images.inspect_image` (non-images, truncation, decompression bombs), 16-bit images
+  :func:`winnow.pipeline.data.images.inspect_image` (non-images, truncation, decompression bombs), 16-bit images
   converted to 8 bits (OpenCV would clip them), the EXIF orientation applied, img2dataset's own resizer (and
   blurrer), EXIF read from the Exif segment alone. Decoding holds one of ``decode_threads`` slots (pixels in
-  memory at once) and runs under a CPU budget (``cpu_seconds``, :mod:`pipeline.core.budget`), so one costly
+  memory at once) and runs under a CPU budget (``cpu_seconds``, :mod:`winnow.pipeline.core.budget`), so one costly
   image ends as ``over_budget`` instead of holding up its neighbours; any exception becomes the row's state.
   img2dataset's single sample loop then only hashes and writes what the threads prepared. Rows the parent marks
   as skipped (bad or duplicate uid, abandoned earlier) are answered at once without a request;
@@ -75,7 +75,7 @@ class ShardWriter:
     ``{shard}.parquet`` (one row per input row), both in the job's scratch folder."""
 
     def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
-        from pipeline.data.shards import TarWriter
+        from winnow.pipeline.data.shards import TarWriter
 
         name = f"{shard_id:0{oom_shard_count}d}"
         self.tar_path = os.path.join(output_folder, f"{name}.tar")
@@ -98,7 +98,7 @@ class ShardWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from pipeline.data.shards import sort_tar
+        from winnow.pipeline.data.shards import sort_tar
 
         self.tar.__exit__(None, None, None)
         sort_tar(self.tar_path)  # samples in key order, whatever order the downloads finished in
@@ -143,7 +143,7 @@ def _prepare(data: bytes, cfg: dict, resizer, bbox, exifread) -> tuple[tuple, di
     """Everything done to one downloaded image, in its download thread: checks, 16-bit and orientation fixes,
     img2dataset's resize (and blur), EXIF. Returns the resizer's tuple (its last item the error message) and the
     EXIF tags as strings."""
-    from pipeline.data.images import inspect_image, reencode_high_depth, sniff_format, upright
+    from winnow.pipeline.data.images import inspect_image, reencode_high_depth, sniff_format, upright
 
     problem = inspect_image(data, cfg["max_pixels"], cfg["check_truncation"])
     if problem is not None:
@@ -169,8 +169,8 @@ def _build(job: dict, progress: _Progress):
     downloader, resizer_module = _img2dataset()
     import pyarrow as pa
 
-    from pipeline.core.budget import OverBudget, cpu_budget
-    from pipeline.web.fetch import USER_AGENT, FetchLimits, UrlPolicy, fetch_image_stream
+    from winnow.pipeline.core.budget import OverBudget, cpu_budget
+    from winnow.pipeline.web.fetch import USER_AGENT, FetchLimits, UrlPolicy, fetch_image_stream
 
     cfg = job["config"]
     skip = set(job["skip"])

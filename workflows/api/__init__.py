@@ -1,7 +1,7 @@
 """Winnow from Python: ``import winnow``, every command as a function (for notebooks and scripts).
 
 Each function is the command of the same name (``winnow ingest`` is :func:`ingest`, ``winnow copy-descriptor``
-:func:`copy_descriptor`), made from the same table as the command line (:data:`workflows.cli.COMMANDS`): its
+:func:`copy_descriptor`), made from the same table as the command line (:data:`winnow.workflows.cli.COMMANDS`): its
 positionals, its plain options (``out``, ``name``, ``variables`` for ``--var NAME=VALUE`` ...) and every key of the
 config sections it reads, as typed keywords with the config dataclasses' defaults (``help(winnow.ingest)`` lists
 them; ``ingest(urls, pool, timeout=5)`` is ``--timeout 5``, i.e. ``--set ingest.timeout=5``; an unknown keyword
@@ -28,7 +28,7 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 
-from pipeline import __version__  # noqa: F401 - winnow.__version__
+from winnow.pipeline import __version__  # noqa: F401 - winnow.__version__
 
 _COMMANDS = ("demo", "synth", "serve", "ingest", "register", "ledger", "embed", "dedup", "copy_descriptor", "evalset",
              "subset", "reshard", "train", "dfn", "evaluate", "report", "compare")
@@ -56,8 +56,8 @@ def parameters(name: str) -> list[inspect.Parameter]:
     import dataclasses
     import typing
 
-    from workflows.cli import BY_NAME
-    from workflows.settings import RunConfig
+    from winnow.workflows.cli import BY_NAME
+    from winnow.workflows.settings import RunConfig
 
     command = BY_NAME[name.replace("_", "-")]
     P, out, seen = inspect.Parameter, [], set()
@@ -106,9 +106,9 @@ def _function(name: str):
     import argparse
     import importlib
 
-    from pipeline.core.errors import UserError, did_you_mean
-    from workflows.cli import BY_NAME, absolute_paths
-    from workflows.settings import demo_config_path, load
+    from winnow.pipeline.core.errors import UserError, did_you_mean
+    from winnow.workflows.cli import BY_NAME, absolute_paths
+    from winnow.workflows.settings import demo_config_path, load
 
     command = BY_NAME[name.replace("_", "-")]
     params = parameters(name)
@@ -164,7 +164,7 @@ def _fields(section: str) -> set[str]:
     import dataclasses
     import typing
 
-    from workflows.settings import RunConfig
+    from winnow.workflows.settings import RunConfig
 
     return {f.name for f in dataclasses.fields(typing.get_type_hints(RunConfig)[section])}
 
@@ -185,9 +185,9 @@ def _describe(command, keyword: str) -> str:
 
 @contextmanager
 def cluster(**settings):
-    """One Dask cluster for every call inside the block (keywords: :class:`pipeline.run.runner.ClusterConfig`)."""
-    from pipeline.core.config import from_dict
-    from pipeline.run.runner import ClusterConfig, Runner
+    """One Dask cluster for every call inside the block (keywords: :class:`winnow.pipeline.run.runner.ClusterConfig`)."""
+    from winnow.pipeline.core.config import from_dict
+    from winnow.pipeline.run.runner import ClusterConfig, Runner
 
     with Runner(from_dict(ClusterConfig, settings, "cluster")) as runner, runner.activate():
         yield runner
@@ -198,9 +198,9 @@ def serve(world: str, port: int | None = None):
     command ``winnow serve`` serves in the foreground instead."""
     import os
 
-    from pipeline.core.errors import UserError
-    from pipeline.core.fsio import read_json
-    from pipeline.synth.server import WebPoolServer
+    from winnow.pipeline.core.errors import UserError
+    from winnow.pipeline.core.fsio import read_json
+    from winnow.pipeline.synth.server import WebPoolServer
 
     manifest = os.path.join(world, "_manifest.json")
     if not os.path.isfile(manifest):
@@ -217,10 +217,10 @@ def scores(pool: str, recipe: str | dict, variables: dict[str, str] | None = Non
     import numpy as np
     import pandas as pd
 
-    from pipeline.data.uid import array_to_uids
-    from pipeline.run.runner import ClusterConfig, Runner
-    from pipeline.select.score import score
-    from pipeline.stages.subset import load_recipe
+    from winnow.pipeline.data.uid import array_to_uids
+    from winnow.pipeline.run.runner import ClusterConfig, Runner
+    from winnow.pipeline.select.score import score
+    from winnow.pipeline.stages.subset import load_recipe
 
     spec = load_recipe(recipe, {"pool": str(pool), **(variables or {})})
     from contextlib import nullcontext
@@ -239,6 +239,6 @@ def scores(pool: str, recipe: str | dict, variables: dict[str, str] | None = Non
 
 def uids_hex(uids) -> list[str]:
     """Sorted ``u8,u8`` uids as DataComp's 32-character hex strings."""
-    from pipeline.data.uid import array_to_uids
+    from winnow.pipeline.data.uid import array_to_uids
 
     return array_to_uids(uids)
