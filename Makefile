@@ -27,7 +27,8 @@ demo-methods: $(STAMP)
 readme-figures: $(STAMP)
 	$(BIN)/python -m winnow.workflows.readme $(OUT)
 
-test: $(STAMP)  # the fast tier (unit tests, under a minute), then the end-to-end tier; two processes each
+test: $(STAMP)  # lint, the fast tier (unit tests, under a minute), then the end-to-end tier; two processes each
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra -n 2 -m "not e2e and not gpu"
 	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile -m "e2e and not gpu"
 

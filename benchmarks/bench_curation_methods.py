@@ -15,7 +15,8 @@ MetaCLIP's matching has work and head entries to cap. The data are written once,
 ``--keep`` (default a temporary folder removed at the end): 12.8M rows take about 40 GB; the free space is checked
 first and, if the pool does not fit, the largest number of files that fits is measured and the rest extrapolated.
 
-Each method is one fresh process tree (``python -m winnow.workflows.cli subset RECIPE --workers N``, a new score cache),
+Each method is one fresh process tree (``python -m winnow.workflows.cli subset RECIPE --workers N``, a new score
+cache),
 its wall time (including Python's start and the local Dask cluster's) and the peak resident memory of every
 process (the driver, the Dask scheduler and workers), sampled every 0.2 s. ``--fraction-of-rows F`` measures on
 the first round(F x files) files and prints a linear extrapolation to the full size (time x the rounds of one file
@@ -61,7 +62,6 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from bench_select import measured
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -147,22 +147,9 @@ def role(cmdline: str) -> str:
             else cmdline[:40])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=12_800_000)
-    ap.add_argument("--files", type=int, default=128)
-    ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--keep", help="write the synthesized pool here, once, and reuse it (default: a temporary folder)")
-    ap.add_argument("--fraction-of-rows", type=float, default=1.0, help="measure on this share of the files")
-    ap.add_argument("--target-rows", type=int, default=1_281_167, help="NormSim's target images")
-    ap.add_argument("--var", action="append", default=[], help="METHOD.NAME=VALUE: a recipe variable")
-    args = ap.parse_args()
-    methods = args.methods.split(",")
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise SystemExit(f"bench: unknown method {sorted(unknown)[0]!r}; choose from {', '.join(METHODS)}")
+def _prepare(args, methods: list[str]) -> tuple[str, str, str, int]:
+    """Write the synthesized files that fit on disk (reusing ``--keep``'s) and link the first ones into a pool:
+    returns (root, pool, NormSim target, files in the pool)."""
     root = args.keep or tempfile.mkdtemp(prefix="winnow-bench-curation-")
     data = os.path.join(root, f"data-{args.rows}-{args.files}-{args.dim}")
     os.makedirs(data, exist_ok=True)
@@ -195,6 +182,26 @@ def main() -> None:
             for ext in (".parquet", ".npz"):
                 os.symlink(os.path.join(data, f"{k:05d}{ext}"), os.path.join(pool + ".tmp", f"{k:05d}{ext}"))
         os.replace(pool + ".tmp", pool)
+    return root, pool, target, want
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=12_800_000)
+    ap.add_argument("--files", type=int, default=128)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--keep", help="write the synthesized pool here, once, and reuse it (default: a temporary folder)")
+    ap.add_argument("--fraction-of-rows", type=float, default=1.0, help="measure on this share of the files")
+    ap.add_argument("--target-rows", type=int, default=1_281_167, help="NormSim's target images")
+    ap.add_argument("--var", action="append", default=[], help="METHOD.NAME=VALUE: a recipe variable")
+    args = ap.parse_args()
+    methods = args.methods.split(",")
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"bench: unknown method {sorted(unknown)[0]!r}; choose from {', '.join(METHODS)}")
+    root, pool, target, want = _prepare(args, methods)
     with open(os.path.join(root, "normsim.yaml"), "w") as f:
         f.write(NORMSIM)
     scale = math.ceil(args.files / args.workers) / math.ceil(want / args.workers)  # rounds of one file per worker
@@ -214,8 +221,9 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(cache, ignore_errors=True)
 
-        cmd = [sys.executable, "-m", "winnow.workflows.cli", "subset", path, "--pool", pool, "--out", out, "--cache", cache,
-               "--workers", str(args.workers)] + [a for k, v in variables.items() for a in ("--var", f"{k}={v}")]
+        cmd = [sys.executable, "-m", "winnow.workflows.cli", "subset", path, "--pool", pool, "--out", out,
+               "--cache", cache, "--workers", str(args.workers)] + [
+                  a for k, v in variables.items() for a in ("--var", f"{k}={v}")]
         print(f"bench: {name}: {recipe} {variables}", flush=True)
         try:
             wall, mem = measured(cmd, before=fresh)

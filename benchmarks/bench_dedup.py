@@ -84,10 +84,15 @@ def exact_pairs(folder: str, n: int, queries: np.ndarray, threshold: float) -> t
     return found, time.time() - start
 
 
+def _same_group(group: dict, a: int, b: int) -> bool:
+    """Whether rows ``a`` and ``b`` landed in one near-duplicate group."""
+    return f"{a:032x}" in group and group.get(f"{a:032x}") == group.get(f"{b:032x}")
+
+
 def main() -> None:
     import pandas as pd
-
     from bench_select import PeakRSS  # peak RSS of this process and its children, sampled every 0.2 s
+
     from winnow.pipeline.run.runner import ClusterConfig, Runner
     from winnow.pipeline.stages.dedup import DedupConfig, dedup, read_table
 
@@ -116,14 +121,12 @@ def main() -> None:
         table = read_table(os.path.join(out, "duplicates.parquet"))
         near = table[table["kind"] == "near"]
         group = dict(zip(near["uid"], near["group"]))
-        uid = lambda i: f"{i:032x}"  # noqa: E731
-        same = lambda a, b: uid(a) in group and group.get(uid(a)) == group.get(uid(b))  # noqa: E731
-        found = float(np.mean([same(a, b) for a, b in planted]))
+        found = float(np.mean([_same_group(group, a, b) for a, b in planted]))
         rng = np.random.default_rng(1)
         queries = np.unique(np.concatenate([rng.choice(planted[:, 1], args.queries // 2, replace=False),
                                             rng.choice(n, args.queries // 2, replace=False)]))
         truth, exact_s = exact_pairs(data, n, queries, args.threshold)
-        recall = float(np.mean([same(a, b) for a, b in truth])) if truth else 1.0
+        recall = float(np.mean([_same_group(group, a, b) for a, b in truth])) if truth else 1.0
         exact_full = exact_s * n / len(queries)
         procs = sorted(mem.processes.values(), key=lambda p: -p[1])
         rows.append({"rows": n, "wall_s": round(wall, 1), "tree_peak_gib": round(mem.peak / 2**30, 2),

@@ -1,4 +1,5 @@
-"""DiST synthesis time per image (``winnow.pipeline.evalsets.dist.synthesize``: random-CNN Gram matching, L-BFGS) by image size.
+"""DiST synthesis time per image (``winnow.pipeline.evalsets.dist.synthesize``: random-CNN Gram matching, L-BFGS) by
+image size.
 
 For each size the same source images are synthesised one at a time (the baseline: what a per-image loop, as in
 Gatys' reference code, costs) and as one batch (how ``winnow evalset dist`` runs); the table gives seconds per
@@ -12,15 +13,27 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
+import torch
+
+from winnow.pipeline.data.images import square_image
+from winnow.pipeline.evalsets import dist
+from winnow.pipeline.synth.world import SynthConfig, _jpeg, _spec_for
+
+
+def _per_image(args, net, sources, seeds, batch: int) -> float:
+    """Seconds per image when synthesising ``batch`` images per call."""
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for s in range(0, args.images, batch):
+        dist.synthesize(net, sources[s:s + batch], seeds[s:s + batch], args.steps, args.device)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / args.images
+
 
 def main() -> None:
-    import numpy as np
-    import torch
-
-    from winnow.pipeline.evalsets import dist
-    from winnow.pipeline.data.images import square_image
-    from winnow.pipeline.synth.world import SynthConfig, _jpeg, _spec_for
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="128,224")
     ap.add_argument("--images", type=int, default=4, help="images per size (the batch)")
@@ -34,17 +47,7 @@ def main() -> None:
         net = dist.texture_net(1234, dist.stages_for(size), args.device)
         seeds = list(range(args.images))
 
-        def run(batch: int) -> float:
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for s in range(0, args.images, batch):
-                dist.synthesize(net, sources[s:s + batch], seeds[s:s + batch], args.steps, args.device)
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            return (time.perf_counter() - start) / args.images
-
-        one, batched = run(1), run(args.images)
+        one, batched = (_per_image(args, net, sources, seeds, batch) for batch in (1, args.images))
         rows.append((size, dist.stages_for(size), one, batched))
     threads = torch.get_num_threads() if args.device == "cpu" else "-"
     print(f"\nDiST synthesis, {args.steps} L-BFGS steps, {args.images} images per size, device {args.device}, "

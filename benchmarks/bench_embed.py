@@ -81,7 +81,8 @@ def main() -> None:
     print(f"{'model':<18} {'bare img/s':>11} {'winnow img/s':>13} {'overhead':>9}")
     for name, bare, ours in results:
         print(f"{name:<18} {args.images / bare:>11.1f} {args.images / ours:>13.1f} {ours / bare - 1:>+9.1%}")
-    print("target: overhead <= 10% (winnow also reads the tar and decodes the JPEGs; the bare loop starts from tensors)")
+    print("target: overhead <= 10% (winnow also reads the tar and decodes the JPEGs; "
+          "the bare loop starts from tensors)")
     shutil.rmtree(root, ignore_errors=True)
 
 

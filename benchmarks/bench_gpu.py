@@ -90,12 +90,12 @@ def training(root: str, device: str, steps: int) -> list[str]:
 
 
 def evaluation(root: str, device: str, scale: float) -> list[str]:
+    import torch
+
     from winnow.pipeline.models.registry import load
     from winnow.pipeline.stages.evaluate import evaluate
     from winnow.pipeline.synth.datacomp_evalsets import write_evalsets
     from winnow.pipeline.tasks import load_tasklist
-
-    import torch
 
     data = os.path.join(root, "evalsets")
     written = write_evalsets(data, scale=scale, side=256)

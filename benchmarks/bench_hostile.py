@@ -4,7 +4,8 @@ The list (:func:`winnow.pipeline.synth.hostile.hostile_rows`: 65 rows) has trick
 falsely announced bodies, chunked bodies cut short or with a bad chunk-size line, protocol junk, gzip, pixel and
 EXIF bombs (24,000 RATIONAL tags: minutes of exifread), redirects to private and metadata addresses, to other
 schemes and to unparseable targets, and good images in odd modes (an EXIF-rotated one among them); the server
-gives up on a trickle after 150 s and on an endless body after 1 GiB, so a downloader without limits still ends. Both tools run as commands with their default time and byte limits
+gives up on a trickle after 150 s and on an endless body after 1 GiB, so a downloader without limits still ends. Both
+tools run as commands with their default time and byte limits
 (Winnow's list allows only its loopback server, 127.0.0.1), one after the other. Reported per tool: wall time,
 peak memory of the whole process tree (children included, summed RSS sampled every 0.2 s) and of its largest
 process, rows downloaded, and connections to the canary (a listener on 127.0.0.2, which no row may reach).

@@ -46,6 +46,7 @@ def make_metadata(folder: str, n: int, d: int = 768, seed: int = 0) -> None:
 
 def main() -> None:
     from bench_select import PeakRSS
+
     from winnow.pipeline.run.runner import ClusterConfig, Runner
     from winnow.pipeline.stages.subset import subset
 

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,13 +23,12 @@ from dataclasses import asdict
 
 import yaml
 
-from winnow.pipeline.stages.ingest import IngestConfig
 from winnow.pipeline.run.runner import ClusterConfig, Runner
+from winnow.pipeline.stages.ingest import IngestConfig
 from winnow.pipeline.synth.world import DefectRates, SynthConfig, build_world
 
 
 def _free_port() -> int:
-    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

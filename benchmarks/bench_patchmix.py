@@ -19,11 +19,10 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from winnow.pipeline.data.images import square_image
+    from winnow.pipeline.data.images import encode_jpeg, square_image
     from winnow.pipeline.evalsets.patchmix import mix_patches
-    from winnow.pipeline.training.patchmix import mix_batch
-    from winnow.pipeline.data.images import encode_jpeg
     from winnow.pipeline.synth.world import SynthConfig, _jpeg, _spec_for
+    from winnow.pipeline.training.patchmix import mix_batch
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=256)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -54,7 +55,6 @@ def byte_copy(pool: str, out: str) -> None:
 
 
 def naive(pool: str, out: str, keep: set[str], shard_size: int) -> int:
-    import json
 
     import webdataset as wds
 
@@ -74,8 +74,8 @@ def naive(pool: str, out: str, keep: set[str], shard_size: int) -> int:
 
 
 def main() -> None:
-    from winnow.pipeline.stages.reshard import reshard
     from winnow.pipeline.run.runner import ClusterConfig, Runner
+    from winnow.pipeline.stages.reshard import reshard
     from winnow.pipeline.stages.subset import write_subset
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

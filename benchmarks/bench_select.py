@@ -35,6 +35,9 @@ import argparse
 import multiprocessing as mp
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -192,7 +195,6 @@ class PeakRSS:
 def measured(cmd: list[str], repeat: int = 1, before=None, also: tuple[int, ...] = ()) -> tuple[float, PeakRSS]:
     """Run a command ``repeat`` times (``before()`` ahead of each); the best wall time and the peak memory of its
     process tree in the run with the largest process."""
-    import subprocess
 
     best, worst_mem = float("inf"), None
     for _ in range(repeat):
@@ -212,9 +214,6 @@ def measured(cmd: list[str], repeat: int = 1, before=None, also: tuple[int, ...]
 def running_cluster(workers: int):
     """A Dask scheduler and ``workers`` one-thread workers started from the command line, as on a cluster (the
     processes, and the scheduler's address)."""
-    import socket
-    import subprocess
-    import sys
 
     from dask.distributed import Client
 
@@ -233,7 +232,6 @@ def running_cluster(workers: int):
 
 
 def main() -> None:
-    import sys
 
     from winnow.filters.english import shipped_model
 
@@ -286,8 +284,8 @@ def main() -> None:
                     shutil.rmtree(cache, ignore_errors=True)
 
             try:
-                ours, mem = measured([sys.executable, "-m", "winnow.workflows.cli", "subset", name, "--pool", pool, "--out",
-                                      out, "--cache", cache] + cluster +
+                ours, mem = measured([sys.executable, "-m", "winnow.workflows.cli", "subset", name, "--pool", pool,
+                                      "--out", out, "--cache", cache] + cluster +
                                      (["--var", f"fasttext_model={args.fasttext_model}"] if args.fasttext_model
                                       else []), repeat=1 if name == "basic" else args.repeat, before=fresh,
                                      also=tuple(p.pid for p in procs))

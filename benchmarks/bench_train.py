@@ -1,4 +1,5 @@
-"""Training throughput of the tiny scale on this machine: tiny CLIP (small ResNet) and tiny ViTamin, with open_clip_train,
+"""Training throughput of the tiny scale on this machine: tiny CLIP (small ResNet) and tiny ViTamin, with
+open_clip_train,
 then the tiny CLIP with 1 and with 2 training processes (torchrun, gloo) given the same CPU threads in all.
 
 All train on the same resharded synthetic shards with the same global batch; throughput is open_clip_train's own
@@ -22,12 +23,12 @@ import time
 
 
 def main() -> None:
-    from winnow.pipeline.stages.reshard import reshard
+    from bench_reshard import make_pool
+
     from winnow.pipeline.run.runner import ClusterConfig, Runner
+    from winnow.pipeline.stages.reshard import reshard
     from winnow.pipeline.stages.subset import write_subset
     from winnow.pipeline.stages.train import TrainConfig, train
-
-    from bench_reshard import make_pool
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=3200)

@@ -8,7 +8,7 @@ Registry key == file stem; the column is ``<key>_score`` (``<key>_<tag>_score`` 
 from __future__ import annotations
 
 from winnow.pipeline.core.config import from_dict
-from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.core.errors import UserError, did_you_mean
 
 from .aspect_ratio import AspectRatioFilter
 from .base import EmbeddingFilter, Filter, code_version
@@ -58,7 +58,6 @@ def build(spec) -> Filter:
         raise UserError(f"filter {spec['key']!r}: unknown field {sorted(unknown)[0]!r}; use key and params")
     cls = REGISTRY.get(spec["key"])
     if cls is None:
-        from winnow.pipeline.core.errors import did_you_mean
 
         hint = did_you_mean(spec["key"], REGISTRY).strip()
         raise UserError(f"unknown filter {spec['key']!r}; available: {', '.join(REGISTRY)}" + (f"; {hint}" if hint

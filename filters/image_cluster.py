@@ -15,9 +15,9 @@ NaN.
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
-import os
 import pickle
 import warnings
 import zipfile
@@ -31,6 +31,9 @@ from winnow.pipeline.core import fsio
 from winnow.pipeline.core.errors import UserError
 
 from .base import EmbeddingFilter
+from .caption_chars import CaptionCharsFilter
+from .caption_words import CaptionWordsFilter
+from .english import EnglishFilter
 
 SAMPLES_PER_CLUSTER = 128  # DataComp small: 12.8M samples / 100,000 centroids
 
@@ -73,7 +76,6 @@ class _ArraysOnly(pickle.Unpickler):
         if module == "torch" and name.endswith("Storage") and hasattr(torch, name):
             return getattr(torch, name)  # only its dtype is read (persistent_load)
         if (module, name) == ("collections", "OrderedDict"):
-            import collections
 
             return collections.OrderedDict
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a plain array or tensor; refused")
@@ -174,9 +176,6 @@ def caption_mask(part, fasttext_model: str = "") -> np.ndarray:
     more than 5 characters."""
     from winnow.pipeline.data.parts import read_part
 
-    from .caption_chars import CaptionCharsFilter
-    from .caption_words import CaptionWordsFilter
-    from .english import EnglishFilter
 
     table = read_part(part, ["caption"])
     english = EnglishFilter(fasttext_model=fasttext_model).score(table, {}).to_numpy()

@@ -71,6 +71,7 @@ from winnow.pipeline.core.errors import UserError
 
 from .base import Filter
 from .caption_words import captions
+from .english import EnglishFilter
 
 SHIPPED = os.path.join(os.path.dirname(__file__), "data", "metaclip_entries.tsv")
 MARKS = ",.;:?!`"  # the released spacing() wraps these in spaces
@@ -230,7 +231,6 @@ class MetaclipFilter(Filter):
         return {k: v for k, v in super().params().items() if k not in ("counts_path", "t_used")}
 
     def _english(self, table: pd.DataFrame) -> np.ndarray:
-        from .english import EnglishFilter
 
         if not self.english:
             return np.ones(len(table), bool)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 from dataclasses import fields
 
@@ -34,7 +35,6 @@ def tiny_ingest_config(**kw) -> IngestConfig:
 def make_pool(path, uids: list[str], captions: list[str] | None = None, shard_id: int = 0) -> str:
     """A one-shard pool written by hand (tar + parquet + _stats.json), every row ok: for tests that need a pool
     without downloading one. The same uid may be given twice."""
-    import io
 
     from PIL import Image
 

@@ -1,7 +1,13 @@
 """The README's Python API example runs as written (``import winnow``), against a real loopback server and a
 local Dask cluster."""
 
+import dataclasses
+import inspect
+import pydoc
 import re
+import subprocess
+import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -19,8 +25,6 @@ def readme_example() -> str:
 def test_readme_example_runs_as_a_script(tmp_path):
     """Saved as a file and run with python, as a user does (no ``if __name__ == "__main__":`` guard): the local
     cluster's workers must not run the script again."""
-    import subprocess
-    import sys
 
     import numpy as np
 
@@ -55,10 +59,6 @@ def test_winnow_is_the_api_package():
 def test_cli_and_api_agree_for_every_command():
     """Both are made from one table: every command has a function; every flag is a keyword with the same default,
     every key of the command's config sections is a keyword (what --set reaches), and help() shows them."""
-    import dataclasses
-    import inspect
-    import pydoc
-    import typing
 
     import winnow
     from winnow.workflows.cli import COMMANDS, build_parser, options
@@ -106,8 +106,6 @@ def test_cli_and_api_agree_for_every_command():
 def test_a_users_pipeline_py_and_filters_folder_do_not_shadow_winnow(tmp_path):
     """A notebook's folder holding its own pipeline.py, filters/ and workflows.py: import winnow and a subset
     still work, because everything Winnow installs lives under the one name winnow."""
-    import subprocess
-    import sys
 
     import numpy as np
     import pandas as pd

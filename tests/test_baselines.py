@@ -35,7 +35,8 @@ def metadata(tmp_path_factory):
             "text": [CAPTIONS[i % len(CAPTIONS)] for i in range(j, j + n)],
             "original_width": rng.choice([150, 199, 200, 400, 640, 1200], n),
             "original_height": rng.choice([150, 200, 300, 480, 601], n),
-            "clip_b32_similarity_score": rng.uniform(0.15, 0.4, n), "clip_l14_similarity_score": rng.uniform(0.1, 0.35, n),
+            "clip_b32_similarity_score": rng.uniform(0.15, 0.4, n),
+            "clip_l14_similarity_score": rng.uniform(0.1, 0.35, n),
             "face_bboxes": [[] for _ in range(n)], "sha256": ["0" * 64] * n})
         frame.loc[5, "clip_l14_similarity_score"] = np.nan  # a row without a score counts in top_fraction's n
         stem = f"{j:032x}"

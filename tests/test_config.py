@@ -1,6 +1,6 @@
 import pytest
 
-from winnow.pipeline.core.config import from_dict, load, parse_overrides
+from winnow.pipeline.core.config import default_of, from_dict, load, parse_overrides
 from winnow.pipeline.core.errors import UserError
 from winnow.pipeline.stages.ingest import IngestConfig
 from winnow.workflows.settings import RunConfig, demo_config_path
@@ -67,7 +67,6 @@ def test_a_nested_set_changes_only_the_key_it_names():
 
 def test_every_flag_names_a_config_key_with_a_default():
     """The CLI's flags are short names for config keys; each key exists, so its default comes from the config."""
-    from winnow.pipeline.core.config import default_of
     from winnow.workflows.cli import COMMANDS
 
     for command in COMMANDS:

@@ -1,5 +1,6 @@
 """Embed -> score -> subset -> reshard -> train with open_clip_train, on the tiny pool and a real LocalCluster."""
 
+import io
 import os
 import shutil
 
@@ -9,10 +10,10 @@ import pytest
 
 from winnow.pipeline.data import shards
 from winnow.pipeline.data.parts import load_npz
+from winnow.pipeline.data.uid import array_to_uids
 from winnow.pipeline.stages.embed import EmbedConfig, embed
 from winnow.pipeline.stages.reshard import reshard
 from winnow.pipeline.stages.subset import subset, write_subset
-from winnow.pipeline.data.uid import array_to_uids
 
 pytestmark = pytest.mark.e2e
 TINY = EmbedConfig(model="winnow-tiny-clip", pretrained="", tag="tiny", batch_size=32, decode_threads=2)
@@ -41,7 +42,6 @@ def test_embeddings_are_row_aligned_float16_and_nan_where_no_image(embedded):
 
 
 def test_embedding_is_deterministic_and_matches_a_bare_forward_pass(embedded):
-    import io
 
     import torch
     from PIL import Image

@@ -6,14 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from winnow.pipeline.data.uid import array_to_uids
 from winnow.pipeline.models.copydetect import MODEL_NAME
+from winnow.pipeline.run.runner import ClusterConfig, Runner
 from winnow.pipeline.stages.copy_descriptor import CopyDescriptorConfig, train_descriptor
 from winnow.pipeline.stages.dedup import DedupConfig, dedup, read_table
 from winnow.pipeline.stages.embed import EmbedConfig, embed
-from winnow.pipeline.run.runner import ClusterConfig, Runner
 from winnow.pipeline.stages.subset import load_recipe, subset
 from winnow.pipeline.synth.truth import dedup_check
-from winnow.pipeline.data.uid import array_to_uids
 
 pytestmark = pytest.mark.e2e
 # the demo's documented thresholds (manifests/demo.yaml)
@@ -30,7 +30,8 @@ def deduped(tiny_pool, local_cluster, tmp_path_factory):
     cfg = DedupConfig(**{**CFG.__dict__, "decontaminate": [os.path.join(world, "eval")]})
     out = str(tmp_path_factory.mktemp("dedup"))
     doc = dedup(pool, cfg, local_cluster, out=out, log=lambda m: None)
-    return {**tiny_pool, "cfg": cfg, "out": out, "doc": doc, "table": read_table(os.path.join(out, "duplicates.parquet"))}
+    return {**tiny_pool, "cfg": cfg, "out": out, "doc": doc,
+            "table": read_table(os.path.join(out, "duplicates.parquet"))}
 
 
 def test_planted_duplicates_and_every_eval_copy_are_found(deduped):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from winnow.workflows.report import format_table, results_table, robustness_table
+from winnow.workflows.report import format_table, results_table, robustness_table, timing_text
 
 TASKS = ["shapes", "retrieval"]
 
@@ -36,7 +36,8 @@ def test_main_table_averages_only_its_tasks_and_robustness_has_its_own():
     assert table.loc["basic", "average"] == pytest.approx(0.175)  # the robustness tasks do not enter it
     assert "dist" not in table.columns
     robust = robustness_table(trained).set_index("subset")
-    assert robust.loc["basic", "dist"] == pytest.approx(0.5) and robust.loc["basic", "dist spread"] == pytest.approx(0.2)
+    assert robust.loc["basic", "dist"] == pytest.approx(0.5)
+    assert robust.loc["basic", "dist spread"] == pytest.approx(0.2)
     assert robust.loc["basic", "mix-g7 auc"] == pytest.approx(0.10)
     assert "0.500" in format_table(robust.reset_index())
 
@@ -45,7 +46,6 @@ def test_a_step_whose_stages_are_up_to_date_is_marked_reused(tmp_path):
     from winnow.pipeline.core import fsio
     from winnow.pipeline.run.stage import Stage
     from winnow.workflows.demo import Timings
-    from winnow.workflows.report import timing_text
 
     timings = Timings(str(tmp_path))
 

@@ -1,5 +1,6 @@
 """DiST: texture syntheses keep texture statistics and lose the layout; the odd-one-out test; the sanity checks."""
 
+import io
 import os
 import tarfile
 from dataclasses import replace
@@ -10,7 +11,7 @@ import pytest
 
 from winnow.pipeline.data.evalsets import read_triplets
 from winnow.pipeline.evalsets import dist
-from winnow.pipeline.tasks import odd_one_out
+from winnow.pipeline.tasks import load_tasklist, odd_one_out
 
 
 def test_histogram_and_colour_matching_give_the_source_values_exactly():
@@ -88,8 +89,8 @@ def test_demo_set_is_written_with_its_manifest_and_passes_its_gates(demo_dist):
     assert len(names) == 4 * summary["kept"]
     triplets, labels = read_triplets(out)
     assert len(triplets) == summary["kept"] and sorted(set(labels.tolist())) == sorted(set(kept["label"]))
+
     from PIL import Image
-    import io
 
     assert {Image.open(io.BytesIO(b)).size for t in triplets[:5] for b in t} == {(cfg.size, cfg.size)}
 
@@ -99,8 +100,8 @@ def test_demo_set_is_written_with_its_manifest_and_passes_its_gates(demo_dist):
 def test_reference_models_score_near_chance_on_the_demo_set(demo_dist):
     """Raw pixels and another network's texture statistics cannot find the original: the syntheses leak no
     low-level or texture cue (95% interval contains chance, and the accuracy stays within 0.12 of it)."""
+
     from PIL import Image
-    import io
 
     triplets, _ = read_triplets(demo_dist["out"])
     arr = np.stack([[np.asarray(Image.open(io.BytesIO(b))) for b in t] for t in triplets])
@@ -121,7 +122,6 @@ def test_reference_models_score_near_chance_on_the_demo_set(demo_dist):
 @pytest.mark.timeout(900)
 def test_build_is_deterministic_and_evaluates_as_a_task(demo_dist, tmp_path):
     from winnow.pipeline.stages.evaluate import evaluate
-    from winnow.pipeline.tasks import load_tasklist
 
     cfg = replace(demo_dist["cfg"], per_class=1, steps=20, retries=0)
     source = os.path.join(demo_dist["world"], "eval")

@@ -4,6 +4,7 @@ the within-part estimate, and each filter with its recipes on a DataComp-shaped 
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -313,7 +314,6 @@ def test_neg_clip_loss_changes_the_clip_score_ranking(metadata):
 
 def test_the_filters_read_embeddings_from_a_separate_folder(metadata, tmp_path):
     """The Winnow layout: embeddings in their own folder (``winnow embed``'s POOL/embeddings/TAG)."""
-    import shutil
 
     pool = tmp_path / "pool"
     emb = tmp_path / "emb"

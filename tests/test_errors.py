@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -151,7 +152,6 @@ def test_a_run_that_committed_a_task_or_is_still_going_still_refuses(tmp_path, d
 def test_an_ingest_killed_before_any_shard_does_not_block_the_corrected_command(tiny_world, tmp_path):
     from winnow.pipeline.synth.hostile import HostileServer
     from winnow.pipeline.synth.server import WebPoolServer
-
     from winnow.pipeline.synth.world import read_truth
 
     truth = read_truth(tiny_world["path"])
@@ -163,8 +163,8 @@ def test_an_ingest_killed_before_any_shard_does_not_block_the_corrected_command(
         rows.loc[0, "url"] = f"{hold.url}/hold"
         rows.to_parquet(tmp_path / "urls.parquet")
         urls = str(tmp_path / "urls.parquet")
-        proc = subprocess.Popen([sys.executable, "-m", "winnow.workflows.cli", "ingest", urls, pool, "--shard-size", "10",
-                                 *common], start_new_session=True, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, "-m", "winnow.workflows.cli", "ingest", urls, pool,
+                                 "--shard-size", "10", *common], start_new_session=True, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, cwd=ROOT)
         try:
             assert hold.held.wait(180), "the held row was never requested"
@@ -278,7 +278,6 @@ def test_every_hint_in_the_code_and_docs_names_a_command_and_flags_that_exist():
 
 @pytest.mark.e2e
 def test_a_busy_port_names_flags_serve_takes(tiny_world):
-    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

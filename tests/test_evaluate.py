@@ -116,8 +116,8 @@ def test_tasklist_validation(tmp_path):
 def test_evaluate_a_tiny_checkpoint_on_the_synthetic_eval_set(tiny_world, tmp_path):
     import torch
 
-    from winnow.pipeline.stages.evaluate import evaluate
     from winnow.pipeline.models.registry import load
+    from winnow.pipeline.stages.evaluate import evaluate
     from winnow.workflows.settings import demo_config_path
 
     model, _, _ = load("winnow-tiny-clip", "", seed=3)

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from winnow.pipeline.core.errors import UserError
-from winnow.pipeline.web.fetch import FetchError, FetchLimits, UrlPolicy, address_kind, fetch, parse_url
 from winnow.pipeline.data.images import open_rgb, reencode_high_depth
+from winnow.pipeline.data.uid import DuplicateFinder, uids_to_array
 from winnow.pipeline.stages.ingest import IngestConfig, check_input, split_input
 from winnow.pipeline.synth.hostile import HostileServer, images
-from winnow.pipeline.data.uid import DuplicateFinder, uids_to_array
+from winnow.pipeline.web.fetch import FetchError, FetchLimits, UrlPolicy, address_kind, fetch, parse_url
 
 LIMITS = FetchLimits(timeout=10, deadline=20, max_bytes=16 << 20, retries=2, max_redirects=5)
 
@@ -77,7 +77,8 @@ def test_only_the_checked_address_is_connected_to(monkeypatch):
         monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
         monkeypatch.setattr(socket.socket, "connect", spy_connect)
         resp = fetch(f"http://images.example:{port}/ok.jpg", UrlPolicy(("127.0.0.1",)), LIMITS)
-        assert resp.body == server.files["ok.jpg"] and connected == [("127.0.0.1", port)] and calls == ["images.example"]
+        assert resp.body == server.files["ok.jpg"]
+        assert connected == [("127.0.0.1", port)] and calls == ["images.example"]
 
         answers[:] = answers[:1]  # only a private address: refused without any connection
         connected.clear()

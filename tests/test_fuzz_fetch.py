@@ -116,8 +116,8 @@ def _image_bytes(rng: np.random.Generator, fmt: str) -> bytes:
 
 
 def test_damaged_images_end_as_one_state_and_never_raise():
-    from img2dataset.resizer import Resizer  # noqa: F401 - imported the way the download process does
     import exifread
+    from img2dataset.resizer import Resizer  # noqa: F401 - imported the way the download process does
 
     from winnow.pipeline.web.ingest_child import _img2dataset, _prepare
 

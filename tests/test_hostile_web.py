@@ -7,6 +7,7 @@ ledger's messages; captions survive odd bytes and column names; images in odd mo
 
 import io
 import os
+import threading
 import time
 
 import numpy as np
@@ -17,8 +18,8 @@ from helpers import tiny_ingest_config
 from PIL import Image
 
 from winnow.pipeline.data import shards
-from winnow.pipeline.stages.ingest import ingest
 from winnow.pipeline.run.runner import ClusterConfig, Runner
+from winnow.pipeline.stages.ingest import ingest
 from winnow.pipeline.synth.hostile import SECRET, Canary, HostileServer, hostile_rows
 
 pytestmark = pytest.mark.e2e
@@ -134,7 +135,6 @@ def _children(name: str) -> list[psutil.Process]:
 def test_a_killed_download_process_loses_only_its_rows_in_flight(tmp_path):
     """The download process is SIGKILLed (as the OOM killer does) while one row is in flight: that row is
     recorded as download_killed, every other row of the shard is downloaded, none is left without a state."""
-    import threading
 
     with HostileServer() as server:
         urls = [f"{server.url}/ok.jpg?{i}" for i in range(6)] + [f"{server.url}/hold"]

@@ -2,20 +2,21 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 import webdataset as wds
+from helpers import tiny_ingest_config
 
 from winnow.pipeline.data import shards
-from winnow.pipeline.stages.ingest import ingest
 from winnow.pipeline.data.ledger import STATES
 from winnow.pipeline.data.manifest import read_manifest
 from winnow.pipeline.data.pool import ledger, read_states
+from winnow.pipeline.stages.ingest import ingest
 from winnow.pipeline.synth.server import WebPoolServer
 from winnow.pipeline.synth.world import expected_state, read_truth
-
-from helpers import tiny_ingest_config
 
 pytestmark = pytest.mark.e2e
 
@@ -122,8 +123,6 @@ def test_invalid_input_uids_are_recorded_not_downloaded(tmp_path, tiny_world, lo
 
 def test_same_command_runs_on_an_existing_scheduler(tmp_path, tiny_world):
     """`--scheduler ADDRESS` submits the same stages to a cluster the command did not start."""
-    import subprocess
-    import sys
 
     from dask.distributed import LocalCluster
 
@@ -136,7 +135,8 @@ def test_same_command_runs_on_an_existing_scheduler(tmp_path, tiny_world):
         result = subprocess.run([sys.executable, "-m", "winnow.workflows.cli", "ingest", str(tmp_path / "urls.parquet"),
                                  str(pool), "--scheduler", cluster.scheduler_address, "--set", "ingest.timeout=5",
                                  "--set", "ingest.deadline=10", "--set", "ingest.stall_seconds=30",
-                                 "--set", "ingest.allow_hosts=[127.0.0.1]"], capture_output=True, text=True, timeout=240)
+                                 "--set", "ingest.allow_hosts=[127.0.0.1]"],
+                                capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr
     assert f"connected to Dask scheduler {cluster.scheduler_address}" in result.stderr
     assert "Dask dashboard at http" in result.stderr

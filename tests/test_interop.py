@@ -10,8 +10,10 @@ from test_tasks import COLOURS, ColourModel, png, preprocess, tokenizer, write_s
 
 from winnow.pipeline.core.errors import UserError
 from winnow.pipeline.tasks import Context, Task, average_of, load_tasklist, run_task_samples, samples_path
-from winnow.pipeline.tasks.retrieval import hits, metrics as retrieval_metrics, per_image
-from winnow.pipeline.tasks.zeroshot import metrics as zeroshot_metrics, per_image as zeroshot_per_image
+from winnow.pipeline.tasks.retrieval import hits, per_image
+from winnow.pipeline.tasks.retrieval import metrics as retrieval_metrics
+from winnow.pipeline.tasks.zeroshot import metrics as zeroshot_metrics
+from winnow.pipeline.tasks.zeroshot import per_image as zeroshot_per_image
 
 # DataComp's tasklist.yml shape (keys, fields, document markers); entries copied in kind, not in full
 DATACOMP_TASKLIST = """---

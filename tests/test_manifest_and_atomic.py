@@ -1,4 +1,8 @@
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 
 import pytest
 
@@ -56,15 +60,12 @@ def test_foreign_folder_is_not_overwritten_silently(tmp_path):
     assert (tmp_path / "out" / "precious.txt").exists()
 
 
-def _child(code: str) -> "subprocess.Popen":
-    import subprocess
-    import sys
+def _child(code: str) -> subprocess.Popen:
 
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
 
 def test_a_live_run_holds_its_folder_and_a_dead_ones_lock_is_taken_over(tmp_path):
-    import signal
 
     out = str(tmp_path / "out")
     holder = _child(f"from winnow.pipeline.data.manifest import StageRun\n"
@@ -86,8 +87,6 @@ def test_a_live_run_holds_its_folder_and_a_dead_ones_lock_is_taken_over(tmp_path
 
 
 def test_a_rerun_removes_what_killed_writers_left_and_keeps_what_live_ones_write(tmp_path):
-    import signal
-    import tempfile
 
     from winnow.pipeline.run.stage import Stage
 

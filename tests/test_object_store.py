@@ -3,11 +3,15 @@ against a real S3 API server (moto's, on 127.0.0.1) gives the local run's output
 mid-write leaves no object under the final name; workers started in another folder read and write the same
 files as the command's own folder names them."""
 
+import glob
 import io
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -23,7 +27,6 @@ BIN = os.path.dirname(sys.executable)
 
 
 def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
-    import socket
 
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -75,7 +78,9 @@ def test_the_chain_on_s3_gives_the_local_outputs(tiny_world, tiny_pool, local_cl
     from winnow.pipeline.stages.subset import subset
     from winnow.pipeline.synth.server import WebPoolServer
 
-    quiet = lambda m: None
+    def quiet(message):
+        pass
+
     local, remote = tiny_pool["pool"], f"{bucket}/pool"
     world = tiny_world["path"]
     with WebPoolServer(world, port=tiny_world["port"]):
@@ -99,7 +104,9 @@ def test_the_chain_on_s3_gives_the_local_outputs(tiny_world, tiny_pool, local_cl
         outs[where] = {"sub": sub, "dedup": dd, "shards": rs}
     from winnow.pipeline.stages.ledger import report
 
-    mine = lambda text: [ln for ln in text.splitlines() if not ln.startswith("embed '") or "objstore" in ln]
+    def mine(text):
+        return [ln for ln in text.splitlines() if not ln.startswith("embed '") or "objstore" in ln]
+
     assert "embed 'objstore'" in report(remote) and mine(report(remote)) == mine(report(local))
     emb = [n for n in os.listdir(os.path.join(local, "embeddings", "objstore")) if n.endswith((".npz", ".parquet"))]
     same_files(os.path.join(local, "embeddings", "objstore"), f"{remote}/embeddings/objstore", emb)
@@ -141,7 +148,6 @@ def test_a_killed_writer_leaves_no_object(bucket):
 def test_workers_started_in_another_folder_read_and_write_the_commands_paths(tiny_pool, local_cluster, tmp_path):
     """A scheduler and two workers started in another folder; the command names the pool and its outputs with
     relative paths: the outputs land where the command's folder says, equal to a local run's."""
-    import shutil
 
     home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
     home.mkdir(), elsewhere.mkdir()
@@ -211,8 +217,6 @@ def test_training_and_its_evaluation_read_and_write_the_object_store(tiny_world,
     """Shards on s3://, --logs s3://: the checkpoint, out.log and params.txt are objects under the run's URL (no
     local folder named s3:), the printed checkpoint exists and evaluates, compare and report read the evaluation
     there, and no local staging outlives the run."""
-    import glob
-    import tempfile
 
     from winnow.pipeline.stages.evaluate import evaluate
     from winnow.pipeline.stages.reshard import reshard

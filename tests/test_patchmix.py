@@ -1,9 +1,20 @@
 """Patch Mixing operations: exact fractions of foreign patches at the recorded positions, shuffles, drops."""
 
+import os
+
 import numpy as np
 import pytest
 
-from winnow.pipeline.evalsets.patchmix import blob_mask, drop_patches, mix_patches, occlude, patch_count, shuffle_tiles
+from winnow.pipeline.evalsets.patchmix import (
+    PatchmixConfig,
+    blob_mask,
+    build_patchmix,
+    drop_patches,
+    mix_patches,
+    occlude,
+    patch_count,
+    shuffle_tiles,
+)
 from winnow.pipeline.tasks.curves import area_under_curve
 
 
@@ -66,13 +77,11 @@ def test_area_under_curve_is_normalised():
 
 @pytest.mark.e2e
 def test_patchmix_evalset_from_the_tiny_world(tiny_world, tmp_path):
-    import os
 
     import pandas as pd
 
     from winnow.pipeline.stages.evaluate import evaluate
     from winnow.pipeline.tasks import load_tasklist
-    from winnow.pipeline.evalsets.patchmix import PatchmixConfig, build_patchmix
 
     source = os.path.join(tiny_world["path"], "eval")
     tasks = build_patchmix(source, str(tmp_path / "pm"), PatchmixConfig(seed=3, size=56), log=lambda m: None)

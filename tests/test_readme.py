@@ -2,6 +2,7 @@
 its markers is exactly what `make readme-figures` renders from `benchmarks/results/demo.json`."""
 
 import json
+from dataclasses import asdict
 
 from winnow.workflows import readme
 from winnow.workflows.settings import demo_config_path, load
@@ -15,7 +16,6 @@ def test_the_readme_block_is_rendered_from_the_recorded_demo_figures():
 
 
 def test_the_recorded_figures_come_from_the_current_demo_settings():
-    from dataclasses import asdict
 
     recorded = json.loads(readme.RECORDED.read_text())
     assert recorded["settings"] == readme.settings(asdict(load(str(demo_config_path()))))

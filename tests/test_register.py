@@ -1,14 +1,15 @@
 """An existing img2dataset pool is adopted without downloading again; broken layouts get clear errors."""
 
 import os
+import shutil
 
 import pandas as pd
 import pytest
 
 from winnow.pipeline.core.errors import UserError
 from winnow.pipeline.data.pool import ledger
-from winnow.pipeline.stages.register import register
 from winnow.pipeline.run.runner import ClusterConfig, Runner
+from winnow.pipeline.stages.register import register
 from winnow.pipeline.synth.server import WebPoolServer
 from winnow.pipeline.synth.world import read_truth
 
@@ -44,7 +45,6 @@ def test_register_accepts_img2dataset_output_and_derives_the_ledger(img2dataset_
 
 
 def test_register_reports_broken_layouts(img2dataset_pool, tmp_path):
-    import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(img2dataset_pool, broken)

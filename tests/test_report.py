@@ -15,7 +15,7 @@ import pytest
 
 from winnow.pipeline.core import fsio
 from winnow.pipeline.tasks import Task, samples_path
-from winnow.pipeline.tasks.stats import compare, estimate
+from winnow.pipeline.tasks.stats import compare, estimate, holm
 
 # ------------------------------------------------------------------------------------------------ statistics
 
@@ -204,7 +204,6 @@ def test_three_seeds_each_give_a_holm_adjusted_verdict(demo_folder):
 
 
 def test_holm_adjusts_a_family_of_p_values():
-    from winnow.pipeline.tasks.stats import holm
 
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert holm([0.5]) == [0.5] and holm([0.9, 0.8]) == [1.0, 1.0] and holm([0.2, 0.01]) == [0.2, 0.02]
@@ -221,8 +220,8 @@ def test_runs_evaluated_on_other_eval_data_are_never_paired(tmp_path):
         summary["details"] = {t.name: {"fingerprint": fp} for t in TASKS}
         fsio.write_json(os.path.join(run, "eval", "summary.json"), summary)
     for command in (["compare", a, b], ["report", a, b, "--out", str(tmp_path / "r.html")]):
-        result = subprocess.run([sys.executable, "-m", "winnow.workflows.cli", *command], capture_output=True, text=True,
-                                timeout=120)
+        result = subprocess.run([sys.executable, "-m", "winnow.workflows.cli", *command],
+                                capture_output=True, text=True, timeout=120)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 2 and len(lines) == 1, result.stderr
         assert "a-seed0 and b-seed0 were evaluated on different eval data" in lines[0]
@@ -306,7 +305,6 @@ def test_report_command_on_training_runs_only(demo_folder, tmp_path):
 
 def test_counts_with_gaps_show_as_whole_numbers():
     """A count column read back from JSON (numbers and nulls) shows 412, not 412.000; shares keep 3 decimals."""
-    import pandas as pd
 
     from winnow.workflows import html
 

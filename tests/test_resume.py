@@ -84,8 +84,8 @@ def test_a_second_identical_ingest_is_refused_while_the_first_runs(tmp_path):
     with HostileServer() as hold:
         urls = tmp_path / "urls.parquet"
         pd.DataFrame({"url": [f"{hold.url}/hold", f"{hold.url}/ok.jpg"], "text": ["held", "ok"]}).to_parquet(urls)
-        cmd = [sys.executable, "-m", "winnow.workflows.cli", "ingest", str(urls), str(tmp_path / "pool"), "--workers", "1",
-               "--allow-hosts", "127.0.0.1", "--set", "ingest.shard_size=1"]
+        cmd = [sys.executable, "-m", "winnow.workflows.cli", "ingest", str(urls), str(tmp_path / "pool"),
+               "--workers", "1", "--allow-hosts", "127.0.0.1", "--set", "ingest.shard_size=1"]
         first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             assert hold.held.wait(180), "the held row was never requested"

@@ -3,6 +3,9 @@ pools are refused, and failures end in one line naming the cause and the fix."""
 
 import json
 import os
+import resource
+import signal
+import socket
 import subprocess
 import sys
 
@@ -12,9 +15,9 @@ import pytest
 from helpers import make_pool
 
 from winnow.pipeline.data import manifest
-from winnow.pipeline.stages.register import register
-from winnow.pipeline.run.runner import ClusterConfig, Runner
 from winnow.pipeline.data.uid import uids_to_array
+from winnow.pipeline.run.runner import ClusterConfig, Runner
+from winnow.pipeline.stages.register import register
 
 pytestmark = pytest.mark.e2e  # real CLI processes, loopback servers, a Dask cluster, mounted disks
 
@@ -172,7 +175,6 @@ def test_an_input_without_captions_is_refused_unless_said_so(tmp_path):
 
 
 def test_a_run_that_downloads_nothing_exits_non_zero_with_a_hint(tmp_path):
-    import socket
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -196,8 +198,6 @@ def _quick_urls(tiny_world) -> pd.DataFrame:
 def test_a_write_failure_inside_a_worker_is_one_line(tmp_path, tiny_world):
     """Writes fail in the download process (a file size limit stands in for a full disk): one line naming the
     shard and the cause, not one traceback per sample and not a task repr."""
-    import resource
-    import signal
 
     from winnow.pipeline.synth.server import WebPoolServer
 

@@ -5,8 +5,18 @@ import pandas as pd
 import pytest
 
 from winnow.pipeline.core.errors import UserError
-from winnow.pipeline.stages.subset import Rows, apply, load_recipe, recipes_dir, top_fraction_threshold, write_subset
-from winnow.pipeline.data.uid import UID_DTYPE, array_to_uids
+from winnow.pipeline.data.uid import UID_DTYPE, array_to_uids, sort_order, sort_uids
+from winnow.pipeline.stages.subset import (
+    Rows,
+    apply,
+    check_variables,
+    load_recipe,
+    recipes_dir,
+    subset,
+    top_fraction_threshold,
+    write_runs,
+    write_subset,
+)
 
 
 def _frame(scores, state=None):
@@ -73,7 +83,6 @@ def test_top_fraction_of_kept_ranks_among_the_rows_kept_so_far():
 def test_top_fraction_of_kept_over_parts_equals_the_whole_pool_at_once(tmp_path):
     """subset() finds an of: kept threshold with one more pass over the parts; the result equals the rule
     applied to the whole pool held at once."""
-    from winnow.pipeline.stages.subset import subset
 
     rng = np.random.default_rng(4)
     frames = []
@@ -96,7 +105,7 @@ def test_top_fraction_of_kept_over_parts_equals_the_whole_pool_at_once(tmp_path)
         "min_side_score": np.minimum(whole["original_width"], whole["original_height"]).astype(float)}))
     expected = sorted(whole["uid"][apply(load_recipe(recipe), rows)])
     assert sorted(got) == expected and doc["kept"] == len(expected)
-    assert [s["kept"] for s in doc["steps"]] == [210, 85, 43, 22]  # int(0.4 x 210) + 1, int(85 / 2) + 1, int(43 / 2) + 1
+    assert [s["kept"] for s in doc["steps"]] == [210, 85, 43, 22]  # int(.4 x 210) + 1, int(85/2) + 1, int(43/2) + 1
 
 
 def test_only_downloaded_rows_are_candidates():
@@ -154,7 +163,6 @@ def test_unknown_score_column_names_what_exists():
 
 
 def test_shipped_recipes_take_their_knobs_as_variables_with_datacomp_defaults():
-    from winnow.pipeline.stages.subset import check_variables, load_recipe
 
     rule = lambda name, **v: load_recipe(name, v).select[-1]  # noqa: E731
     assert rule("clip_l14_30pct") == {"top_fraction": {"column": "clip_l14_score", "fraction": 0.3}}
@@ -188,7 +196,6 @@ def _metadata(folder, names, rows=20, uid=None, extra=None):
     ("missing_column", "has no column 'original_width', which 'min_side' needs"),
     ("bad_uid", "uid 'xyz' is not hexadecimal")])
 def test_every_metadata_problem_is_one_line_naming_the_file(tmp_path, problem, fragment):
-    from winnow.pipeline.stages.subset import subset
 
     _metadata(tmp_path, ["a" * 32, "b" * 32])
     bad = tmp_path / f"{'c' * 32}.parquet"
@@ -207,7 +214,6 @@ def test_every_metadata_problem_is_one_line_naming_the_file(tmp_path, problem, f
 
 
 def test_a_file_added_to_a_metadata_folder_is_scored(tmp_path):
-    from winnow.pipeline.stages.subset import subset
 
     _metadata(tmp_path, ["a" * 32])
     first = subset("clip_b32_threshold", str(tmp_path), str(tmp_path / "o1"), None, log=lambda m: None)
@@ -219,8 +225,6 @@ def test_a_file_added_to_a_metadata_folder_is_scored(tmp_path):
 def test_sorted_runs_are_written_as_one_sorted_uid_file(tmp_path):
     """write_runs merges each part's sorted uids a bucket of upper halves at a time; uids sharing an upper half
     (and repeats) land in one bucket and come out in numeric order, as a whole-array lexsort gives."""
-    from winnow.pipeline.data.uid import sort_order, sort_uids
-    from winnow.pipeline.stages.subset import write_runs
 
     rng = np.random.default_rng(3)
     runs = []

@@ -1,4 +1,7 @@
+import io
+import json
 import os
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
@@ -6,8 +9,17 @@ import pytest
 from PIL import Image
 
 from winnow.pipeline.core.errors import UserError
-from winnow.pipeline.synth.render import CLASSES, render, shape_mask
-from winnow.pipeline.synth.world import DUPLICATES, EXPECTED_STATE, DefectRates, SynthConfig, plan_pool, pool_payload
+from winnow.pipeline.synth.render import CLASSES, COLORS, render, shape_mask
+from winnow.pipeline.synth.world import (
+    DUPLICATES,
+    EXPECTED_STATE,
+    DefectRates,
+    SynthConfig,
+    _spec_for,
+    class_table,
+    plan_pool,
+    pool_payload,
+)
 
 
 def test_plan_is_deterministic_per_seed():
@@ -58,7 +70,6 @@ def test_every_class_has_a_distinct_silhouette_and_renders_deterministically():
     for i in range(len(CLASSES)):
         for j in range(i + 1, len(CLASSES)):
             assert (masks[i] ^ masks[j]).mean() > 0.03, (CLASSES[i], CLASSES[j])
-    from winnow.pipeline.synth.world import _spec_for
     spec = _spec_for(SynthConfig(), 1, 5)
     assert np.array_equal(np.asarray(render(spec)), np.asarray(render(spec)))
 
@@ -76,7 +87,6 @@ def test_bad_synth_configs_are_user_errors():
 
 @pytest.mark.e2e
 def test_world_layout_and_disjoint_sets(tiny_world):
-    import os
     world = tiny_world["path"]
     truth = pd.read_parquet(os.path.join(world, "truth.parquet"))
     urls = pd.read_parquet(os.path.join(world, "urls.parquet"))
@@ -106,7 +116,6 @@ def test_world_layout_and_disjoint_sets(tiny_world):
 
 
 def test_pool_classes_follow_the_long_tail_and_every_class_is_there():
-    from winnow.pipeline.synth.world import class_table
 
     cfg = SynthConfig(seed=5, n_pool=3000)
     plan, table = plan_pool(cfg), class_table(cfg)
@@ -129,7 +138,6 @@ def test_pool_classes_follow_the_long_tail_and_every_class_is_there():
 
 
 def test_boilerplate_clusters_are_near_identical_samples_of_one_class():
-    import io
 
     cfg = SynthConfig(seed=6, n_pool=1500)
     plan = plan_pool(cfg)
@@ -155,7 +163,6 @@ def test_boilerplate_clusters_are_near_identical_samples_of_one_class():
 
 def test_uninformative_captions_name_no_class_and_mostly_pass_the_basic_filter():
     from winnow.pipeline.synth.captions import SYNONYMS, TEXTURE_WORDS, uninformative
-    from winnow.pipeline.synth.render import COLORS
 
     words = [w.lower() for w in [*sum(SYNONYMS.values(), []), *COLORS, *sum(TEXTURE_WORDS.values(), [])]]
     rng = np.random.default_rng(0)
@@ -184,12 +191,9 @@ def test_per_class_accuracy_on_fixed_embeddings():
 
 
 def test_report_shows_head_and_tail_accuracy_from_the_worlds_class_frequencies(tmp_path):
-    import json
-    from dataclasses import asdict
 
     from winnow.pipeline.core import fsio
     from winnow.pipeline.data.shards import write_table
-    from winnow.pipeline.synth.world import class_table
     from winnow.pipeline.tasks import Task
     from winnow.workflows.compare import find_runs, group_runs
     from winnow.workflows.report import html_report, tail_tables

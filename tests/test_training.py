@@ -9,7 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pandas as pd
 import pytest
@@ -91,7 +91,6 @@ def test_progress_is_one_line_per_interval_and_always_the_last_step():
 
 
 def test_resume_and_other_settings_are_refused_with_commands_that_work(data, tmp_path):
-    from dataclasses import asdict
 
     from winnow.pipeline.run.stage import Stage
 

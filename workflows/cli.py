@@ -9,12 +9,16 @@ bad path, bad layout) print one line, ``winnow: error: ...``, and exit 2; a fail
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import errno
+import importlib
 import os
 import sys
+import typing
 from dataclasses import dataclass, field
 
+from winnow.pipeline import __version__
 from winnow.pipeline.core.errors import RunFailed, UserError, describe
 from winnow.pipeline.run.runner import TaskFailed
 
@@ -98,7 +102,8 @@ COMMANDS = [
                   "public, e.g. 127.0.0.1 (repeatable)", many=True)], sections=("ingest",)),
     Command("register", "validate an existing img2dataset/DataComp pool and record its manifest",
             "winnow.workflows.commands:register", [("pool", "pool folder")]),
-    Command("ledger", "print how every input row of a pool ended (counts per state)", "winnow.workflows.commands:ledger",
+    Command("ledger", "print how every input row of a pool ended (counts per state)",
+            "winnow.workflows.commands:ledger",
             [("pool", "pool folder")],
             [Flag("--truth", help="a synthetic world folder: also compare states with its planted defects")],
             stage=False),
@@ -124,7 +129,8 @@ COMMANDS = [
             "winnow.workflows.commands:copy_descriptor", [("pool", "pool folder")],
             [Flag("--out", help="folder for descriptor.pt", required=True),
              Flag("--steps", "copy_descriptor.steps", "training steps")], sections=("copy_descriptor",)),
-    Command("evalset", "build an evaluation set from labeled images: patchmix or dist", "winnow.workflows.commands:evalset",
+    Command("evalset", "build an evaluation set from labeled images: patchmix or dist",
+            "winnow.workflows.commands:evalset",
             [("kind", "patchmix: foreign patches, tile shuffles, patch drops, occlusion; dist: texture-synthesis "
                       "triplets for the odd-one-out test"),
              ("source", "labeled images: an eval set folder (test/*.tar with .cls) or a folder of class folders")],
@@ -147,7 +153,8 @@ COMMANDS = [
                   "~/.cache/winnow; with workers on other machines, a folder or URL they all see)"), PARTIAL,
              Flag("--allow-empty", help="write an empty subset instead of stopping when no row is kept",
                   switch=True)]),
-    Command("reshard", "materialise a subset into new WebDataset shards (byte copy)", "winnow.workflows.commands:reshard",
+    Command("reshard", "materialise a subset into new WebDataset shards (byte copy)",
+            "winnow.workflows.commands:reshard",
             [("pool", "pool folder the subset was selected from"), ("subset", "uids.npy (sorted u8,u8)"),
              ("out", "output folder")],
             [Flag("--shard-size", "reshard.shard_size", "samples per output shard"), PARTIAL], sections=("reshard",)),
@@ -262,8 +269,6 @@ def _unknown(parser: argparse.ArgumentParser, command: str | None, extra: list[s
 
 def config_keys() -> dict[str, bool]:
     """Every dotted key of the run config, True for a section (a dataclass, nested ones included)."""
-    import dataclasses
-    import typing
 
     from winnow.workflows.settings import RunConfig
 
@@ -347,7 +352,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"winnow: error: {_unknown(parser, args.command, extra)}", file=sys.stderr)
         return 2
     if args.version:
-        from winnow.pipeline import __version__
 
         print(f"winnow {__version__}")
         return 0
@@ -374,7 +378,6 @@ def absolute_paths(command: Command, args: argparse.Namespace, cfg) -> None:
                                  for item in value for k, sep, v in [item.partition("=")]])
         elif isinstance(value, str) and value:
             setattr(args, name, absolute(value, only_existing=name in MAYBE_PATHS))
-    import dataclasses
 
     for section in dataclasses.fields(cfg):  # config fields declared as paths (winnow.pipeline.core.config.path)
         obj = getattr(cfg, section.name)
@@ -389,7 +392,6 @@ def absolute_paths(command: Command, args: argparse.Namespace, cfg) -> None:
 
 
 def run(command: Command, args: argparse.Namespace) -> int:
-    import importlib
 
     try:
         module, function = command.run.split(":")

@@ -8,13 +8,14 @@ that ``pipeline/README.md`` maps the command to.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
+from dataclasses import replace
 
 from winnow.pipeline.core.errors import RunFailed, UserError
 
 
 def _runner(cfg):
     """The cluster of an enclosing ``with winnow.cluster():``, else a new one for this command."""
-    from contextlib import nullcontext
 
     from winnow.pipeline.run.runner import Runner
 
@@ -170,7 +171,6 @@ def train(args, cfg) -> str:
         tasks = load_tasklist(args.tasks, _pairs(args.var, "--var"))
     launch = cfg.train.launch()
     if args.resume and launch.world == 1 and tcfg.processes > 1:  # on one machine: the count it started with
-        from dataclasses import replace
 
         launch = replace(launch, nproc_per_node=tcfg.processes)
     ckpt = run_train(args.data, cfg.train.logs, args.name, tcfg, overwrite=args.overwrite, resume=args.resume,

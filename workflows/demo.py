@@ -6,7 +6,8 @@ clean set into a data filtering network (DFN) and embed the pool with that -> co
 decontamination -> score and select every recipe, measured against the planted truth -> train and evaluate the
 same fixed model on each subset -> report (:mod:`winnow.workflows.report`).
 
-Every step is a stage (:class:`winnow.pipeline.run.stage.Stage`): a rerun reuses what is up to date and resumes what was
+Every step is a stage (:class:`winnow.pipeline.run.stage.Stage`): a rerun reuses what is up to date and resumes what
+was
 interrupted; ``--overwrite`` replaces what was made with other settings.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -79,7 +80,6 @@ def _manifests(root: str) -> dict[str, int]:
 
 def run(out: str, cfg: RunConfig, overwrite: bool = False, log=print) -> dict:
     """Run the demo into ``out``; returns the summary it writes to ``report/summary.json``."""
-    from contextlib import nullcontext
 
     with nullcontext(Runner.active()) if Runner.active() else Runner(cfg.cluster) as runner:
         demo = Demo(out, cfg, runner, overwrite, log)

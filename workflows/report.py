@@ -20,10 +20,13 @@ import pandas as pd
 
 from winnow.pipeline.core import fsio
 from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data.images import encode_jpeg, open_rgb
 from winnow.pipeline.data.ledger import OK, format_counts
 from winnow.pipeline.data.manifest import read_manifest
-from winnow.workflows import html
+from winnow.pipeline.data.shards import image_bytes, iter_tar
 from winnow.pipeline.tasks.stats import ONE_SEED, verdict
+from winnow.pipeline.tasks.zeroshot import CLASS_PREFIX, KIND
+from winnow.workflows import html, readme
 from winnow.workflows.compare import (
     METHOD,
     Group,
@@ -139,7 +142,6 @@ def write(out: str, report: str, summary: dict, r: Results, log=print) -> str:
     r.robust.to_csv(os.path.join(report, "robustness.csv"), index=False, float_format="%.4f")
     rows = _training_rows(group_runs(find_runs([out])))
     training = format_text(rows)
-    from winnow.workflows import readme
 
     fsio.write_json(os.path.join(report, "figures.json"), readme.figures(summary, rows))
     lines = [
@@ -168,7 +170,6 @@ def write(out: str, report: str, summary: dict, r: Results, log=print) -> str:
 
 def _readme_line(report: str) -> str:
     """Whether this run's figures are the ones the README quotes (``benchmarks/results/demo.json``)."""
-    from winnow.workflows import readme
 
     run = fsio.read_json(os.path.join(report, "figures.json"))
     if not readme.RECORDED.is_file():
@@ -300,8 +301,6 @@ class Images:
     def load(self) -> None:
         from PIL import Image
 
-        from winnow.pipeline.data.images import encode_jpeg, open_rgb
-        from winnow.pipeline.data.shards import image_bytes, iter_tar
 
         for stem, keys in self.want.items():
             tar = os.path.join(self.pool, f"{stem}.tar")
@@ -561,10 +560,10 @@ def tail_tables(groups: list[Group]) -> list[tuple[str, pd.DataFrame, pd.DataFra
     """Per zero-shot task on a synthetic world's evaluation set (the set's parent folder holds the world's
     ``classes.parquet``): (task, the world's classes, one row per subset with the mean over seeds of the top-1
     accuracy averaged over the head classes and over the tail classes, and tail - head). The head and tail are the
-    most and least frequent thirds of the classes in the pool (:func:`winnow.pipeline.synth.world.class_table`); subsets
+    most and least frequent thirds of the classes in the pool (:func:`winnow.pipeline.synth.world.class_table`);
+    subsets
     evaluated without per-class accuracy are left out."""
     from winnow.pipeline.synth.world import read_classes
-    from winnow.pipeline.tasks.zeroshot import CLASS_PREFIX, KIND
 
     out = []
     for task in groups[0].tasks:

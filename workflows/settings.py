@@ -5,18 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from winnow import manifests
 from winnow.pipeline.core import config
+from winnow.pipeline.evalsets.dist import DistConfig
 from winnow.pipeline.evalsets.patchmix import PatchmixConfig
+from winnow.pipeline.run.runner import ClusterConfig
 from winnow.pipeline.stages.copy_descriptor import CopyDescriptorConfig
 from winnow.pipeline.stages.dedup import DedupConfig
 from winnow.pipeline.stages.embed import EmbedConfig
 from winnow.pipeline.stages.evaluate import EvaluateConfig
-from winnow.pipeline.stages.reshard import ReshardConfig
-from winnow.pipeline.evalsets.dist import DistConfig
 from winnow.pipeline.stages.ingest import IngestConfig
-from winnow.pipeline.run.runner import ClusterConfig
-from winnow.pipeline.synth.world import SynthConfig
+from winnow.pipeline.stages.reshard import ReshardConfig
 from winnow.pipeline.stages.train import TrainConfig, TrainSpec
+from winnow.pipeline.synth.world import SynthConfig
 
 DEMO_RECIPES = ["no_filter", "basic", "demo_text", "demo_clip30", "demo_image", "demo_image_and_clip",
                 "demo_basic_and_clip", "dfn_30pct", "dfn_and_basic", "basic_dedup", "demo_basic_and_clip_dedup",
@@ -95,7 +96,6 @@ class RunConfig:
 
 
 def demo_config_path() -> Path:
-    from winnow import manifests
 
     return Path(manifests.__file__).parent / "demo.yaml"
 
@@ -107,6 +107,5 @@ def load(path: str | None, overrides: list[str] | None = None, flags: dict | Non
 
 def tasks_path() -> Path:
     """The demo's task list (manifests/tasks/demo.yaml)."""
-    from winnow import manifests
 
     return Path(manifests.__file__).parent / "tasks" / "demo.yaml"

@@ -37,28 +37,40 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
             raise UserError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in get_args(tp):
-            if arg is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _check_value(value, arg, where)
-            except UserError as exc:
-                errors.append(str(exc))
-        raise UserError(errors[0] if errors else f"{where}: unexpected value {value!r}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{where}: expected a list, got {value!r}")
-        (item_tp, *_) = get_args(tp) or (Any,)
-        items = [_check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _check_union(value, tp, where)
+    if origin in (list, tuple, dict):
+        return _check_container(value, tp, origin, where)
+    return _check_scalar(value, tp, where)
+
+
+def _check_union(value: Any, tp: Any, where: str) -> Any:
+    errors = []
+    for arg in get_args(tp):
+        if arg is type(None):
+            if value is None:
+                return None
+            continue
+        try:
+            return _check_value(value, arg, where)
+        except UserError as exc:
+            errors.append(str(exc))
+    raise UserError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+
+
+def _check_container(value: Any, tp: Any, origin: type, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{where}: expected a mapping, got {value!r}")
         key_tp, val_tp = get_args(tp) or (Any, Any)
         return {_check_value(k, key_tp, where): _check_value(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{where}: expected a list, got {value!r}")
+    (item_tp, *_) = get_args(tp) or (Any,)
+    items = [_check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _check_scalar(value: Any, tp: Any, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str) and value.lower() in ("inf", ".inf", "infinity"):
@@ -193,7 +205,6 @@ def path(default: str | list = "", always: bool = False):
     """A config field that may hold local paths: made absolute before any task is built, so workers started in
     another folder see the same files. A value that may also be a name (a pretrained tag) is changed only when it
     exists here as a path; ``always``: changed even when it does not exist yet (an output folder)."""
-    import dataclasses
 
     meta = {"path": "always" if always else "existing"}
     if isinstance(default, list):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import errno
 
 
@@ -41,7 +42,6 @@ def describe(exc: BaseException) -> str:
 
 def did_you_mean(word: str, choices, n: int = 1) -> str:
     """``"did you mean X? "`` for the choice nearest ``word`` (difflib), or "" when none is near."""
-    import difflib
 
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=n, cutoff=0.6)
     return f"did you mean {', '.join(close)}? " if close else ""

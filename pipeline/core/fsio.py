@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 import uuid
@@ -70,7 +71,6 @@ def _gone(name: str) -> bool:
 def sweep_stale(folder: str | None = None) -> int:
     """Remove what killed processes of this machine left behind: half-written files (``name.tmp-<tag>``) under the
     local ``folder``, and staging files and folders in the temporary folder. Returns how many were removed."""
-    import shutil
 
     removed = 0
     if folder and is_local(folder) and os.path.isdir(get_fs(folder)[1]):
@@ -259,7 +259,6 @@ def load_npy(path: str, what: str, mmap: bool = False):
     """A numeric ``.npy`` array, never unpickled: object arrays, other formats and damaged files are one
     UserError line naming ``what``. ``mmap``: memory-mapped read-only (an object store's file is copied to the
     local cache first)."""
-    import contextlib
 
     import numpy as np
 

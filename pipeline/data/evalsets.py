@@ -3,15 +3,18 @@
 An eval set folder holds ``test/*.tar`` (WebDataset: ``<key>.jpg`` or ``.png``/``.webp``, ``<key>.cls`` with the
 integer label, ``<key>.txt`` with the image's captions for retrieval), ``classnames.txt`` and
 ``zeroshot_classification_templates.txt``. As in clip_benchmark's retrieval sets, a ``.txt`` holding several lines
-is several captions of that image (:func:`split_captions`). A DiST set stores ``<key>.original.png``, ``.synth_a.png`` and
+is several captions of that image (:func:`split_captions`). A DiST set stores ``<key>.original.png``, ``.synth_a.png``
+and
 ``.synth_b.png`` per triplet instead. A labeled source for building eval sets may also be a folder of class
 folders (ImageNet's val layout).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import tarfile
 
 import numpy as np
 
@@ -63,8 +66,6 @@ def fingerprint(folder: str) -> str:
     """``sha256:<hex>`` of what an evaluation on ``folder`` sees: every file's path (relative to the folder) and
     size and, for local tars, every member's name and size in order (the eval items and their order). Two
     evaluations are comparable item by item only when their sets' fingerprints are equal."""
-    import hashlib
-    import tarfile
 
     h = hashlib.sha256()
     fs, root = fsio.get_fs(folder)

@@ -370,6 +370,5 @@ def _now() -> str:
 
 def _jsonable(obj: Any) -> Any:
     """Normalise tuples to lists and floats like inf, so signatures compare equal after a JSON round trip."""
-    import json
 
     return json.loads(json.dumps(obj, default=str))

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections import Counter
+from urllib.parse import urlsplit
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from winnow.pipeline.core import fsio
-from winnow.pipeline.data import manifest, shards
 from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data import manifest, shards
 from winnow.pipeline.data.ledger import states_of
+
 
 def ledger(pool: str) -> tuple[dict[str, int], int | None]:
     """Counts per state over every shard's parquet, and the input row count from the manifest (if any)."""
@@ -70,7 +73,6 @@ def require_finished(pool: str, allow_partial: bool, command: str, log=print) ->
 
 def _state_tables(pool: str, columns: list[str]):
     """Per shard: ``columns`` plus ``state`` (read, or derived from status/error_message for img2dataset pools)."""
-    import pyarrow.parquet as pq
 
     digits = shards.name_digits(pool)
     for i in shards.list_shards(pool):
@@ -90,8 +92,6 @@ def read_states(pool: str) -> pd.DataFrame:
 
 def refused_host(pool: str, shards_read: int = 3) -> str | None:
     """The host (or address) most often refused by the URL policy in the first shards of ``pool``, if any."""
-    from collections import Counter
-    from urllib.parse import urlsplit
 
     seen: Counter = Counter()
     for shard_id in shards.list_shards(pool)[:shards_read]:

@@ -105,7 +105,8 @@ def iter_tar(tar_path: str) -> Iterator[dict]:
 class TarWriter:
     """The one tar writer (WebDataset layout: a sample is its members ``<key>.<ext>``, adjacent).
 
-    The tar appears at ``path`` only when the block ends without an error (:func:`winnow.pipeline.core.fsio.atomic_open`).
+    The tar appears at ``path`` only when the block ends without an error
+    (:func:`winnow.pipeline.core.fsio.atomic_open`).
     Members are USTAR entries with mode 0444 and mtime 0 unless given, so a tar's bytes depend only on what is
     written into it.
     """

@@ -14,6 +14,7 @@ Rules:
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterable
 
@@ -147,7 +148,6 @@ class DuplicateFinder:
     _RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("row", "<i8")])
 
     def __init__(self, scratch: str, buckets: int = 64):
-        import os
 
         self.paths = [os.path.join(scratch, f"uids-{b:03d}.bin") for b in range(buckets)]
         self._files = [open(p, "wb") for p in self.paths]

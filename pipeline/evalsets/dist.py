@@ -9,12 +9,14 @@ random-weight CNN (random shallow networks are good texture models: Ustyuzhanino
   quarter of the image, else the synthesis keeps the global layout), each a 3x3 convolution with 64 channels,
   circular padding (no border effects: a synthesis has no preferred position) and ReLU, 2x2 average pooling
   between stages as in Gatys' average-pooled VGG; weights drawn once from ``net_seed`` (He initialisation),
-  never trained. The Gram matrices of the input pixels (colour second moments) and of every stage are matched. Any local torchvision VGG-19 checkpoint can replace it (``vgg19=PATH``: the
+  never trained. The Gram matrices of the input pixels (colour second moments) and of every stage are matched. Any
+  local torchvision VGG-19 checkpoint can replace it (``vgg19=PATH``: the
   ``relu1_1 .. relu5_1`` outputs, the paper's layers).
 - Loss: the sum over layers of ``||G(x) - G(x0)||^2 / ||G(x0)||^2`` with ``G = F F^T / M`` (M positions), plus
   a per-channel mean and standard deviation term. Start: the source with its Fourier phases randomised by the
   seed (its amplitude spectrum, no layout); L-BFGS on the pixels (``steps`` iterations, strong Wolfe line
-  search; a penalty keeps pixels in [0, 1] where Gatys' code used L-BFGS-B bounds). The colours are then given the source's joint colour distribution (iterative
+  search; a penalty keeps pixels in [0, 1] where Gatys' code used L-BFGS-B bounds). The colours are then given the
+  source's joint colour distribution (iterative
   distribution transfer) and exactly its per-channel histograms, so pixel statistics carry no cue. All images
   of a batch are optimised together (every image's loss is its own), on the GPU when present.
 
@@ -33,7 +35,8 @@ Quality gates, per synthesis, written to the manifest:
 A source whose syntheses fail is redone with new seeds up to ``retries`` times, then dropped; the manifest
 and ``gates.json`` count both.
 
-The test (:mod:`winnow.pipeline.tasks.odd_one_out`): embed the three images, L2-normalise, ``odd = argmin_i sum_{j != i} cos(e_i,
+The test (:mod:`winnow.pipeline.tasks.odd_one_out`): embed the three images, L2-normalise, ``odd = argmin_i sum_{j !=
+i} cos(e_i,
 e_j)``; a trial is right when the odd one is the original; chance is 1/3. Two reference "models" check the
 set (:func:`baseline_scores`): ``pixels`` (the raw pixel vector) and ``texture`` (the Gram matrices of every
 stage of a second random network, another seed and the full five stages whatever the image size, each
@@ -42,16 +45,23 @@ normalised and concatenated) must both score near chance.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pandas as pd
+import yaml
 
+from winnow.pipeline.core import fsio
 from winnow.pipeline.core.config import path
-from winnow.pipeline.data.evalsets import MEMBERS
+from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data import shards
+from winnow.pipeline.data.evalsets import MEMBERS, labeled_files, per_class, read_labeled, write_evalset_meta
+from winnow.pipeline.data.images import square_image
 from winnow.pipeline.tasks.odd_one_out import metrics as odd_one_out_metrics
-
 
 
 @dataclass
@@ -125,7 +135,6 @@ def vgg19_net(path: str, device: str = "cpu"):
     from torch import nn
     from torchvision.models import vgg19
 
-    from winnow.pipeline.core.errors import UserError
 
     if not os.path.isfile(path):
         raise UserError(f"VGG-19 checkpoint not found: {path}")
@@ -323,8 +332,6 @@ def build_dist(source: str, out: str, cfg: DistConfig, overwrite: bool = False, 
     gate measurement, the failed gates); ``gates.json`` (counts, config, the reference models' scores);
     ``tasks.yaml`` (one odd-one-out task).
     """
-    from winnow.pipeline.core import fsio
-    from winnow.pipeline.data.evalsets import labeled_files
     from winnow.pipeline.run.stage import Stage
 
     stage = Stage("dist", out, asdict(cfg), inputs=labeled_files(source), overwrite=overwrite, protect=[source],
@@ -336,17 +343,10 @@ def build_dist(source: str, out: str, cfg: DistConfig, overwrite: bool = False, 
 
 
 def _build(source: str, out: str, cfg: DistConfig, log) -> dict:
-    import time
 
-    import pandas as pd
-    import yaml
     from PIL import Image
 
-    from winnow.pipeline.core import fsio
-    from winnow.pipeline.data import shards
-    from winnow.pipeline.data.evalsets import per_class, read_labeled, write_evalset_meta
     from winnow.pipeline.models.registry import default_device
-    from winnow.pipeline.data.images import square_image
 
     device = default_device() if cfg.device == "auto" else cfg.device
     data = read_labeled(source)
@@ -391,7 +391,6 @@ def _build(source: str, out: str, cfg: DistConfig, log) -> dict:
     path = os.path.join(out, "test", "0.tar")
 
     def png(arr):
-        import io
 
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="PNG")

@@ -17,10 +17,12 @@ records per image.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from winnow.pipeline.core import fsio
 from winnow.pipeline.core.errors import UserError
 
 
@@ -166,9 +168,7 @@ def build_patchmix(source: str, out: str, cfg: PatchmixConfig | None = None, ove
     reports each curve's normalised area). A stage: the same source and config is reused. Returns the task
     entries.
     """
-    import os
 
-    from winnow.pipeline.core import fsio
     from winnow.pipeline.data.evalsets import labeled_files
     from winnow.pipeline.run.stage import Stage
 
@@ -184,18 +184,15 @@ def build_patchmix(source: str, out: str, cfg: PatchmixConfig | None = None, ove
 
 
 def _build(source: str, out: str, seed: int, size: int, per_class: int, log) -> list[dict]:
-    import os
 
     import pandas as pd
     import yaml
     from PIL import Image
 
-    from winnow.pipeline.core import fsio
     from winnow.pipeline.data import shards
     from winnow.pipeline.data.evalsets import per_class as first_per_class
     from winnow.pipeline.data.evalsets import read_labeled, write_evalset_meta
-    from winnow.pipeline.data.images import square_image
-    from winnow.pipeline.data.images import encode_jpeg
+    from winnow.pipeline.data.images import encode_jpeg, square_image
 
     data = read_labeled(source)
     chosen = first_per_class(data["labels"], per_class)

@@ -10,7 +10,8 @@ down-and-up scaling, and hard negatives (half of each batch are images of simila
 not colour alone, identifies an image. Real pools should use a real descriptor (SSCD, or
 DataComp's precomputed ``dedup`` array, tag ``dedup``) or CLIP L/14 embeddings; the dedup stage takes any tag.
 
-``winnow.pipeline.stages.copy_descriptor.train_descriptor(pool, out)`` writes ``out/descriptor.pt`` (a state dict, loaded with ``weights_only=True``);
+``winnow.pipeline.stages.copy_descriptor.train_descriptor(pool, out)`` writes ``out/descriptor.pt`` (a state dict,
+loaded with ``weights_only=True``);
 ``winnow embed POOL --model winnow-copy --pretrained out/descriptor.pt --tag copy`` then stores ``copy_img``.
 """
 

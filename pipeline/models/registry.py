@@ -14,13 +14,17 @@ need nothing from here: ``ViT-B-32`` + ``openai``, ``ViTamin-S`` + ``datacomp1b`
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import logging
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from winnow.pipeline.models import copydetect
+from winnow.pipeline.core import fsio
 from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.models import copydetect
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_VITAMIN = "winnow_vitamin_tiny"
@@ -39,8 +43,8 @@ def register() -> None:
         def winnow_vitamin_tiny(pretrained: bool = False, **kwargs):
             embed_cfg = VitCfg(embed_dim=(32, 64, 192), depths=(1, 1, 1), stem_width=32,
                                conv_cfg=VitConvCfg(norm_layer="layernorm2d", norm_eps=1e-6), head_type="1d")
-            args = dict(img_size=64, embed_dim=192, depth=2, num_heads=3, mlp_layer=GeGluMlp, mlp_ratio=2.0, class_token=False,
-                        global_pool="avg", embed_cfg=embed_cfg)
+            args = dict(img_size=64, embed_dim=192, depth=2, num_heads=3, mlp_layer=GeGluMlp, mlp_ratio=2.0,
+                        class_token=False, global_pool="avg", embed_cfg=embed_cfg)
             # no published weights: timm's default pretrained config, given by name (else timm warns each build)
             kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or {"architecture": TINY_VITAMIN}
             return _create_vitamin(TINY_VITAMIN, pretrained=pretrained, **dict(args, **kwargs))
@@ -63,7 +67,6 @@ def load(model: str, pretrained: str = "", device: str = "cpu", seed: int = 0):
     if model == copydetect.MODEL_NAME:  # the copy-detection descriptor: images only
         return copydetect.load(pretrained, device), copydetect.preprocess, None
     if "://" in pretrained:  # a checkpoint on an object store: read through a local copy
-        from winnow.pipeline.core import fsio
 
         if not fsio.exists(pretrained):
             raise UserError(f"checkpoint not found: {pretrained}")
@@ -105,7 +108,6 @@ OFFLINE_CHOICES = ("offline, give a checkpoint file (--pretrained PATH), '' for 
 def trained_as(checkpoint: str) -> str | None:
     """The open_clip model a ``winnow train`` checkpoint (``<run>/checkpoints/epoch_N.pt``) was trained as, read
     from its run's manifest; None for other files."""
-    from winnow.pipeline.core import fsio
 
     path = checkpoint if "://" in checkpoint else os.path.abspath(checkpoint)
     run = path.rstrip("/").rsplit("/", 2)[0]
@@ -136,8 +138,6 @@ def resolve_model(model: str, pretrained: str) -> str:
 def weights_reachable(model: str, tag: str, timeout: float = 3.0) -> None:
     """Fail at once, in one line, when the weights of a pretrained tag are neither in the local caches nor
     reachable (open_clip and huggingface_hub would retry for a minute or more before saying so)."""
-    import socket
-    from urllib.parse import urlsplit
 
     import open_clip
 
@@ -175,7 +175,6 @@ def weights_reachable(model: str, tag: str, timeout: float = 3.0) -> None:
 def check(model: str, pretrained: str) -> bool:
     """Refuse an unknown model name, or a ``pretrained`` that is neither one of the model's tags nor a file
     (one line naming the fix); return True when ``pretrained`` is a local checkpoint file."""
-    import difflib
 
     import open_clip
 

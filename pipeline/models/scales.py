@@ -2,7 +2,8 @@
 
 DataComp's ``scale_configs.py`` values (paper Table 14): model, global batch size, learning rate, warmup steps,
 samples seen (= the pool size), AdamW beta2; weight decay 0.2, cosine schedule, 5 checkpoints. ``tiny`` is
-Winnow's CPU scale for the demo and tests (a small ResNet CLIP, see :mod:`winnow.pipeline.models.registry`; 25,600 samples
+Winnow's CPU scale for the demo and tests (a small ResNet CLIP, see :mod:`winnow.pipeline.models.registry`; 25,600
+samples
 seen, i.e. 400 steps of 64). ``--arch vitamin`` swaps the CLIP of a scale for the ViTamin of matching size
 (ViTamin-S for B/32 scales, ViTamin-B for B/16, ViTamin-L for L/14, a tiny ViTamin for tiny).
 """

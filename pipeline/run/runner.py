@@ -191,7 +191,6 @@ class Runner:
 
     def activate(self):
         """Make this the runner every command in the block uses (instead of starting its own)."""
-        import contextlib
 
         @contextlib.contextmanager
         def block():
@@ -255,7 +254,6 @@ class Runner:
     def prestart(self) -> None:
         """Start the cluster in a background thread now, so that it starts while the driver works; the next
         :meth:`map` waits for it (and raises what the start raised)."""
-        import threading
 
         if self._started or self._starting is not None:
             return
@@ -282,7 +280,6 @@ class Runner:
     def release(self) -> None:
         """No more work for now: close the cluster in a background thread (joined on exit), so that its shutdown
         overlaps the driver's remaining work. A later :meth:`map` starts it again."""
-        import threading
 
         client, cluster = self.client, self._cluster
         self.client = self._cluster = None

@@ -8,7 +8,8 @@ the manifest (datatrove's executor is the model). A stage supplies its task list
     return stage.finish(rows=sum_counts(stats))
 
 A task is a small frozen dataclass with a ``marker`` property: the path of a JSON file holding the task's stats,
-which the stage writes (atomically) when the task's function has returned them (:class:`Marked`). A task with a marker is finished and is not run again, so an
+which the stage writes (atomically) when the task's function has returned them (:class:`Marked`). A task with a marker
+is finished and is not run again, so an
 interrupted stage resumes where it stopped, whatever killed it. ``Stage.map`` returns every task's stats, read
 from the markers, in task order.
 """

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from winnow.pipeline.core import fsio
-from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.core.errors import UserError, describe
 from winnow.pipeline.data import manifest
 from winnow.pipeline.data.ledger import OK
 from winnow.pipeline.data.parts import Part, embedding_path, list_parts, load_embeddings, part_rows, read_part
@@ -183,7 +183,6 @@ class ScoreTask:
 def score_part(task: ScoreTask) -> int:
     """Read the part once, write its rows file and each filter's scores; return its row count."""
     from winnow.filters import REGISTRY
-
     from winnow.pipeline.data.uid import sort_order, uids_to_array
 
     filters = [((spec.get("cls") or REGISTRY[spec["key"]])(**spec["params"]), out) for spec, out in task.filters]
@@ -214,7 +213,6 @@ def score_part(task: ScoreTask) -> int:
 def check_parts(parts: list[Part], filters) -> None:
     """Every part readable as parquet, with a uid column and the columns the filters need, before any work:
     each problem is one line naming the file."""
-    from winnow.pipeline.core.errors import describe
 
     for part in parts:
         try:
@@ -257,9 +255,7 @@ class Scores:
 def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = None, cache: str = "",
           log=print) -> Scores:
     """Compute (or reuse) the rows and each filter's scores over the pool, in one pass over its parts."""
-    from winnow.filters import build
-
-    from winnow.filters import code_version
+    from winnow.filters import build, code_version
 
     parts = list_parts(pool)
     filters = [build(spec) for spec in specs]

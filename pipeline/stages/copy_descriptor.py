@@ -1,4 +1,5 @@
-"""``winnow copy-descriptor``: train the small copy-detection descriptor (:mod:`winnow.pipeline.models.copydetect`) on a
+"""``winnow copy-descriptor``: train the small copy-detection descriptor (:mod:`winnow.pipeline.models.copydetect`) on
+a
 pool's own images, without labels (InfoNCE between two web-copy-like views, hard negatives of similar colour)."""
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from winnow.pipeline.core.errors import UserError
 from winnow.pipeline.data import shards
 from winnow.pipeline.data.images import open_rgb
 from winnow.pipeline.data.manifest import MANIFEST
+from winnow.pipeline.models.copydetect import SIDE, augment, build, colour_key, framed
 from winnow.pipeline.run.stage import Stage
-from winnow.pipeline.models.copydetect import SIDE, colour_key, framed, augment, build
 
 
 def pool_images(pool: str, limit: int, side: int = 2 * SIDE) -> list:

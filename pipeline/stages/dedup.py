@@ -31,6 +31,7 @@ group the first sample in that order is kept. Selection drops the rest with the 
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -40,7 +41,7 @@ from winnow.pipeline.core import fsio
 from winnow.pipeline.core.config import path
 from winnow.pipeline.core.errors import UserError
 from winnow.pipeline.data import manifest, shards
-from winnow.pipeline.data.parts import list_parts, part_rows
+from winnow.pipeline.data.parts import embedding_path, list_parts, part_rows
 from winnow.pipeline.data.pool import require_finished
 from winnow.pipeline.run.stage import Stage
 from winnow.pipeline.stages.dedup_tasks import (
@@ -210,9 +211,7 @@ def dedup(pool: str, cfg: DedupConfig, runner, out: str | None = None, overwrite
 
 def embedding_dim(pool: str, part, tag: str) -> int:
     """The width of ``tag``'s image embeddings, from the first part's ``.npz`` header (no array is read)."""
-    import zipfile
 
-    from winnow.pipeline.data.parts import embedding_path
 
     with fsio.open_read(embedding_path(pool, part, tag, None)) as f, zipfile.ZipFile(f) as z:
         name = f"{tag}_img.npy"

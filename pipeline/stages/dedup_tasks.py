@@ -1,6 +1,7 @@
 """Dedup's worker tasks and building blocks, each with memory bounded by one part or one bucket (never the pool).
 
-The driver (:mod:`winnow.pipeline.stages.dedup`) runs four maps; every task writes its files under ``<out>/_work`` and a
+The driver (:mod:`winnow.pipeline.stages.dedup`) runs four maps; every task writes its files under ``<out>/_work`` and
+a
 marker last, so a killed run resumes task by task:
 
 1. ``scan_part`` (one per part): the part's ok rows (global row, uid, keep score), a random sample of their image

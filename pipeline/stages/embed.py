@@ -26,17 +26,16 @@ import pandas as pd
 
 from winnow.pipeline.core import fsio
 from winnow.pipeline.core.config import path
-from winnow.pipeline.data import manifest, shards
 from winnow.pipeline.core.errors import UserError
-from winnow.pipeline.data.pool import require_finished
+from winnow.pipeline.data import manifest, shards
 from winnow.pipeline.data.images import input_side
+from winnow.pipeline.data.ledger import OK
+from winnow.pipeline.data.pool import require_finished
 from winnow.pipeline.models.copydetect import MODEL_NAME
 from winnow.pipeline.models.encode import cached_model, encode_images, encode_texts
-from winnow.pipeline.models.registry import check, resolve_model, weights_reachable
+from winnow.pipeline.models.registry import check, default_device, resolve_model, weights_reachable
 from winnow.pipeline.run.runner import task_progress
 from winnow.pipeline.run.stage import Stage, sum_counts
-from winnow.pipeline.data.ledger import OK
-
 
 
 @dataclass
@@ -83,7 +82,6 @@ class EmbedTask:
 
 
 def _device(cfg: EmbedConfig) -> str:
-    from winnow.pipeline.models.registry import default_device
 
     return default_device() if cfg.device == "auto" else cfg.device
 

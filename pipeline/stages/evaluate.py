@@ -2,11 +2,13 @@
 
 A stage whose units are the tasks: each task's result is written as ``tasks/<stem>.json`` when it is done, so an
 interrupted evaluation resumes at the next task, and the same model on the same task list is not evaluated twice.
-Writes, per task, ``samples/<stem>.npy`` (:func:`winnow.pipeline.tasks.samples_path`: the main metric per eval item, for
+Writes, per task, ``samples/<stem>.npy`` (:func:`winnow.pipeline.tasks.samples_path`: the main metric per eval item,
+for
 bootstrap intervals and paired tests), and at the end ``eval_results.jsonl``, one line per task exactly as
 DataComp's ``evaluate.py`` writes it (``key``, ``dataset`` = the task's name, ``metrics`` with ``main_metric``;
 its resume logic and ``aggregate_scores.py`` read it), and ``summary.json``: the average
-(:func:`winnow.pipeline.tasks.average_of`), every task's main metric, the curves with their areas, and per task what the
+(:func:`winnow.pipeline.tasks.average_of`), every task's main metric, the curves with their areas, and per task what
+the
 results line leaves out (kind, data, main metric's name, random score, diagnostic, samples file).
 """
 
@@ -20,9 +22,11 @@ from typing import Literal
 import numpy as np
 
 from winnow.pipeline.core import fsio
+from winnow.pipeline.data.evalsets import fingerprint
 from winnow.pipeline.run.stage import Stage
 from winnow.pipeline.tasks import Context, Task, average_of, run_task_samples, samples_path, stem
 from winnow.pipeline.tasks.curves import summarize
+
 
 @dataclass
 class EvaluateConfig:
@@ -81,7 +85,6 @@ def evaluate_task(t: EvalTask) -> dict:
     if samples is not None:
         with fsio.atomic_open(samples_path(t.out, t.task.name)) as f:
             np.save(f, samples)
-    from winnow.pipeline.data.evalsets import fingerprint
 
     line = {"key": t.task.key or t.task.name, "dataset": t.task.name,
             "metrics": {**metrics, "main_metric": metrics.get(t.task.main_metric) if t.task.main_metric else None},
@@ -148,8 +151,8 @@ def evaluate(model_name: str, pretrained: str, tasks: list[Task], out: str, devi
     average = "none (every task is a diagnostic)" if summary["average"] is None else f"{summary['average']:.4f}"
     log(f"evaluate: average of the main metrics of the {summary['averaged']} non-diagnostic tasks = {average} -> {out}")
     if missing:
-        log(f"evaluate: {len(missing)} task(s) of the list were not in the data folder ({', '.join(missing_names(missing))}"
-            "): this average is not the task list's")
+        log(f"evaluate: {len(missing)} task(s) of the list were not in the data folder ("
+            f"{', '.join(missing_names(missing))}): this average is not the task list's")
     return summary
 
 

@@ -6,11 +6,13 @@ Flow (``ingest``, on the driver):
    row ``r`` of the input always lands in shard ``r // shard_size``, so shard ids are stable across runs. The
    url and caption columns are found by name (``url``/``URL``; ``text`` as DataComp, ``caption`` as
    img2dataset) or set in the config; text is decoded with ``encoding``, bad bytes replaced. uids are carried
-   from ``uid_col`` or derived (:mod:`winnow.pipeline.data.uid`); a uid seen at an earlier input row makes the later row a
+   from ``uid_col`` or derived (:mod:`winnow.pipeline.data.uid`); a uid seen at an earlier input row makes the later
+   row a
    ``duplicate_uid`` (``_inputs/_duplicates.parquet``), decided by input order alone.
 2. ``ingest_shard`` runs once per shard on the cluster. It drives a long-lived download process (one per Dask
    worker, :mod:`winnow.pipeline.web.ingest_child`) that runs img2dataset's per-shard downloader with Winnow's fetch
-   (:mod:`winnow.pipeline.web.fetch`: URL policy, per-URL deadline, byte cap) into a private temporary folder, then adds
+   (:mod:`winnow.pipeline.web.fetch`: URL policy, per-URL deadline, byte cap) into a private temporary folder, then
+   adds
    the ledger ``state`` column and moves tar, parquet and finally ``_stats.json`` (the commit marker) into the
    pool, each atomically.
 3. A shard with a ``_stats.json`` is complete and is not redone when an interrupted run is resumed.
@@ -22,7 +24,9 @@ without them: no row is ever left without a state.
 
 from __future__ import annotations
 
+import codecs
 import collections
+import ipaddress
 import json
 import math
 import os
@@ -43,8 +47,8 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from winnow.pipeline.core import fsio
-from winnow.pipeline.data import shards
 from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data import shards
 from winnow.pipeline.data.ledger import OK, classify
 from winnow.pipeline.data.pool import ledger
 from winnow.pipeline.data.uid import DuplicateFinder, derive_uid, normalize_uid, uids_to_array
@@ -136,8 +140,6 @@ class IngestConfig:
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
 
     def __post_init__(self) -> None:
-        import codecs
-        import ipaddress
 
         if self.shard_size < 1 or self.thread_count < 1 or self.retries < 0 or self.max_redirects < 0 or \
                 self.decode_threads < 1:
@@ -188,7 +190,8 @@ def check_input(path: str, cfg: IngestConfig) -> tuple[list[str], IngestConfig]:
         if not caption_col:
             looked = repr(cfg.caption_col) if cfg.caption_col else "text or caption"
             raise UserError(f"input has no caption column ({looked}; columns: {', '.join(names)}); name it with "
-                            "--caption-col NAME (ingest.caption_col), or pass --set ingest.no_captions=true if the list has none on purpose")
+                            "--caption-col NAME (ingest.caption_col), or pass --set ingest.no_captions=true "
+                            "if the list has none on purpose")
     missing = [c for c in [*cfg.extra_columns, *([cfg.blur_bbox_col] if cfg.blur_bbox_col else [])]
                if c not in names]
     if missing:

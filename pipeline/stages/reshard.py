@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from winnow.pipeline.core import fsio
-from winnow.pipeline.data import shards
 from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.data import shards
 from winnow.pipeline.data.pool import require_finished
 from winnow.pipeline.data.uid import UID_DTYPE, sort_uids, uids_to_array
 from winnow.pipeline.run.stage import Stage

@@ -39,11 +39,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
+from winnow import manifests
 from winnow.pipeline.core import fsio
-from winnow.pipeline.data import manifest
 from winnow.pipeline.core.config import parse_yaml, substitute
 from winnow.pipeline.core.errors import RunFailed, UserError, did_you_mean
+from winnow.pipeline.data import manifest
 from winnow.pipeline.data.ledger import OK
 from winnow.pipeline.data.parts import Part
 from winnow.pipeline.data.pool import require_finished
@@ -54,7 +56,6 @@ RULES = ("threshold", "top_fraction", "exclude_uids", "exclude_duplicates", "int
 
 
 def recipes_dir() -> Path:
-    from winnow import manifests
 
     return Path(manifests.__file__).parent / "subsets"
 
@@ -203,7 +204,6 @@ def read_uid_list(path: str) -> np.ndarray:
             raise UserError(f"exclude_uids {path}: a uid array has dtype {UID_DTYPE} (DataComp's), not {arr.dtype}")
         return arr
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
 
         with fsio.open_read(path) as f:
             return uids_to_array(pq.read_table(f, columns=["uid"])["uid"])
@@ -407,6 +407,33 @@ def explain(recipe: Recipe, scores, thresholds: dict) -> list[str]:
     return lines
 
 
+def _thresholds_among_kept(recipe: Recipe, parts: list, part_rows, thresholds: dict) -> None:
+    """Fill ``thresholds`` for the recipe's ``of: kept`` rules: each pass over the parts finds one more, in the
+    rules' order."""
+    while ranks_among_kept(recipe):
+        pending: dict = {}
+        for part in parts:
+            try:
+                apply(recipe, part_rows(part, pending))
+            except Pending:
+                pass
+        if not pending:
+            return
+        for key, chunks in pending.items():
+            thresholds[key] = top_fraction_threshold(np.concatenate(chunks), key[1], in_place=True)
+
+
+def _small_subset_line(recipe: Recipe, scores, thresholds: dict, steps: list, used: set, kept_rows: int,
+                       candidates: int, total: int) -> str:
+    """Why a subset kept under 1% of its candidates: each score rule's range beside its bound, and the knobs."""
+    knobs = sorted(used - {"pool"})
+    why = "; ".join(explain(recipe, scores, thresholds) or [f"{s['rule']}: {s['kept']:,} left" for s in steps]) \
+        if candidates else f"no row of the pool's {total:,} is a candidate (downloaded: state ok)"
+    return (f"subset {recipe.name} kept {kept_rows:,} of {candidates:,} candidate rows"
+            + (f" ({kept_rows / candidates:.2%})" if candidates else "") + (f": {why}" if why else "")
+            + (f"; the recipe's variables: {', '.join(knobs)} (--var NAME=VALUE)" if knobs else ""))
+
+
 def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variables: dict[str, str] | None = None,
            embeddings: dict[str, str] | None = None, allow_partial: bool = False, overwrite: bool = False,
            cache: str = "", release: bool = False, allow_empty: bool = True, log=print) -> dict:
@@ -420,7 +447,6 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
     values of the rows kept before it, found by one more pass over the parts), one part's arrays, and the kept
     uids (16 bytes each); no frame and no uid string."""
     from winnow.filters import plain
-
     from winnow.pipeline.select.score import score
 
     require_finished(pool, allow_partial, "subset", log)
@@ -456,17 +482,7 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
 
         return Rows(sorted_uid, order, scores.ok(part), get, thresholds, lists, pending)
 
-    while ranks_among_kept(recipe):  # each pass finds one more ``of: kept`` threshold, in the rules' order
-        pending: dict = {}
-        for part in scores.parts:
-            try:
-                apply(recipe, part_rows(part, pending))
-            except Pending:
-                pass
-        if not pending:
-            break
-        for key, chunks in pending.items():
-            thresholds[key] = top_fraction_threshold(np.concatenate(chunks), key[1], in_place=True)
+    _thresholds_among_kept(recipe, scores.parts, part_rows, thresholds)
     his, los, steps, total = [], [], [], 0
     for part in scores.parts:
         rows = part_rows(part)
@@ -481,12 +497,7 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
     kept_rows = sum(len(h) for h in his)
     candidates = steps[0]["kept"] if steps else 0
     if kept_rows == 0 or kept_rows < 0.01 * candidates:
-        knobs = sorted(used - {"pool"})
-        why = "; ".join(explain(recipe, scores, thresholds) or [f"{s['rule']}: {s['kept']:,} left" for s in steps]) \
-            if candidates else f"no row of the pool's {total:,} is a candidate (downloaded: state ok)"
-        line = (f"subset {recipe.name} kept {kept_rows:,} of {candidates:,} candidate rows"
-                + (f" ({kept_rows / candidates:.2%})" if candidates else "") + (f": {why}" if why else "")
-                + (f"; the recipe's variables: {', '.join(knobs)} (--var NAME=VALUE)" if knobs else ""))
+        line = _small_subset_line(recipe, scores, thresholds, steps, used, kept_rows, candidates, total)
         if kept_rows == 0 and not allow_empty:
             fsio.remove(fsio.join(out, manifest.RUN))
             manifest.unlock(out)

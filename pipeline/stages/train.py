@@ -9,7 +9,8 @@ open_clip_train's sharp edges: a reused ``--name`` would exit 0 without training
 caption make its loader hang (checked here first), and on CPU it needs ``--precision fp32``.
 
 Repeatable: the same shards, config and seed give the same weights on the CPU (the loader's shuffles and
-augmentations are seeded, see :mod:`winnow.pipeline.training.train_entry`) for the same number of torch threads, which the
+augmentations are seeded, see :mod:`winnow.pipeline.training.train_entry`) for the same number of torch threads, which
+the
 start line prints: a matrix product summed over another number of threads rounds differently.
 """
 
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -134,7 +136,8 @@ class TrainSpec:
     """What ``winnow train`` (and ``winnow dfn train``) is asked for; the scale fixes every hyper-parameter.
 
     Args:
-        scale: ``tiny`` (CPU) or DataComp's ``small``/``medium``/``large``/``xlarge`` (:mod:`winnow.pipeline.models.scales`).
+        scale: ``tiny`` (CPU) or DataComp's ``small``/``medium``/``large``/``xlarge``
+        (:mod:`winnow.pipeline.models.scales`).
         arch: ``clip`` (the scale's CLIP; ``vit`` is an alias) or ``vitamin`` (a ViTamin of matching size).
         seed: training seed.
         pretrained: start from an open_clip tag or checkpoint (DFN fine-tuning); empty: from scratch.
@@ -569,7 +572,6 @@ def _launch_flags(launch: Launch) -> list[str]:
 
 def _stop(proc: subprocess.Popen, group: bool) -> None:
     """End the trainer (and, for torchrun, every rank it started)."""
-    import signal
 
     try:
         if group:
@@ -589,7 +591,6 @@ def _stop(proc: subprocess.Popen, group: bool) -> None:
 def _failed_rank(tail, ranks: str) -> str:
     """torchrun's report of the first rank that failed, in one clause with that rank's last line; "" when the
     output names none."""
-    import signal
 
     text = "\n".join(tail)
     found = [(int(m[1]), int(m[2]), int(m[3])) for m in re.finditer(

@@ -33,9 +33,10 @@ TEXTURE_WORDS = {
 }
 TEMPLATES = [
     "a photo of a {adj}{cls}", "a {adj}{cls}", "close-up of a {adj}{cls} on a background", "Buy {adj}{cls} wall decal",
-    "IMG_{num} {adj}{cls}", "vector illustration of a {adj}{cls}", "{adj}{cls} pattern", "my favourite {adj}{cls} ever!!!",
-    "the {adj}{cls} on my desk", "{adj}{cls} sticker for laptops", "{Adj}{cls} icon", "hand drawn {adj}{cls}",
-    "stock image: {adj}{cls} on noisy background", "{Adj}{cls} - HD wallpaper", "a {adj}{cls}, slightly rotated",
+    "IMG_{num} {adj}{cls}", "vector illustration of a {adj}{cls}", "{adj}{cls} pattern",
+    "my favourite {adj}{cls} ever!!!", "the {adj}{cls} on my desk", "{adj}{cls} sticker for laptops", "{Adj}{cls} icon",
+    "hand drawn {adj}{cls}", "stock image: {adj}{cls} on noisy background", "{Adj}{cls} - HD wallpaper",
+    "a {adj}{cls}, slightly rotated",
     "cute {adj}{cls} clipart free download", "picture of one {adj}{cls} shape", "{Adj}{cls} logo design template",
     "a {adj}{cls} printed on paper", "my kid drew this {adj}{cls} lol", "{adj}{cls} emoji png",
     "minimal {adj}{cls} art print", "photo: a {adj}{cls} seen from above", "a drawing of a {adj}{cls}",
@@ -55,9 +56,10 @@ FOREIGN = {
 }
 FOREIGN_WORDS = {
     "es": {"circle": "círculo", "square": "cuadrado", "triangle": "triángulo", "star": "estrella", "cross": "cruz",
-           "ring": "anillo", "heart": "corazón", "crescent": "media luna", "arrow": "flecha", "hourglass": "reloj de arena",
-           "house": "casa", "bolt": "rayo", "red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo",
-           "orange": "naranja", "purple": "morado", "pink": "rosa", "black": "negro", "white": "blanco",
+           "ring": "anillo", "heart": "corazón", "crescent": "media luna", "arrow": "flecha",
+           "hourglass": "reloj de arena", "house": "casa", "bolt": "rayo", "red": "rojo", "green": "verde",
+           "blue": "azul", "yellow": "amarillo", "orange": "naranja", "purple": "morado", "pink": "rosa",
+           "black": "negro", "white": "blanco",
            "brown": "marrón", "gray": "gris", "cyan": "cian"},
     "fr": {"circle": "cercle", "square": "carré", "triangle": "triangle", "star": "étoile", "cross": "croix",
            "ring": "anneau", "heart": "cœur", "crescent": "croissant de lune", "arrow": "flèche",
@@ -95,7 +97,8 @@ def caption(rng: np.random.Generator, cls: str, color: str, texture: str, scale:
            "size": "small" if scale < 0.36 else "large", "none": ""}[kind]
     adj = adj + " " if adj else ""
     template = str(rng.choice(TEMPLATES))
-    text = template.format(adj=adj, Adj=adj.capitalize(), cls=name if adj or "{Adj}" not in template else name.capitalize(),
+    cls = name if adj or "{Adj}" not in template else name.capitalize()
+    text = template.format(adj=adj, Adj=adj.capitalize(), cls=cls,
                            num=int(rng.integers(1000, 9999)))
     text += str(rng.choice(SUFFIXES))
     if rng.random() < 0.1:

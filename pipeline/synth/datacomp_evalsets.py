@@ -20,6 +20,7 @@ model trained on the synthetic world is not at chance on them, and deterministic
 
 from __future__ import annotations
 
+import colorsys
 import io
 import json
 import os
@@ -55,7 +56,6 @@ def _image(label: int, rng: np.random.Generator, side: int) -> Image.Image:
 
 
 def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
-    import colorsys
 
     return colorsys.hsv_to_rgb(h, s, v)
 

@@ -143,93 +143,90 @@ class _Handler(BaseHTTPRequestHandler):
         name = unquote(self.path.split("?", 1)[0]).lstrip("/")
         srv = self.server
         try:
-            if name in srv.files:
-                ctype = "image/png" if name.endswith(".png") else "image/jpeg"
-                self._send(200, srv.files[name], ctype)
+            reply = self._plain(name)
+            if reply is not None:
+                self._send(*reply)
             elif name == "hold":  # answers only once released: lets a test act while a download is in flight
                 srv.held.set()
                 srv.release.wait(60)
                 self._send(200, srv.files["ok.jpg"])
-            elif name == "unicode/café au lait.jpg":
-                self._send(200, srv.files["ok.jpg"])
             elif name.startswith("status/"):
                 self.send_error(int(name.split("/")[1]))
-            elif name == "secret_500":
-                self._send(500, f"<html>internal error {SECRET}</html>".encode(), "text/html")
-            elif name == "secret_page":
-                self._send(200, f"{SECRET} not an image".encode(), "text/plain")
-            elif name == "html":
-                self._send(200, b"<!DOCTYPE html><html><body>a web page</body></html>", "text/html")
-            elif name == "empty":
-                self._send(200, b"", "image/jpeg")
-            elif name == "robots_noai":
-                self._send(200, srv.files["ok.jpg"], headers={"X-Robots-Tag": "noai"})
-            elif name == "gzip_ok":
-                self._send(200, gzip.compress(srv.files["ok.jpg"]), headers={"Content-Encoding": "gzip"})
-            elif name == "gzip_bomb":
-                self._send(200, srv.gzip_bomb, headers={"Content-Encoding": "gzip"})
-            elif name == "brotli":
-                self._send(200, b"\x0b\x02\x80", headers={"Content-Encoding": "br"})
             elif name in REDIRECTS:
                 self._redirect(REDIRECTS[name].format(canary=srv.canary_url))
-            elif name == "trickle_body":
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(srv.files["ok.jpg"])))
-                self.end_headers()
-                self._trickle(srv.files["ok.jpg"])
-            elif name == "trickle_headers":
-                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
-                self._trickle(b"X-Padding: " + b"a" * 10_000 + b"\r\n")
-            elif name == "endless":
-                self._endless(chunked=False)
-            elif name == "endless_chunked":
-                self._endless(chunked=True)
-            elif name == "declared_huge":
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(50 << 30))
-                self.end_headers()
-                self.wfile.write(srv.files["ok.jpg"])
-                self.close_connection = True
-            elif name == "length_short":  # announces more than it sends, then closes
-                data = srv.files["ok.jpg"]
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data) * 2))
-                self.end_headers()
-                self.wfile.write(data)
-                self.close_connection = True
-            elif name == "length_long":  # announces less than it sends: the image arrives cut
-                data = srv.files["ok.jpg"]
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data) // 2))
-                self.end_headers()
-                self.wfile.write(data)
-                self.close_connection = True
-            elif name in ("chunked_short", "chunked_bad_size"):
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-                data = srv.files["ok.jpg"]
-                if name == "chunked_short":  # announces a chunk, sends half of it, closes
-                    self.wfile.write(b"%x\r\n" % len(data) + data[: len(data) // 2])
-                else:  # a chunk-size line that is no number
-                    self.wfile.write(b"%x\r\n%s\r\nzz" % (100, data[:100]) + f"{SECRET}\r\n".encode())
-                self.close_connection = True
-            elif name == "junk_status":
-                self.wfile.write(f"HTTP/1.1 2OO {SECRET}\r\nContent-Length: 3\r\n\r\nabc".encode())
-                self.close_connection = True
-            elif name == "header_flood":
-                self.send_response(200)
-                for i in range(300):
-                    self.send_header(f"X-Flood-{i}", "x")
-                self.end_headers()
-                self.close_connection = True
-            else:
+            elif name in ("endless", "endless_chunked"):
+                self._endless(chunked=name == "endless_chunked")
+            elif name.startswith("trickle_"):
+                self._trickle_route(name)
+            elif not self._broken_framing(name):
                 self.send_error(404)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+    def _plain(self, name: str) -> tuple | None:
+        """(status, body, content type, headers) of the routes that answer with one well-formed response."""
+        files = self.server.files
+        if name in files:
+            return 200, files[name], "image/png" if name.endswith(".png") else "image/jpeg"
+        ok = files["ok.jpg"]
+        routes = {
+            "unicode/café au lait.jpg": lambda: (200, ok),
+            "secret_500": lambda: (500, f"<html>internal error {SECRET}</html>".encode(), "text/html"),
+            "secret_page": lambda: (200, f"{SECRET} not an image".encode(), "text/plain"),
+            "html": lambda: (200, b"<!DOCTYPE html><html><body>a web page</body></html>", "text/html"),
+            "empty": lambda: (200, b"", "image/jpeg"),
+            "robots_noai": lambda: (200, ok, "image/jpeg", {"X-Robots-Tag": "noai"}),
+            "gzip_ok": lambda: (200, gzip.compress(ok), "image/jpeg", {"Content-Encoding": "gzip"}),
+            "gzip_bomb": lambda: (200, self.server.gzip_bomb, "image/jpeg", {"Content-Encoding": "gzip"}),
+            "brotli": lambda: (200, b"\x0b\x02\x80", "image/jpeg", {"Content-Encoding": "br"}),
+        }
+        return routes[name]() if name in routes else None
+
+    def _trickle_route(self, name: str) -> None:
+        ok = self.server.files["ok.jpg"]
+        if name == "trickle_body":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(ok)))
+            self.end_headers()
+            self._trickle(ok)
+        elif name == "trickle_headers":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            self._trickle(b"X-Padding: " + b"a" * 10_000 + b"\r\n")
+        else:
+            self.send_error(404)
+
+    def _broken_framing(self, name: str) -> bool:
+        """The routes whose framing lies (lengths, chunks, status line, headers); False for any other name."""
+        data = self.server.files["ok.jpg"]
+        if name in ("declared_huge", "length_short", "length_long"):  # a length far over, over or under the body
+            self.send_response(200)
+            if name == "declared_huge":
+                self.send_header("Content-Type", "image/jpeg")
+            declared = {"declared_huge": 50 << 30, "length_short": len(data) * 2, "length_long": len(data) // 2}
+            self.send_header("Content-Length", str(declared[name]))
+            self.end_headers()
+            self.wfile.write(data)
+        elif name in ("chunked_short", "chunked_bad_size"):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            if name == "chunked_short":  # announces a chunk, sends half of it, closes
+                self.wfile.write(b"%x\r\n" % len(data) + data[: len(data) // 2])
+            else:  # a chunk-size line that is no number
+                self.wfile.write(b"%x\r\n%s\r\nzz" % (100, data[:100]) + f"{SECRET}\r\n".encode())
+        elif name == "junk_status":
+            self.wfile.write(f"HTTP/1.1 2OO {SECRET}\r\nContent-Length: 3\r\n\r\nabc".encode())
+        elif name == "header_flood":
+            self.send_response(200)
+            for i in range(300):
+                self.send_header(f"X-Flood-{i}", "x")
+            self.end_headers()
+        else:
+            return False
+        self.close_connection = True
+        return True
 
     def _endless(self, chunked: bool) -> None:
         """Zeros after a JPEG signature, until the client leaves or the server's byte limit."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import math
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -164,8 +166,6 @@ def decode(data: bytes) -> Image.Image:
 
 def bomb_png(side: int = 20_000) -> bytes:
     """A valid 1-bit PNG of ``side`` x ``side`` pixels that compresses to a few tens of KB: a decompression bomb."""
-    import struct
-    import zlib
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)

@@ -7,6 +7,7 @@ seconds), ``{"trickle": s}`` (send one byte every 0.5 s for up to s seconds: a d
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import threading
@@ -69,7 +70,6 @@ def trickle(wfile, data: bytes, seconds: float, closing: threading.Event) -> Non
 def _loopback(host: str) -> str:
     """``host`` when it is a loopback address (``localhost`` is 127.0.0.1); anything else is refused: the world
     holds planted secrets and bombs for the downloader, never to be served to the network."""
-    import ipaddress
 
     text = (host or "").strip().strip("[]")
     if text.lower() == "localhost":
@@ -131,8 +131,6 @@ class WebPoolServer(ThreadingHTTPServer):
 
 def serve_world(world: str, port: int | None = None) -> None:
     """``winnow serve``: serve a world in the foreground on its base_url's host (and ``port``) until Ctrl-C."""
-    import json
-    from urllib.parse import urlparse
 
     manifest_path = os.path.join(world, "_manifest.json")
     if not os.path.isfile(manifest_path):

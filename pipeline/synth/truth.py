@@ -7,6 +7,7 @@ import pandas as pd
 
 from winnow.pipeline.data.pool import read_states
 from winnow.pipeline.data.uid import array_to_uids
+
 from .world import expected_state, read_truth
 
 

@@ -38,12 +38,12 @@ import pandas as pd
 from PIL import Image
 
 from winnow.pipeline.core import fsio
-from winnow.pipeline.data import shards
 from winnow.pipeline.core.errors import UserError
-from winnow.pipeline.data.uid import derive_uid
-from winnow.pipeline.synth import captions as cap
+from winnow.pipeline.data import shards
 from winnow.pipeline.data.images import encode_jpeg
+from winnow.pipeline.data.uid import derive_uid
 from winnow.pipeline.run.stage import Stage
+from winnow.pipeline.synth import captions as cap
 from winnow.pipeline.synth.render import CLASSES, COLORS, TEXTURES, bomb_png, decode, render
 
 POOL, CLEAN, EVAL, RANKS, BOILERPLATE = 1, 2, 3, 4, 5  # seed streams

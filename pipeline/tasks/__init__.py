@@ -6,7 +6,8 @@ Winnow's own::
     tasks:
       - name: synthetic-shapes            # shown in results (their ``dataset``)
         kind: zeroshot_classification     # a key of KINDS
-        data: runs/demo/world/eval        # an eval set folder (winnow.pipeline.data.evalsets); ${var} placeholders allowed
+        data: runs/demo/world/eval        # an eval set folder (winnow.pipeline.data.evalsets); ${var} placeholders
+        allowed
         main_metric: acc1                 # one of the kind's METRICS
         random_score: 0.0833
         curve: mix-g7                     # optional: tasks sharing a curve are its points (x, main metric)
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from winnow import manifests
 from winnow.pipeline.core import fsio
 from winnow.pipeline.core.config import parse_yaml, substitute
 from winnow.pipeline.core.errors import UserError, did_you_mean
@@ -97,7 +99,6 @@ def samples_path(out: str, name: str) -> str:
 
 
 def tasklists_dir() -> Path:
-    from winnow import manifests
 
     return Path(manifests.__file__).parent / "tasks"
 

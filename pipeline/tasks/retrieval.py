@@ -15,6 +15,7 @@ import numpy as np
 
 from winnow.pipeline.core.errors import UserError
 from winnow.pipeline.data.evalsets import read_evalset, split_captions
+from winnow.pipeline.data.hf_cache import image_bytes, read_split
 from winnow.pipeline.models.encode import embed_images, encode_texts
 
 KIND = "retrieval"
@@ -70,7 +71,6 @@ def read(folder: str) -> dict:
     (a folder ``.../hf_cache/nlphuji___<name>``, as DataComp's ``download_evalsets.py`` leaves it)."""
     if "___" not in folder.rstrip("/").rsplit("/", 1)[-1]:
         return read_evalset(folder)
-    from winnow.pipeline.data.hf_cache import image_bytes, read_split
 
     hf_cache = folder.rstrip("/").rsplit("/", 1)[0]
     table = read_split(folder)

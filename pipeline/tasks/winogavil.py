@@ -3,7 +3,8 @@ every candidate image; the k most similar are the prediction, k being the number
 is the Jaccard index of predicted and true sets (scikit-learn's binary ``jaccard_score``). Reported over all
 instances and by number of candidates (5, 6, 10, 12, 5-6, 10-12); DataComp's main metric is ``jaccard_score_10-12``.
 
-Read from the Hugging Face cache of ``nlphuji/winogavil`` (:mod:`winnow.pipeline.data.hf_cache`: ``cue``, ``candidates``,
+Read from the Hugging Face cache of ``nlphuji/winogavil`` (:mod:`winnow.pipeline.data.hf_cache`: ``cue``,
+``candidates``,
 ``associations``, ``candidate_images``). Per item: each instance's score, over the instances the main metric
 averages (10 or 12 candidates).
 """

@@ -1,5 +1,6 @@
 """Patch Mixing as a training augmentation (Lee et al. 2023): foreign patches mixed into a training batch and
-CLIP's contrastive targets interpolated by area. Installed into open_clip_train by :mod:`winnow.pipeline.training.train_entry`
+CLIP's contrastive targets interpolated by area. Installed into open_clip_train by
+:mod:`winnow.pipeline.training.train_entry`
 when ``TrainConfig.patch_mixing`` > 0; the eval-set side of Patch Mixing is :mod:`winnow.pipeline.evalsets.patchmix`."""
 
 from __future__ import annotations

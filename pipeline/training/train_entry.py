@@ -1,8 +1,10 @@
-"""``python -m winnow.pipeline.training.train_entry ARGS``: OpenCLIP's own trainer, with Winnow's tiny configs registered
+"""``python -m winnow.pipeline.training.train_entry ARGS``: OpenCLIP's own trainer, with Winnow's tiny configs
+registered
 (the arguments may also come as a JSON list in ``WINNOW_TRAIN_ARGS``, as torchrun's workers get them).
 
 open_clip_train has no flag for extra model configs, so this registers them and then hands the arguments to
-``open_clip_train.main.main`` unchanged. With ``WINNOW_DRAFT_SIDE=N`` set (``winnow.pipeline.stages.train`` sets it to twice
+``open_clip_train.main.main`` unchanged. With ``WINNOW_DRAFT_SIDE=N`` set (``winnow.pipeline.stages.train`` sets it to
+twice
 the model's input size), JPEGs are decoded with PIL's draft mode: the DCT is scaled down while decoding so
 that both sides stay >= N. The trainer's own resize then sees at least twice the pixels it keeps, so the input
 tensors are practically unchanged, while decoding a 400 px JPEG for a 32 px model costs a fraction of a full
@@ -20,10 +22,14 @@ Checkpoints are saved atomically (:func:`use_atomic_checkpoints`). Under torchru
 import functools
 import hashlib
 import json
+import logging
 import os
 import random
 import sys
 
+import numpy as np
+
+from winnow.pipeline.core.fsio import temp_path
 from winnow.pipeline.data.images import open_rgb
 from winnow.pipeline.models.registry import register
 
@@ -76,7 +82,6 @@ def use_atomic_checkpoints() -> None:
     object store could pick up). Here every ``.pt`` is written under a temporary name and renamed when whole."""
     import torch
 
-    from winnow.pipeline.core.fsio import temp_path
 
     save = torch.save
 
@@ -95,7 +100,6 @@ def use_atomic_checkpoints() -> None:
 
 
 def _seed_all(seed: int) -> None:
-    import numpy as np
     import torch
 
     torch.manual_seed(seed)
@@ -163,8 +167,8 @@ def use_epoch_seeds(seed: int) -> None:
 
 def use_patch_mixing(prob: float, r_max: float, grid: int, smoothing: float) -> None:
     """Wrap open_clip_train's ``train_one_epoch``: the model mixes each batch, the loss uses soft targets."""
-    import torch
     import open_clip_train.main as trainer_main
+    import torch
 
     from winnow.pipeline.training.patchmix import mix_batch, soft_clip_loss
 
@@ -187,7 +191,6 @@ def use_patch_mixing(prob: float, r_max: float, grid: int, smoothing: float) -> 
     def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
         if args.world_size > 1 or args.accum_freq > 1 or dist_model is not None:
             raise SystemExit("Patch Mixing supports single-process training without accumulation or distillation")
-        import logging
 
         logging.info(f"Patch Mixing: p={prob}, r ~ U(0, {r_max}), {grid}x{grid} grid, label smoothing {smoothing}")
         return epoch_fn(Mixing(model), data, loss_fn, epoch, optimizer, scaler, scheduler, dist_model, args,

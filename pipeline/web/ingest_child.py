@@ -1,6 +1,7 @@
 """The download process: img2dataset's own per-shard machinery, driven over a pipe.
 
-One such process runs beside each Dask worker (see :mod:`winnow.pipeline.stages.ingest`). It reads one JSON job per line on
+One such process runs beside each Dask worker (see :mod:`winnow.pipeline.stages.ingest`). It reads one JSON job per
+line on
 stdin, runs ``img2dataset.downloader.Downloader.download_shard`` for it (its thread pool, hashing, EXIF and
 resizer), and answers one JSON line. Four things are Winnow's:
 

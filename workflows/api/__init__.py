@@ -6,7 +6,8 @@ positionals, its plain options (``out``, ``name``, ``variables`` for ``--var NAM
 config sections it reads, as typed keywords with the config dataclasses' defaults (``help(winnow.ingest)`` lists
 them; ``ingest(urls, pool, timeout=5)`` is ``--timeout 5``, i.e. ``--set ingest.timeout=5``; an unknown keyword
 is an error naming the nearest). ``config`` (a YAML file) and ``overrides`` (``["section.key=value"]``) work as
-``--config`` and ``--set``. Stages run on a Dask cluster the call starts and stops; ``with winnow.cluster(n_workers=2):``
+``--config`` and ``--set``. Stages run on a Dask cluster the call starts and stops; ``with
+winnow.cluster(n_workers=2):``
 keeps one running for every call inside it (``scheduler="tcp://host:8786"`` joins an existing one,
 ``scheduler="sync"`` runs in this process).
 
@@ -25,8 +26,13 @@ be a dict whose ``filters`` hold Filter objects defined in Python.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import importlib
 import inspect
-from contextlib import contextmanager
+import os
+import typing
+from contextlib import contextmanager, nullcontext
 
 from winnow.pipeline import __version__  # noqa: F401 - winnow.__version__
 
@@ -53,8 +59,6 @@ def parameters(name: str) -> list[inspect.Parameter]:
     """The keywords of command ``name``'s function, in order: positionals, plain options, the config sections'
     fields, then ``overwrite``/``scheduler``/``workers`` (commands that write and run on a cluster), ``config`` and
     ``overrides``."""
-    import dataclasses
-    import typing
 
     from winnow.workflows.cli import BY_NAME
     from winnow.workflows.settings import RunConfig
@@ -103,8 +107,6 @@ def parameters(name: str) -> list[inspect.Parameter]:
 
 
 def _function(name: str):
-    import argparse
-    import importlib
 
     from winnow.pipeline.core.errors import UserError, did_you_mean
     from winnow.workflows.cli import BY_NAME, absolute_paths
@@ -161,8 +163,6 @@ def _function(name: str):
 
 
 def _fields(section: str) -> set[str]:
-    import dataclasses
-    import typing
 
     from winnow.workflows.settings import RunConfig
 
@@ -185,7 +185,9 @@ def _describe(command, keyword: str) -> str:
 
 @contextmanager
 def cluster(**settings):
-    """One Dask cluster for every call inside the block (keywords: :class:`winnow.pipeline.run.runner.ClusterConfig`)."""
+    """One Dask cluster for every call inside the block.
+
+    Keywords: :class:`winnow.pipeline.run.runner.ClusterConfig`."""
     from winnow.pipeline.core.config import from_dict
     from winnow.pipeline.run.runner import ClusterConfig, Runner
 
@@ -196,7 +198,6 @@ def cluster(**settings):
 def serve(world: str, port: int | None = None):
     """Serve a synthetic world on 127.0.0.1 for the ``with`` block (its URLs point at the world's port); the
     command ``winnow serve`` serves in the foreground instead."""
-    import os
 
     from winnow.pipeline.core.errors import UserError
     from winnow.pipeline.core.fsio import read_json
@@ -223,7 +224,6 @@ def scores(pool: str, recipe: str | dict, variables: dict[str, str] | None = Non
     from winnow.pipeline.stages.subset import load_recipe
 
     spec = load_recipe(recipe, {"pool": str(pool), **(variables or {})})
-    from contextlib import nullcontext
 
     with nullcontext(Runner.active()) if Runner.active() else Runner(ClusterConfig()) as runner:
         found = score(pool, spec.all_filters(), runner, cache=cache, log=lambda m: None)
