@@ -14,6 +14,8 @@ import re
 
 import pytest
 
+from winnow.workflows.cli import COMMANDS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [f"winnow.{name}" for name in (
     "pipeline.core", "pipeline.data", "pipeline.web", "pipeline.run", "pipeline.models", "pipeline.tasks",
@@ -139,8 +141,6 @@ def test_the_checks_catch_what_they_are_for():
 def test_architecture_map_names_every_command_and_existing_modules():
     """pipeline/README.md maps every command to its module in one hop: each command of the CLI table has a row,
     and every module path it names exists."""
-    from winnow.workflows.cli import COMMANDS  # the layer walk above reads files; this one imports the table
-
     text = open(os.path.join(ROOT, "pipeline", "README.md")).read()
     rows = {m.group(1).split()[0] for m in re.finditer(r"^\| `(?:winnow )?([^`]+)` \|", text, re.M)}
     for command in COMMANDS:
