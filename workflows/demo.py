@@ -214,7 +214,7 @@ class Demo:
         main_tasks = [t.name for t in self.tasks if not t.curve and t.kind != "odd_one_out"]
         sizes = {name: len(arrays[name.split("+")[0]]) for name in self.trained}
         return report.Results(
-            counts=counts, total=total, check=ingest_check(pool, world, self.cfg.ingest.min_image_size),
+            counts=counts, total=total, check=ingest_check(pool, world, self.cfg.ingest),
             recall=recall, precision=precision, table=report.results_table(self.trained, sizes, main_tasks),
             robust=report.robustness_table(self.trained), dedup=dedup_check(pool, world, duplicates),
             dist_gates=fsio.read_json(os.path.join(self.out, "evalsets", "dist", "gates.json")),

@@ -26,7 +26,12 @@ STATES: dict[str, str] = {
     "refused_url": "refused by the URL policy: not http(s), or a loopback/private/link-local/reserved address "
                    "(directly or by a redirect) that ingest.allow_hosts does not allow; never connected to",
     "too_large": "body (declared, received or decompressed) larger than ingest.max_bytes",
-    "disallowed": "X-Robots-Tag header opts the image out (noai, noimageai, ...)",
+    "opted_out": "the site opts out: its robots.txt disallows the URL (or answers 5xx or 429: RFC 9309 then "
+                 "disallows all), its /.well-known/tdmrep.json or a tdm-reservation header reserves TDM rights; "
+                 "the image was not requested (robots.txt, tdmrep.json) or its body not read (header)",
+    "disallowed": "X-Robots-Tag header opts the image out (noai, noimageai, ...); its body was not read",
+    "blocked": "the image's sha256/md5 is on an ingest.blocklists list, or its PDQ hash is near a listed one; "
+               "its bytes were not written anywhere",
     "hash_mismatch": "downloaded bytes do not match the expected sha256",
     "not_an_image": "content is not a recognised image format (HTML, text, ...)",
     "decode_error": "corrupt or truncated image bytes, or an unsupported content encoding",

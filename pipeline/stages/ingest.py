@@ -31,6 +31,7 @@ import json
 import math
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -47,13 +48,14 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from winnow.pipeline.core import fsio
+from winnow.pipeline.core.config import path
 from winnow.pipeline.core.errors import UserError
-from winnow.pipeline.data import shards
+from winnow.pipeline.data import personal, shards
 from winnow.pipeline.data.ledger import OK, classify
 from winnow.pipeline.data.pool import ledger
 from winnow.pipeline.data.uid import DuplicateFinder, derive_uid, normalize_uid, uids_to_array
 from winnow.pipeline.run.runner import task_progress
-from winnow.pipeline.run.stage import Stage
+from winnow.pipeline.run.stage import Stage, sum_counts
 
 INPUTS = shards.INPUTS
 TMP = "_tmp"
@@ -104,6 +106,25 @@ class IngestConfig:
         uid_col: input uid column (may be absent: uids are then derived).
         extra_columns: more input columns to carry into the parquet and each sample's ``.json``.
         blur_bbox_col: column of normalised face boxes to blur (DataComp: ``face_bboxes``); empty for none.
+        user_agent_token: the crawler's name: in its User-Agent, and the robots.txt group and X-Robots-Tag
+            prefix it obeys (besides ``*``).
+        contact_url: a page saying who crawls and how to opt out, put in the User-Agent (site owners look there).
+        user_agent: the whole User-Agent header instead (empty: ``Mozilla/5.0 (compatible; TOKEN/VERSION;
+            +CONTACT_URL)``).
+        robots_txt: obey each site's robots.txt (RFC 9309: a 4xx answer allows all, 5xx, 429 or no answer
+            disallows all); refused rows end ``opted_out`` without a request.
+        tdmrep: obey TDMRep (``/.well-known/tdmrep.json`` and the ``tdm-reservation`` header): ``opted_out``.
+        disallowed_header_directives: X-Robots-Tag values that opt an image out (``disallowed``); empty: ignore
+            the header.
+        host_concurrency: requests to one host at once, per download process.
+        host_interval: seconds between the starts of two requests to one host (across the download processes of
+            a machine); a site's robots.txt Crawl-delay raises it, up to ``max_crawl_delay``.
+        blocklists: files of image hashes (``sha256:``, ``md5:`` or ``pdq:`` lines, see
+            :mod:`winnow.pipeline.web.blocklist`); a match ends ``blocked`` and its bytes are never written.
+        pdq_threshold: a PDQ hash within this many bits (of 256) of a listed one matches.
+        personal_data: e-mail addresses, phone, IP and card numbers in captions
+            (:mod:`winnow.pipeline.data.personal`): ``mask`` them (``[email]``), ``flag`` them (the caption
+            kept) or ``keep`` them unexamined; the kinds found go in the ``caption_pii`` column either way.
     """
 
     shard_size: int = 10_000
@@ -135,16 +156,31 @@ class IngestConfig:
     uid_col: str = "uid"
     extra_columns: list[str] = field(default_factory=list)
     blur_bbox_col: str = ""
-    user_agent_token: str = ""
+    user_agent_token: str = "winnow"
+    contact_url: str = ""
+    user_agent: str = ""
+    robots_txt: bool = True
+    tdmrep: bool = True
     disallowed_header_directives: list[str] = field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+    host_concurrency: int = 16
+    host_interval: float = 0.0
+    max_crawl_delay: float = 10.0
+    blocklists: list[str] = path([])
+    pdq_threshold: int = 31
+    personal_data: Literal["mask", "flag", "keep"] = "mask"
 
     def __post_init__(self) -> None:
 
         if self.shard_size < 1 or self.thread_count < 1 or self.retries < 0 or self.max_redirects < 0 or \
-                self.decode_threads < 1:
-            raise UserError("ingest: shard_size >= 1, thread_count >= 1, decode_threads >= 1, retries >= 0 and "
-                            "max_redirects >= 0 are required")
+                self.decode_threads < 1 or self.host_concurrency < 1:
+            raise UserError("ingest: shard_size >= 1, thread_count >= 1, decode_threads >= 1, host_concurrency >= 1, "
+                            "retries >= 0 and max_redirects >= 0 are required")
+        if self.host_interval < 0 or self.max_crawl_delay < 0 or not 0 <= self.pdq_threshold <= 256:
+            raise UserError("ingest: host_interval and max_crawl_delay must be >= 0, pdq_threshold 0-256")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", self.user_agent_token or ""):
+            raise UserError(f"ingest.user_agent_token {self.user_agent_token[:50]!r} must be 1-40 letters, digits, "
+                            "'_', '.' or '-' (robots.txt matches it as a product token)")
         if self.timeout <= 0 or self.max_pixels < 1 or self.image_size < 1 or self.max_bytes < 1 or \
                 self.cpu_seconds <= 0:
             raise UserError("ingest: timeout, cpu_seconds, max_pixels, max_bytes and image_size must be positive")
@@ -280,8 +316,21 @@ def _normalise_batch(table: pa.Table, cfg: IngestConfig, first_row: int, encodin
     for col in cfg.extra_columns:
         column = table[col]
         out[col] = _text(column, encoding) if _is_text(column.type) else column.to_pandas()
+    _personal_data(out, cfg.personal_data)  # after the uids: a uid never depends on the masking
     out["input_row"] = np.arange(first_row, first_row + table.num_rows, dtype=np.int64)
     return out
+
+
+def _personal_data(rows: pd.DataFrame, how: str) -> None:
+    """Find personal data in the captions (``caption_pii``: the kinds, comma-separated, or None) and mask it
+    when ``how`` is ``mask``."""
+    if how == "keep" or rows["caption"].isna().all():
+        rows["caption_pii"] = None
+        return
+    masked, kinds = zip(*(personal.mask(c) if isinstance(c, str) else (c, []) for c in rows["caption"]))
+    rows["caption_pii"] = [",".join(dict.fromkeys(k)) or None for k in kinds]
+    if how == "mask":
+        rows["caption"] = list(masked)
 
 
 def split_input(files: list[str], pool: str, cfg: IngestConfig) -> dict:
@@ -353,6 +402,7 @@ class _DownloadProcess:
         self.replies: queue.Queue = queue.Queue()
         self.stderr: collections.deque = collections.deque(maxlen=20)  # the libraries' chatter, kept off the screen
         self.ready = False
+        self.sites: dict = {}  # the last shard's robots.txt / tdmrep.json outcomes
         threading.Thread(target=self._pump, daemon=True).start()
         threading.Thread(target=self._drain, daemon=True).start()
 
@@ -422,6 +472,7 @@ class _DownloadProcess:
                     raise OSError(reply["errno"], reply.get("strerror") or reply["error"],
                                   reply.get("filename") or job["out_dir"])
                 raise RuntimeError(f"download process failed: {reply['error']}")
+            self.sites = reply.get("sites") or {}
             return "done"
 
 
@@ -494,21 +545,23 @@ def ingest_shard(task: ShardTask) -> dict:
     blocked = {i: msg for i, msg in enumerate(rows["_bad_uid"]) if isinstance(msg, str)}
     for i, msg in _duplicates(task.pool, task.shard_id, cfg.shard_size).items():
         blocked.setdefault(i, msg)
-    columns = ["uid", "caption", "url", "input_row", *cfg.extra_columns]
+    columns = ["uid", "caption", "url", "input_row", *(["caption_pii"] if "caption_pii" in rows else []),
+               *cfg.extra_columns]
     if cfg.blur_bbox_col:
         columns.append(cfg.blur_bbox_col)
     columns = list(dict.fromkeys(columns))
+    sites: collections.Counter = collections.Counter()
     while True:
         work = _work_dir(task.pool, task.shard_id)
         try:
-            if _download(task, cfg, rows, blocked, columns, work):
-                return _commit(task, rows, blocked, work, start)
+            if _download(task, cfg, rows, blocked, columns, work, sites):
+                return _commit(task, rows, blocked, work, start, sites)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
 
 def _download(task: ShardTask, cfg: IngestConfig, rows: pd.DataFrame, blocked: dict[int, str],
-              columns: list[str], work: str) -> bool:
+              columns: list[str], work: str, sites: collections.Counter) -> bool:
     """One attempt, skipping the blocked rows (they keep their position, so keys stay stable).
 
     Returns False after a stall or the death of the download process, having added the rows that were in
@@ -517,11 +570,13 @@ def _download(task: ShardTask, cfg: IngestConfig, rows: pd.DataFrame, blocked: d
     feather_path = os.path.join(work, "input.feather")  # img2dataset deletes its input when done
     feather.write_feather(pa.Table.from_pandas(rows[columns], preserve_index=False), feather_path)
     progress = os.path.join(work, "progress.log")
+    shared = os.path.join(fsio.get_fs(task.pool)[1], TMP, "_sites") if fsio.is_local(task.pool) else None
     job = {"shard_id": task.shard_id, "feather": feather_path, "out_dir": work, "progress": progress,
-           "columns": columns, "config": asdict(cfg), "skip": sorted(blocked)}
+           "columns": columns, "config": asdict(cfg), "skip": sorted(blocked), "shared": shared}
     with _PROCESS_LOCK:
         process = _download_process()
         outcome = process.run(job, progress, cfg.stall_seconds, on_rows=lambda n: task_progress(n, len(rows)))
+        sites.update(process.sites if outcome == "done" else {})
     if outcome == "done":
         return True
     in_flight = _in_flight(progress)
@@ -565,7 +620,8 @@ def _complete(table: pd.DataFrame, rows: pd.DataFrame, shard_id: int, shard_size
     return table.sort_values("key", kind="stable").reset_index(drop=True)
 
 
-def _commit(task: ShardTask, rows: pd.DataFrame, blocked: dict[int, str], work: str, start: float) -> dict:
+def _commit(task: ShardTask, rows: pd.DataFrame, blocked: dict[int, str], work: str, start: float,
+            sites: collections.Counter) -> dict:
     name = shards.shard_name(task.shard_id)
     table = _complete(pd.read_parquet(os.path.join(work, f"{name}.parquet")), rows, task.shard_id,
                       task.config["shard_size"])
@@ -579,7 +635,12 @@ def _commit(task: ShardTask, rows: pd.DataFrame, blocked: dict[int, str], work: 
     target = shards.paths(task.pool, task.shard_id)
     fsio.atomic_move(os.path.join(work, f"{name}.tar"), target["tar"])
     shards.write_table(target["parquet"], table)
-    return shards.shard_stats(table, start, time.time())  # the stage writes it as _stats.json, the marker
+    stats = shards.shard_stats(table, start, time.time())  # the stage writes it as _stats.json, the marker
+    if "caption_pii" in table.columns:
+        kinds = collections.Counter(k for v in table["caption_pii"] if isinstance(v, str) for k in v.split(","))
+        stats["personal_data"] = {"captions": int(table["caption_pii"].notna().sum()), **dict(sorted(kinds.items()))}
+    stats["sites"] = dict(sorted(sites.items()))
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -595,14 +656,16 @@ def ingest(urls: str, pool: str, cfg: IngestConfig, runner, overwrite: bool = Fa
     dups = f", {split['duplicate_uids']:,} repeat an earlier uid" if split.get("duplicate_uids") else ""
     log(f"ingest: {split['rows']:,} input rows{dups}, in {split['shards']} shards of {cfg.shard_size:,} -> {pool}")
     sizes = [min(cfg.shard_size, split["rows"] - i * cfg.shard_size) for i in range(split["shards"])]
-    stage.map(ingest_shard, [ShardTask(pool, i, asdict(cfg)) for i in range(split["shards"])], label="ingest",
-              unit="shards", sizes=sizes)
+    stats = stage.map(ingest_shard, [ShardTask(pool, i, asdict(cfg)) for i in range(split["shards"])],
+                      label="ingest", unit="shards", sizes=sizes)
     states, _ = ledger(pool)
     if sum(states.values()) != split["rows"]:
         raise RuntimeError(f"ledger invariant broken: {split['rows']} input rows, {sum(states.values())} recorded")
     fsio.remove(fsio.join(pool, INPUTS))
     fsio.remove(fsio.join(pool, TMP))
     ok = states.get(OK, 0)
+    totals = sum_counts(stats)
     return stage.finish(rows={"input": split["rows"], "ok": ok, "failed": split["rows"] - ok, **states},
-                        shards=split["shards"], source=str(urls))
+                        shards=split["shards"], source=str(urls), sites=totals.get("sites", {}),
+                        personal_data=totals.get("personal_data", {}))
 

@@ -7,10 +7,14 @@ defect against the state it must end in.
 
 from __future__ import annotations
 
+from dataclasses import asdict, fields
+from types import SimpleNamespace
+
 from winnow.pipeline.core import fsio
 from winnow.pipeline.data.ledger import format_counts
 from winnow.pipeline.data.manifest import read_manifest
 from winnow.pipeline.data.pool import ledger, unfinished_ingest
+from winnow.pipeline.stages.ingest import IngestConfig
 
 
 def report(pool: str, truth: str | None = None) -> str:
@@ -27,9 +31,34 @@ def report(pool: str, truth: str | None = None) -> str:
             rows = doc["rows"]
             lines.append(f"embed '{tag}': {rows.get('embedded_images', 0):,} images embedded, "
                          f"{rows.get('decode_errors', 0):,} decode_error (see embeddings/{tag}/*.parquet)")
+    doc = read_manifest(pool) or {}
+    lines += _safety_lines(doc)
     if truth:
         from winnow.pipeline.synth.truth import ingest_check
 
-        min_size = int(((read_manifest(pool) or {}).get("params") or {}).get("min_image_size", 0))
-        lines += ["", ingest_check(pool, truth, min_image_size=min_size).to_string(index=False)]
+        params = {k: v for k, v in (doc.get("params") or {}).items() if k in _INGEST_FIELDS}
+        lines += ["", ingest_check(pool, truth, SimpleNamespace(**{**asdict(IngestConfig()), **params}))
+                  .to_string(index=False)]
     return "\n".join(lines)
+
+
+_INGEST_FIELDS = {f.name for f in fields(IngestConfig)}
+
+
+def _safety_lines(doc: dict) -> list[str]:
+    """What ingest counted besides the states: personal data in captions, and the sites' opt-out files."""
+    lines = []
+    personal = dict(doc.get("personal_data") or {})
+    if personal.get("captions"):
+        how = (doc.get("params") or {}).get("personal_data", "mask")
+        kinds = ", ".join(f"{k} {v:,}" for k, v in personal.items() if k != "captions")
+        done = {"mask": "masked", "flag": "flagged (kept)", "keep": "kept"}.get(how, how)
+        lines.append(f"captions with personal data: {personal['captions']:,} ({kinds}), {done}; column caption_pii")
+    sites = doc.get("sites") or {}
+    if sites:
+        read = {"parsed": "read", "unavailable": "4xx: allow all", "unreachable": "5xx or no answer: disallow all",
+                "refused": "refused by the URL policy"}
+        robots = ", ".join(f"{sites[f'robots_{k}']:,} {v}" for k, v in read.items() if sites.get(f"robots_{k}"))
+        tdm = sites.get("tdmrep_parsed", 0)
+        lines.append(f"sites' robots.txt: {robots or 'none read'}; tdmrep.json found: {tdm:,}")
+    return lines

@@ -2,11 +2,16 @@
 
 ``site/routes.json`` maps a path to a behaviour: ``{"status": 500}``, ``{"delay": s}`` (answer after s
 seconds), ``{"trickle": s}`` (send one byte every 0.5 s for up to s seconds: a download that never times out),
-``{"content_type": "text/html"}``. Any other path is served from ``site/`` if the file exists, else 404.
+``{"content_type": "text/html"}``, ``{"headers": {...}}`` (more response headers). Any other path is served from
+``site/`` if the file exists, else 404. ``site/hosts.json`` (optional) names more sites, each on another loopback
+address at the same port, with their own routes (``{"status": 503}`` or ``{"json": ...}`` for a path); they serve
+the same files otherwise. ``hits`` counts the requests per (address, path); ``requests`` lists them with their
+arrival times.
 """
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import json
 import os
@@ -29,10 +34,21 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         path = urlparse(self.path).path
-        route = self.server.routes.get(path, {})
+        host = self.server.server_address[0]
+        self.server.hits[host, path] += 1
+        self.server.requests.append((time.monotonic(), host, path))
+        route = self.server.sites.get(host, {}).get(path) or self.server.routes.get(path, {})
         try:
             if "status" in route:
                 self.send_error(route["status"])
+                return
+            if "json" in route:
+                body = json.dumps(route["json"]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
                 return
             file = os.path.normpath(os.path.join(self.server.site, path.lstrip("/")))
             if not file.startswith(self.server.site + os.sep) or not os.path.isfile(file):
@@ -46,6 +62,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
+            for name, value in route.get("headers", {}).items():
+                self.send_header(name, value)
             self.end_headers()
             if "trickle" in route:
                 trickle(self.wfile, data, route["trickle"], self.server.closing)
@@ -98,14 +116,22 @@ class WebPoolServer(ThreadingHTTPServer):
             raise UserError(f"{world} is not a synthetic world (no site/routes.json); run `winnow synth` first")
         with open(routes_path) as f:
             self.routes = json.load(f)
+        hosts_path = os.path.join(self.site, "hosts.json")
+        self.sites: dict = {}
+        if os.path.isfile(hosts_path):
+            with open(hosts_path) as f:
+                self.sites = json.load(f)
         self.closing = threading.Event()
+        self.hits: collections.Counter = collections.Counter()
+        self.requests: list[tuple[float, str, str]] = []  # (monotonic time, address, path) of every request
         host = _loopback(host)
         try:
             super().__init__((host, port), _Handler)
         except OSError as exc:
             raise UserError(f"cannot serve on {host}:{port} ({exc.strerror}); stop what uses the port"
                             f"{hint or ', or serve on another'}") from None
-        self._thread: threading.Thread | None = None
+        self.others = [_Site(self, other) for other in self.sites if other != host]
+        self._serving: list[threading.Thread] = []
 
     @classmethod
     def for_url(cls, world: str, base_url: str, hint: str = ", or run the demo on another: `winnow demo --set "
@@ -119,14 +145,35 @@ class WebPoolServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
     def __enter__(self) -> WebPoolServer:
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-        self._thread.start()
+        for server in (self, *self.others):
+            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+            thread.start()
+            self._serving.append(thread)
         return self
 
     def __exit__(self, *exc) -> None:
         self.closing.set()
-        self.shutdown()
-        self.server_close()
+        for server in (self, *self.others):
+            server.shutdown()
+            server.server_close()
+
+
+class _Site(ThreadingHTTPServer):
+    """Another site of the same world: the same files and counters, another loopback address, the same port."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+    def __init__(self, main: WebPoolServer, host: str):
+        self.site, self.routes, self.sites, self.hits = main.site, main.routes, main.sites, main.hits
+        self.requests = main.requests
+        self.closing = main.closing
+        try:
+            super().__init__((_loopback(host), main.server_address[1]), _Handler)
+        except OSError as exc:
+            raise UserError(f"cannot serve the world's site {host}:{main.server_address[1]} ({exc.strerror}); "
+                            "stop what uses that address") from None
 
 
 def serve_world(world: str, port: int | None = None) -> None:

@@ -11,10 +11,11 @@ from winnow.pipeline.data.uid import array_to_uids
 from .world import expected_state, read_truth
 
 
-def ingest_check(pool: str, world: str, min_image_size: int) -> pd.DataFrame:
-    """Per planted defect: rows, the state it must end in, how many did, and the states seen."""
+def ingest_check(pool: str, world: str, ingest) -> pd.DataFrame:
+    """Per planted defect: rows, the state it must end in (given ``ingest``, the IngestConfig), how many did, and
+    the states seen."""
     joined = read_truth(world).merge(read_states(pool)[["uid", "state"]], on="uid", how="left")
-    joined["expected"] = [expected_state(d, min_image_size) for d in joined["defect"]]
+    joined["expected"] = [expected_state(d, ingest.min_image_size, ingest) for d in joined["defect"]]
     joined["matched"] = joined["state"] == joined["expected"]
     table = joined.groupby("defect").agg(
         rows=("uid", "size"), expected=("expected", "first"), matched=("matched", "sum"),

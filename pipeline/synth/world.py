@@ -28,6 +28,7 @@ count is its quota. The clean set and the evaluation set stay balanced.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -46,7 +47,7 @@ from winnow.pipeline.run.stage import Stage
 from winnow.pipeline.synth import captions as cap
 from winnow.pipeline.synth.render import CLASSES, COLORS, TEXTURES, bomb_png, decode, render
 
-POOL, CLEAN, EVAL, RANKS, BOILERPLATE = 1, 2, 3, 4, 5  # seed streams
+POOL, CLEAN, EVAL, RANKS, BOILERPLATE, SAFETY = 1, 2, 3, 4, 5, 6  # seed streams
 
 
 def _is_loopback(host: str) -> bool:
@@ -84,11 +85,40 @@ class DefectRates:
     hang: int = 1                 # the server trickles one byte every 0.5 s (defeats socket timeouts, not the deadline)
 
 
+@dataclass
+class SafetyPlants:
+    """Rows planted for ingest's opt-out and safety checks: counts (0: none), planted on clean rows after every
+    other defect. Three more sites listen on other loopback addresses at the base URL's port (:data:`SITES`)."""
+
+    robots_path: int = 0       # under /private/, which the main site's robots.txt disallows for every crawler
+    robots_token: int = 0      # under /no-winnow/, which it disallows for the token "winnow" only
+    robots_5xx: int = 0        # on a site whose robots.txt answers 503 (RFC 9309: disallow everything)
+    robots_4xx: int = 0        # on a site whose robots.txt answers 404 (allow everything): these end ok
+    tdmrep_file: int = 0       # on a site whose /.well-known/tdmrep.json reserves TDM rights for /img/
+    tdm_header: int = 0        # answered with a "tdm-reservation: 1" header
+    blocklisted: int = 0       # images on the world's blocklist.txt (their sha256 and PDQ hashes) ...
+    blocklisted_copy: int = 0  # ... and re-encoded, resized copies of them (only their PDQ hashes are close)
+    personal_caption: int = 0  # captions carrying an e-mail address, a phone, IP or card number (all fictitious)
+
+
+#: The extra sites of :class:`SafetyPlants`: loopback address -> what their site files answer.
+SITES = {"127.0.0.3": {"/robots.txt": {"status": 503}}, "127.0.0.4": {"/robots.txt": {"status": 404}},
+         "127.0.0.5": {"/.well-known/tdmrep.json": {"json": [
+             {"location": "/img/*", "tdm-reservation": 1, "tdm-policy": "https://example.org/tdm-policy.json"},
+             {"location": "/*", "tdm-reservation": 0}]}}}
+SITE_OF = {"robots_5xx": "127.0.0.3", "robots_4xx": "127.0.0.4", "tdmrep_file": "127.0.0.5"}
+ROBOTS_TXT = ("User-agent: *\nDisallow: /private/\n\n"
+              "User-agent: winnow\nDisallow: /private/\nDisallow: /no-winnow/\n")
+PERSONAL = [" | contact jane.doe@example.com for prints", " - call +1 555 010 4477", " uploaded from 203.0.113.42",
+            " paid with 4111 1111 1111 1111", " (c) john at j.smith@example.org, tel 020 7946 0958"]
+
 #: The ledger state each defect must end in after ingest (others end ``ok``); see :func:`expected_state`.
 EXPECTED_STATE = {
     "http_404": "http_error", "http_500": "http_error", "slow": "timeout", "hang": "timeout",
     "corrupt": "decode_error", "truncated": "decode_error", "not_image": "not_an_image",
     "bomb": "too_many_pixels", "pixel_image": "too_small",
+    "robots_path": "opted_out", "robots_token": "opted_out", "robots_5xx": "opted_out", "tdmrep_file": "opted_out",
+    "tdm_header": "opted_out", "blocklisted": "blocked", "blocklisted_copy": "blocked",
 }
 DUPLICATES = ("exact_duplicate", "near_reencode", "near_resize", "near_crop")
 COUNTED = ("bomb", "hang", "boilerplate")  # planted on clean rows after the draw of the other defects
@@ -129,6 +159,7 @@ class SynthConfig:
     class_zipf: float = 1.0
     boilerplate_size: int = 20
     rates: DefectRates = field(default_factory=DefectRates)
+    safety: SafetyPlants = field(default_factory=SafetyPlants)
 
     def __post_init__(self) -> None:
         if not 10 <= self.n_classes <= len(CLASSES):
@@ -266,6 +297,25 @@ def _jitter(base: dict, r: np.random.Generator) -> dict:
             "quality": int(r.integers(85, 96))}
 
 
+def _plant_safety(cfg: SynthConfig, defects: np.ndarray) -> None:
+    """Turn clean rows into :class:`SafetyPlants` rows (``defects`` is changed in place)."""
+    plants = [(f.name, getattr(cfg.safety, f.name)) for f in fields(SafetyPlants)]
+    if not any(n for _, n in plants):
+        return
+    rng = np.random.default_rng([cfg.seed, SAFETY])
+    free = rng.permutation(np.flatnonzero(defects == "none"))
+    at = 0
+    for name, n in plants:
+        defects[free[at: at + n]] = name
+        at += n
+
+
+def _site_url(base_url: str, host: str | None) -> str:
+    """``base_url`` (without a trailing /), or the same port on another loopback address."""
+    parts = urlsplit(base_url.rstrip("/"))
+    return f"http://{host}:{parts.port or 80}" if host else base_url.rstrip("/")
+
+
 def plan_pool(cfg: SynthConfig) -> pd.DataFrame:
     """One row per pool sample: url, text, uid, the defect and everything needed to render its bytes."""
     rng = np.random.default_rng([cfg.seed, POOL, 0])
@@ -279,6 +329,7 @@ def plan_pool(cfg: SynthConfig) -> pd.DataFrame:
     defects[counted[cfg.rates.bomb:]] = "hang"
     classes = pool_classes(cfg)
     clusters = _plant_boilerplate(cfg, defects, classes)
+    _plant_safety(cfg, defects)
     bases = {k: _cluster_base(cfg, k, classes[i]) for k, i in {k: i for i, k in clusters.items()}.items()}
     sources = np.flatnonzero(defects == "none")
     same_class = {c: sources[classes[sources] == c] for c in cfg.classes}
@@ -317,10 +368,16 @@ def plan_pool(cfg: SynthConfig) -> pd.DataFrame:
             text = cap.short(r, spec["cls"], spec["color"])
         elif defect == "uninformative":
             text = cap.uninformative(r)
+        elif defect == "blocklisted_copy":
+            src = int(np.flatnonzero(defects == "blocklisted")[i % max(1, int((defects == "blocklisted").sum()))])
+            row["source"], row["spec"] = src, _spec_for(cfg, POOL, src, cls=classes[src])
+        elif defect == "personal_caption":
+            text += PERSONAL[int(r.integers(len(PERSONAL)))]
         row.setdefault("caption_cls", row["spec"]["cls"] if defect not in ("gibberish", "uninformative") else None)
         ext = "png" if defect == "bomb" else "jpg"
-        row["path"] = f"/img/{i:07d}.{ext}"
-        row["url"] = cfg.base_url.rstrip("/") + row["path"]
+        folder = {"robots_path": "private", "robots_token": "no-winnow"}.get(defect, "img")
+        row["path"] = f"/{folder}/{i:07d}.{ext}"
+        row["url"] = _site_url(cfg.base_url, SITE_OF.get(defect)) + row["path"]
         row["text"] = text
         row["uid"] = derive_uid(row["url"], text)
         row["cls"] = row["spec"]["cls"]
@@ -348,11 +405,12 @@ def pool_payload(row: dict) -> bytes | None:
         return (b"<!DOCTYPE html><html><head><title>Image not found</title></head>"
                 b"<body><p>This image has moved. Please enable JavaScript.</p></body></html>")
     data = _jpeg(spec)
-    if defect in ("near_reencode", "near_resize", "near_crop") or (defect == "eval_copy" and t >= 0.5):
+    copied = ("near_reencode", "near_resize", "near_crop", "blocklisted_copy")
+    if defect in copied or (defect == "eval_copy" and t >= 0.5):
         img = decode(data)
         w, h = img.size
-        if defect == "near_resize" or defect == "eval_copy":
-            f = 0.5 + 0.3 * t if defect == "near_resize" else 0.9
+        if defect in ("near_resize", "eval_copy", "blocklisted_copy"):
+            f = 0.5 + 0.3 * t if defect == "near_resize" else 0.7 if defect == "blocklisted_copy" else 0.9
             img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BICUBIC)
         if defect == "near_crop":
             f = 0.8 + 0.12 * t
@@ -469,7 +527,11 @@ def _write_tables(cfg: SynthConfig, world: str, plan: pd.DataFrame, n_eval: int,
             routes[row.path] = {"trickle": cfg.hang_seconds}
         elif row.defect == "not_image":
             routes[row.path] = {"content_type": "text/html"}
+        elif row.defect == "tdm_header":
+            routes[row.path] = {"headers": {"tdm-reservation": "1",
+                                            "tdm-policy": "https://example.org/tdm-policy.json"}}
     fsio.write_json(os.path.join(world, "site", "routes.json"), routes)
+    _write_safety(cfg, world, plan)
     ev = os.path.join(world, "eval")
     fsio.write_bytes(os.path.join(ev, "classnames.txt"), ("\n".join(cfg.classes) + "\n").encode())
     fsio.write_bytes(os.path.join(ev, "zeroshot_classification_templates.txt"), ("\n".join(TEMPLATES) + "\n").encode())
@@ -480,10 +542,34 @@ def _write_tables(cfg: SynthConfig, world: str, plan: pd.DataFrame, n_eval: int,
     shards.write_table(os.path.join(ev, "labels.parquet"), labels)
 
 
-def expected_state(defect: str, min_image_size: int) -> str:
-    """Ingest state a defect must end in, given the ingest config (tracking pixels pass when no minimum is set)."""
+def _write_safety(cfg: SynthConfig, world: str, plan: pd.DataFrame) -> None:
+    """The sites' files: the main site's robots.txt, the other sites' answers (``site/hosts.json``) and the
+    world's ``blocklist.txt`` (sha256 and PDQ of each blocklisted image as served)."""
+    from winnow.pipeline.web.blocklist import image_for_pdq, pdq_of
+
+    if not any(getattr(cfg.safety, f.name) for f in fields(SafetyPlants)):
+        return
+    fsio.write_bytes(os.path.join(world, "site", "robots.txt"), ROBOTS_TXT.encode())
+    fsio.write_json(os.path.join(world, "site", "hosts.json"), SITES)
+    lines = ["# the synthetic world's blocklist: the sha256 and PDQ hash of each planted blocklisted image"]
+    for row in plan[plan["defect"] == "blocklisted"].to_dict("records"):
+        data = pool_payload(row)
+        lines += [f"sha256:{hashlib.sha256(data).hexdigest()}", f"pdq:{pdq_of(image_for_pdq(data))}"]
+    fsio.write_bytes(os.path.join(world, "blocklist.txt"), ("\n".join(lines) + "\n").encode())
+
+
+def expected_state(defect: str, min_image_size: int, ingest=None) -> str:
+    """Ingest state a defect must end in, given the ingest config (tracking pixels pass when no minimum is set;
+    the opt-out and blocklist plants pass when ``ingest``, an IngestConfig, does not check them)."""
     if defect == "pixel_image" and min_image_size <= 4:
         return "ok"
+    if ingest is not None:
+        off = {"robots_path": not ingest.robots_txt, "robots_5xx": not ingest.robots_txt,
+               "robots_token": not ingest.robots_txt or ingest.user_agent_token.lower() != "winnow",
+               "tdmrep_file": not ingest.tdmrep, "tdm_header": not ingest.tdmrep,
+               "blocklisted": not ingest.blocklists, "blocklisted_copy": not ingest.blocklists}
+        if off.get(defect):
+            return "ok"
     return EXPECTED_STATE.get(defect, "ok")
 
 

@@ -18,6 +18,10 @@ function that turns a URL into bytes, and it holds these promises:
 - **Messages.** Failures raise :class:`FetchError`, whose text starts with a ledger state
   (:mod:`winnow.pipeline.data.ledger`) and never contains anything of the response body.
 
+A :class:`Gate` (opt-outs, :mod:`winnow.pipeline.web.optout`) sees every redirect hop's URL before it is
+requested and the answer's headers before its body is read: what it refuses ends the URL without a byte of the
+body read.
+
 Retries are spent only on failures that may pass (connection errors, 429 and 5xx answers, a read timeout) and
 only while the deadline allows. No proxy from the environment is used: the policy must see the address that is
 connected to. DNS resolution itself is bounded by the system resolver's own timeout, not by ``deadline``.
@@ -49,9 +53,25 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 class FetchError(Exception):
     """A URL that gave no image bytes. ``str()`` is ``"<state>: <reason>"``; ``transient`` failures are retried."""
 
-    def __init__(self, state: str, reason: str, transient: bool = False):
+    def __init__(self, state: str, reason: str, transient: bool = False, status: int | None = None):
         super().__init__(f"{state}: {reason}")
-        self.state, self.transient = state, transient
+        self.state, self.transient, self.status = state, transient, status
+
+
+class Gate:
+    """What a fetch asks before each redirect hop and before reading a body; both return a refusal (a ledger
+    message, ``"<state>: <reason>"``) or None. The base class refuses nothing."""
+
+    def hop(self, url: str) -> str | None:
+        return None
+
+    def headers(self, headers: http.client.HTTPMessage) -> str | None:
+        return None
+
+
+def _refused(message: str) -> FetchError:
+    state, _, reason = message.partition(": ")
+    return FetchError(state, reason)
 
 
 # ------------------------------------------------------------------------------------------------ the policy
@@ -209,12 +229,14 @@ class Response:
     body: bytes
 
 
-def fetch(url: str, policy: UrlPolicy, limits: FetchLimits, user_agent: str = USER_AGENT) -> Response:
-    """GET ``url`` within the policy and limits; raise :class:`FetchError` for every failure."""
+def fetch(url: str, policy: UrlPolicy, limits: FetchLimits, user_agent: str = USER_AGENT, gate: Gate | None = None,
+          truncate: bool = False) -> Response:
+    """GET ``url`` within the policy and limits; raise :class:`FetchError` for every failure. ``truncate``: a
+    body over ``max_bytes`` is cut there instead of refused (for robots.txt, whose standard says so)."""
     deadline = time.monotonic() + limits.deadline
     for attempt in range(limits.retries + 1):
         try:
-            return _fetch_once(url, policy, limits, deadline, user_agent)
+            return _fetch_once(url, policy, limits, deadline, user_agent, gate or Gate(), truncate)
         except FetchError as exc:
             if not exc.transient or attempt == limits.retries or time.monotonic() >= deadline:
                 raise
@@ -223,12 +245,16 @@ def fetch(url: str, policy: UrlPolicy, limits: FetchLimits, user_agent: str = US
     raise AssertionError("unreachable")
 
 
-def _fetch_once(url: str, policy: UrlPolicy, limits: FetchLimits, deadline: float, user_agent: str) -> Response:
+def _fetch_once(url: str, policy: UrlPolicy, limits: FetchLimits, deadline: float, user_agent: str, gate: Gate,
+                truncate: bool) -> Response:
     for hop in range(limits.max_redirects + 1):
         scheme, host, port, target = parse_url(url)
+        refusal = gate.hop(url) if hop else None
+        if refusal:
+            raise _refused(refusal)
         sock, entry = _connect(scheme, host, port, policy, limits.timeout, deadline, redirected=hop > 0)
         try:
-            outcome = _exchange(sock, scheme, host, port, target, user_agent, limits.max_bytes)
+            outcome = _exchange(sock, scheme, host, port, target, user_agent, limits.max_bytes, gate, truncate)
         except FetchError as exc:
             outcome = exc
         except (TimeoutError, socket.timeout):
@@ -261,7 +287,7 @@ def _fetch_once(url: str, policy: UrlPolicy, limits: FetchLimits, deadline: floa
 
 
 def _exchange(sock: socket.socket, scheme: str, host: str, port: int, target: str, user_agent: str,
-              max_bytes: int) -> str | tuple:
+              max_bytes: int, gate: Gate, truncate: bool) -> str | tuple:
     """One request on a connected socket: the redirect location, or ``(status, headers, body)``."""
     conn = (http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection)(host, port)
     conn.sock = sock
@@ -275,8 +301,11 @@ def _exchange(sock: socket.socket, scheme: str, host: str, port: int, target: st
         return resp.getheader("Location").strip()
     if not 200 <= resp.status < 300:
         raise FetchError("http_error", f"HTTP Error {resp.status}: {_phrase(resp.status)}",
-                         transient=resp.status in _TRANSIENT_STATUS)
-    return resp.status, resp.headers, _read_body(resp, max_bytes)
+                         transient=resp.status in _TRANSIENT_STATUS, status=resp.status)
+    refusal = gate.headers(resp.headers)
+    if refusal:
+        raise _refused(refusal)
+    return resp.status, resp.headers, _read_body(resp, max_bytes, truncate)
 
 
 def _connect(scheme: str, host: str, port: int, policy: UrlPolicy, timeout: float, deadline: float,
@@ -318,9 +347,9 @@ def _connect(scheme: str, host: str, port: int, policy: UrlPolicy, timeout: floa
     raise FetchError("connection_error", last_error or "no address", transient=True)
 
 
-def _read_body(resp: http.client.HTTPResponse, max_bytes: int) -> bytes:
+def _read_body(resp: http.client.HTTPResponse, max_bytes: int, truncate: bool = False) -> bytes:
     declared = resp.getheader("Content-Length")
-    if declared and declared.strip().isdigit() and int(declared) > max_bytes:
+    if declared and declared.strip().isdigit() and int(declared) > max_bytes and not truncate:
         raise FetchError("too_large", f"Content-Length {int(declared):,} bytes > cap {max_bytes:,}")
     encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
     decoder = None
@@ -340,6 +369,8 @@ def _read_body(resp: http.client.HTTPResponse, max_bytes: int) -> bytes:
                 raise FetchError("decode_error", f"corrupt {encoding} content encoding") from None
             if decoder.unconsumed_tail:
                 body += b"\0"  # more output than the cap allows
+        if truncate and (len(body) >= max_bytes or raw > max_bytes):
+            return bytes(body[:max_bytes])
         if len(body) > max_bytes or raw > max_bytes:
             what = "decoded body" if decoder is not None and len(body) > max_bytes else "body"
             raise FetchError("too_large", f"{what} exceeds the cap of {max_bytes:,} bytes")
@@ -361,11 +392,12 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def fetch_image_stream(url: str, policy: UrlPolicy, limits: FetchLimits, user_agent: str = USER_AGENT
+def fetch_image_stream(url: str, policy: UrlPolicy, limits: FetchLimits, user_agent: str = USER_AGENT,
+                       gate: Gate | None = None
                        ) -> tuple[io.BytesIO | None, http.client.HTTPMessage | None, str | None]:
     """``(bytes stream, headers, None)`` or ``(None, None, ledger message)``: the shape a download loop wants."""
     try:
-        resp = fetch(url, policy, limits, user_agent)
+        resp = fetch(url, policy, limits, user_agent, gate)
     except FetchError as exc:
         return None, None, str(exc)
     return io.BytesIO(resp.body), resp.headers, None

@@ -140,11 +140,12 @@ def _exif_segment(data: bytes) -> bytes | None:
     return None
 
 
-def _prepare(data: bytes, cfg: dict, resizer, bbox, exifread) -> tuple[tuple, dict | None]:
+def _prepare(data: bytes, cfg: dict, resizer, bbox, exifread, blocked=None) -> tuple[tuple, dict | None]:
     """Everything done to one downloaded image, in its download thread: checks, 16-bit and orientation fixes,
-    img2dataset's resize (and blur), EXIF. Returns the resizer's tuple (its last item the error message) and the
-    EXIF tags as strings."""
+    the PDQ blocklist, img2dataset's resize (and blur), EXIF. Returns the resizer's tuple (its last item the error
+    message) and the EXIF tags as strings."""
     from winnow.pipeline.data.images import inspect_image, reencode_high_depth, sniff_format, upright
+    from winnow.pipeline.web.blocklist import image_for_pdq
 
     problem = inspect_image(data, cfg["max_pixels"], cfg["check_truncation"])
     if problem is not None:
@@ -152,8 +153,11 @@ def _prepare(data: bytes, cfg: dict, resizer, bbox, exifread) -> tuple[tuple, di
     try:
         fixed = upright(data)
         fixed = reencode_high_depth(fixed or data) or fixed
+        refusal = blocked.match_image(image_for_pdq(fixed or data)) if blocked and blocked.has_pdq else None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
         return (None, None, None, None, None, f"decode_error: {type(exc).__name__} while decoding"), None
+    if refusal:
+        return (None, None, None, None, None, refusal), None
     resized = resizer(io.BytesIO(fixed or data), bbox)
     exif = None
     if cfg["extract_exif"] and resized[-1] is None:
@@ -166,20 +170,57 @@ def _prepare(data: bytes, cfg: dict, resizer, bbox, exifread) -> tuple[tuple, di
     return resized, exif
 
 
+_SITES: dict = {}  # (the config's site settings) -> (OptOuts, Pace): kept across the shards of the run
+
+
+def user_agent_of(cfg: dict) -> str:
+    """The User-Agent: ``ingest.user_agent``, else one naming the crawler, its version and its contact page."""
+    from winnow.pipeline import __version__
+
+    if cfg.get("user_agent"):
+        return cfg["user_agent"]
+    contact = f"; +{cfg['contact_url']}" if cfg.get("contact_url") else ""
+    return f"Mozilla/5.0 (compatible; {cfg['user_agent_token']}/{__version__}{contact})"
+
+
+def _site_checks(cfg: dict, policy, limits, user_agent: str, shared: str | None):
+    """The process's opt-out checks and host pace for this run's settings (made once, reused by every shard)."""
+    from winnow.pipeline.web.optout import OptOuts, Pace
+
+    keys = ("user_agent_token", "robots_txt", "tdmrep", "disallowed_header_directives", "host_concurrency",
+            "host_interval", "max_crawl_delay", "allow_hosts", "allow_private_networks", "timeout", "deadline")
+    key = (json.dumps({k: cfg[k] for k in keys}, sort_keys=True), user_agent, shared)
+    if key not in _SITES:
+        _SITES.clear()
+        pace = Pace(cfg["host_concurrency"], cfg["host_interval"], cfg["max_crawl_delay"],
+                    shared=os.path.join(shared, "pace") if shared else None)
+        checks = OptOuts(policy, limits, user_agent, cfg["user_agent_token"], robots=cfg["robots_txt"],
+                         tdmrep=cfg["tdmrep"], directives=tuple(cfg["disallowed_header_directives"]),
+                         shared=os.path.join(shared, "sites") if shared else None, pace=pace)
+        pace.delay_of = checks.crawl_delay
+        _SITES[key] = (checks, pace)
+    return _SITES[key]
+
+
 def _build(job: dict, progress: _Progress):
     downloader, resizer_module = _img2dataset()
+    from urllib.parse import urlsplit
+
     import pyarrow as pa
 
     from winnow.pipeline.core.budget import OverBudget, cpu_budget
-    from winnow.pipeline.web.fetch import USER_AGENT, FetchLimits, UrlPolicy, fetch_image_stream
+    from winnow.pipeline.web import blocklist
+    from winnow.pipeline.web.fetch import FetchLimits, UrlPolicy, fetch_image_stream
 
     cfg = job["config"]
     skip = set(job["skip"])
     policy = UrlPolicy(tuple(cfg["allow_hosts"]), cfg["allow_private_networks"])
     limits = FetchLimits(timeout=cfg["timeout"], deadline=cfg["deadline"], max_bytes=cfg["max_bytes"],
                          retries=cfg["retries"], max_redirects=cfg["max_redirects"])
-    token = (cfg["user_agent_token"] or "").strip().lower()
-    user_agent = f"{USER_AGENT} (compatible; {token})" if token else USER_AGENT
+    token = cfg["user_agent_token"]
+    user_agent = user_agent_of(cfg)
+    checks, pace = _site_checks(cfg, policy, limits, user_agent, job.get("shared"))
+    blocked = blocklist.load(cfg["blocklists"], cfg["pdq_threshold"])
     modulus = 10 ** math.ceil(math.log10(cfg["shard_size"]))  # a key ends with the row in this many digits
     bboxes = None
     if cfg["blur_bbox_col"]:
@@ -197,23 +238,31 @@ def _build(job: dict, progress: _Progress):
 
     decoding = threading.BoundedSemaphore(cfg["decode_threads"])  # decoded pixels in memory at once
 
-    def fetch_and_prepare(index: int, url: str, ua_token, directives) -> tuple[io.BytesIO | None, str | None]:
-        stream, headers, error = fetch_image_stream(url, policy, limits, user_agent)
+    def fetch_and_prepare(index: int, url: str) -> tuple[io.BytesIO | None, str | None]:
+        refusal = checks.check(url)  # robots.txt and tdmrep.json: a refused row is never requested
+        if refusal:
+            return None, refusal
+        progress.mark("~", index)  # waiting for the host's turn is not work in flight
+        with pace.turn(urlsplit(url).hostname or "", url):
+            progress.mark("+", index)
+            stream, _, error = fetch_image_stream(url, policy, limits, user_agent, gate=checks)
         if stream is None:
             return None, error
-        if directives and downloader.is_disallowed(headers, ua_token, directives):
-            return None, "disallowed: Use of image disallowed by X-Robots-Tag directive"
+        data = stream.getvalue()
+        refusal = blocked.match_bytes(data) if blocked is not None else None
+        if refusal:
+            return None, refusal
         progress.mark("~", index)  # downloaded; waiting for a decode slot is not work in flight
         with decoding:
             progress.mark("*", index)
             try:
                 with cpu_budget(cfg["cpu_seconds"]):
-                    resized, exif = _prepare(stream.getvalue(), cfg, resizer,
-                                             bboxes[index] if bboxes is not None else None, exifread)
+                    resized, exif = _prepare(data, cfg, resizer, bboxes[index] if bboxes is not None else None,
+                                             exifread, blocked)
             except OverBudget:
                 return None, (f"over_budget: decoding and metadata parsing took more than {cfg['cpu_seconds']:g} s "
                               "of CPU")
-        return _Fetched(stream.getvalue(), resized, exif), None
+        return _Fetched(data, resized, exif), None
 
     def download(row, timeout, retries, user_agent_token, disallowed_header_directives):
         index, url = row
@@ -221,7 +270,7 @@ def _build(job: dict, progress: _Progress):
             return index, None, "skipped"
         progress.mark("+", index)
         try:
-            stream, error = fetch_and_prepare(index, url, user_agent_token, disallowed_header_directives)
+            stream, error = fetch_and_prepare(index, url)
         except Exception as exc:  # noqa: BLE001 - one row's failure is that row's state, never the shard's
             stream, error = None, f"error: unexpected {type(exc).__name__} while downloading or decoding"
         progress.mark("=", index)
@@ -243,9 +292,16 @@ def _build(job: dict, progress: _Progress):
         save_caption=True, extract_exif=cfg["extract_exif"], output_folder=job["out_dir"], column_list=job["columns"],
         timeout=cfg["timeout"], number_sample_per_shard=cfg["shard_size"], oom_shard_count=8,
         compute_hash="sha256", verify_hash_type=None, encode_format=cfg["encode_format"], retries=cfg["retries"],
-        user_agent_token=token or None, disallowed_header_directives=cfg["disallowed_header_directives"],
+        user_agent_token=token, disallowed_header_directives=cfg["disallowed_header_directives"],
         blurring_bbox_col=cfg["blur_bbox_col"] or None,
     )
+
+
+def _site_counts():
+    """The robots.txt and tdmrep.json outcomes counted so far by this process."""
+    from collections import Counter
+
+    return sum((checks.counts for checks, _ in _SITES.values()), Counter())
 
 
 def _failure(exc: BaseException) -> dict:
@@ -270,8 +326,10 @@ def main() -> None:
         job = json.loads(line)
         progress = _Progress(job["progress"])
         try:
-            _build(job, progress).download_shard((job["shard_id"], job["feather"]))
-            answer = {"ok": True}
+            downloader = _build(job, progress)
+            before = _site_counts()
+            downloader.download_shard((job["shard_id"], job["feather"]))
+            answer = {"ok": True, "sites": dict(_site_counts() - before)}
         except (Exception, _WriteFailed) as exc:  # noqa: BLE001 - reported to the parent, which fails the task
             answer = _failure(exc)
         finally:
