@@ -13,16 +13,20 @@ from winnow.pipeline.core.errors import UserError, did_you_mean
 from .aspect_ratio import AspectRatioFilter
 from .base import EmbeddingFilter, Filter, code_version
 from .caption_chars import CaptionCharsFilter
+from .caption_nsfw import CaptionNsfwFilter
 from .caption_words import CaptionWordsFilter
 from .clip import ClipFilter
 from .density_prune import DensityPruneFilter
 from .dfn import DfnFilter
+from .embedding_head import EmbeddingHeadFilter
 from .english import EnglishFilter
+from .face_count import FaceCountFilter
 from .image_cluster import ImageClusterFilter
 from .metaclip import MetaclipFilter
 from .min_side import MinSideFilter
 from .neg_clip_loss import NegClipLossFilter
 from .norm_sim import NormSimFilter
+from .nsfw import NsfwFilter
 from .stored import StoredFilter
 from .text_match import TextMatchFilter
 
@@ -41,6 +45,10 @@ REGISTRY: dict[str, type[Filter]] = {
     "norm_sim": NormSimFilter,
     "metaclip": MetaclipFilter,
     "stored": StoredFilter,
+    "nsfw": NsfwFilter,
+    "face_count": FaceCountFilter,
+    "caption_nsfw": CaptionNsfwFilter,
+    "embedding_head": EmbeddingHeadFilter,
 }
 
 

@@ -55,6 +55,11 @@ class Filter:
         """Table columns to load: the required ones plus any this instance uses when present."""
         return self.requires
 
+    def files(self) -> tuple[str, ...]:
+        """Files the scores depend on besides the pool (a model's weights): their names, sizes and times key the
+        score cache."""
+        return ()
+
     def prepare(self, context: Any) -> None:
         """Whole-pool step, run once before scoring (default: nothing)."""
 

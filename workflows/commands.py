@@ -155,8 +155,11 @@ def reshard(args, cfg) -> dict:
 
     with _runner(cfg) as runner:
         doc = run_reshard(args.pool, args.subset, args.out, runner, shard_size=cfg.reshard.shard_size,
-                          overwrite=args.overwrite, allow_partial=args.allow_partial)
-    print(f"reshard: {doc['rows']['samples']:,} samples in {doc['shards']} shards -> {args.out}")
+                          overwrite=args.overwrite, allow_partial=args.allow_partial,
+                          blur_faces=cfg.reshard.blur_faces, faces=cfg.reshard.faces)
+    blurred = doc["rows"].get("blurred_samples")
+    faces = f", {blurred:,} with faces blurred ({doc['rows']['blurred_faces']:,} faces)" if blurred is not None else ""
+    print(f"reshard: {doc['rows']['samples']:,} samples in {doc['shards']} shards{faces} -> {args.out}")
     return doc
 
 

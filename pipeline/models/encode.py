@@ -44,15 +44,20 @@ def autocast(device: str, precision: str):
 
 
 def image_batches(items: Iterable[tuple[int, bytes]], preprocess, batch_size: int, failures: dict[int, str],
-                  draft_side: int = 0, threads: int = 1) -> Iterator[tuple[list[int], object]]:
-    """``(rows, tensor)`` batches of decoded, preprocessed images; undecodable rows go to ``failures``."""
+                  draft_side: int = 0, threads: int = 1, on_image=None) -> Iterator[tuple[list[int], object]]:
+    """``(rows, tensor)`` batches of decoded, preprocessed images; undecodable rows go to ``failures``.
+    ``on_image(row, rgb array)``: called with each decoded image in its decode thread (detectors run there, on
+    the same pixels)."""
     import torch
 
     def decode(chunk):
         rows, tensors = [], []
         for row, data in chunk:
             try:
-                tensors.append(preprocess(open_rgb(data, draft_side, DEFAULT_MAX_PIXELS)))
+                image = open_rgb(data, draft_side, DEFAULT_MAX_PIXELS)
+                if on_image is not None:
+                    on_image(row, np.asarray(image))
+                tensors.append(preprocess(image))
                 rows.append(row)
             except Exception as exc:  # noqa: BLE001 - any undecodable image becomes a ledger entry
                 failures[row] = f"decode_error: {type(exc).__name__}: {exc}"
@@ -97,11 +102,12 @@ def _encoded(model, batches, device: str, precision: str) -> Iterator[tuple[list
 
 def encode_images(model, preprocess, items: Iterable[tuple[int, bytes]], device: str, out: np.ndarray,
                   batch_size: int = 128, draft_side: int = 0, threads: int = 1, precision: str = "fp32",
-                  on_batch=None) -> dict[int, str]:
+                  on_batch=None, on_image=None) -> dict[int, str]:
     """L2-normalised embeddings of ``(row, encoded image)`` items into ``out[row]``; returns the rows that could
-    not be decoded, with the reason. ``on_batch(n)``: called with the images done so far after each batch."""
+    not be decoded, with the reason. ``on_batch(n)``: called with the images done so far after each batch;
+    ``on_image``: see :func:`image_batches`."""
     failures: dict[int, str] = {}
-    batches = image_batches(items, preprocess, batch_size, failures, draft_side, threads)
+    batches = image_batches(items, preprocess, batch_size, failures, draft_side, threads, on_image)
     done = 0
     for rows, feats in _encoded(model, batches, device, precision):
         out[rows] = feats

@@ -280,7 +280,8 @@ def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = No
             for p in _npz_files(pool, parts, tag, dirs)])
         stage = Stage("score", out, {"key": filt.key, "params": filt.params(), "code": code_version(type(filt)),
                                      "parts": layout, "arrays": arrays},
-                      inputs=pool_manifest + [u for u in upstream if fsio.exists(u)], overwrite=True, log=quiet)
+                      inputs=pool_manifest + [u for u in upstream if fsio.exists(u)] + list(filt.files()),
+                      overwrite=True, log=quiet)
         folders[filt.column] = out
         if not stage.done:
             todo.append((filt, stage))

@@ -8,6 +8,9 @@
   files) have NaN image vectors; rows without a caption have NaN text vectors.
 - ``{id}.parquet``: the stage's ledger: uid, key, ``state`` (``ok``, ``not_downloaded``, ``decode_error``)
   and ``error_message``.
+- with ``detect`` (:mod:`winnow.pipeline.models.detect`, run on the same decoded pixels): ``<tag>_face_count``
+  and the ledger's ``face_bboxes`` (normalised ``[x0, y0, x1, y1]`` boxes, DataComp's format) for ``faces``;
+  ``<tag>_nsfw`` (NudeNet's highest exposed-class confidence, 0-1) for ``nsfw``; NaN where there is no image.
 - ``{id}_stats.json`` last, as the commit marker.
 
 The model is built once per worker process and kept; images are decoded and preprocessed by a thread pool while
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -32,6 +35,7 @@ from winnow.pipeline.data.images import input_side
 from winnow.pipeline.data.ledger import OK
 from winnow.pipeline.data.pool import require_finished
 from winnow.pipeline.models.copydetect import MODEL_NAME
+from winnow.pipeline.models.detect import detector
 from winnow.pipeline.models.encode import cached_model, encode_images, encode_texts
 from winnow.pipeline.models.registry import check, default_device, resolve_model, weights_reachable
 from winnow.pipeline.run.runner import task_progress
@@ -51,6 +55,8 @@ class EmbedConfig:
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         precision: ``fp32``, or ``fp16``/``bf16`` autocast on CUDA.
         decode_threads: threads decoding and preprocessing images ahead of the model.
+        detect: detectors run on each decoded image: ``faces``, ``nsfw`` (see above); empty for none.
+        face_model: ``haar`` (OpenCV's cascade, fast) or ``nudenet`` (NudeNet's face classes).
     """
 
     model: str = "ViT-B-32"
@@ -61,12 +67,17 @@ class EmbedConfig:
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     decode_threads: int = 4
     seed: int = 0
+    detect: list[str] = field(default_factory=list)
+    face_model: Literal["haar", "nudenet"] = "haar"
 
     def __post_init__(self) -> None:
         if not self.tag.replace("_", "").isalnum():
             raise UserError(f"embed.tag {self.tag!r}: use letters, digits and _ only (it prefixes npz keys)")
         if self.batch_size < 1 or self.decode_threads < 1:
             raise UserError("embed: batch_size and decode_threads must be >= 1")
+        unknown = set(self.detect) - {"faces", "nsfw"}
+        if unknown:
+            raise UserError(f"embed.detect: unknown detector {sorted(unknown)[0]!r}; choose faces, nsfw")
 
 
 @dataclass(frozen=True)
@@ -106,8 +117,11 @@ def embed_shard(task: EmbedTask) -> dict:
     samples = ((row_of[s["__key__"]], shards.image_bytes(s) or b"")
                for s in shards.iter_tar(shards.paths(task.pool, task.shard_id)["tar"]) if s["__key__"] in row_of)
     ok_count = int((table["state"] == OK).sum())
+    found: dict[int, dict] = {}
+    spot = detector(cfg.detect, cfg.face_model)
     failures = encode_images(model, preprocess, samples, device, img, cfg.batch_size, 2 * input_side(model),
-                             cfg.decode_threads, cfg.precision, on_batch=lambda n: task_progress(n, ok_count))
+                             cfg.decode_threads, cfg.precision, on_batch=lambda n: task_progress(n, ok_count),
+                             on_image=(lambda row, rgb: found.__setitem__(row, spot(rgb))) if spot else None)
     if tokenizer is not None:
         rows = [i for i, t in enumerate(table["caption"]) if isinstance(t, str)]
         if rows:
@@ -123,14 +137,26 @@ def embed_shard(task: EmbedTask) -> dict:
     for row, message in failures.items():
         state[row], errors[row] = "decode_error", message
     ledger = pd.DataFrame({"uid": table["uid"], "key": table["key"], "state": state, "error_message": errors})
+    arrays = {f"{cfg.tag}_img": img.astype(np.float16)}
+    if tokenizer is not None:
+        arrays[f"{cfg.tag}_txt"] = txt.astype(np.float16)
+    if "faces" in cfg.detect:
+        boxes = [found[i]["face_bboxes"] if i in found and state[i] == OK else None for i in range(len(table))]
+        ledger["face_bboxes"] = [None if b is None else [[float(v) for v in box] for box in b] for b in boxes]
+        arrays[f"{cfg.tag}_face_count"] = np.array([np.nan if b is None else len(b) for b in boxes], np.float32)
+    if "nsfw" in cfg.detect:
+        arrays[f"{cfg.tag}_nsfw"] = np.array([found[i]["nsfw"] if i in found and state[i] == OK else np.nan
+                                              for i in range(len(table))], np.float32)
     with fsio.atomic_open(fsio.join(task.out, f"{name}.npz"), "wb") as f:
-        arrays = {f"{cfg.tag}_img": img.astype(np.float16)}
-        if tokenizer is not None:
-            arrays[f"{cfg.tag}_txt"] = txt.astype(np.float16)
         np.savez(f, **arrays)
     shards.write_table(fsio.join(task.out, f"{name}.parquet"), ledger)
     stats = {"count": len(table), "embedded_images": int((state == OK).sum()), "decode_errors": len(failures),
              "texts": int(np.isfinite(txt[:, 0]).sum()), "duration": time.time() - start, "dim": int(dim)}
+    if "faces" in cfg.detect:
+        counts = arrays[f"{cfg.tag}_face_count"]
+        stats |= {"images_with_faces": int(np.nansum(counts > 0)), "faces": int(np.nansum(counts))}
+    if "nsfw" in cfg.detect:
+        stats["nsfw_over_half"] = int(np.nansum(arrays[f"{cfg.tag}_nsfw"] > 0.5))
     return stats
 
 
