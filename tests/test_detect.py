@@ -173,3 +173,19 @@ def test_embed_detectors_are_config_checked():
     with pytest.raises(UserError, match="unknown detector 'weapons'"):
         EmbedConfig(detect=["faces", "weapons"])
     assert EmbedConfig(detect=["faces"]).detect == ["faces"]
+
+
+def test_ingest_drops_an_image_over_the_nsfw_limit():
+    """The download thread's plumbing: a detector's score over ingest.nsfw_max ends the row ``nsfw`` before the
+    resizer runs (a stand-in detector: the real one scores benign images near 0, see above)."""
+    from winnow.pipeline.web.ingest_child import _prepare
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.coffee()).save(buf, "JPEG")
+    cfg = {"max_pixels": 10**8, "check_truncation": True, "nsfw_max": 0.5, "extract_exif": False}
+
+    def resizer(stream, bbox):
+        raise AssertionError("an nsfw image is never resized or written")
+
+    resized, _ = _prepare(buf.getvalue(), cfg, resizer, None, None, spot=lambda rgb: {"nsfw": 0.93})
+    assert resized[-1].startswith("nsfw: ") and "0.93 > ingest.nsfw_max 0.5" in resized[-1]

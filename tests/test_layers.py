@@ -2,7 +2,7 @@
 
 Layers, bottom to top (a module may import its own layer and the ones below, never above):
 
-    core -> data -> web -> run -> models -> tasks -> evalsets -> synth -> training -> filters -> select -> stages
+    core -> data -> models -> web -> run -> tasks -> evalsets -> synth -> training -> filters -> select -> stages
     -> workflows
 
 Every import counts, also those inside functions (they hide cycles, they do not remove them).
@@ -18,7 +18,7 @@ from winnow.workflows.cli import COMMANDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [f"winnow.{name}" for name in (
-    "pipeline.core", "pipeline.data", "pipeline.web", "pipeline.run", "pipeline.models", "pipeline.tasks",
+    "pipeline.core", "pipeline.data", "pipeline.models", "pipeline.web", "pipeline.run", "pipeline.tasks",
     "pipeline.evalsets", "pipeline.synth", "pipeline.training", "filters", "pipeline.select", "pipeline.stages",
     "workflows")]
 PACKAGES = ("pipeline", "filters", "workflows", "manifests")  # folders, installed as winnow.<folder>

@@ -10,6 +10,7 @@ LocalCluster. The server counts every request.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tarfile
 from dataclasses import fields, replace
@@ -165,3 +166,41 @@ def test_robots_txt_off_downloads_what_it_would_refuse(tmp_path, local_cluster):
     personal = table[table["defect"] == "personal_caption"]
     assert personal["caption_pii"].notna().all() and personal["caption"].str.contains("@example|555|203|4111").all()
     assert (table[table["defect"].str.startswith("robots")]["state"] == "ok").all()
+
+
+def test_ingest_blurs_detected_faces_and_drops_over_the_nsfw_limit(tmp_path, local_cluster):
+    """ingest.blur_faces: the astronaut's face is blurred in the written image (the rest of it is the plain
+    download's); ingest.nsfw_max: the detector runs on every image, and a benign image passes."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    site = tmp_path / "world" / "site"
+    site.mkdir(parents=True)
+    (site / "routes.json").write_text("{}")
+    Image.fromarray(skimage.data.astronaut()).save(site / "astronaut.jpg", quality=95)
+    Image.fromarray(skimage.data.coffee()).save(site / "coffee.jpg", quality=95)
+    port = free_port()
+    urls = tmp_path / "urls.parquet"
+    pd.DataFrame({"url": [f"http://127.0.0.1:{port}/{n}.jpg" for n in ("astronaut", "coffee")],
+                  "text": ["an astronaut", "a cup of coffee"]}).to_parquet(urls)
+    images = {}
+    with WebPoolServer(str(tmp_path / "world"), port=port):
+        for name, extra in (("plain", {}), ("safe", {"blur_faces": True, "nsfw_max": 0.5})):
+            pool = str(tmp_path / name)
+            doc = ingest(str(urls), pool, tiny_ingest_config(**extra), local_cluster, log=lambda m: None)
+            table = pd.read_parquet(os.path.join(pool, "00000000.parquet")).sort_values("caption")
+            assert list(table["state"]) == ["ok", "ok"], table["error_message"].tolist()
+            with tarfile.open(os.path.join(pool, "00000000.tar")) as tar:
+                images[name] = {tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")}
+            if name == "safe":
+                assert doc["faces"] == {"faces_blurred": 1, "images_with_faces_blurred": 1}
+    changed = images["safe"] - images["plain"]
+    assert len(changed) == 1  # the coffee's bytes are the same; the astronaut's are not
+    blurred = np.asarray(Image.open(io.BytesIO(changed.pop())).convert("L"), dtype=float)
+    plain = [np.asarray(Image.open(io.BytesIO(b)).convert("L"), dtype=float) for b in images["plain"]]
+    plain = next(p for p in plain if p.shape == blurred.shape)
+    h, w = blurred.shape
+    face = (slice(int(0.16 * h), int(0.29 * h)), slice(int(0.37 * w), int(0.5 * w)))
+    legs = (slice(int(0.7 * h), h), slice(0, w))
+    assert np.abs(blurred[face] - plain[face]).mean() > 10 * np.abs(blurred[legs] - plain[legs]).mean()

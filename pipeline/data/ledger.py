@@ -30,6 +30,7 @@ STATES: dict[str, str] = {
                  "disallows all), its /.well-known/tdmrep.json or a tdm-reservation header reserves TDM rights; "
                  "the image was not requested (robots.txt, tdmrep.json) or its body not read (header)",
     "disallowed": "X-Robots-Tag header opts the image out (noai, noimageai, ...); its body was not read",
+    "nsfw": "the image's NSFW score (NudeNet) is above ingest.nsfw_max; it was not written",
     "blocked": "the image's sha256/md5 is on an ingest.blocklists list, or its PDQ hash is near a listed one; "
                "its bytes were not written anywhere",
     "hash_mismatch": "downloaded bytes do not match the expected sha256",

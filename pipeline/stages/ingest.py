@@ -122,6 +122,10 @@ class IngestConfig:
         blocklists: files of image hashes (``sha256:``, ``md5:`` or ``pdq:`` lines, see
             :mod:`winnow.pipeline.web.blocklist`); a match ends ``blocked`` and its bytes are never written.
         pdq_threshold: a PDQ hash within this many bits (of 256) of a listed one matches.
+        blur_faces: detect faces while downloading (OpenCV's cascade, :mod:`winnow.pipeline.models.detect`) and
+            blur them in the written image, as DataComp's download blurred the boxes it was given.
+        nsfw_max: an image whose NSFW score (NudeNet's exposed-class confidence, 0-1) is above this ends ``nsfw``
+            and is not written; 1 (the default) runs no detector (score later with ``embed --detect nsfw``).
         personal_data: e-mail addresses, phone, IP and card numbers in captions
             (:mod:`winnow.pipeline.data.personal`): ``mask`` them (``[email]``), ``flag`` them (the caption
             kept) or ``keep`` them unexamined; the kinds found go in the ``caption_pii`` column either way.
@@ -168,6 +172,8 @@ class IngestConfig:
     max_crawl_delay: float = 10.0
     blocklists: list[str] = path([])
     pdq_threshold: int = 31
+    blur_faces: bool = False
+    nsfw_max: float = 1.0
     personal_data: Literal["mask", "flag", "keep"] = "mask"
 
     def __post_init__(self) -> None:
@@ -176,8 +182,10 @@ class IngestConfig:
                 self.decode_threads < 1 or self.host_concurrency < 1:
             raise UserError("ingest: shard_size >= 1, thread_count >= 1, decode_threads >= 1, host_concurrency >= 1, "
                             "retries >= 0 and max_redirects >= 0 are required")
-        if self.host_interval < 0 or self.max_crawl_delay < 0 or not 0 <= self.pdq_threshold <= 256:
-            raise UserError("ingest: host_interval and max_crawl_delay must be >= 0, pdq_threshold 0-256")
+        if self.host_interval < 0 or self.max_crawl_delay < 0 or not 0 <= self.pdq_threshold <= 256 or \
+                not 0 <= self.nsfw_max <= 1:
+            raise UserError("ingest: host_interval and max_crawl_delay must be >= 0, pdq_threshold 0-256, "
+                            "nsfw_max 0-1")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", self.user_agent_token or ""):
             raise UserError(f"ingest.user_agent_token {self.user_agent_token[:50]!r} must be 1-40 letters, digits, "
                             "'_', '.' or '-' (robots.txt matches it as a product token)")
@@ -403,6 +411,7 @@ class _DownloadProcess:
         self.stderr: collections.deque = collections.deque(maxlen=20)  # the libraries' chatter, kept off the screen
         self.ready = False
         self.sites: dict = {}  # the last shard's robots.txt / tdmrep.json outcomes
+        self.blurred: dict = {}  # the last shard's images and faces blurred
         threading.Thread(target=self._pump, daemon=True).start()
         threading.Thread(target=self._drain, daemon=True).start()
 
@@ -473,6 +482,7 @@ class _DownloadProcess:
                                   reply.get("filename") or job["out_dir"])
                 raise RuntimeError(f"download process failed: {reply['error']}")
             self.sites = reply.get("sites") or {}
+            self.blurred = reply.get("blurred") or {}
             return "done"
 
 
@@ -550,18 +560,19 @@ def ingest_shard(task: ShardTask) -> dict:
     if cfg.blur_bbox_col:
         columns.append(cfg.blur_bbox_col)
     columns = list(dict.fromkeys(columns))
-    sites: collections.Counter = collections.Counter()
+    sites: collections.Counter = collections.Counter()  # robots.txt and tdmrep.json outcomes
+    faces: collections.Counter = collections.Counter()  # images and faces blurred (ingest.blur_faces)
     while True:
         work = _work_dir(task.pool, task.shard_id)
         try:
-            if _download(task, cfg, rows, blocked, columns, work, sites):
-                return _commit(task, rows, blocked, work, start, sites)
+            if _download(task, cfg, rows, blocked, columns, work, sites, faces):
+                return _commit(task, rows, blocked, work, start, sites, faces)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
 
 def _download(task: ShardTask, cfg: IngestConfig, rows: pd.DataFrame, blocked: dict[int, str],
-              columns: list[str], work: str, sites: collections.Counter) -> bool:
+              columns: list[str], work: str, sites: collections.Counter, faces: collections.Counter) -> bool:
     """One attempt, skipping the blocked rows (they keep their position, so keys stay stable).
 
     Returns False after a stall or the death of the download process, having added the rows that were in
@@ -576,7 +587,9 @@ def _download(task: ShardTask, cfg: IngestConfig, rows: pd.DataFrame, blocked: d
     with _PROCESS_LOCK:
         process = _download_process()
         outcome = process.run(job, progress, cfg.stall_seconds, on_rows=lambda n: task_progress(n, len(rows)))
-        sites.update(process.sites if outcome == "done" else {})
+        if outcome == "done":
+            sites.update(process.sites)
+            faces.update(process.blurred)
     if outcome == "done":
         return True
     in_flight = _in_flight(progress)
@@ -621,7 +634,7 @@ def _complete(table: pd.DataFrame, rows: pd.DataFrame, shard_id: int, shard_size
 
 
 def _commit(task: ShardTask, rows: pd.DataFrame, blocked: dict[int, str], work: str, start: float,
-            sites: collections.Counter) -> dict:
+            sites: collections.Counter, faces: collections.Counter) -> dict:
     name = shards.shard_name(task.shard_id)
     table = _complete(pd.read_parquet(os.path.join(work, f"{name}.parquet")), rows, task.shard_id,
                       task.config["shard_size"])
@@ -640,6 +653,8 @@ def _commit(task: ShardTask, rows: pd.DataFrame, blocked: dict[int, str], work: 
         kinds = collections.Counter(k for v in table["caption_pii"] if isinstance(v, str) for k in v.split(","))
         stats["personal_data"] = {"captions": int(table["caption_pii"].notna().sum()), **dict(sorted(kinds.items()))}
     stats["sites"] = dict(sorted(sites.items()))
+    if faces:
+        stats["faces"] = dict(sorted(faces.items()))
     return stats
 
 
@@ -667,5 +682,5 @@ def ingest(urls: str, pool: str, cfg: IngestConfig, runner, overwrite: bool = Fa
     totals = sum_counts(stats)
     return stage.finish(rows={"input": split["rows"], "ok": ok, "failed": split["rows"] - ok, **states},
                         shards=split["shards"], source=str(urls), sites=totals.get("sites", {}),
-                        personal_data=totals.get("personal_data", {}))
+                        personal_data=totals.get("personal_data", {}), faces=totals.get("faces", {}))
 

@@ -38,6 +38,9 @@ import os
 import sys
 import threading
 import types
+from collections import Counter
+
+import numpy as np
 
 
 class _WriteFailed(BaseException):
@@ -140,10 +143,11 @@ def _exif_segment(data: bytes) -> bytes | None:
     return None
 
 
-def _prepare(data: bytes, cfg: dict, resizer, bbox, exifread, blocked=None) -> tuple[tuple, dict | None]:
+def _prepare(data: bytes, cfg: dict, resizer, bbox, exifread, blocked=None, spot=None,
+             counts=None) -> tuple[tuple, dict | None]:
     """Everything done to one downloaded image, in its download thread: checks, 16-bit and orientation fixes,
-    the PDQ blocklist, img2dataset's resize (and blur), EXIF. Returns the resizer's tuple (its last item the error
-    message) and the EXIF tags as strings."""
+    the PDQ blocklist and the detectors (one small decode for both), img2dataset's resize (and blur), EXIF.
+    Returns the resizer's tuple (its last item the error message) and the EXIF tags as strings."""
     from winnow.pipeline.data.images import inspect_image, reencode_high_depth, sniff_format, upright
     from winnow.pipeline.web.blocklist import image_for_pdq
 
@@ -153,11 +157,20 @@ def _prepare(data: bytes, cfg: dict, resizer, bbox, exifread, blocked=None) -> t
     try:
         fixed = upright(data)
         fixed = reencode_high_depth(fixed or data) or fixed
-        refusal = blocked.match_image(image_for_pdq(fixed or data)) if blocked and blocked.has_pdq else None
+        small = image_for_pdq(fixed or data) if (blocked and blocked.has_pdq) or spot else None
+        refusal = blocked.match_image(small) if blocked and blocked.has_pdq else None
+        found = spot(np.asarray(small)) if spot and not refusal else {}
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
         return (None, None, None, None, None, f"decode_error: {type(exc).__name__} while decoding"), None
+    if not refusal and found.get("nsfw", 0.0) > cfg["nsfw_max"]:
+        refusal = f"nsfw: NudeNet's exposed-class confidence {found['nsfw']:.2f} > ingest.nsfw_max {cfg['nsfw_max']:g}"
     if refusal:
         return (None, None, None, None, None, refusal), None
+    if found.get("face_bboxes"):
+        bbox = [*(bbox or []), *found["face_bboxes"]]
+        if counts is not None:
+            counts["images_with_faces_blurred"] += 1
+            counts["faces_blurred"] += len(found["face_bboxes"])
     resized = resizer(io.BytesIO(fixed or data), bbox)
     exif = None
     if cfg["extract_exif"] and resized[-1] is None:
@@ -171,6 +184,7 @@ def _prepare(data: bytes, cfg: dict, resizer, bbox, exifread, blocked=None) -> t
 
 
 _SITES: dict = {}  # (the config's site settings) -> (OptOuts, Pace): kept across the shards of the run
+_DETECTED = Counter()  # images whose detected faces were blurred, and the faces
 
 
 def user_agent_of(cfg: dict) -> str:
@@ -209,6 +223,7 @@ def _build(job: dict, progress: _Progress):
     import pyarrow as pa
 
     from winnow.pipeline.core.budget import OverBudget, cpu_budget
+    from winnow.pipeline.models.detect import detector
     from winnow.pipeline.web import blocklist
     from winnow.pipeline.web.fetch import FetchLimits, UrlPolicy, fetch_image_stream
 
@@ -223,16 +238,18 @@ def _build(job: dict, progress: _Progress):
     blocked = blocklist.load(cfg["blocklists"], cfg["pdq_threshold"])
     modulus = 10 ** math.ceil(math.log10(cfg["shard_size"]))  # a key ends with the row in this many digits
     bboxes = None
-    if cfg["blur_bbox_col"]:
-        from img2dataset.blurrer import BoundingBoxBlurrer
+    from img2dataset.blurrer import BoundingBoxBlurrer
 
+    if cfg["blur_bbox_col"]:
         with pa.memory_map(job["feather"]) as f:
             bboxes = pa.ipc.open_file(f).read_all().column(cfg["blur_bbox_col"]).to_pylist()
+    spot = detector((["faces"] if cfg["blur_faces"] else []) + (["nsfw"] if cfg["nsfw_max"] < 1 else []))
     resizer = resizer_module.Resizer(
         image_size=cfg["image_size"], resize_mode=cfg["resize_mode"],
         resize_only_if_bigger=cfg["resize_only_if_bigger"], encode_quality=cfg["encode_quality"],
         encode_format=cfg["encode_format"], min_image_size=cfg["min_image_size"],
-        max_aspect_ratio=cfg["max_aspect_ratio"], blurrer=BoundingBoxBlurrer() if bboxes is not None else None,
+        max_aspect_ratio=cfg["max_aspect_ratio"],
+        blurrer=BoundingBoxBlurrer() if bboxes is not None or cfg["blur_faces"] else None,
     )
     import exifread
 
@@ -258,7 +275,7 @@ def _build(job: dict, progress: _Progress):
             try:
                 with cpu_budget(cfg["cpu_seconds"]):
                     resized, exif = _prepare(data, cfg, resizer, bboxes[index] if bboxes is not None else None,
-                                             exifread, blocked)
+                                             exifread, blocked, spot, _DETECTED)
             except OverBudget:
                 return None, (f"over_budget: decoding and metadata parsing took more than {cfg['cpu_seconds']:g} s "
                               "of CPU")
@@ -299,8 +316,6 @@ def _build(job: dict, progress: _Progress):
 
 def _site_counts():
     """The robots.txt and tdmrep.json outcomes counted so far by this process."""
-    from collections import Counter
-
     return sum((checks.counts for checks, _ in _SITES.values()), Counter())
 
 
@@ -327,9 +342,9 @@ def main() -> None:
         progress = _Progress(job["progress"])
         try:
             downloader = _build(job, progress)
-            before = _site_counts()
+            before, detected = _site_counts(), Counter(_DETECTED)
             downloader.download_shard((job["shard_id"], job["feather"]))
-            answer = {"ok": True, "sites": dict(_site_counts() - before)}
+            answer = {"ok": True, "sites": dict(_site_counts() - before), "blurred": dict(_DETECTED - detected)}
         except (Exception, _WriteFailed) as exc:  # noqa: BLE001 - reported to the parent, which fails the task
             answer = _failure(exc)
         finally:
