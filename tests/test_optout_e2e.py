@@ -204,3 +204,22 @@ def test_ingest_blurs_detected_faces_and_drops_over_the_nsfw_limit(tmp_path, loc
     face = (slice(int(0.16 * h), int(0.29 * h)), slice(int(0.37 * w), int(0.5 * w)))
     legs = (slice(int(0.7 * h), h), slice(0, w))
     assert np.abs(blurred[face] - plain[face]).mean() > 10 * np.abs(blurred[legs] - plain[legs]).mean()
+
+
+def test_the_datasheet_counts_equal_the_ledger(published, tmp_path):
+    from winnow.pipeline.data.pool import ledger
+    from winnow.workflows.datasheet import write
+
+    md, page = write(published["pool"], str(tmp_path))
+    text = open(md).read()
+    counts, total = ledger(published["pool"])
+    rows = {line.split("|")[1].strip(): int(line.split("|")[2].strip().replace(",", ""))
+            for line in text.splitlines() if line.startswith("| ") and line.split("|")[2].strip()[:1].isdigit()}
+    assert rows == counts and sum(rows.values()) == total == 60
+    assert "opted_out" in rows and "blocked" in rows
+    assert "5 captions (" in text and "masked" in text and "1 list(s)" in text
+    listed = [ln.split(":", 1)[1].strip() for ln in open(os.path.join(published["world"], "blocklist.txt"))
+              if ln[:1] not in "#\n"]
+    html = open(page).read()
+    assert not any(entry in text or entry in html for entry in listed)
+    assert "(to be answered by the dataset" in html and html.count("to be answered") >= 6

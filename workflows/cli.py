@@ -208,6 +208,9 @@ COMMANDS = [
     Command("compare", "the training table of runs: means, 95%% intervals, seed spread, tests vs the first",
             "winnow.workflows.commands:compare", [("runs...", "training run or evaluation folders (<subset>-seed<k> "
                                                        "are seeds of one subset), or demo folders")], stage=False),
+    Command("datasheet", "a data card (Markdown and HTML) of a subset or pool: sources, opt-outs, states, drops",
+            "winnow.workflows.commands:datasheet", [("path", "a subset folder (winnow subset) or a pool folder")],
+            [Flag("--out", help="folder for datasheet.md and datasheet.html (default: PATH)")], stage=False),
 ]
 BY_NAME = {c.name: c for c in COMMANDS}
 

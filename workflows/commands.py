@@ -226,6 +226,14 @@ def report(args, cfg) -> str:
     return html_report(args.runs, args.out)
 
 
+def datasheet(args, cfg) -> str:
+    from winnow.workflows.datasheet import write
+
+    md, page = write(args.path, args.out)
+    print(f"datasheet: {md} and {page}")
+    return md
+
+
 def compare(args, cfg) -> str:
     from winnow.workflows.compare import compare_runs
 
