@@ -42,6 +42,7 @@ from winnow.pipeline.synth.truth import dedup_check, ingest_check, selection_che
 from winnow.pipeline.synth.world import build_world
 from winnow.pipeline.tasks import load_tasklist
 from winnow.workflows import report
+from winnow.workflows.datasheet import write as write_datasheet
 from winnow.workflows.settings import RunConfig, tasks_path
 
 
@@ -123,8 +124,9 @@ class Demo:
         with step("eval sets: DiST + Patch Mixing"):
             self.tasks = load_tasklist(str(tasks_path()), {"world": world}) + self.evalsets()
         with WebPoolServer.for_url(world, self.cfg.synth.base_url) as server, step("ingest"):
-            self.log(f"serve: {world}/site at {server.url}")
-            ingest(os.path.join(world, "urls.parquet"), pool, self.cfg.ingest, self.runner,
+            self.log(f"serve: {world}/site at {server.url}" + "".join(f", {o.server_address[0]}" for o in
+                                                                     server.others))
+            ingest(os.path.join(world, "urls.parquet"), pool, self.ingest_config(), self.runner,
                    overwrite=self.overwrite, log=self.log)
         with step("train no_filter (its model is the CLIP scorer)"):
             self.subset("no_filter")
@@ -144,12 +146,21 @@ class Demo:
                 self.subset(name)
             for ref in self.demo.filters:  # shown without the file's filter_ prefix
                 self.subset(ref, folder=os.path.join("filters", ref.removeprefix("filter_")))
+            for name in self.demo.train:  # a data card for each trained subset
+                write_datasheet(self.made[name])
         runs = [(name, seed, False) for name in self.demo.train for seed in self.demo.seeds]
         runs += [(name, seed, True) for name in self.demo.patch_mixing for seed in self.demo.seeds]
         with step(f"train + evaluate {len(runs)} runs ({len(self.demo.train) + len(self.demo.patch_mixing)} "
                   f"subsets x {len(self.demo.seeds)} seeds), side by side"):
             for (name, _, mixing), result in zip(runs, self.train(runs)):
                 self.trained.setdefault(f"{name}+patchmix" if mixing else name, []).append(result)
+
+    def ingest_config(self):
+        """The ingest settings, with the world's blocklist added when it has one (as dedup adds its eval set)."""
+        listed = os.path.join(self.paths["world"], "blocklist.txt")
+        if not os.path.isfile(listed) or listed in self.cfg.ingest.blocklists:
+            return self.cfg.ingest
+        return replace(self.cfg.ingest, blocklists=[*self.cfg.ingest.blocklists, listed])
 
     def evalsets(self) -> list:
         """The DiST and Patch Mixing sets of the world's evaluation set; returns their tasks."""
@@ -214,7 +225,7 @@ class Demo:
         main_tasks = [t.name for t in self.tasks if not t.curve and t.kind != "odd_one_out"]
         sizes = {name: len(arrays[name.split("+")[0]]) for name in self.trained}
         return report.Results(
-            counts=counts, total=total, check=ingest_check(pool, world, self.cfg.ingest),
+            counts=counts, total=total, check=ingest_check(pool, world, self.ingest_config()),
             recall=recall, precision=precision, table=report.results_table(self.trained, sizes, main_tasks),
             robust=report.robustness_table(self.trained), dedup=dedup_check(pool, world, duplicates),
             dist_gates=fsio.read_json(os.path.join(self.out, "evalsets", "dist", "gates.json")),

@@ -10,6 +10,7 @@ subset size, DiST and the Patch Mixing curves.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -231,6 +232,7 @@ def html_report(paths: list[str], out: str, log=print) -> str:
         sections += [("filters", "Filters", "".join(_filter_html(f, images) for f in filters))] if filters else []
         sections += [("recipes", "Recipes", _recipes_section(demo))]
         sections += [("ledger", "Ledger: how every input row ended", _ledger_section(demo))]
+        sections += [("publishing", "Publishing: opt-outs, blocklists, personal data", _publishing_section(demo))]
         sections += [("dedup", "Duplicates", _dedup_html(demo, dups, images))] if dups is not None else []
     if demos and os.path.isfile(os.path.join(demos[0], "report", "summary.json")):
         timings = fsio.read_json(os.path.join(demos[0], "report", "summary.json")).get("timings") or {}
@@ -339,6 +341,36 @@ def _ledger_section(demo: str) -> str:
     if summary.get("ingest_check"):
         check = "<h3>Planted defects vs ledger state</h3>" + html.table(pd.DataFrame(summary["ingest_check"]))
     return text + html.table(df, raw={" "}) + check
+
+
+def _publishing_section(demo: str) -> str:
+    """What ingest kept out of the pool for the pool to be publishable, the planted cases against their states,
+    and the datasheets."""
+    from winnow.pipeline.data.pool import ledger
+    from winnow.pipeline.stages.ledger import _safety_lines
+    from winnow.pipeline.synth.world import SafetyPlants
+
+    pool = os.path.join(demo, "pool")
+    counts, _ = ledger(pool)
+    doc = read_manifest(pool) or {}
+    kept_out = [(state, counts.get(state, 0)) for state in ("opted_out", "disallowed", "blocked", "nsfw")]
+    text = html.note("Rows kept out before anything was written: " + ", ".join(f"<b>{n:,}</b> {s}" for s, n in
+                                                                             kept_out) +
+                     ". Opted-out and blocklisted images were never requested or never written; personal data in "
+                     "captions was masked before any worker saw it.")
+    text += "".join(html.note(html.esc(line)) for line in _safety_lines(doc))
+    check = _demo_summary(demo).get("ingest_check") or []
+    plants = {f.name for f in dataclasses.fields(SafetyPlants)}
+    planted = [row for row in check if row.get("defect") in plants]
+    if planted:
+        text += "<h3>Planted opt-outs, blocklisted images and personal data vs ledger state</h3>"
+        text += html.table(pd.DataFrame(planted))
+    sheets = sorted(glob.glob(os.path.join(demo, "subsets", "*", "datasheet.html")))
+    if sheets:
+        links = ", ".join(f'<a href="../subsets/{html.esc(os.path.basename(os.path.dirname(p)))}/datasheet.html">'
+                          f'{html.esc(os.path.basename(os.path.dirname(p)))}</a>' for p in sheets)
+        text += html.note(f"Datasheets (<code>winnow datasheet</code>, Markdown beside each): {links}.")
+    return text
 
 
 def _demo_summary(demo: str) -> dict:
