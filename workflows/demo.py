@@ -147,7 +147,7 @@ class Demo:
             for ref in self.demo.filters:  # shown without the file's filter_ prefix
                 self.subset(ref, folder=os.path.join("filters", ref.removeprefix("filter_")))
             for name in self.demo.train:  # a data card for each trained subset
-                write_datasheet(self.made[name])
+                write_datasheet(os.path.join(self.paths["subsets"], name))
         runs = [(name, seed, False) for name in self.demo.train for seed in self.demo.seeds]
         runs += [(name, seed, True) for name in self.demo.patch_mixing for seed in self.demo.seeds]
         with step(f"train + evaluate {len(runs)} runs ({len(self.demo.train) + len(self.demo.patch_mixing)} "

@@ -97,7 +97,8 @@ class SafetyPlants:
     tdmrep_file: int = 0       # on a site whose /.well-known/tdmrep.json reserves TDM rights for /img/
     tdm_header: int = 0        # answered with a "tdm-reservation: 1" header
     blocklisted: int = 0       # images on the world's blocklist.txt (their sha256 and PDQ hashes) ...
-    blocklisted_copy: int = 0  # ... and re-encoded, resized copies of them (only their PDQ hashes are close)
+    blocklisted_copy: int = 0  # ... and copies of them, re-encoded (quality 60) or resized (90%, quality 75): other
+    #                            bytes, PDQ hashes within 31 bits (flat synthetic shapes resized further drift more)
     personal_caption: int = 0  # captions carrying an e-mail address, a phone, IP or card number (all fictitious)
 
 
@@ -368,9 +369,12 @@ def plan_pool(cfg: SynthConfig) -> pd.DataFrame:
             text = cap.short(r, spec["cls"], spec["color"])
         elif defect == "uninformative":
             text = cap.uninformative(r)
-        elif defect == "blocklisted_copy":
-            src = int(np.flatnonzero(defects == "blocklisted")[i % max(1, int((defects == "blocklisted").sum()))])
+        elif defect == "blocklisted_copy":  # the k-th copy copies listed image k (mod their number)
+            listed = np.flatnonzero(defects == "blocklisted")
+            k = int((defects[:i] == "blocklisted_copy").sum())
+            src = int(listed[k % len(listed)]) if len(listed) else i
             row["source"], row["spec"] = src, _spec_for(cfg, POOL, src, cls=classes[src])
+            row["transform"] = float(k % 2)  # even copies re-encoded, odd ones resized
         elif defect == "personal_caption":
             text += PERSONAL[int(r.integers(len(PERSONAL)))]
         row.setdefault("caption_cls", row["spec"]["cls"] if defect not in ("gibberish", "uninformative") else None)
@@ -409,15 +413,15 @@ def pool_payload(row: dict) -> bytes | None:
     if defect in copied or (defect == "eval_copy" and t >= 0.5):
         img = decode(data)
         w, h = img.size
-        if defect in ("near_resize", "eval_copy", "blocklisted_copy"):
-            f = 0.5 + 0.3 * t if defect == "near_resize" else 0.7 if defect == "blocklisted_copy" else 0.9
+        if defect in ("near_resize", "eval_copy") or (defect == "blocklisted_copy" and t >= 0.5):
+            f = 0.5 + 0.3 * t if defect == "near_resize" else 0.9
             img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BICUBIC)
         if defect == "near_crop":
             f = 0.8 + 0.12 * t
             cw, ch = round(w * f), round(h * f)
             x0, y0 = round((w - cw) * t), round((h - ch) * (1 - t))
             img = img.crop((x0, y0, x0 + cw, y0 + ch))
-        quality = int(40 + 30 * t) if defect == "near_reencode" else 75
+        quality = int(40 + 30 * t) if defect == "near_reencode" else 60 if defect == "blocklisted_copy" else 75
         data = encode_jpeg(img, quality)
     if defect == "corrupt":
         noise = np.random.default_rng(spec["seed"]).integers(0, 256, 200, dtype=np.uint8).tobytes()
