@@ -208,6 +208,14 @@ COMMANDS = [
     Command("compare", "the training table of runs: means, 95%% intervals, seed spread, tests vs the first",
             "winnow.workflows.commands:compare", [("runs...", "training run or evaluation folders (<subset>-seed<k> "
                                                        "are seeds of one subset), or demo folders")], stage=False),
+    Command("explain", "one sample's history: input row, state, attempts, scores, the rule that dropped it, "
+            "duplicates, shards", "winnow.workflows.commands:explain",
+            [("pool", "pool folder or DataComp metadata folder"), ("uids*", "uids (32 hex digits)")],
+            [Flag("--subset", help="a subset folder: is it in, and which rule dropped it (repeatable)", many=True),
+             Flag("--url", help="explain the rows with this url"),
+             Flag("--shards", help="a reshard output folder: which shard holds it (repeatable)", many=True),
+             Flag("--cache", help="score cache folder (default: the subsets', $WINNOW_CACHE or ~/.cache/winnow)"),
+             Flag("--json", help="print JSON", switch=True)], stage=False),
     Command("datasheet", "a data card (Markdown and HTML) of a subset or pool: sources, opt-outs, states, drops",
             "winnow.workflows.commands:datasheet", [("path", "a subset folder (winnow subset) or a pool folder")],
             [Flag("--out", help="folder for datasheet.md and datasheet.html (default: PATH)")], stage=False),
@@ -238,8 +246,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
         if only is not None and command.name != only:
             continue
-        for name, text in command.args:  # "name...": one or more
-            p.add_argument(name.rstrip("."), help=text, nargs="+" if name.endswith("...") else None)
+        for name, text in command.args:  # "name...": one or more; "name*": any number
+            p.add_argument(name.rstrip(".*"), help=text,
+                           nargs="+" if name.endswith("...") else "*" if name.endswith("*") else None)
         for flag in command.flags:
             kw = {"action": "store_true"} if flag.switch else {"action": "append" if flag.many else "store"}
             p.add_argument(flag.name, help=_flag_help(flag), required=flag.required,

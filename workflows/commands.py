@@ -226,6 +226,14 @@ def report(args, cfg) -> str:
     return html_report(args.runs, args.out)
 
 
+def explain(args, cfg) -> list:
+    from winnow.pipeline.stages.explain import as_json, explain, format_text
+
+    docs = explain(args.pool, args.uids, args.subset, args.url or "", args.shards, args.cache or "")
+    print(as_json(docs) if args.json else format_text(docs), end="" if not args.json else "\n")
+    return docs
+
+
 def datasheet(args, cfg) -> str:
     from winnow.workflows.datasheet import write
 

@@ -37,7 +37,7 @@ from contextlib import contextmanager, nullcontext
 from winnow.pipeline import __version__  # noqa: F401 - winnow.__version__
 
 _COMMANDS = ("demo", "synth", "serve", "ingest", "register", "ledger", "embed", "dedup", "copy_descriptor", "evalset",
-             "subset", "reshard", "train", "dfn", "evaluate", "report", "compare", "datasheet")
+             "subset", "reshard", "train", "dfn", "evaluate", "report", "compare", "datasheet", "explain")
 __all__ = [*_COMMANDS, "cluster", "scores", "uids_hex"]
 _MADE: dict = {}
 
@@ -72,7 +72,10 @@ def parameters(name: str) -> list[inspect.Parameter]:
         seen.add(keyword)
         out.append(P(keyword, kind, default=default, annotation=annotation))
 
-    for arg, _ in command.args:
+    for arg, _ in command.args:  # "name...": one or more; "name*": any number (default none)
+        if arg.endswith("*"):
+            add(arg.rstrip("*"), None, "list[str] | None", P.POSITIONAL_OR_KEYWORD)
+            continue
         add(arg.rstrip("."), P.empty, "list[str]" if arg.endswith("...") else "str", P.POSITIONAL_OR_KEYWORD)
     for flag in command.flags:
         if flag.key:
