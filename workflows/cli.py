@@ -91,7 +91,9 @@ COMMANDS = [
     Command("ingest", "download a URL list (parquet/csv/tsv/jsonl) into a pool", "winnow.workflows.commands:ingest",
             [("urls", "URL list file or folder; columns url and text/caption, optionally uid"),
              ("pool", "output pool folder (local path or fsspec URL)")],
-            [Flag("--shard-size", "ingest.shard_size", "rows per shard (img2dataset's number_sample_per_shard)"),
+            [Flag("--retry", help="fetch again, into the finished pool, only the rows in these states: transient "
+                  "(timeouts, connection errors, 429/5xx), http_5xx or a state name (repeatable)", many=True),
+             Flag("--shard-size", "ingest.shard_size", "rows per shard (img2dataset's number_sample_per_shard)"),
              Flag("--thread-count", "ingest.thread_count", "concurrent downloads per shard"),
              Flag("--timeout", "ingest.timeout", "seconds one network wait may take"),
              Flag("--retries", "ingest.retries", "extra attempts after a failure that may pass"),

@@ -55,7 +55,12 @@ def ingest(args, cfg) -> dict[str, int]:
     from winnow.pipeline.stages.ingest import ingest as run_ingest
 
     with _runner(cfg) as runner:
-        run_ingest(args.urls, args.pool, cfg.ingest, runner, overwrite=args.overwrite)
+        if args.retry:
+            from winnow.pipeline.stages.retry import retry
+
+            retry(args.pool, args.retry, runner)
+        else:
+            run_ingest(args.urls, args.pool, cfg.ingest, runner, overwrite=args.overwrite)
     counts, total = ledger(args.pool)
     print(format_counts(counts, total))
     if total and not counts.get("ok"):

@@ -146,12 +146,15 @@ class StageRun:
             raise UserError(f"output folder {self.out_dir} {refusal}; choose another output folder")
         running = None if overwrite else driver_alive(self.out_dir)
         restart = not overwrite and done is None and started is False and not running and not self.committed()
-        if not (overwrite or restart):
+        stale = not overwrite and done is False and not running and self._only_inputs_differ()
+        if not (overwrite or restart or stale):
             busy = f" (its run is still going: {running})" if running else ""
             raise UserError(f"output folder {self.out_dir} exists with a different run ({self.stage}: "
                             f"{self.differences()}){busy}; choose another output folder, or pass --overwrite to "
                             "replace it")
         if not alone:
+            if stale:  # a derived output of the same stage and parameters: its inputs changed, so it is redone
+                log(f"{self.stage}: {self.out_dir} was made from inputs that have changed since; redoing it")
             if restart:
                 log(f"{self.stage}: {self.out_dir} holds an earlier {self.stage} run with other parameters that "
                     "finished nothing; starting this one in its place")
@@ -174,6 +177,13 @@ class StageRun:
         if inputs:
             said.append("other inputs")
         return "other " + ", ".join(said) if said else "other parameters or inputs"
+
+    def _only_inputs_differ(self) -> bool:
+        """The folder's finished run is this stage with these parameters; only its inputs' fingerprints differ."""
+        doc = _read(self.out_dir, MANIFEST) or {}
+        mine = {k: v for k, v in _jsonable(self._signature()).items() if k != "inputs"}
+        theirs = {k: v for k, v in self._signature_of(doc).items() if k != "inputs"} if doc else None
+        return theirs == mine
 
     def committed(self) -> bool:
         """True when the folder holds anything but run files and scratch: a task's marker or an output."""

@@ -2,7 +2,8 @@
 
 ``site/routes.json`` maps a path to a behaviour: ``{"status": 500}``, ``{"delay": s}`` (answer after s
 seconds), ``{"trickle": s}`` (send one byte every 0.5 s for up to s seconds: a download that never times out),
-``{"content_type": "text/html"}``, ``{"headers": {...}}`` (more response headers). Any other path is served from
+``{"content_type": "text/html"}``, ``{"headers": {...}}`` (more response headers), ``{"flaky": n}`` (503 for
+the first n requests, then the file). Any other path is served from
 ``site/`` if the file exists, else 404. ``site/hosts.json`` (optional) names more sites, each on another loopback
 address at the same port, with their own routes (``{"status": 503}`` or ``{"json": ...}`` for a path); they serve
 the same files otherwise. ``hits`` counts the requests per (address, path); ``requests`` lists them with their
@@ -39,8 +40,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.requests.append((time.monotonic(), host, path))
         route = self.server.sites.get(host, {}).get(path) or self.server.routes.get(path, {})
         try:
-            if "status" in route:
-                self.send_error(route["status"])
+            if "status" in route or self.server.hits[host, path] <= route.get("flaky", 0):
+                self.send_error(route.get("status", 503))
                 return
             if "json" in route:
                 body = json.dumps(route["json"]).encode()
