@@ -218,6 +218,12 @@ COMMANDS = [
              Flag("--shards", help="a reshard output folder: which shard holds it (repeatable)", many=True),
              Flag("--cache", help="score cache folder (default: the subsets', $WINNOW_CACHE or ~/.cache/winnow)"),
              Flag("--json", help="print JSON", switch=True)], stage=False),
+    Command("diff", "two subsets of a pool side by side: overlap, the rules that separate them, who each keeps "
+            "by group", "winnow.workflows.commands:diff",
+            [("a", "subset folder A (winnow subset)"), ("b", "subset folder B")],
+            [Flag("--by", help="a column of the pool's tables to break the counts down by (repeatable)", many=True),
+             Flag("--out", help="also write the comparison as an HTML page here"),
+             Flag("--cache", help="score cache folder (default: the subsets')")], stage=False),
     Command("datasheet", "a data card (Markdown and HTML) of a subset or pool: sources, opt-outs, states, drops",
             "winnow.workflows.commands:datasheet", [("path", "a subset folder (winnow subset) or a pool folder")],
             [Flag("--out", help="folder for datasheet.md and datasheet.html (default: PATH)")], stage=False),

@@ -239,6 +239,18 @@ def explain(args, cfg) -> list:
     return docs
 
 
+def diff(args, cfg) -> dict:
+    from winnow.pipeline.stages.diff import diff as run_diff
+    from winnow.pipeline.stages.diff import format_text
+    from winnow.workflows.report import diff_html
+
+    doc = run_diff(args.a, args.b, args.by, args.cache or "")
+    print(format_text(doc))
+    if args.out:
+        print(f"diff: {diff_html(doc, args.out)}")
+    return doc
+
+
 def datasheet(args, cfg) -> str:
     from winnow.workflows.datasheet import write
 

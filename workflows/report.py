@@ -717,3 +717,33 @@ def _timings_section(timings: dict) -> str:
                      "the time is the check, and <b>made in</b> the time the step took when it did the work (when "
                      "an earlier report recorded it).") + html.table(df)
 
+
+
+def diff_html(d: dict, out: str, top: int = 12) -> str:
+    """The HTML page of ``winnow diff``: overlap, separating rules, states, who each keeps by group, and example
+    thumbnails of the rows only in each."""
+    images = Images(d["pool"])
+    refs = {side: [(images.ask(e["part"], e["key"]), e) for e in rows if e["key"]]
+            for side, rows in d["examples"].items()}
+    images.load()
+    sections = [("overlap", "Overlap", html.table(d["summary"]))]
+    for name, rules in d["rules"].items():
+        if len(rules):
+            sections.append((name.split(",")[0].replace(" ", "-"), f"Rows {name} rule", html.table(rules)))
+    groups = d["groups"].copy()
+    body = html.note("Per group: the candidates (downloaded rows), how many each subset keeps and its kept share; "
+                     "each breakdown sums to the totals. A filter that drops one language or one site wholesale "
+                     "shows here.")
+    for kind in dict.fromkeys(groups["by"]):
+        part = groups[groups["by"] == kind].head(top).copy()
+        for c in ("A kept", "B kept"):
+            part[c] = part[c].map(lambda v: f"{v:.1%}")
+        body += f"<h3>{html.esc(kind)}</h3>" + html.table(part.drop(columns=["by"]))
+    sections.append(("groups", "Who is kept, by group", body))
+    sections.append(("states", "Pool rows by ledger state", html.table(d["states"])))
+    shown = "".join(html.thumbs([(images.uri(ref), str(e.get("caption") or "")[:60], "") for ref, e in refs[side]],
+                                label=f"{side} ({d['a'] if side.endswith('A') else d['b']})") for side in refs)
+    sections.append(("examples", "Examples", shown))
+    page = html.page(f"winnow diff: {d['a']} vs {d['b']}", f"Subsets of {html.esc(d['pool'])}.", sections)
+    fsio.write_bytes(out, page.encode())
+    return out

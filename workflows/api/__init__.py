@@ -37,7 +37,7 @@ from contextlib import contextmanager, nullcontext
 from winnow.pipeline import __version__  # noqa: F401 - winnow.__version__
 
 _COMMANDS = ("demo", "synth", "serve", "ingest", "register", "ledger", "embed", "dedup", "copy_descriptor", "evalset",
-             "subset", "reshard", "train", "dfn", "evaluate", "report", "compare", "datasheet", "explain")
+             "subset", "reshard", "train", "dfn", "evaluate", "report", "compare", "datasheet", "explain", "diff")
 __all__ = [*_COMMANDS, "cluster", "scores", "uids_hex"]
 _MADE: dict = {}
 
