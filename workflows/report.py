@@ -25,6 +25,7 @@ from winnow.pipeline.data.images import encode_jpeg, open_rgb
 from winnow.pipeline.data.ledger import OK, format_counts
 from winnow.pipeline.data.manifest import read_manifest
 from winnow.pipeline.data.shards import image_bytes, iter_tar
+from winnow.pipeline.stages.diff import diff, share
 from winnow.pipeline.tasks.stats import ONE_SEED, verdict
 from winnow.pipeline.tasks.zeroshot import CLASS_PREFIX, KIND
 from winnow.workflows import html, readme
@@ -231,6 +232,8 @@ def html_report(paths: list[str], out: str, log=print) -> str:
         images.load()
         sections += [("filters", "Filters", "".join(_filter_html(f, images) for f in filters))] if filters else []
         sections += [("recipes", "Recipes", _recipes_section(demo))]
+        who = _groups_section(demo)
+        sections += [("groups", "Who each trained subset keeps", who)] if who else []
         sections += [("ledger", "Ledger: how every input row ended", _ledger_section(demo))]
         sections += [("publishing", "Publishing: opt-outs, blocklists, personal data", _publishing_section(demo))]
         sections += [("dedup", "Duplicates", _dedup_html(demo, dups, images))] if dups is not None else []
@@ -341,6 +344,30 @@ def _ledger_section(demo: str) -> str:
     if summary.get("ingest_check"):
         check = "<h3>Planted defects vs ledger state</h3>" + html.table(pd.DataFrame(summary["ingest_check"]))
     return text + html.table(df, raw={" "}) + check
+
+
+def _groups_section(demo: str, top: int = 6) -> str:
+    """Per group (caption language, host, caption length, image size): the candidates and each trained subset's
+    kept share (``winnow diff`` of no_filter and the subset)."""
+    base = os.path.join(demo, "subsets", "no_filter")
+    trained = sorted({os.path.basename(p).rsplit("-seed", 1)[0] for p in glob.glob(os.path.join(demo, "train",
+                                                                                               "*-seed*"))})
+    names = [n for n in trained if n != "no_filter" and os.path.isfile(os.path.join(demo, "subsets", n,
+                                                                                    "subset.json"))]
+    if not os.path.isfile(os.path.join(base, "subset.json")) or not names:
+        return ""
+    table = None
+    for name in names:
+        groups = diff(base, os.path.join(demo, "subsets", name))["groups"]
+        part = groups[["by", "group", "candidates"]].copy()
+        part[name] = [share(k, n) for k, n in zip(groups["in B"], groups["candidates"])]
+        table = part if table is None else table.merge(part, on=["by", "group", "candidates"])
+    body = html.note("Of the downloaded rows in each group, the share each trained subset keeps (<code>winnow "
+                     "diff</code>), with its 95% Wilson interval; a filter that drops one language, one site or "
+                     "small images wholesale shows here. The largest groups of each kind:")
+    for kind in dict.fromkeys(table["by"]):
+        body += f"<h3>{html.esc(kind)}</h3>" + html.table(table[table["by"] == kind].head(top).drop(columns=["by"]))
+    return body
 
 
 def _publishing_section(demo: str) -> str:
@@ -736,8 +763,8 @@ def diff_html(d: dict, out: str, top: int = 12) -> str:
                      "shows here.")
     for kind in dict.fromkeys(groups["by"]):
         part = groups[groups["by"] == kind].head(top).copy()
-        for c in ("A kept", "B kept"):
-            part[c] = part[c].map(lambda v: f"{v:.1%}")
+        part["A kept"] = [share(k, n) for k, n in zip(part["in A"], part["candidates"])]
+        part["B kept"] = [share(k, n) for k, n in zip(part["in B"], part["candidates"])]
         body += f"<h3>{html.esc(kind)}</h3>" + html.table(part.drop(columns=["by"]))
     sections.append(("groups", "Who is kept, by group", body))
     sections.append(("states", "Pool rows by ledger state", html.table(d["states"])))

@@ -212,6 +212,16 @@ def _first_failing(pool: Pool, part, table: pd.DataFrame, uid: np.ndarray, ok: n
     return out
 
 
+def share(k: int, n: int) -> str:
+    """``k / n`` as a percentage with its 95% Wilson interval (a small group's share is uncertain)."""
+    if not n:
+        return "n/a"
+    p, z = k / n, 1.96
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return f"{p:.1%} [{max(0.0, centre - half):.0%}, {min(1.0, centre + half):.0%}]"
+
+
 def _group_table(groups: dict) -> pd.DataFrame:
     rows = []
     for (kind, label), (n, ka, kb) in groups.items():
@@ -224,6 +234,7 @@ def _group_table(groups: dict) -> pd.DataFrame:
 def format_text(d: dict, top: int = 8) -> str:
     lines = [f"diff of {d['a']} (A) and {d['b']} (B), pool {d['pool']}", "",
              d["summary"].drop(columns=["folder"]).to_string(index=False), ""]
+    note = "kept shares with their 95% Wilson intervals"
     for name, table in d["rules"].items():
         if len(table):
             lines += [f"{name} rules:", table.to_string(index=False), ""]
@@ -231,9 +242,10 @@ def format_text(d: dict, top: int = 8) -> str:
     groups = d["groups"]
     for kind in dict.fromkeys(groups["by"]):
         part = groups[groups["by"] == kind].head(top).copy()
-        for c in ("A kept", "B kept"):
-            part[c] = part[c].map(lambda v: f"{v:.1%}")
+        part["A kept"] = [share(k, n) for k, n in zip(part["in A"], part["candidates"])]
+        part["B kept"] = [share(k, n) for k, n in zip(part["in B"], part["candidates"])]
         more = (groups["by"] == kind).sum() - len(part)
-        lines += [f"who is kept, by {kind}" + (f" (top {top} of {len(part) + more} groups)" if more else "") + ":",
+        lines += [f"who is kept, by {kind}" + (f" (top {top} of {len(part) + more} groups)" if more else "") +
+                  f" ({note}):",
                   part.drop(columns=["by"]).to_string(index=False), ""]
     return "\n".join(lines)
