@@ -88,3 +88,15 @@ def test_explain_names_the_state_the_score_and_the_rule(two):
     url = pd.read_parquet(os.path.join(two["world"], "urls.parquet"))
     by_url = explain(two["pool"], url=url[url["uid"] == short]["url"].item(), cache=two["cache"])
     assert [d["uid"] for d in by_url] == [short]
+
+
+def test_the_python_api_returns_what_the_commands_print(two, capsys):
+    import winnow
+
+    truth = read_truth(two["world"])
+    uid = truth[truth["defect"] == "short_caption"]["uid"].iloc[0]
+    docs = winnow.explain(two["pool"], [uid], subset=[two["worded"]], json=True)
+    assert docs[0]["uid"] == uid and docs[0]["subsets"][0]["kept"] is False
+    assert '"uid": "' + uid in capsys.readouterr().out
+    d = winnow.diff(two["worded"], two["shaped"], by=["status"])
+    assert set(d["summary"]["subset"]) == {"worded", "shaped"}

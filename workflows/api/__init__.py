@@ -119,7 +119,7 @@ def _function(name: str):
     params = parameters(name)
     signature = inspect.Signature(params)
     plain = {f.keyword: f for f in command.flags if not f.key}
-    positional = [a.rstrip(".") for a, _ in command.args]
+    positional = [a.rstrip(".*") for a, _ in command.args]
     extras = {"overwrite", "scheduler", "workers", "config", "overrides"}
     fields = [p.name for p in params if p.name not in plain and p.name not in positional and p.name not in extras]
 
