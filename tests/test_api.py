@@ -75,8 +75,9 @@ def test_cli_and_api_agree_for_every_command():
             continue
         params = inspect.signature(getattr(winnow, name)).parameters
         assert "**" not in str(inspect.signature(getattr(winnow, name)))
-        for arg, _ in command.args:
-            assert params[arg.rstrip(".")].default is inspect.Parameter.empty, (name, arg)
+        for arg, _ in command.args:  # "name*": any number, none by default
+            default = None if arg.endswith("*") else inspect.Parameter.empty
+            assert params[arg.rstrip(".*")].default is default, (name, arg)
         for flag in command.flags:
             assert flag.name in options(parser, command.name)
             if not flag.key:

@@ -67,6 +67,11 @@ def _instance(key, tmp_path, emb, table=None):
         params["vocab"] = "synthetic"
     if key == "stored":  # a score kept beside the embeddings
         emb[TAG]["aesthetic"] = np.linspace(0, 1, len(emb[TAG]["img"]))
+    if key in ("face_count", "nsfw"):  # a detector's output stored by embed --detect
+        emb[TAG][key] = np.linspace(0, 1, len(emb[TAG]["img"]))
+    if key == "embedding_head":  # a linear head over the stored image embeddings
+        np.savez(tmp_path / "head.npz", w0=np.ones((emb[TAG]["img"].shape[1], 1)), b0=np.zeros(1))
+        params["path"] = str(tmp_path / "head.npz")
     filt = build({"key": key, "params": params})
     filt.prepare(FakeContext(emb, tmp_path, table))
     return filt

@@ -91,7 +91,7 @@ class StageRun:
         return self._signature_of(doc) == _jsonable(self._signature())
 
     def open(self, overwrite: bool = False, protect: list[str] | tuple = (), enclosing: list[str] | tuple = (),
-             log=print) -> str:
+             log=print, redo: bool = False) -> str:
         """Return "skip" (already done), "resume" (continue an interrupted run) or "fresh".
 
         ``--overwrite`` (``overwrite=True``) replaces only a Winnow output of this same stage that holds none of
@@ -115,7 +115,7 @@ class StageRun:
                 previous = fsio.read_json(fsio.join(self.out_dir, RUN))
                 fsio.write_json(fsio.join(self.out_dir, RUN), previous | {"driver": _driver()})  # this process now
                 return "resume"
-            self.check(overwrite, protect, enclosing, started=started, done=done, log=log)
+            self.check(overwrite, protect, enclosing, started=started, done=done, log=log, redo=redo)
         except BaseException:
             unlock(self.out_dir)
             if created:
@@ -126,7 +126,7 @@ class StageRun:
         return "fresh"
 
     def check(self, overwrite: bool = False, protect: list[str] | tuple = (), enclosing: list[str] | tuple = (),
-              started: bool | None = None, done: bool | None = None, log=print) -> None:
+              started: bool | None = None, done: bool | None = None, log=print, redo: bool = False) -> None:
         """Raise the UserError :meth:`open` would raise for a folder holding another run (and, from :meth:`open`,
         clear a replaceable one). Called alone it compares the stage and parameters only and changes nothing, so
         a stage whose inputs are known late (``subset``: after scoring) refuses before doing any work."""
@@ -146,7 +146,7 @@ class StageRun:
             raise UserError(f"output folder {self.out_dir} {refusal}; choose another output folder")
         running = None if overwrite else driver_alive(self.out_dir)
         restart = not overwrite and done is None and started is False and not running and not self.committed()
-        stale = not overwrite and done is False and not running and self._only_inputs_differ()
+        stale = redo and not overwrite and done is False and not running and self._only_inputs_differ()
         if not (overwrite or restart or stale):
             busy = f" (its run is still going: {running})" if running else ""
             raise UserError(f"output folder {self.out_dir} exists with a different run ({self.stage}: "

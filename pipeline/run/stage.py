@@ -34,13 +34,18 @@ class Stage:
         inputs: files whose content fingerprints identify the input (another content is another run).
         runner: a :class:`winnow.pipeline.run.runner.Runner` for :meth:`map` (None: tasks run in this process).
         overwrite / protect / enclosing: see :meth:`winnow.pipeline.data.manifest.StageRun.open`.
+        redo: a finished run of this stage with these parameters whose inputs have changed since (a pool
+            retried) is redone without ``--overwrite`` (for cheap outputs derived from their inputs: subsets,
+            reshards); otherwise it is refused, as any other run in the folder.
     """
 
     def __init__(self, name: str, out: str, params: dict, inputs: Sequence[str] = (), runner=None,
-                 overwrite: bool = False, protect: Sequence[str] = (), enclosing: Sequence[str] = (), log=print):
+                 overwrite: bool = False, protect: Sequence[str] = (), enclosing: Sequence[str] = (), log=print,
+                 redo: bool = False):
         self.name, self.out, self.runner, self.log = name, out, runner, log
         self.run = StageRun(name, out, params=params, inputs=describe_inputs(list(inputs)))
-        self.mode = self.run.open(overwrite=overwrite, protect=list(protect), enclosing=list(enclosing), log=log)
+        self.mode = self.run.open(overwrite=overwrite, protect=list(protect), enclosing=list(enclosing), log=log,
+                                  redo=redo)
         if self.done:
             log(f"{name}: {out} is up to date; nothing to do")
         else:  # the folder is this run's now: what killed runs left half-written goes

@@ -208,7 +208,7 @@ def reshard(pool: str, subset_path: str, out: str, runner, shard_size: int = Res
     face_source = _face_source(pool, ids[0], digits, faces) if blur_faces else ""
     params = {"shard_size": shard_size, "pool": str(pool), **({"blur_faces": face_source} if blur_faces else {})}
     stage = Stage("reshard", out, params, inputs=[subset_path], runner=runner,
-                  overwrite=overwrite, protect=[pool, subset_path], enclosing=[pool], log=log)
+                  overwrite=overwrite, protect=[pool, subset_path], enclosing=[pool], log=log, redo=True)
     if stage.done:
         return stage.manifest
     plans = runner.map(plan_shard, [PlanTask(pool, i, digits, subset_path, face_source) for i in ids],

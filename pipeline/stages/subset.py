@@ -461,7 +461,7 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
         runner.release()
     inputs = [fsio.join(folder, manifest.MANIFEST) for folder in scores.folders.values()] + recipe.files()
     stage = Stage("subset", out, params, inputs=[p for p in inputs if fsio.exists(p)], overwrite=overwrite,
-                  protect=[pool], log=log)
+                  protect=[pool], log=log, redo=True)
     if stage.done:
         return fsio.read_json(fsio.join(out, "subset.json"))
     thresholds = {}

@@ -162,8 +162,9 @@ def _prepare(data: bytes, cfg: dict, resizer, bbox, exifread, blocked=None, spot
         found = spot(np.asarray(small)) if spot and not refusal else {}
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
         return (None, None, None, None, None, f"decode_error: {type(exc).__name__} while decoding"), None
-    if not refusal and found.get("nsfw", 0.0) > cfg["nsfw_max"]:
-        refusal = f"nsfw: NudeNet's exposed-class confidence {found['nsfw']:.2f} > ingest.nsfw_max {cfg['nsfw_max']:g}"
+    limit = cfg.get("nsfw_max", 1.0)
+    if not refusal and found.get("nsfw", 0.0) > limit:
+        refusal = f"nsfw: NudeNet's exposed-class confidence {found['nsfw']:.2f} > ingest.nsfw_max {limit:g}"
     if refusal:
         return (None, None, None, None, None, refusal), None
     if found.get("face_bboxes"):
