@@ -521,6 +521,7 @@ class ShardTask:
     pool: str
     shard_id: int
     config: dict
+    sites: str = ""  # a local folder the download processes of a machine share (robots.txt, tdmrep.json, pace)
 
     @property
     def marker(self) -> str:  # the shard's _stats.json, written last
@@ -581,7 +582,7 @@ def _download(task: ShardTask, cfg: IngestConfig, rows: pd.DataFrame, blocked: d
     feather_path = os.path.join(work, "input.feather")  # img2dataset deletes its input when done
     feather.write_feather(pa.Table.from_pandas(rows[columns], preserve_index=False), feather_path)
     progress = os.path.join(work, "progress.log")
-    shared = os.path.join(fsio.get_fs(task.pool)[1], TMP, "_sites") if fsio.is_local(task.pool) else None
+    shared = task.sites or None
     job = {"shard_id": task.shard_id, "feather": feather_path, "out_dir": work, "progress": progress,
            "columns": columns, "config": asdict(cfg), "skip": sorted(blocked), "shared": shared}
     with _PROCESS_LOCK:
@@ -658,6 +659,15 @@ def _commit(task: ShardTask, rows: pd.DataFrame, blocked: dict[int, str], work: 
     return stats
 
 
+def sites_folder(pool: str) -> str:
+    """Where a run's download processes share the sites' robots.txt and tdmrep.json and the hosts' pace: the
+    pool's scratch for a local pool, else a scratch folder of the driver's temporary folder (the processes of
+    another machine of a cluster make their own at the same path)."""
+    if fsio.is_local(pool):
+        return os.path.join(fsio.get_fs(pool)[1], TMP, "_sites")
+    return fsio.scratch_dir("sites")  # named after this process: swept once it is gone
+
+
 # ---------------------------------------------------------------------------------------------------- driver
 def ingest(urls: str, pool: str, cfg: IngestConfig, runner, overwrite: bool = False, log=print) -> dict:
     """Turn the URL list ``urls`` into the pool folder ``pool``; return its manifest."""
@@ -671,8 +681,13 @@ def ingest(urls: str, pool: str, cfg: IngestConfig, runner, overwrite: bool = Fa
     dups = f", {split['duplicate_uids']:,} repeat an earlier uid" if split.get("duplicate_uids") else ""
     log(f"ingest: {split['rows']:,} input rows{dups}, in {split['shards']} shards of {cfg.shard_size:,} -> {pool}")
     sizes = [min(cfg.shard_size, split["rows"] - i * cfg.shard_size) for i in range(split["shards"])]
-    stats = stage.map(ingest_shard, [ShardTask(pool, i, asdict(cfg)) for i in range(split["shards"])],
-                      label="ingest", unit="shards", sizes=sizes)
+    sites = sites_folder(pool)
+    try:
+        stats = stage.map(ingest_shard, [ShardTask(pool, i, asdict(cfg), sites) for i in range(split["shards"])],
+                          label="ingest", unit="shards", sizes=sizes)
+    finally:
+        if not fsio.is_local(pool):
+            shutil.rmtree(sites, ignore_errors=True)
     states, _ = ledger(pool)
     if sum(states.values()) != split["rows"]:
         raise RuntimeError(f"ledger invariant broken: {split['rows']} input rows, {sum(states.values())} recorded")

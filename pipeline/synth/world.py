@@ -118,9 +118,11 @@ EXPECTED_STATE = {
     "http_404": "http_error", "http_500": "http_error", "slow": "timeout", "hang": "timeout",
     "corrupt": "decode_error", "truncated": "decode_error", "not_image": "not_an_image",
     "bomb": "too_many_pixels", "pixel_image": "too_small",
-    "robots_path": "opted_out", "robots_token": "opted_out", "robots_5xx": "opted_out", "tdmrep_file": "opted_out",
-    "tdm_header": "opted_out", "blocklisted": "blocked", "blocklisted_copy": "blocked",
 }
+#: The same for the :class:`SafetyPlants` (planted only when asked for).
+SAFETY_STATE = {"robots_path": "opted_out", "robots_token": "opted_out", "robots_5xx": "opted_out",
+                "tdmrep_file": "opted_out", "tdm_header": "opted_out", "blocklisted": "blocked",
+                "blocklisted_copy": "blocked"}
 DUPLICATES = ("exact_duplicate", "near_reencode", "near_resize", "near_crop")
 COUNTED = ("bomb", "hang", "boilerplate")  # planted on clean rows after the draw of the other defects
 TEMPLATES = ["a photo of a {c}.", "a drawing of a {c}.", "an icon of a {c}.", "a {c} shape.",
@@ -389,7 +391,7 @@ def plan_pool(cfg: SynthConfig) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     uid_of = dict(zip(df["index"], df["uid"]))
     df["source_uid"] = [uid_of.get(s) if s >= 0 else None for s in df["source"]]
-    df["expected_state"] = [EXPECTED_STATE.get(d, "ok") for d in df["defect"]]
+    df["expected_state"] = [EXPECTED_STATE.get(d) or SAFETY_STATE.get(d, "ok") for d in df["defect"]]
     return df
 
 
@@ -574,7 +576,7 @@ def expected_state(defect: str, min_image_size: int, ingest=None) -> str:
                "blocklisted": not ingest.blocklists, "blocklisted_copy": not ingest.blocklists}
         if off.get(defect):
             return "ok"
-    return EXPECTED_STATE.get(defect, "ok")
+    return EXPECTED_STATE.get(defect) or SAFETY_STATE.get(defect, "ok")
 
 
 def read_truth(world: str) -> pd.DataFrame:
