@@ -23,8 +23,9 @@ Where the paper is silent or Winnow differs:
 - Embedding: the pool's stored image embeddings of ``tag`` (OpenAI CLIP ViT-L/14 in DataComp's metadata); the
   paper's best was a distilled DINOv2-L/14. ``centroids: PATH`` (``.npy``/``.pt``) uses given centroids instead of
   k-means (e.g. SemDeDup's).
-- k-means: faiss, spherical, ``niter`` 100, trained on a seeded sample of at most ``sample_rows`` embeddings
-  (``PoolContext.sample``); every row is then assigned to its nearest centroid.
+- k-means: spherical, ``niter`` 100, on a seeded float16 sample of at most ``sample_rows`` embeddings
+  (``PoolContext.sample``; ``pipeline/models/kmeans.py`` reads it a block at a time, faiss finds each block's
+  nearest centroids); every row is then assigned to its nearest centroid.
 - temperature: 0.5, the released ``prune.py``'s default. The lower bound 1 is the released QP's (without its
   class-balance option); it is 0 when N is smaller than the number of non-empty clusters.
 - Rounding: the released code rounds the QP's solution (np.rint), so the budgets may miss N; here each budget is
@@ -60,6 +61,7 @@ import pandas as pd
 
 from winnow.pipeline.core import fsio
 from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.models import kmeans
 
 from .base import EmbeddingFilter
 from .image_cluster import load_matrix
@@ -193,17 +195,15 @@ class DensityPruneFilter(EmbeddingFilter):
             import faiss
 
             inside = None if not self.within else (lambda part: self._inside(context.uids(part)))
-            x = context.sample(self.tag, "img", self.sample_rows, self.seed, keep=inside)
-            x = x[np.linalg.norm(x, axis=1) > 0] if len(x) else x
-            if len(x) < self.n_clusters:
-                raise UserError(f"density_prune: {len(x)} image embeddings cannot make {self.n_clusters} clusters; "
+            x = context.sample(self.tag, "img", self.sample_rows, self.seed, keep=inside, dtype=np.float16)
+            nonzero = int(sum(np.count_nonzero(np.abs(x[s: s + 65_536]).sum(axis=1, dtype=np.float32))
+                              for s in range(0, len(x), 65_536)))
+            if nonzero < self.n_clusters:
+                raise UserError(f"density_prune: {nonzero} image embeddings cannot make {self.n_clusters} clusters; "
                                 "lower n_clusters")
-            x = np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), np.float32)
             gpu = bool(getattr(faiss, "get_num_gpus", lambda: 0)())
-            kmeans = faiss.Kmeans(x.shape[1], self.n_clusters, niter=self.niter, seed=self.seed, spherical=True,
-                                  max_points_per_centroid=max(256, len(x)), gpu=gpu)
-            kmeans.train(x)
-            centroids = kmeans.centroids
+            centroids = kmeans.train(x, self.n_clusters, niter=self.niter, seed=self.seed, spherical=True, gpu=gpu)
+            del x
         centroids = np.asarray(centroids, np.float64)
         norm = np.linalg.norm(centroids, axis=1, keepdims=True)
         if len(centroids) < 2 or not np.isfinite(centroids).all() or (norm == 0).any():

@@ -1,16 +1,16 @@
 """1.0 when a sample's image falls in a cluster that the target set occupies (DataComp's image-based baseline).
 
 Centroids: DataComp's released ones by path (``centroids: PATH``, ``.npy``, or the ``.pt`` they ship, read with
-``torch.load(weights_only=True)``), or ``prepare`` runs faiss k-means (L2, ``niter`` 20, seed 0) over a seeded
-sample of at most ``sample_rows`` of the pool's stored image embeddings, read part by part (memory bounded
-whatever the pool's size: 1.28M x 768-d float32 is 3.9 GB). With ``caption_filter`` (default) the sample holds
-only rows that pass DataComp's caption filter (fastText English, more than one fastText token, more than 5
-characters), the rows the baseline keeps from. Every target embedding (ImageNet-1k train images for DataComp:
-``target`` is an ``.npy`` array, a ``.pt`` with ``image_features`` as DataComp's, or a folder of ``.npz``
-embeddings) is assigned to its nearest centroid by inner product; the clusters hit form the kept set, and each
-sample scores 1.0 when its nearest centroid is one of them. DataComp used 100,000 centroids for 12.8M samples
-(128 per cluster); ``n_clusters: 0`` keeps that ratio for any pool size. Rows without an image embedding score
-NaN.
+``torch.load(weights_only=True)``), or ``prepare`` runs k-means (L2, ``niter`` 20, seed 0; faiss searches) over a
+seeded float16 sample of at most ``sample_rows`` of the pool's stored image embeddings, read part by part into one
+array and clustered a block at a time (memory bounded whatever the pool's size: 1.28M x 768-d float16 is 2.0 GB). With
+``caption_filter`` (default) the sample holds only rows that pass DataComp's caption filter (fastText English, more
+than one fastText token, more than 5 characters), the rows the baseline keeps from. Every target embedding
+(ImageNet-1k train images for DataComp: ``target`` is an ``.npy`` array, a ``.pt`` with ``image_features`` as
+DataComp's, or a folder of ``.npz`` embeddings) is assigned to its nearest centroid by inner product; the clusters hit
+form the kept set, and each sample scores 1.0 when its nearest centroid is one of them. DataComp used 100,000
+centroids for 12.8M samples (128 per cluster); ``n_clusters: 0`` keeps that ratio for any pool size. Rows without an
+image embedding score NaN.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import pandas as pd
 
 from winnow.pipeline.core import fsio
 from winnow.pipeline.core.errors import UserError
+from winnow.pipeline.models import kmeans
 
 from .base import EmbeddingFilter
 from .caption_chars import CaptionCharsFilter
@@ -211,17 +212,14 @@ class ImageClusterFilter(EmbeddingFilter):
             centroids = load_matrix(self.centroids, f"image_cluster.centroids {self.centroids}")
             what = f"{len(centroids):,} centroids from {self.centroids}"
         else:
-            import faiss
-
             keep = functools.partial(caption_mask, fasttext_model=self.fasttext_model) if self.caption_filter else None
-            x = context.sample(self.tag, "img", self.sample_rows, self.seed, keep=keep)
+            x = context.sample(self.tag, "img", self.sample_rows, self.seed, keep=keep, dtype=np.float16)
             k = self.n_clusters or max(2, min(100_000, round(len(x) / SAMPLES_PER_CLUSTER)))
             if len(x) < k:
                 raise UserError(f"image_cluster: {len(x)} embeddings cannot make {k} clusters; lower n_clusters")
-            kmeans = faiss.Kmeans(x.shape[1], k, niter=self.niter, seed=self.seed, max_points_per_centroid=10_000_000)
-            kmeans.train(x)
-            centroids = kmeans.centroids.astype(np.float32)
             what = f"{k} clusters over {len(x):,} pool images"
+            centroids = kmeans.train(x, k, niter=self.niter, seed=self.seed)
+            del x  # the sample: before the subset reads its parts
         if centroids.shape[1] != target.shape[1]:
             raise UserError(f"image_cluster: centroids have {centroids.shape[1]} dimensions, the target embeddings "
                             f"{target.shape[1]}; use the same embedding model for both")

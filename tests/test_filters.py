@@ -17,9 +17,9 @@ class FakeContext:
     def __init__(self, emb, tmp_path, table=None):
         self.emb, self.tmp, self.table = emb, tmp_path, table
 
-    def sample(self, tag, kind, max_rows, seed=0, keep=None):  # keep: tested with the real PoolContext
+    def sample(self, tag, kind, max_rows, seed=0, keep=None, dtype=np.float32):  # keep: tested with PoolContext
         x = self.emb[tag][kind]
-        return x[np.isfinite(x).all(axis=1)][:max_rows]
+        return x[np.isfinite(x).all(axis=1)][:max_rows].astype(dtype)
 
     def each_part(self, tag, kind):  # the table is the pool's one part
         yield SimpleNamespace(stem="part"), self.emb[tag][kind]
@@ -226,3 +226,5 @@ def test_pool_context_samples_part_by_part_with_a_bound(tmp_path):
     assert 300 < len(small) < 500 and np.isfinite(small).all()
     assert np.array_equal(small, ctx.sample(TAG, "img", 400, seed=3))
     assert not np.array_equal(small[:50], ctx.sample(TAG, "img", 400, seed=4)[:50])
+    half = ctx.sample(TAG, "img", 400, seed=3, dtype=np.float16)  # the k-means filters' sample: half the memory
+    assert half.dtype == np.float16 and np.array_equal(half.astype(np.float32), small)

@@ -59,22 +59,32 @@ class PoolContext:
     def __init__(self, pool: str, parts: list[Part], dirs: dict[str, str] | None, out: str, log):
         self.pool, self.parts, self.dirs, self.out, self.log = pool, parts, dirs, out, log
 
-    def sample(self, tag: str, kind: str, max_rows: int, seed: int = 0, keep=None) -> np.ndarray:
-        """At most about ``max_rows`` finite embeddings of the pool, float32, read part by part (memory: the sample
-        and one part): every finite row when the pool has no more rows than that, else each row with
-        probability max_rows / rows, drawn from ``seed`` and the part's position. ``keep(part)``, when given,
-        returns a boolean row mask of the part: only those rows are sampled (the rate is computed over all
-        rows, so the sample is smaller when the mask drops many)."""
-        rate = max_rows / max(1, sum(part_rows(p) for p in self.parts))
-        out = []
+    def sample(self, tag: str, kind: str, max_rows: int, seed: int = 0, keep=None, dtype=np.float32) -> np.ndarray:
+        """At most about ``max_rows`` finite embeddings of the pool as ``dtype``, read part by part into one array
+        allocated up front (memory: the sample and one part): every finite row when the pool has no more rows than
+        that, else each row with probability max_rows / rows, drawn from ``seed`` and the part's position.
+        ``keep(part)``, when given, returns a boolean row mask of the part: only those rows are sampled (the rate
+        is computed over all rows, so the sample is smaller when the mask drops many)."""
+        total = sum(part_rows(p) for p in self.parts)
+        rate = max_rows / max(1, total)
+        # the draw is binomial: its mean plus 8 standard deviations is exceeded with probability below 1e-15
+        capacity = total if rate >= 1 else min(total, int(max_rows + 8 * np.sqrt(max_rows) + 64))
+        out, n = None, 0
         for i, part in enumerate(self.parts):
             x = load_embeddings(self.pool, part, (tag,), self.dirs, {tag: (kind,)})[tag][kind]
             draw = np.random.default_rng([seed, i]).random(len(x)) < rate if rate < 1 else np.ones(len(x), bool)
             mask = np.isfinite(x).all(axis=1) & draw
             if keep is not None:
                 mask &= keep(part)
-            out.append(np.ascontiguousarray(x[mask], dtype=np.float32))
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+            rows = x[mask]
+            if out is None:
+                out = np.empty((capacity, x.shape[1]), dtype)
+            if n + len(rows) > len(out):  # beyond the bound above: grow (a copy) rather than fail
+                out = np.concatenate([out, np.empty((n + len(rows), out.shape[1]), dtype)])
+            out[n: n + len(rows)] = rows
+            n += len(rows)
+            del x, rows
+        return out[:n] if out is not None else np.zeros((0, 0), dtype)
 
     def each_part(self, tag: str, kind: str):
         """The pool's ``kind`` embeddings one part at a time (memory: one part): ``(part, float32 array)``,

@@ -1,0 +1,75 @@
+"""k-means over a sample that may be float16, in bounded memory: the sample plus one float32 block.
+
+faiss's ``Kmeans`` needs the whole training set as one float32 array (12.8M x 768 sampled to 1.28M rows is 3.9 GB,
+twice the float16 sample); here Lloyd's iterations read the sample a block at a time, converting only the block,
+and faiss does each block's nearest-centroid search. Initialisation and empty clusters follow faiss: ``k`` distinct
+rows drawn from ``seed``; an empty cluster takes half of a large cluster (its centroid nudged apart from it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK = 65_536
+
+
+def _block(x: np.ndarray, s: int, spherical: bool) -> np.ndarray:
+    b = np.ascontiguousarray(x[s: s + BLOCK], dtype=np.float32)
+    if spherical:
+        norm = np.linalg.norm(b, axis=1, keepdims=True)
+        b /= np.where(norm > 0, norm, 1)
+    return b
+
+
+def _index(centroids: np.ndarray, spherical: bool, gpu: bool):
+    import faiss
+
+    index = (faiss.IndexFlatIP if spherical else faiss.IndexFlatL2)(centroids.shape[1])
+    if gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return index
+
+
+def _split_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> int:
+    """Give each empty cluster half of a cluster drawn with probability proportional to its size (as faiss does)."""
+    empty = np.flatnonzero(counts == 0)
+    for j in empty:
+        big = rng.choice(len(counts), p=counts / counts.sum())
+        eps = 1 / 1024
+        centroids[j] = centroids[big] * (1 + eps * np.sign(np.arange(centroids.shape[1]) % 2 - 0.5))
+        centroids[big] = centroids[big] * (1 - eps * np.sign(np.arange(centroids.shape[1]) % 2 - 0.5))
+        counts[j] = counts[big] // 2
+        counts[big] -= counts[j]
+    return len(empty)
+
+
+def train(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, spherical: bool = False,
+          gpu: bool = False) -> np.ndarray:
+    """``k`` centroids (float32) of the rows of ``x`` (any float dtype; spherical: rows and centroids unit-norm,
+    rows of norm 0 ignored) after ``niter`` Lloyd iterations."""
+    n, d = x.shape
+    if not 0 < k <= n:
+        raise ValueError(f"k-means: {n} rows cannot make {k} clusters")
+    rng = np.random.default_rng(seed)
+    centroids = np.concatenate([_block(x[i: i + 1], 0, spherical) for i in np.sort(rng.choice(n, k, replace=False))])
+    for _ in range(niter):
+        index = _index(centroids, spherical, gpu)
+        sums, counts = np.zeros((k, d), np.float64), np.zeros(k, np.int64)
+        for s in range(0, n, BLOCK):
+            b = _block(x, s, spherical)
+            if spherical:
+                b = b[np.abs(b).sum(axis=1) > 0]
+            if not len(b):
+                continue
+            assign = index.search(b, 1)[1][:, 0]
+            order = np.argsort(assign, kind="stable")
+            ids, starts = np.unique(assign[order], return_index=True)
+            sums[ids] += np.add.reduceat(b[order], starts, axis=0)
+            counts += np.bincount(assign, minlength=k)
+        filled = counts > 0
+        centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+        _split_empty(centroids, counts, rng)
+        if spherical:
+            centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    return centroids
