@@ -12,6 +12,7 @@ from .min_side import original_sizes
 @dataclass
 class AspectRatioFilter(Filter):
     key = "aspect_ratio"
+    vectorized = True
     requires = ("original_width", "original_height")
 
     def score(self, part, embeddings):

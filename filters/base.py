@@ -34,6 +34,7 @@ class Filter:
     key: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ()  # table columns read
     version: ClassVar[str] = ""
+    vectorized: ClassVar[bool] = False  # score is numpy over whole columns (no Python per row): runs in threads
 
     @property
     def column(self) -> str:

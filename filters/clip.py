@@ -17,6 +17,7 @@ from .base import EmbeddingFilter
 @dataclass
 class ClipFilter(EmbeddingFilter):
     key = "clip"
+    vectorized = True
     tag: str = "b32"
 
     @property

@@ -18,6 +18,7 @@ def original_sizes(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class MinSideFilter(Filter):
     key = "min_side"
+    vectorized = True
     requires = ("original_width", "original_height")
 
     def score(self, part, embeddings):

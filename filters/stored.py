@@ -17,6 +17,7 @@ from .base import EmbeddingFilter
 @dataclass
 class StoredFilter(EmbeddingFilter):
     key = "stored"
+    vectorized = True
     tag: str = "l14"
     name: str = "aesthetic"
 

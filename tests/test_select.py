@@ -240,3 +240,24 @@ def test_sorted_runs_are_written_as_one_sorted_uid_file(tmp_path):
     got = np.load(tmp_path / "u.npy", allow_pickle=False)
     assert written == len(got) == 1451 and got.dtype == UID_DTYPE
     assert np.array_equal(got, sort_uids(np.concatenate(runs)))
+
+
+def test_numpy_only_filters_score_on_the_drivers_threads_without_a_cluster(tmp_path):
+    """A CLIP-score subset of metadata runs on threads of the driver when no cluster is up (no start or stop to pay
+    for): the runner never starts one, and the uids equal an in-process run's; a task's error is raised as it is."""
+    from winnow.pipeline.run.runner import ClusterConfig, Runner
+
+    _metadata(tmp_path, [f"{i:032x}" for i in range(6)])
+    said = []
+    with Runner(ClusterConfig(n_workers=2), log=said.append) as runner:
+        threaded = subset("clip_b32_threshold", str(tmp_path), str(tmp_path / "t"), runner,
+                          cache=str(tmp_path / "c1"), log=lambda m: None)
+        assert runner.client is None and not any("Dask" in m for m in said), said
+        assert runner.map(lambda i: i * i, range(5), "squares", threads=True) == [0, 1, 4, 9, 16]
+        with pytest.raises(UserError, match="part 3"):
+            runner.map(lambda i: (_ for _ in ()).throw(UserError(f"part {i}")) if i == 3 else i, range(5), "x",
+                       threads=True)
+    here = subset("clip_b32_threshold", str(tmp_path), str(tmp_path / "h"), None, cache=str(tmp_path / "c2"),
+                  log=lambda m: None)
+    assert threaded["rows"] == here["rows"] == 120
+    assert np.array_equal(np.load(tmp_path / "t" / "uids.npy"), np.load(tmp_path / "h" / "uids.npy"))

@@ -295,8 +295,10 @@ def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = No
         folders[filt.column] = out
         if not stage.done:
             todo.append((filt, stage))
+    # numpy-only filters run on the driver's threads when no cluster is up (no start and stop to pay for)
+    threads = all(type(filt).vectorized for filt, _ in todo)
     if todo or not rows.done:  # parts will be read: start the workers while the driver checks and prepares
-        if runner is not None:
+        if runner is not None and not (threads and runner.in_driver()):
             runner.prestart()
         check_parts(parts, filters)
         for filt, stage in todo:
@@ -316,7 +318,7 @@ def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = No
         if runner is None:
             counts = [score_part(task) for task in tasks]
         else:
-            counts = runner.map(score_part, tasks, label=f"score {names}")
+            counts = runner.map(score_part, tasks, label=f"score {names}", threads=threads)
         lost = [t.part.stem for t in tasks if not fsio.exists(fsio.join(rows.out, f"{t.part.stem}.uid.npy"))]
         if lost:
             raise UserError(f"the workers' score cache files are not in {root} ({lost[0]}...): they wrote them on "
