@@ -14,6 +14,7 @@ from winnow.pipeline.stages.subset import (
     recipes_dir,
     subset,
     top_fraction_threshold,
+    top_fraction_threshold_of,
     write_runs,
     write_subset,
 )
@@ -261,3 +262,23 @@ def test_numpy_only_filters_score_on_the_drivers_threads_without_a_cluster(tmp_p
                   log=lambda m: None)
     assert threaded["rows"] == here["rows"] == 120
     assert np.array_equal(np.load(tmp_path / "t" / "uids.npy"), np.load(tmp_path / "h" / "uids.npy"))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "nans", "skewed", "constant"])
+def test_the_bracketed_threshold_over_parts_equals_datacomps_rule_on_the_whole_array(kind):
+    """The threshold found from a sample's bracket, part by part, is exactly the whole array's partition's."""
+    rng = np.random.default_rng(len(kind))
+    x = rng.random(300_000).astype(np.float32)
+    if kind == "ties":
+        x = np.round(x * 50).astype(np.float32) / 50
+    elif kind == "nans":
+        x[rng.random(len(x)) < 0.3] = np.nan
+    elif kind == "skewed":
+        x = (rng.pareto(0.5, len(x)) ** 3).astype(np.float32)
+    elif kind == "constant":
+        x[:] = 0.25
+    chunks = np.array_split(x, 7)
+    for fraction in (0.0001, 0.1, 0.3, 0.5, 0.9, 0.99, 1.0):
+        want = top_fraction_threshold(x.copy(), fraction)
+        got = top_fraction_threshold_of([c.copy() for c in chunks], fraction)
+        assert got == want or (np.isnan(got) and np.isnan(want)), (kind, fraction, got, want)
