@@ -49,6 +49,9 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+# Python as a user runs it, writing its bytecode cache (with PYTHONDONTWRITEBYTECODE set, as in some sandboxes,
+# each start would compile every module of either side from source again: about 0.15 s for Winnow's)
+USER_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 ENGLISH = ("a photo of the red blue green small large cat dog car house tree star heart shirt shoe table chair "
            "lamp city beach mountain flower for sale vintage best new free download image picture with and in on "
            "at my our your wedding dress kitchen garden").split()
@@ -201,7 +204,7 @@ def measured(cmd: list[str], repeat: int = 1, before=None, also: tuple[int, ...]
         if before:
             before()
         t = time.time()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=USER_ENV)
         with PeakRSS(proc.pid, also) as mem:
             _, err = proc.communicate()
         if proc.returncode:
