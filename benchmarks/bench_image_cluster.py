@@ -53,6 +53,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=12_800_000)
     ap.add_argument("--clusters", type=int, default=1000)
+    ap.add_argument("--filter", default="image_cluster", choices=["image_cluster", "density_prune"],
+                    help="density_prune: DBP's k-means (a 500,000-row sample, niter 100) and its two passes")
     ap.add_argument("--data", help="folder for the synthesised metadata (kept); default a temporary one")
     args = ap.parse_args()
     root = args.data or tempfile.mkdtemp(prefix="winnow-bench-imgcl-")
@@ -63,9 +65,10 @@ def main() -> None:
     target = os.path.join(root, "target.npy")
     with np.load(os.path.join(data, "00000.npz")) as z:
         np.save(target, z["l14_img"][:5000].astype(np.float32))  # 5,000 rows play ImageNet-1k's embeddings
-    recipe = {"name": "image_cluster_bench", "filters": [{"key": "image_cluster", "params": {
-        "tag": "l14", "target": target, "n_clusters": args.clusters}}],
-        "select": [{"threshold": {"column": "image_cluster_l14_score", "min": 1}}]}
+    params = ({"tag": "l14", "target": target, "n_clusters": args.clusters} if args.filter == "image_cluster" else
+              {"tag": "l14", "n_clusters": args.clusters})
+    recipe = {"name": f"{args.filter}_bench", "filters": [{"key": args.filter, "params": params}],
+              "select": [{"threshold": {"column": f"{args.filter}_l14_score", "min": 1}}]}
     out = os.path.join(root, "out")
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(os.path.join(data, "scores"), ignore_errors=True)
@@ -81,9 +84,9 @@ def main() -> None:
             start = time.time()
             doc = subset(recipe, data, out, runner, log=log)
             wall = time.time() - start
-    prepared = next((t for t, m in stamps if m.startswith("image_cluster:")), start)
+    prepared = next((t for t, m in stamps if m.startswith(f"{args.filter}:")), start)
     procs = sorted(mem.processes.values(), key=lambda p: -p[1])
-    print(f"\nimage_cluster on {args.rows:,} x 768 (float16), {args.clusters} clusters, 2 workers: {wall:.0f} s "
+    print(f"\n{args.filter} on {args.rows:,} x 768 (float16), {args.clusters} clusters, 2 workers: {wall:.0f} s "
           f"(sample + k-means {prepared - start:.0f} s, assignment and selection {start + wall - prepared:.0f} s); "
           f"kept {doc['kept']:,}")
     print(f"peak memory: tree {mem.peak / 2**30:.2f} GiB; per process:")
