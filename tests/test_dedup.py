@@ -7,7 +7,15 @@ import pytest
 
 from winnow.pipeline.core.errors import UserError
 from winnow.pipeline.stages.dedup import DedupConfig, dedup, dropped_uids, read_table
-from winnow.pipeline.stages.dedup_tasks import best_earlier, components, group_rows, keep_order, normalize
+from winnow.pipeline.stages.dedup_tasks import (
+    _top_k_edges,
+    assign_leaves,
+    best_earlier,
+    components,
+    group_rows,
+    keep_order,
+    normalize,
+)
 
 
 def planted(n=3000, d=64, copies=200, seed=0):
@@ -109,3 +117,36 @@ def test_exclude_duplicates_rule_is_validated():
     recipe = load_recipe("dfn_and_basic_dedup", {"pool": "/p", "dedup_tag": "copy"})
     rule = recipe.select[1]["exclude_duplicates"]
     assert rule["table"] == "/p/dedup/copy/duplicates.parquet" and "contaminated" in rule["kinds"]
+
+
+def test_top_k_edges_are_each_rows_k_nearest_above_the_threshold():
+    """Against a full sort per row: rows with more than k columns above the threshold keep their k best (the
+    query itself dropped), rows with fewer keep all of them."""
+    rng = np.random.default_rng(0)
+    x = normalize(rng.normal(size=(300, 16)).astype(np.float32))
+    x[:40] = normalize(x[0] + 0.01 * rng.normal(size=(40, 16)).astype(np.float32))  # one dense group of 40
+    x[100:103] = normalize(x[99] + 0.01 * rng.normal(size=(3, 16)).astype(np.float32))
+    sims = x @ x.T
+    for k, threshold in ((5, 0.9), (64, 0.9), (5, 2.0)):
+        got = {(int(a), int(b)) for a, b, _ in _top_k_edges(sims, np.arange(300), k, threshold)}
+        want = set()
+        for i in range(300):
+            best = np.argsort(-sims[i], kind="stable")[:k]
+            want |= {(i, int(j)) for j in best if sims[i, j] >= threshold and j != i}
+        assert got == want, (k, threshold)
+    assert len(got) == 0
+
+
+def test_two_level_assignment_finds_the_nearest_leaf_of_almost_every_row():
+    """Rows look for their nearest leaves under their nearest coarse clusters only: the leaf found is the flat
+    search's for nearly every row."""
+    from winnow.pipeline.stages.dedup_tasks import nearest, train_clusters
+
+    rng = np.random.default_rng(1)
+    centres = normalize(rng.normal(size=(400, 32)).astype(np.float32))
+    x = normalize(centres[rng.integers(0, 400, 20_000)] + 0.3 * rng.normal(size=(20_000, 32)).astype(np.float32))
+    clusters = train_clusters(x, 400)
+    assert len(clusters["top"]) > 1  # the two-level path
+    _, ids = assign_leaves(clusters, x, 3)
+    flat = nearest(clusters["leaves"], x, 1)[1][:, 0]
+    assert (ids[:, 0] == flat).mean() >= 0.99

@@ -162,8 +162,13 @@ def assign_leaves(clusters: dict, x: np.ndarray, p: int) -> tuple[np.ndarray, np
     else:
         sims, ids = np.full((len(x), p), -np.inf, np.float32), np.full((len(x), p), -1, np.int64)
         _, coarse = nearest(top, x, COARSE_PROBE)
-        for c in np.unique(coarse):
-            rows = np.flatnonzero((coarse == c).any(axis=1))
+        flat = coarse.ravel()
+        order = np.argsort(flat, kind="stable")  # the rows probing each coarse cluster, found by one sort
+        values, starts = np.unique(flat[order], return_index=True)
+        for c, at in zip(values, np.split(order // coarse.shape[1], starts[1:])):
+            if c < 0:
+                continue
+            rows = np.unique(at)
             members = np.flatnonzero(leaf_top == c)
             if not len(members):
                 continue
@@ -404,14 +409,27 @@ def within_cluster(x: np.ndarray, copies: np.ndarray | None, k: int, threshold: 
 
 
 def _top_k_edges(sims: np.ndarray, query: np.ndarray, k: int, threshold: float) -> np.ndarray:
-    """(i, j, cosine) for each query row's ``k`` most similar columns (the query itself dropped) >= threshold."""
+    """(i, j, cosine) for each query row's ``k`` most similar columns (the query itself dropped) >= threshold.
+    Entries at or above the threshold are few: a row with at most ``k`` of them keeps them all (they are its
+    top-``k`` that pass), and only a row with more is partitioned."""
     k = min(k, sims.shape[1])
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else \
-        np.broadcast_to(np.arange(sims.shape[1]), sims.shape)
-    val = np.take_along_axis(sims, top, axis=1)
-    q = np.broadcast_to(query[:, None], top.shape)
-    hit = (val >= threshold) & (top != q)
-    return np.stack([q[hit], top[hit], val[hit]], axis=1).astype(np.float64)
+    mask = sims >= threshold
+    counts = np.count_nonzero(mask, axis=1)
+    many = np.flatnonzero(counts > k)
+    mask[many] = False
+    r, c = np.nonzero(mask)
+    qs, cs, vs = [query[r]], [c], [sims[r, c]]
+    if len(many):
+        sub = sims[many]
+        top = np.argpartition(-sub, k - 1, axis=1)[:, :k]
+        val = np.take_along_axis(sub, top, axis=1)
+        keep = val >= threshold
+        qs.append(np.broadcast_to(query[many][:, None], top.shape)[keep])
+        cs.append(top[keep])
+        vs.append(val[keep])
+    q, c, v = np.concatenate(qs), np.concatenate(cs), np.concatenate(vs)
+    hit = q != c
+    return np.stack([q[hit], c[hit], v[hit]], axis=1).astype(np.float64)
 
 
 @dataclass(frozen=True)
