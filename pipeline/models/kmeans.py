@@ -14,11 +14,24 @@ BLOCK = 65_536
 
 
 def _block(x: np.ndarray, s: int, spherical: bool) -> np.ndarray:
+    """Rows ``s`` to ``s + BLOCK`` as float32 (spherical: unit norm, rows of norm 0 left out)."""
     b = np.ascontiguousarray(x[s: s + BLOCK], dtype=np.float32)
     if spherical:
         norm = np.linalg.norm(b, axis=1, keepdims=True)
         b /= np.where(norm > 0, norm, 1)
+        if not norm.all():
+            b = b[norm[:, 0] > 0]
     return b
+
+
+def _sums(b: np.ndarray, assign: np.ndarray, sums: np.ndarray) -> None:
+    """Add each cluster's rows of ``b`` to its row of ``sums``: rows sorted by cluster, each run summed (numpy's
+    reduceat over rows is 3-4x slower)."""
+    order = np.argsort(assign, kind="stable")
+    rows, ids = b[order], assign[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    for i, j in zip(starts, np.r_[starts[1:], len(ids)]):
+        sums[ids[i]] += rows[i:j].sum(axis=0)
 
 
 def _index(centroids: np.ndarray, spherical: bool, gpu: bool):
@@ -52,20 +65,18 @@ def train(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, spherical: bool
     if not 0 < k <= n:
         raise ValueError(f"k-means: {n} rows cannot make {k} clusters")
     rng = np.random.default_rng(seed)
-    centroids = np.concatenate([_block(x[i: i + 1], 0, spherical) for i in np.sort(rng.choice(n, k, replace=False))])
+    centroids = np.asarray(x[np.sort(rng.choice(n, k, replace=False))], dtype=np.float32)
+    if spherical:
+        centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
     for _ in range(niter):
         index = _index(centroids, spherical, gpu)
         sums, counts = np.zeros((k, d), np.float64), np.zeros(k, np.int64)
         for s in range(0, n, BLOCK):
             b = _block(x, s, spherical)
-            if spherical:
-                b = b[np.abs(b).sum(axis=1) > 0]
             if not len(b):
                 continue
             assign = index.search(b, 1)[1][:, 0]
-            order = np.argsort(assign, kind="stable")
-            ids, starts = np.unique(assign[order], return_index=True)
-            sums[ids] += np.add.reduceat(b[order], starts, axis=0)
+            _sums(b, assign, sums)
             counts += np.bincount(assign, minlength=k)
         filled = counts > 0
         centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
