@@ -334,28 +334,29 @@ def test_the_recipe_example_in_the_formats_readme_is_a_valid_recipe():
 # ------------------------------------------------------------------------- 9. progress inside ingest shards
 @pytest.mark.e2e
 def test_a_long_shard_prints_rows_done_while_it_downloads(tmp_path):
-    """40 rows, one download at a time, each answered after 0.5 s: the shard takes at least 20 s, so lines of
-    rows done appear while it runs; meanwhile a consumer of the pool is told the ingest is still running."""
+    """12 rows, one download at a time, each answered after 0.5 s: the shard takes at least 6 s, so lines of
+    rows done (every second, as --set cluster.progress_every=1 asks) appear while it runs; meanwhile a consumer
+    of the pool is told the ingest is still running."""
     from PIL import Image
 
     from winnow.pipeline.synth.server import WebPoolServer
 
     site = tmp_path / "world" / "site"
     site.mkdir(parents=True)
-    for i in range(40):
+    for i in range(12):
         buf = io.BytesIO()
         Image.new("RGB", (24, 24), (6 * i, 0, 0)).save(buf, "JPEG")
         (site / f"{i}.jpg").write_bytes(buf.getvalue())
-    (site / "routes.json").write_text(json.dumps({f"/{i}.jpg": {"delay": 0.5} for i in range(40)}))
+    (site / "routes.json").write_text(json.dumps({f"/{i}.jpg": {"delay": 0.5} for i in range(12)}))
     pool = str(tmp_path / "pool")
     with WebPoolServer(str(tmp_path / "world"), port=0) as server:
-        pd.DataFrame({"url": [f"{server.url}/{i}.jpg" for i in range(40)],
-                      "text": [f"red square {i}" for i in range(40)]}).to_parquet(tmp_path / "urls.parquet")
+        pd.DataFrame({"url": [f"{server.url}/{i}.jpg" for i in range(12)],
+                      "text": [f"red square {i}" for i in range(12)]}).to_parquet(tmp_path / "urls.parquet")
         log = open(tmp_path / "ingest.log", "w")
         proc = subprocess.Popen([sys.executable, "-m", "winnow.workflows.cli", "ingest", str(tmp_path / "urls.parquet"),
-                                 pool, "--shard-size", "40", "--thread-count", "1", "--allow-hosts", "127.0.0.1",
-                                 "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=ROOT)
+                                 pool, "--shard-size", "12", "--thread-count", "1", "--allow-hosts", "127.0.0.1",
+                                 "--workers", "1", "--set", "cluster.progress_every=1"], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
         try:
             while not os.path.exists(os.path.join(pool, manifest.RUN)) and proc.poll() is None:
                 time.sleep(0.1)
@@ -369,7 +370,7 @@ def test_a_long_shard_prints_rows_done_while_it_downloads(tmp_path):
     text = open(tmp_path / "ingest.log").read()
     done = [(int(a.replace(",", "")), int(b.replace(",", ""))) for a, b in
             re.findall(r"\[ingest\] ([\d,]+)/([\d,]+) rows, [\d.,]+ rows/s", text)]
-    assert any(0 < n < total == 40 for n, total in done), text
+    assert any(0 < n < total == 12 for n, total in done), text
 
 
 # ------------------------------------------------------------------------------------------------ models offline

@@ -35,6 +35,7 @@ class ClusterConfig:
         memory_limit: per-worker memory limit of the embedded cluster (Dask syntax, e.g. "4GiB" or "auto").
         dashboard_address: where the embedded cluster serves its dashboard (":0" picks a free port).
         retries: times Dask re-runs a task whose worker died (stages are idempotent per shard).
+        progress_every: seconds between the lines of rows done inside running tasks (ingest's shards, embed).
     """
 
     scheduler: str = ""
@@ -43,10 +44,12 @@ class ClusterConfig:
     memory_limit: str = "auto"
     dashboard_address: str = ":0"
     retries: int = 1
+    progress_every: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.n_workers < 0 or self.threads_per_worker < 1 or self.retries < 0:
-            raise UserError("cluster: n_workers >= 0, threads_per_worker >= 1 and retries >= 0 are required")
+        if self.n_workers < 0 or self.threads_per_worker < 1 or self.retries < 0 or not self.progress_every > 0:
+            raise UserError("cluster: n_workers >= 0, threads_per_worker >= 1, retries >= 0 and progress_every > 0 "
+                            "are required")
 
 
 class TaskFailed(RuntimeError):
@@ -174,7 +177,7 @@ class Runner:
         self._started = False
         self._closing = None  # a release()'s shutdown thread
         self._starting = None  # a prestart()'s start thread
-        self.progress_every = 5.0  # seconds between lines of rows done inside tasks (task_progress)
+        self.progress_every = self.config.progress_every  # seconds between lines of rows done inside tasks
 
     @property
     def n_workers(self) -> int:
