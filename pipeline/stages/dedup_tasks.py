@@ -164,23 +164,29 @@ def assign_leaves(clusters: dict, x: np.ndarray, p: int) -> tuple[np.ndarray, np
     if not len(top) or len(leaves) <= FLAT_ASSIGN:
         sims, ids = nearest(leaves, x, p)
     else:
-        sims, ids = np.full((len(x), p), -np.inf, np.float32), np.full((len(x), p), -1, np.int64)
+        # each row's candidates: the top p leaves of each of its COARSE_PROBE coarse clusters, in that cluster's
+        # slot of one (rows, COARSE_PROBE x p) array; one sort per row at the end picks the best p
         _, coarse = nearest(top, x, COARSE_PROBE)
+        probes = coarse.shape[1]
+        cand_s = np.full((len(x), probes * p), -np.inf, np.float32)
+        cand_i = np.full((len(x), probes * p), -1, np.int64)
+        by_leaf = np.argsort(leaf_top, kind="stable")
+        owners, first = np.unique(leaf_top[by_leaf], return_index=True)
+        members_of = dict(zip(owners.tolist(), np.split(by_leaf, first[1:])))
         flat = coarse.ravel()
-        order = np.argsort(flat, kind="stable")  # the rows probing each coarse cluster, found by one sort
+        order = np.argsort(flat, kind="stable")  # the (row, slot) pairs probing each coarse cluster, by one sort
         values, starts = np.unique(flat[order], return_index=True)
-        for c, at in zip(values, np.split(order // coarse.shape[1], starts[1:])):
-            if c < 0:
+        for c, at in zip(values.tolist(), np.split(order, starts[1:])):
+            members = members_of.get(c)
+            if c < 0 or members is None:
                 continue
-            rows = np.unique(at)
-            members = np.flatnonzero(leaf_top == c)
-            if not len(members):
-                continue
+            rows, slots = at // probes, at % probes
             s, i = nearest(leaves[members], x[rows], p)
-            both_s = np.concatenate([sims[rows], s], axis=1)
-            both_i = np.concatenate([ids[rows], np.where(i >= 0, members[np.maximum(i, 0)], -1)], axis=1)
-            pick = np.argsort(-both_s, axis=1, kind="stable")[:, :p]
-            sims[rows], ids[rows] = np.take_along_axis(both_s, pick, 1), np.take_along_axis(both_i, pick, 1)
+            cols = slots[:, None] * p + np.arange(s.shape[1])
+            cand_s[rows[:, None], cols] = s
+            cand_i[rows[:, None], cols] = np.where(i >= 0, members[np.maximum(i, 0)], -1)
+        pick = np.argsort(-cand_s, axis=1, kind="stable")[:, :p]
+        sims, ids = np.take_along_axis(cand_s, pick, 1), np.take_along_axis(cand_i, pick, 1)
     if sims.shape[1] < p:
         pad = p - sims.shape[1]
         sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
