@@ -28,6 +28,19 @@ from winnow.pipeline.stages.ingest import IngestConfig
 from winnow.pipeline.synth.world import DefectRates, SynthConfig, build_world
 
 
+def build_bench_world(root: str, n: int, workers: int) -> tuple[str, int]:
+    """``root/world``: a synthetic pool of ``n`` URLs without slow, bomb or hanging rows, to be served on the
+    returned free port."""
+    port = _free_port()
+    synth = SynthConfig(seed=1, n_pool=n, n_clean=1, n_eval_per_class=1, base_url=f"http://127.0.0.1:{port}",
+                        rates=DefectRates(slow=0.0, bomb=0, hang=0))
+    world = os.path.join(root, "world")
+    print(f"bench: building a {n:,}-URL synthetic pool in {world} ...", flush=True)
+    with Runner(ClusterConfig(n_workers=workers), log=lambda m: None) as runner:
+        build_world(synth, world, runner, log=lambda m: None)
+    return world, port
+
+
 def _free_port() -> int:
 
     with socket.socket() as s:
@@ -72,13 +85,7 @@ def main() -> None:
     os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 
     root = args.keep or tempfile.mkdtemp(prefix="winnow-bench-")
-    port = _free_port()
-    synth = SynthConfig(seed=1, n_pool=args.n, n_clean=1, n_eval_per_class=1, base_url=f"http://127.0.0.1:{port}",
-                        rates=DefectRates(slow=0.0, bomb=0, hang=0))
-    world = os.path.join(root, "world")
-    print(f"bench: building a {args.n:,}-URL synthetic pool in {world} ...", flush=True)
-    with Runner(ClusterConfig(n_workers=args.workers), log=lambda m: None) as runner:
-        build_world(synth, world, runner, log=lambda m: None)
+    world, port = build_bench_world(root, args.n, args.workers)
     cfg = IngestConfig(shard_size=1000, timeout=5, retries=1, stall_seconds=60, thread_count=32,
                        allow_hosts=["127.0.0.1"])
     config_file = os.path.join(root, "winnow.yaml")

@@ -27,13 +27,11 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import yaml
-from bench_ingest import _count_ok, _free_port
+from bench_ingest import _count_ok, build_bench_world
 from bench_select import measured
 
 from winnow.pipeline.models.detect import Detector
-from winnow.pipeline.run.runner import ClusterConfig, Runner
 from winnow.pipeline.stages.ingest import IngestConfig
-from winnow.pipeline.synth.world import DefectRates, SynthConfig, build_world
 from winnow.pipeline.web.blocklist import image_for_pdq, pdq_of
 
 
@@ -121,13 +119,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
     root = tempfile.mkdtemp(prefix="winnow-bench-safety-")
-    port = _free_port()
-    synth = SynthConfig(seed=1, n_pool=args.n, n_clean=1, n_eval_per_class=1, base_url=f"http://127.0.0.1:{port}",
-                        rates=DefectRates(slow=0.0, bomb=0, hang=0))
-    world = os.path.join(root, "world")
-    print(f"bench: building a {args.n:,}-URL synthetic pool ...", flush=True)
-    with Runner(ClusterConfig(n_workers=args.workers), log=lambda m: None) as runner:
-        build_world(synth, world, runner, log=lambda m: None)
+    world, port = build_bench_world(root, args.n, args.workers)
     listed, exact = os.path.join(root, "blocklist.txt"), os.path.join(root, "sha256.txt")
     blocklist(listed, args.entries)
     blocklist(exact, args.entries, pdq=False)

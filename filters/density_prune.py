@@ -196,8 +196,8 @@ class DensityPruneFilter(EmbeddingFilter):
 
             inside = None if not self.within else (lambda part: self._inside(context.uids(part)))
             x = context.sample(self.tag, "img", self.sample_rows, self.seed, keep=inside, dtype=np.float16)
-            nonzero = int(sum(np.count_nonzero(np.abs(x[s: s + 65_536]).sum(axis=1, dtype=np.float32))
-                              for s in range(0, len(x), 65_536)))
+            nonzero = int(sum(np.count_nonzero(np.abs(x[s: s + kmeans.BLOCK]).sum(axis=1, dtype=np.float32))
+                              for s in range(0, len(x), kmeans.BLOCK)))  # rows k-means can use
             if nonzero < self.n_clusters:
                 raise UserError(f"density_prune: {nonzero} image embeddings cannot make {self.n_clusters} clusters; "
                                 "lower n_clusters")

@@ -3,6 +3,7 @@ ledger's ``face_bboxes``). Recipes keep images without faces, or leave them to `
 
 from dataclasses import dataclass
 
+from .base import EmbeddingFilter
 from .stored import StoredFilter
 
 
@@ -11,7 +12,4 @@ class FaceCountFilter(StoredFilter):
     key = "face_count"
     tag: str = "b32"
     name: str = "face_count"
-
-    @property
-    def column(self) -> str:
-        return f"face_count_{self.tag}_score"
+    column = EmbeddingFilter.column  # <key>_<tag>_score: the name is the key, not repeated

@@ -4,6 +4,7 @@ found), stored by ``winnow embed --detect nsfw`` as ``<tag>_nsfw``. Recipes drop
 
 from dataclasses import dataclass
 
+from .base import EmbeddingFilter
 from .stored import StoredFilter
 
 
@@ -12,7 +13,4 @@ class NsfwFilter(StoredFilter):
     key = "nsfw"
     tag: str = "b32"
     name: str = "nsfw"
-
-    @property
-    def column(self) -> str:
-        return f"nsfw_{self.tag}_score"
+    column = EmbeddingFilter.column  # <key>_<tag>_score: the name is the key, not repeated

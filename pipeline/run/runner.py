@@ -177,7 +177,6 @@ class Runner:
         self._started = False
         self._closing = None  # a release()'s shutdown thread
         self._starting = None  # a prestart()'s start thread
-        self.progress_every = self.config.progress_every  # seconds between lines of rows done inside tasks
 
     @property
     def n_workers(self) -> int:
@@ -228,7 +227,7 @@ class Runner:
         else:
             import dask
 
-            n = cfg.n_workers or max(2, os.cpu_count() or 2)
+            n = self._local_workers()
             # Dask sets MALLOC_TRIM_THRESHOLD_ in workers, which turns off glibc's adaptive mmap threshold: every
             # image-sized array is then mmap'd and page-faulted afresh, measured here at 2x slower rendering.
             environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
@@ -317,7 +316,7 @@ class Runner:
         """Run ``fn(item)`` for every item; return results in item order.
 
         Progress is reported as counts (at most one line a second, and the last one always); tasks that call
-        :func:`task_progress` also get a line of rows done every ``progress_every`` seconds (``sizes``: the rows
+        :func:`task_progress` also get a line of rows done every ``config.progress_every`` seconds (``sizes``: the rows
         of each item, for the total). ``on_result(item, result)`` runs on the driver as each result arrives. If
         any task raises, the others still finish (their outputs are committed) and :class:`TaskFailed` names the
         failed items; a :class:`UserError` raised in a task is raised here as it is (one line, no resume).
@@ -327,14 +326,13 @@ class Runner:
         which saves the cluster's start and stop (seconds) for work that takes about as long.
         """
         items = list(items)
+        rows = _RowProgress(label, sizes, self.log, self.config.progress_every, unit)
         if threads and self.in_driver():
-            return self._map_threads(fn, items, label, on_result, _RowProgress(label, sizes, self.log,
-                                                                               self.progress_every, unit))
+            return self._map_threads(fn, items, label, on_result, rows)
         self._wait_started()
         results: list[Any] = [None] * len(items)
         failures: list[tuple[int, BaseException]] = []
         progress = _Progress(label, len(items), self.log)
-        rows = _RowProgress(label, sizes, self.log, self.progress_every, unit)
         if not items:
             return results
         if self.client is None:
@@ -387,6 +385,9 @@ class Runner:
                              f"{_name(items[first], first)}: {describe(exc)}")
         return results
 
+    def _local_workers(self) -> int:
+        """Worker processes of the embedded cluster (or threads standing in for them)."""
+        return self.config.n_workers or max(2, os.cpu_count() or 2)
 
     @staticmethod
     def _map_here(fn, items, on_result, progress, rows) -> list[Any]:
@@ -410,7 +411,7 @@ class Runner:
 
     def _map_threads(self, fn, items, label, on_result, rows) -> list[Any]:
         progress = _Progress(label, len(items), self.log)
-        n = max(1, min(len(items), self.config.n_workers or max(2, os.cpu_count() or 2)))
+        n = max(1, min(len(items), self._local_workers()))
 
         def call(i: int) -> Any:
             _local.sink = lambda done, total: rows.update(i, done, total)

@@ -157,6 +157,13 @@ def nearest(centroids: np.ndarray, x: np.ndarray, p: int) -> tuple[np.ndarray, n
     return index.search(np.ascontiguousarray(x, dtype=np.float32), min(p, len(centroids)))
 
 
+def groups(keys: np.ndarray) -> tuple[list, list[np.ndarray]]:
+    """The distinct values of ``keys`` (ascending) and, for each, the positions holding it (ascending): one sort."""
+    order = np.argsort(keys, kind="stable")
+    values, starts = np.unique(keys[order], return_index=True)
+    return values.tolist(), np.split(order, starts[1:]) if len(order) else []
+
+
 def assign_leaves(clusters: dict, x: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``p`` leaves of each row (sims, ids; -1 where fewer): flat search (up to ``FLAT_ASSIGN`` leaves), or
     within the ``COARSE_PROBE`` nearest coarse clusters."""
@@ -170,15 +177,10 @@ def assign_leaves(clusters: dict, x: np.ndarray, p: int) -> tuple[np.ndarray, np
         probes = coarse.shape[1]
         cand_s = np.full((len(x), probes * p), -np.inf, np.float32)
         cand_i = np.full((len(x), probes * p), -1, np.int64)
-        by_leaf = np.argsort(leaf_top, kind="stable")
-        owners, first = np.unique(leaf_top[by_leaf], return_index=True)
-        members_of = dict(zip(owners.tolist(), np.split(by_leaf, first[1:])))
-        flat = coarse.ravel()
-        order = np.argsort(flat, kind="stable")  # the (row, slot) pairs probing each coarse cluster, by one sort
-        values, starts = np.unique(flat[order], return_index=True)
-        for c, at in zip(values.tolist(), np.split(order, starts[1:])):
+        members_of = dict(zip(*groups(leaf_top)))
+        for c, at in zip(*groups(coarse.ravel())):  # the (row, slot) pairs probing each coarse cluster
             members = members_of.get(c)
-            if c < 0 or members is None:
+            if members is None:  # also c = -1: fewer coarse clusters than probes
                 continue
             rows, slots = at // probes, at % probes
             s, i = nearest(leaves[members], x[rows], p)
@@ -357,9 +359,7 @@ def cluster_bucket(task: BucketTask) -> dict:
     data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
     del parts
     semantic, edges, members = [], [], []
-    order = np.argsort(data["leaf"], kind="stable") if data else np.zeros(0, np.int64)
-    leaves, starts = np.unique(data["leaf"][order], return_index=True) if data else ([], [])
-    for leaf, at in zip(leaves, np.split(order, starts[1:])):
+    for leaf, at in zip(*groups(data["leaf"] if data else np.zeros(0, np.int64))):
         prim, copies = at[data["primary"][at]], at[~data["primary"][at]]
         if not len(prim):
             continue
