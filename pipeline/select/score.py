@@ -29,18 +29,18 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
+from winnow.filters import REGISTRY, build, code_version
 from winnow.pipeline.core import fsio
 from winnow.pipeline.core.errors import UserError, describe
 from winnow.pipeline.data import manifest
 from winnow.pipeline.data.ledger import OK
 from winnow.pipeline.data.parts import Part, embedding_path, list_parts, load_embeddings, part_rows, read_part
+from winnow.pipeline.data.uid import sort_order, uids_to_array
 from winnow.pipeline.run.stage import Stage
 
 
 def spec_hash(filt) -> str:
     """The cache name of a filter: its key, parameters and code version."""
-    from winnow.filters import code_version
-
     blob = json.dumps({"key": filt.key, "params": filt.params(), "code": code_version(type(filt))}, sort_keys=True,
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
@@ -103,8 +103,6 @@ class PoolContext:
 
     def uids(self, part: Part) -> np.ndarray:
         """The part's uids (``u8,u8``) in row order."""
-        from winnow.pipeline.data.uid import uids_to_array
-
         return uids_to_array(read_part(part, ["uid"])["uid"].array, sort=False)
 
     def save(self, name: str, array: np.ndarray) -> str:
@@ -192,9 +190,6 @@ class ScoreTask:
 
 def score_part(task: ScoreTask) -> int:
     """Read the part once, write its rows file and each filter's scores; return its row count."""
-    from winnow.filters import REGISTRY
-    from winnow.pipeline.data.uid import sort_order, uids_to_array
-
     filters = [((spec.get("cls") or REGISTRY[spec["key"]])(**spec["params"]), out) for spec, out in task.filters]
     wanted = sorted({c for filt, _ in filters for c in filt.columns()})
     table = read_part(task.part, wanted, uid=bool(task.rows_out))
@@ -265,8 +260,6 @@ class Scores:
 def score(pool: str, specs: list[dict], runner, dirs: dict[str, str] | None = None, cache: str = "",
           log=print) -> Scores:
     """Compute (or reuse) the rows and each filter's scores over the pool, in one pass over its parts."""
-    from winnow.filters import build, code_version
-
     parts = list_parts(pool)
     filters = [build(spec) for spec in specs]
     classes = {id(f): spec.get("cls") if isinstance(spec, dict) else None for f, spec in zip(filters, specs)}

@@ -42,6 +42,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from winnow import manifests
+from winnow.filters import plain, spec_of
 from winnow.pipeline.core import fsio
 from winnow.pipeline.core.config import parse_yaml, substitute
 from winnow.pipeline.core.errors import RunFailed, UserError, did_you_mean
@@ -51,6 +52,7 @@ from winnow.pipeline.data.parts import Part
 from winnow.pipeline.data.pool import require_finished
 from winnow.pipeline.data.uid import UID_DTYPE, isin_uids, sort_halves, sort_uids, uids_to_array
 from winnow.pipeline.run.stage import Stage
+from winnow.pipeline.select.score import score
 
 RULES = ("threshold", "top_fraction", "exclude_uids", "exclude_duplicates", "intersect", "union")
 
@@ -71,8 +73,6 @@ class Recipe:
         """Plain data (sub-recipes of intersect/union included), as recorded in the subset's manifest."""
         select = [{k: [r.to_dict() for r in v] if k in ("intersect", "union") else v for k, v in rule.items()}
                   for rule in self.select]
-        from winnow.filters import plain
-
         return {"name": self.name, "filters": [plain(f) for f in self.filters], "select": select}
 
     def files(self) -> list[str]:
@@ -121,8 +121,6 @@ def load_recipe(ref: str | dict | Recipe, variables: dict[str, str] | None = Non
         raise UserError(f"recipe {doc.get('name', ref)!r}: unknown key {sorted(unknown)[0]!r}; "
                         "use name, description, filters, select")
     name = str(doc.get("name", "inline"))
-    from winnow.filters import spec_of
-
     return Recipe(name=name, filters=[spec_of(f) for f in doc.get("filters") or []],
                   select=[_check_rule(rule, name, variables, used) for rule in doc.get("select") or []],
                   description=str(doc.get("description", "")))
@@ -473,9 +471,6 @@ def subset(recipe_ref: str | dict | Recipe, pool: str, out: str, runner, variabl
     Memory: the whole pool's values of each top-fraction column (to find its threshold; for ``of: kept``, the
     values of the rows kept before it, found by one more pass over the parts), one part's arrays, and the kept
     uids (16 bytes each); no frame and no uid string."""
-    from winnow.filters import plain
-    from winnow.pipeline.select.score import score
-
     require_finished(pool, allow_partial, "subset", log)
     variables = {"pool": str(pool), **(variables or {})}
     used: set = set()
